@@ -1,0 +1,1 @@
+"""Model code: plain nn.Modules with no knowledge of ranks or requests."""
