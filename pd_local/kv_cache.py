@@ -1,0 +1,89 @@
+"""Paged KV cache: a pure-Python block allocator and the cache tensors it indexes.
+
+Ownership contract: every block id handed out by `BlockAllocator.allocate` is returned by exactly
+one `free` call. A double free or a free of a block never handed out raises at once (it is a bug
+that would otherwise corrupt another request's KV silently). No torch.distributed in here.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class OutOfBlocks(RuntimeError):
+    """Not enough free blocks; the caller queues, preempts or rejects."""
+
+
+class BlockAllocator:
+    """Hands out block ids 0..num_blocks-1; lowest ids first on a fresh allocator."""
+
+    def __init__(self, num_blocks: int) -> None:
+        if num_blocks <= 0:
+            raise ValueError(f"num_blocks must be > 0, got {num_blocks}")
+        self.num_total = num_blocks
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # a stack: pop() gives 0 first
+        self._used: set[int] = set()
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def can_allocate(self, n: int) -> bool:
+        return n <= len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n < 0:
+            raise ValueError(f"cannot allocate {n} blocks")
+        if n > len(self._free):
+            raise OutOfBlocks(f"need {n} blocks, {len(self._free)} of {self.num_total} free")
+        ids = [self._free.pop() for _ in range(n)]
+        self._used.update(ids)
+        return ids
+
+    def free(self, ids: list[int]) -> None:
+        for i in ids:
+            if i not in self._used:
+                raise ValueError(f"block {i} freed but not allocated (double free?)")
+            self._used.remove(i)
+            self._free.append(i)
+
+
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """Blocks needed to hold num_tokens tokens."""
+    return (num_tokens + block_size - 1) // block_size
+
+
+def slots_for(block_ids: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """Flat cache slots of positions [start, end) of a sequence with block table block_ids."""
+    return [block_ids[p // block_size] * block_size + p % block_size for p in range(start, end)]
+
+
+class PagedKVCache:
+    """Per layer K and V tensors [num_blocks, block_size, num_kv_heads, head_dim]."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    @staticmethod
+    def bytes_per_block(
+        num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * elem

@@ -1,0 +1,162 @@
+"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3) as a plain nn.Module.
+
+Reads top to bottom: embeddings -> N x (attention, MLP) -> final norm. It knows nothing of ranks,
+requests or schedulers: the batch arrives flattened ([T] token ids, [T] positions) with an
+explicit `AttentionMetadata`; the KV cache is an argument (None on a prefill-only rank). Parameter
+names are Hugging Face's, so weights load by name.
+
+`forward` returns final hidden states; `compute_logits` is a separate call so a prefill rank never
+runs lm_head. `on_layer_kv(layer, k, v)` hands out each layer's K/V as soon as they exist, which
+is what lets a prefill rank stream KV out while the next layer computes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pd_local.kv_cache import PagedKVCache
+from pd_local.model.attention import (
+    AttentionMetadata,
+    paged_decode_attention,
+    prefill_attention,
+    write_kv,
+)
+from pd_local.model.config import ModelConfig
+from pd_local.model.layers import Linear, RMSNorm, RotaryEmbedding, apply_rope, linear
+
+LayerKVHook = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.scale = cfg.head_dim**-0.5
+        hd = cfg.head_dim
+        self.q_proj = Linear(cfg.hidden_size, cfg.num_heads * hd, bias=cfg.attention_bias)
+        self.k_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * hd, bias=cfg.attention_bias)
+        self.v_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * hd, bias=cfg.attention_bias)
+        self.o_proj = Linear(cfg.num_heads * hd, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttentionMetadata,
+        k_cache: torch.Tensor | None,
+        v_cache: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, hidden] -> (out [T, hidden], k [T, KV, D], v [T, KV, D])."""
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)  # [T, H, D]
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)  # [T, KV, D]
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)  # [T, KV, D]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if k_cache is not None and meta.slot_mapping is not None:
+            write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        if meta.is_prefill:
+            o = prefill_attention(q, k, v, meta.seq_lens, self.scale)  # [T, H, D]
+        else:
+            if k_cache is None:
+                raise ValueError("decode attention needs a KV cache")
+            o = paged_decode_attention(
+                q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.max_context_len, self.scale
+            )
+        return self.o_proj(o.reshape(t, self.num_heads * self.head_dim)), k, v
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttentionMetadata,
+        k_cache: torch.Tensor | None,
+        v_cache: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        attn_out, k, v = self.self_attn(self.input_layernorm(x), cos, sin, meta, k_cache, v_cache)
+        x = x + attn_out
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, k, v
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        self.rotary = RotaryEmbedding(cfg)
+        if cfg.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_cache: PagedKVCache | None = None,
+        on_layer_kv: LayerKVHook | None = None,
+    ) -> torch.Tensor:
+        """input_ids, positions [T] -> final normed hidden states [T, hidden]."""
+        x = self.model.embed_tokens(input_ids)  # [T, hidden]
+        cos, sin = self.rotary.cos_sin(positions, x.dtype)  # [T, 1, D]
+        for i, layer in enumerate(self.model.layers):
+            k_cache = kv_cache.k[i] if kv_cache is not None else None
+            v_cache = kv_cache.v[i] if kv_cache is not None else None
+            x, k, v = layer(x, cos, sin, meta, k_cache, v_cache)
+            if on_layer_kv is not None:
+                on_layer_kv(i, k, v)
+        return self.model.norm(x)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] -> logits [N, vocab] in fp32."""
+        return linear(hidden, self.lm_head_weight).float()
