@@ -1,0 +1,280 @@
+"""Engine: one process's model + paged KV cache + scheduler + sampler.
+
+Used three ways, always through the same sampling code:
+- colocated (offline `generate`, colocated ranks): `add_request` then `step()` until done;
+- decode rank in PD: `reserve` -> `write_prompt_kv` per layer -> `add_prefilled(hidden)` samples the
+  first token from the prefill rank's hidden state; then `step()` decodes it with the others;
+- prefill rank in PD: `prefill_hidden` over a batch of prompts, no cache, K/V handed to a hook.
+
+Not thread-safe: one rank loop owns it. No torch.distributed here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from pd_local.kv_cache import BlockAllocator, PagedKVCache, slots_for
+from pd_local.model.attention import AttentionMetadata
+from pd_local.model.llama import LayerKVHook, LlamaForCausalLM
+from pd_local.sampling import SamplingParams, sample
+from pd_local.scheduler import Scheduler, SchedulerOutput, Sequence, SeqStatus
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16
+    kv_cache_gb: float | None = 1.0  # None on CUDA: use gpu_memory_fraction of free memory
+    gpu_memory_fraction: float = 0.85
+    num_blocks: int | None = None  # overrides the memory budget (tests, exact accounting)
+    max_num_seqs: int = 64
+    max_prefill_tokens: int = 4096
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
+            raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
+        if not (0.0 < self.gpu_memory_fraction <= 1.0):
+            raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
+        if self.num_blocks is not None and self.num_blocks <= 0:
+            raise ValueError(f"num_blocks must be > 0, got {self.num_blocks}")
+        if self.max_num_seqs <= 0:
+            raise ValueError(f"max_num_seqs must be > 0, got {self.max_num_seqs}")
+        if self.max_prefill_tokens <= 0:
+            raise ValueError(f"max_prefill_tokens must be > 0, got {self.max_prefill_tokens}")
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    req_id: int
+    token_id: int
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" when finished
+
+
+def prefill_hidden(
+    model: LlamaForCausalLM,
+    prompts: list[list[int]],
+    device: torch.device | str,
+    kv_cache: PagedKVCache | None = None,
+    slot_mapping: list[int] | None = None,
+    on_layer_kv: LayerKVHook | None = None,
+) -> torch.Tensor:
+    """Prefill a batch of token lists; returns the final hidden state of each one's last
+    position, [B, hidden]. The K/V of every layer go to kv_cache (at slot_mapping) and/or to
+    on_layer_kv; a prefill rank passes only the hook and keeps nothing."""
+    lens = [len(p) for p in prompts]
+    ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)  # [T]
+    pos = torch.tensor([i for n in lens for i in range(n)], dtype=torch.long, device=device)  # [T]
+    slots = None
+    if slot_mapping is not None:
+        slots = torch.tensor(slot_mapping, dtype=torch.long, device=device)  # [T]
+    meta = AttentionMetadata.prefill(lens, slots)
+    hidden = model(ids, pos, meta, kv_cache, on_layer_kv)  # [T, hidden]
+    last = torch.tensor(meta.cu_seqlens[1:], device=device) - 1  # [B]
+    return hidden[last]
+
+
+class Engine:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        cfg: EngineConfig,
+        stop_token_ids: frozenset[int] | set[int] = frozenset(),
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.stop_token_ids = frozenset(stop_token_ids)
+        mc = model.config
+        self.dtype = model.model.embed_tokens.weight.dtype
+        self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        per_block = PagedKVCache.bytes_per_block(
+            mc.num_layers, cfg.block_size, mc.num_kv_heads, mc.head_dim, self.dtype
+        )
+        num_blocks = cfg.num_blocks or self._blocks_from_budget(per_block)
+        # A sequence alone must always fit, or preemption could never make room for it.
+        self.max_model_len = min(self.max_model_len, num_blocks * cfg.block_size)
+        self.kv_cache = PagedKVCache(
+            mc.num_layers, num_blocks, cfg.block_size, mc.num_kv_heads, mc.head_dim, self.dtype, self.device
+        )
+        self.allocator = BlockAllocator(num_blocks)
+        self.scheduler = Scheduler(
+            self.allocator, cfg.block_size, cfg.max_num_seqs,
+            max(cfg.max_prefill_tokens, 1), self.max_model_len,
+        )
+        log.info(
+            "KV cache: %d blocks x %d tokens = %d tokens (%.2f GB, %s, %d B/token); max_model_len %d",
+            num_blocks, cfg.block_size, num_blocks * cfg.block_size,
+            num_blocks * per_block / 1e9, self.dtype, per_block // cfg.block_size, self.max_model_len,
+        )
+
+    def _blocks_from_budget(self, per_block: int) -> int:
+        if self.device.type == "cuda" and self.cfg.kv_cache_gb is None:
+            free, _total = torch.cuda.mem_get_info(self.device)
+            budget = int(free * self.cfg.gpu_memory_fraction)
+            source = f"{self.cfg.gpu_memory_fraction:.0%} of {free / 1e9:.1f} GB free on {self.device}"
+        else:
+            budget = int((self.cfg.kv_cache_gb or 1.0) * 1e9)
+            source = f"kv_cache_gb={self.cfg.kv_cache_gb}"
+        blocks = budget // per_block
+        if blocks < 1:
+            raise ValueError(f"KV budget ({source}) is smaller than one block ({per_block} bytes)")
+        return blocks
+
+    # -- accounting ------------------------------------------------------------------------
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.allocator.num_free
+
+    @property
+    def num_total_blocks(self) -> int:
+        return self.allocator.num_total
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting) + len(self.scheduler.reserved)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- requests --------------------------------------------------------------------------
+
+    def _new_sequence(self, req_id: int, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        if not prompt_ids:
+            raise ValueError(f"request {req_id}: empty prompt")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(
+                f"request {req_id}: prompt has {len(prompt_ids)} tokens, the context is "
+                f"{self.max_model_len} (at least one token must be generated)"
+            )
+        vocab = self.model.config.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"request {req_id}: token ids {bad[:5]} outside the vocabulary [0, {vocab})")
+        return Sequence(req_id, list(prompt_ids), params, generator=params.make_generator())
+
+    def add_request(self, req_id: int, prompt_ids: list[int], params: SamplingParams) -> None:
+        self.scheduler.add(self._new_sequence(req_id, prompt_ids, params))
+
+    def abort(self, req_id: int) -> bool:
+        """Free whatever the request holds, in any phase. False if it is not here (finished)."""
+        return self.scheduler.abort(req_id) is not None
+
+    # -- PD decode-rank hooks --------------------------------------------------------------
+
+    def reserve(self, req_id: int, prompt_ids: list[int], params: SamplingParams) -> bool:
+        """Pre-allocate the prompt's blocks; False (nothing held) when there is no room now."""
+        return self.scheduler.try_reserve(self._new_sequence(req_id, prompt_ids, params))
+
+    def write_prompt_kv(self, req_id: int, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Land one layer of a reserved request's prompt KV. k, v [T, kv_heads, head_dim]."""
+        seq = self.scheduler.reserved[req_id]
+        n = len(seq.prompt_ids)
+        if k.shape[0] != n:
+            raise ValueError(f"request {req_id}: got KV for {k.shape[0]} tokens, prompt has {n}")
+        slots = torch.tensor(slots_for(seq.block_ids, 0, n, self.cfg.block_size), device=self.device)
+        kc, vc = self.kv_cache.k[layer], self.kv_cache.v[layer]
+        nb, bs, h, d = kc.shape
+        kc.view(nb * bs, h, d).index_copy_(0, slots, k.to(self.device, self.dtype))
+        vc.view(nb * bs, h, d).index_copy_(0, slots, v.to(self.device, self.dtype))
+
+    def add_prefilled(self, req_id: int, hidden: torch.Tensor) -> TokenEvent:
+        """The KV of a reserved request has fully landed: sample its first token from the last
+        prompt position's hidden state [hidden] and let it join the running batch."""
+        seq = self.scheduler.promote_reserved(req_id)
+        logits = self.model.compute_logits(hidden.to(self.device, self.dtype).view(1, -1))  # [1, V]
+        return self._append_tokens([seq], logits)[0]
+
+    # -- the step --------------------------------------------------------------------------
+
+    def step(self) -> list[TokenEvent]:
+        """Run one scheduled batch (a prefill or a decode step); one event per sequence."""
+        out = self.scheduler.schedule()
+        if out is None or not out.seqs:
+            return []
+        logits = self._run_prefill(out) if out.is_prefill else self._run_decode(out)
+        return self._append_tokens(out.seqs, logits)
+
+    def _run_prefill(self, out: SchedulerOutput) -> torch.Tensor:
+        bs = self.cfg.block_size
+        slots = [s for seq in out.seqs for s in slots_for(seq.block_ids, 0, seq.num_tokens, bs)]
+        hidden = prefill_hidden(
+            self.model, [seq.all_ids for seq in out.seqs], self.device, self.kv_cache, slots
+        )
+        return self.model.compute_logits(hidden)
+
+    def _run_decode(self, out: SchedulerOutput) -> torch.Tensor:
+        bs = self.cfg.block_size
+        seqs = out.seqs
+        ctx = [seq.num_tokens for seq in seqs]
+        max_blocks = max(len(seq.block_ids) for seq in seqs)
+        # pad tables with block 0: padded entries are masked by context_lens
+        tables = [seq.block_ids + [0] * (max_blocks - len(seq.block_ids)) for seq in seqs]
+        slots = [seq.block_ids[(n - 1) // bs] * bs + (n - 1) % bs for seq, n in zip(seqs, ctx)]
+        dev = self.device
+        meta = AttentionMetadata.decode(
+            block_tables=torch.tensor(tables, dtype=torch.long, device=dev),  # [B, max_blocks]
+            context_lens=torch.tensor(ctx, dtype=torch.long, device=dev),  # [B]
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),  # [B]
+            max_context_len=max(ctx),
+        )
+        ids = torch.tensor([seq.last_token for seq in seqs], dtype=torch.long, device=dev)  # [B]
+        pos = torch.tensor([n - 1 for n in ctx], dtype=torch.long, device=dev)  # [B]
+        hidden = self.model(ids, pos, meta, self.kv_cache)  # [B, hidden]
+        return self.model.compute_logits(hidden)
+
+    def _append_tokens(self, seqs: list[Sequence], logits: torch.Tensor) -> list[TokenEvent]:
+        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        events = []
+        for seq, tok in zip(seqs, tokens):
+            seq.output_ids.append(tok)
+            reason = self._finish_reason(seq, tok)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+            events.append(TokenEvent(seq.req_id, tok, reason is not None, reason))
+        return events
+
+    def _finish_reason(self, seq: Sequence, tok: int) -> str | None:
+        p = seq.params
+        if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.stop_token_ids):
+            return "stop"
+        if len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    # -- convenience -----------------------------------------------------------------------
+
+    def generate(
+        self, prompts: list[list[int]], params: list[SamplingParams] | SamplingParams
+    ) -> list[tuple[list[int], str]]:
+        """Run prompts to completion with all of them in flight at once; (token ids, reason) each."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        base = int(time.monotonic_ns() % 2**40) << 16  # ids unlikely to collide with live ones
+        results: dict[int, tuple[list[int], str]] = {}
+        toks: dict[int, list[int]] = {}
+        for i, (p, sp) in enumerate(zip(prompts, plist)):
+            self.add_request(base + i, p, sp)
+            toks[base + i] = []
+        while len(results) < len(prompts):
+            events = self.step()
+            if not events and not self.has_unfinished():
+                raise RuntimeError("engine stalled with unfinished requests")
+            for ev in events:
+                toks[ev.req_id].append(ev.token_id)
+                if ev.finished:
+                    results[ev.req_id] = (toks[ev.req_id], ev.finish_reason or "stop")
+        return [results[base + i] for i in range(len(prompts))]

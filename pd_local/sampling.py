@@ -1,0 +1,76 @@
+"""Sampling parameters and `sample()`: greedy, temperature, top-k, top-p, per-request seeds.
+
+Determinism contract: a request's tokens depend only on its logits and its own generator, never on
+what else shares the batch: each sampled row draws from the request's `torch.Generator`, seeded
+from `SamplingParams.seed` (or from the OS when no seed is given). Since every topology samples on
+the rank that owns the request's decode, a seeded request gives the same tokens everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    max_tokens: int = 16
+    stop_token_ids: tuple[int, ...] = ()  # in addition to the model's stop ids unless ignore_eos
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.temperature <= 100.0):
+            raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.seed is not None and not (0 <= self.seed < 2**63):
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def make_generator(self) -> torch.Generator | None:
+        """The request's own generator (CPU: sampling runs on CPU copies of one row's probs)."""
+        if self.greedy:
+            return None
+        g = torch.Generator(device="cpu")
+        g.manual_seed(self.seed if self.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+        return g
+
+
+def sample(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> list[int]:
+    """logits [B, V] fp32 -> one token id per row.
+
+    Greedy rows take one batched argmax (a single host sync); sampled rows are processed one at a
+    time with their own generator, which is what makes seeded sampling batch-independent.
+    """
+    out = logits.argmax(dim=-1).tolist()
+    for i, (p, g) in enumerate(zip(params, generators)):
+        if p.greedy:
+            continue
+        row = logits[i].float().cpu() / p.temperature  # [V]
+        if p.top_k and p.top_k < row.shape[0]:
+            kth = torch.topk(row, p.top_k).values[-1]
+            row = row.masked_fill(row < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_logits, order = torch.sort(row, descending=True)
+            probs = sorted_logits.softmax(-1)
+            # drop a token when the mass before it already reaches top_p (the first always stays)
+            drop = probs.cumsum(-1) - probs >= p.top_p
+            row = row.index_put((order[drop],), torch.tensor(float("-inf")))
+        probs = row.softmax(-1)
+        out[i] = int(torch.multinomial(probs, 1, generator=g).item())
+    return out
