@@ -1,0 +1,190 @@
+"""Engine: continuous batching equals transformers and equals one-at-a-time; accounting; errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pd_local.engine import Engine, EngineConfig, prefill_hidden
+from pd_local.sampling import SamplingParams, sample
+from tests.tiny_models import hf_tiny, ours_from_hf, random_prompts
+
+LENGTHS = [5, 17, 33, 1, 60, 8, 16, 40, 3, 25]
+GREEDY = SamplingParams(temperature=0, max_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def pair() -> tuple[torch.nn.Module, torch.nn.Module]:
+    hf = hf_tiny("llama")
+    return hf, ours_from_hf(hf)
+
+
+def engine(model: torch.nn.Module, **kw: object) -> Engine:
+    cfg = dict(num_blocks=256, block_size=4, max_num_seqs=16)
+    cfg.update(kw)
+    return Engine(model, EngineConfig(**cfg))
+
+
+def hf_greedy(hf: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                      eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def test_batched_greedy_matches_transformers(pair) -> None:
+    hf, ours = pair
+    prompts = random_prompts(LENGTHS)
+    eng = engine(ours)
+    got = eng.generate(prompts, GREEDY)
+    for p, (toks, reason) in zip(prompts, got):
+        assert toks == hf_greedy(hf, p, 24)
+        assert reason == "length"
+    assert eng.num_free_blocks == eng.num_total_blocks
+
+
+def test_preemption_and_small_batches_do_not_change_greedy_output(pair) -> None:
+    _, ours = pair
+    prompts = random_prompts(LENGTHS)
+    ref = [engine(ours).generate([p], GREEDY)[0][0] for p in prompts]  # one at a time
+    tight = engine(ours, num_blocks=40, max_num_seqs=6, max_prefill_tokens=50)
+    for i, p in enumerate(prompts):
+        tight.add_request(i, p, GREEDY)
+    got: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+    preemptions = 0
+    while tight.has_unfinished():
+        before = {s.req_id: s.num_preemptions for s in tight.scheduler.by_id.values()}
+        for ev in tight.step():
+            got[ev.req_id].append(ev.token_id)
+        preemptions += sum(s.num_preemptions - before.get(s.req_id, 0) for s in tight.scheduler.by_id.values())
+    assert preemptions > 0, "the test is meant to run under block pressure"
+    assert [got[i] for i in range(len(prompts))] == ref
+    assert tight.num_free_blocks == tight.num_total_blocks
+
+
+def test_seeded_sampling_is_independent_of_the_batch(pair) -> None:
+    _, ours = pair
+    prompts = random_prompts(LENGTHS)
+    params = [SamplingParams(temperature=0.9, top_p=0.9, top_k=40, seed=i, max_tokens=16) for i in range(len(prompts))]
+    batched = engine(ours).generate(prompts, params)
+    alone = [engine(ours).generate([p], sp)[0] for p, sp in zip(prompts, params)]
+    assert batched == alone
+    again = engine(ours).generate(prompts[:1], params[0])
+    assert again[0] == batched[0]
+    other_seed = engine(ours).generate(prompts[:1], SamplingParams(temperature=0.9, seed=999, max_tokens=16))
+    assert other_seed[0][0] != batched[0][0]
+
+
+def test_stop_ids_and_ignore_eos(pair) -> None:
+    _, ours = pair
+    p = random_prompts([12])[0]
+    free_run = engine(ours).generate([p], GREEDY)[0][0]
+    stop_tok = free_run[5]
+    first = free_run.index(stop_tok)
+    eng = Engine(ours, EngineConfig(num_blocks=64, block_size=4), stop_token_ids={stop_tok})
+    toks, reason = eng.generate([p], GREEDY)[0]
+    assert toks == free_run[: first + 1] and reason == "stop"
+    toks, reason = eng.generate([p], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0]
+    assert toks == free_run and reason == "length"
+    toks, reason = eng.generate([p], SamplingParams(temperature=0, max_tokens=24, stop_token_ids=(stop_tok,), ignore_eos=True))[0]
+    assert reason == "stop" and toks[-1] == stop_tok
+
+
+def test_context_limit_ends_with_length(pair) -> None:
+    _, ours = pair
+    eng = engine(ours, max_model_len=20)
+    toks, reason = eng.generate(random_prompts([15]), SamplingParams(temperature=0, max_tokens=100))[0]
+    assert len(toks) == 5 and reason == "length"
+
+
+def test_abort_in_each_phase_frees_every_block(pair) -> None:
+    _, ours = pair
+    eng = engine(ours, num_blocks=30, max_num_seqs=4)
+    prompts = random_prompts(LENGTHS)
+    for i, p in enumerate(prompts):
+        eng.add_request(i, p, SamplingParams(temperature=0, max_tokens=50))
+    eng.step()
+    eng.step()
+    phases = {s.status.value for s in eng.scheduler.by_id.values()}
+    assert {"waiting", "running"} <= phases
+    assert eng.reserve(100, prompts[0], GREEDY) in (True, False)
+    for rid in list(eng.scheduler.by_id):
+        assert eng.abort(rid)
+    assert not eng.abort(0)
+    assert eng.num_free_blocks == eng.num_total_blocks and not eng.has_unfinished()
+
+
+def test_decode_rank_hooks_give_the_colocated_tokens(pair) -> None:
+    """reserve -> write_prompt_kv (from a cache-less prefill) -> add_prefilled -> step == colocated."""
+    _, ours = pair
+    prompts = random_prompts([9, 30, 4])
+    ref = engine(ours).generate(prompts, GREEDY)
+    dec = engine(ours)
+    for i, p in enumerate(prompts):
+        assert dec.reserve(i, p, GREEDY)
+        layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        hidden = prefill_hidden(ours, [p], "cpu", on_layer_kv=lambda l, k, v: layers.append((k.clone(), v.clone())))
+        for layer, (k, v) in enumerate(layers):
+            dec.write_prompt_kv(i, layer, k, v)
+        ev = dec.add_prefilled(i, hidden[0])
+        assert ev.token_id == ref[i][0][0]
+    got: dict[int, list[int]] = {i: [ref[i][0][0]] for i in range(3)}
+    while dec.has_unfinished():
+        for ev in dec.step():
+            got[ev.req_id].append(ev.token_id)
+    assert [got[i] for i in range(3)] == [r[0] for r in ref]
+    assert dec.num_free_blocks == dec.num_total_blocks
+
+
+@pytest.mark.parametrize(
+    "prompt,match",
+    [([], "empty prompt"), ([1] * 300, "prompt has 300 tokens, the context is 256"), ([5, 10**6], "outside the vocabulary")],
+)
+def test_bad_requests_are_refused_with_the_numbers(pair, prompt: list[int], match: str) -> None:
+    _, ours = pair
+    eng = engine(ours, max_model_len=256)
+    with pytest.raises(ValueError, match=match):
+        eng.add_request(1, prompt, GREEDY)
+    assert eng.num_free_blocks == eng.num_total_blocks and not eng.has_unfinished()
+
+
+def test_write_prompt_kv_checks_token_count(pair) -> None:
+    _, ours = pair
+    eng = engine(ours)
+    assert eng.reserve(1, [1, 2, 3], GREEDY)
+    with pytest.raises(ValueError, match="got KV for 2 tokens, prompt has 3"):
+        eng.write_prompt_kv(1, 0, torch.zeros(2, 2, 16), torch.zeros(2, 2, 16))
+    assert eng.abort(1) and eng.num_free_blocks == eng.num_total_blocks
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": -2}, "top_k"),
+     ({"max_tokens": 0}, "max_tokens"), ({"seed": -5}, "seed")],
+)
+def test_sampling_params_validate(kw: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kw)
+
+
+def test_engine_config_validates() -> None:
+    with pytest.raises(ValueError, match="power of two"):
+        EngineConfig(block_size=12)
+    with pytest.raises(ValueError, match="kv_cache_gb"):
+        EngineConfig(kv_cache_gb=0)
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy() -> None:
+    logits = torch.randn(4, 50)
+    want = logits.argmax(-1).tolist()
+    for sp in (SamplingParams(temperature=1.0, top_k=1, seed=1), SamplingParams(temperature=1.0, top_p=1e-6, seed=1)):
+        assert sample(logits, [sp] * 4, [sp.make_generator() for _ in range(4)]) == want
+
+
+def test_kv_budget_sizes_the_cache(pair) -> None:
+    _, ours = pair
+    mc = ours.config
+    per_block = 2 * mc.num_layers * 4 * mc.num_kv_heads * mc.head_dim * 4
+    eng = Engine(ours, EngineConfig(kv_cache_gb=0.001, block_size=4))
+    assert eng.num_total_blocks == 10**6 // per_block
+    with pytest.raises(ValueError, match="smaller than one block"):
+        Engine(ours, EngineConfig(kv_cache_gb=1e-9, block_size=4))
