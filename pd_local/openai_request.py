@@ -1,0 +1,201 @@
+"""OpenAI request bodies -> validated `GenerationRequest`s; one parser for the server and `generate`.
+
+Every refusal is a `RequestError` that names the offending field (`param`) and carries the HTTP
+status the server answers with, so both front doors reject the same input with the same words.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pd_local.sampling import SamplingParams
+from pd_local.tokenizer import Tokenizer
+
+MAX_STOP_STRINGS = 4
+MAX_TOKENS_LIMIT = 2**31 - 1  # beyond this a value is an error, not something to clip
+
+# Fields OpenAI defines that we do not implement: refusing beats silently ignoring them.
+UNSUPPORTED = {
+    "tools": "tool calling is not supported",
+    "tool_choice": "tool calling is not supported",
+    "functions": "function calling is not supported",
+    "function_call": "function calling is not supported",
+    "logprobs": "logprobs are not supported",
+    "top_logprobs": "logprobs are not supported",
+    "logit_bias": "logit_bias is not supported",
+    "best_of": "best_of is not supported",
+    "echo": "echo is not supported",
+    "suffix": "suffix is not supported",
+    "response_format": "response_format is not supported",
+}
+
+
+class RequestError(ValueError):
+    """A request we refuse; `status` is the HTTP status, `param` the field at fault."""
+
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        status: int = 400,
+        type: str = "invalid_request_error",
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        self.status = status
+        self.type = type
+
+    def to_body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    kind: Literal["chat", "completion"]
+    model: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    stop: tuple[str, ...]
+    stream: bool
+    include_usage: bool
+
+
+def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise RequestError(f"'{name}' must be a number, got {type(v).__name__}", name)
+    if v < lo or v > hi or (lo_open and v == lo):
+        bounds = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
+        raise RequestError(f"'{name}' must be in {bounds}, got {v}", name)
+    return float(v)
+
+
+def _integer(body: dict[str, Any], name: str) -> int | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise RequestError(f"'{name}' must be an integer, got {type(v).__name__}", name)
+    return v
+
+
+def _boolean(body: dict[str, Any], name: str) -> bool:
+    v = body.get(name, False)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise RequestError(f"'{name}' must be a boolean, got {type(v).__name__}", name)
+    return v
+
+
+def _stop(body: dict[str, Any]) -> tuple[str, ...]:
+    v = body.get("stop")
+    if v is None:
+        return ()
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise RequestError("'stop' must be a string or a list of strings", "stop")
+    if len(items) > MAX_STOP_STRINGS:
+        raise RequestError(f"'stop' takes at most {MAX_STOP_STRINGS} strings, got {len(items)}", "stop")
+    if any(s == "" for s in items):
+        raise RequestError("'stop' strings must not be empty", "stop")
+    return tuple(items)
+
+
+def _prompt_ids(body: dict[str, Any], kind: str, tokenizer: Tokenizer) -> list[int]:
+    if kind == "chat":
+        if "messages" not in body:
+            raise RequestError("'messages' is required", "messages")
+        try:
+            return tokenizer.encode_chat(body["messages"])
+        except ValueError as e:
+            raise RequestError(str(e), "messages") from None
+    if "prompt" not in body:
+        raise RequestError("'prompt' is required", "prompt")
+    prompt = body["prompt"]
+    if isinstance(prompt, str):
+        if not prompt:
+            raise RequestError("'prompt' must not be empty", "prompt")
+        return tokenizer.encode(prompt)
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        vocab = tokenizer.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"'prompt' token ids {bad[:5]} are outside the vocabulary [0, {vocab})", "prompt")
+        return list(prompt)
+    raise RequestError("'prompt' must be a non-empty string or a list of token ids (one prompt per request)", "prompt")
+
+
+def parse_request(
+    body: Any,
+    kind: Literal["chat", "completion"],
+    tokenizer: Tokenizer,
+    max_model_len: int,
+    served_models: tuple[str, ...] = (),
+) -> GenerationRequest:
+    """Validate an OpenAI chat-completions / completions body and tokenise its prompt.
+
+    max_tokens (or max_completion_tokens) past the context is clipped to what is left, so the
+    request ends with finish_reason "length"; a prompt that leaves no room is refused."""
+    if not isinstance(body, dict):
+        raise RequestError(f"the request body must be a JSON object, got {type(body).__name__}")
+    for name, why in UNSUPPORTED.items():
+        if body.get(name) not in (None, False, [], {}):
+            raise RequestError(f"'{name}': {why}", name, code="unsupported_parameter")
+    n = body.get("n", 1)
+    if n != 1:
+        raise RequestError(f"'n': only n=1 is supported, got {n!r}", "n", code="unsupported_parameter")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise RequestError("'model' must be a string", "model")
+    if served_models and model is not None and model not in served_models:
+        raise RequestError(
+            f"model {model!r} does not exist; served: {', '.join(served_models)}",
+            "model", code="model_not_found", status=404,
+        )
+    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
+    top_k = _integer(body, "top_k")
+    if top_k is not None and top_k < -1:
+        raise RequestError(f"'top_k' must be -1, 0 (off) or positive, got {top_k}", "top_k")
+    seed = _integer(body, "seed")
+    if seed is not None and not 0 <= seed < 2**63:
+        raise RequestError(f"'seed' must be in [0, 2**63), got {seed}", "seed")
+    stream = _boolean(body, "stream")
+    include_usage = False
+    opts = body.get("stream_options")
+    if opts is not None:
+        if not stream:
+            raise RequestError("'stream_options' is only allowed when 'stream' is true", "stream_options")
+        if not isinstance(opts, dict):
+            raise RequestError("'stream_options' must be an object", "stream_options")
+        include_usage = _boolean(opts, "include_usage")
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _integer(body, name)
+    if max_tokens is not None and not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
+        raise RequestError(f"'{name}' must be in [1, {MAX_TOKENS_LIMIT}], got {max_tokens}", name)
+    stop = _stop(body)
+    ignore_eos = _boolean(body, "ignore_eos")
+    prompt_ids = _prompt_ids(body, kind, tokenizer)
+    room = max_model_len - len(prompt_ids)
+    if room < 1:
+        raise RequestError(
+            f"the prompt has {len(prompt_ids)} tokens but the context is {max_model_len} tokens "
+            "(at least one must be left to generate)",
+            "messages" if kind == "chat" else "prompt", code="context_length_exceeded",
+        )
+    params = SamplingParams(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=max(top_k or 0, 0),
+        seed=seed,
+        max_tokens=min(max_tokens or room, room),
+        ignore_eos=ignore_eos,
+    )
+    return GenerationRequest(kind, model, prompt_ids, params, stop, stream, include_usage)
