@@ -1,0 +1,354 @@
+"""Tokenizer: HF `tokenizer.json` + the model's Jinja chat template + incremental detokenising.
+
+Rank 0 owns tokenising (prompt -> ids) and detokenising (ids -> streamed text). Two contracts
+matter to callers:
+- `Tokenizer.apply_chat_template` renders exactly what transformers' `apply_chat_template`
+  renders for the same template and messages (same sandbox, trim/lstrip settings and helpers),
+  so `encode_chat` gives the ids the model was trained to see. Nothing (no BOS) is added to
+  the ids beyond what the template writes.
+- `IncrementalDetokenizer.push` never emits half a UTF-8 character, and the concatenation of
+  everything it emits (pushes + flush) equals `Tokenizer.decode` of all the ids at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterable
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as _HFTokenizer
+
+logger = logging.getLogger(__name__)
+
+CHAT_ROLES: frozenset[str] = frozenset({"system", "user", "assistant", "tool"})
+_REPLACEMENT = "\ufffd"  # what a decoder writes for bytes that are not (yet) a whole character
+
+
+class ChatTemplateError(ValueError):
+    """The chat template could not be rendered (it called raise_exception, or is broken)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Chat template environment
+# --------------------------------------------------------------------------------------------
+
+class _GenerationTag(jinja2.ext.Extension):
+    """Accept `{% generation %}...{% endgeneration %}` (assistant-mask markers) and render the body.
+
+    transformers uses the tag to find assistant tokens for training masks; for serving it is a
+    no-op, but a template that contains it must still parse.
+    """
+
+    tags = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+    def _render(self, caller: Any) -> str:
+        return caller()
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: Any = None, sort_keys: bool = False) -> str:
+    # Jinja's own tojson HTML-escapes <, >, & and '; chat templates expect plain JSON.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def compile_chat_template(source: str) -> jinja2.Template:
+    """Compile a chat template the way transformers does.
+
+    Immutable sandbox (templates come from model repos: untrusted code), trim_blocks and
+    lstrip_blocks on, loop controls (`break`/`continue`), and the globals templates rely on:
+    raise_exception, strftime_now, a JSON `tojson` filter.
+    """
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True,
+        lstrip_blocks=True,
+        extensions=[_GenerationTag, jinja2.ext.loopcontrols],
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env.from_string(source)
+
+
+def validate_messages(messages: Any) -> list[dict[str, str]]:
+    """Check an OpenAI-style message list; return plain {role, content} dicts (extra keys kept).
+
+    Contract: a non-empty list of dicts, each with `role` in CHAT_ROLES and `content` a str.
+    Raises ValueError naming the index and the field at fault.
+    """
+    if not isinstance(messages, list):
+        raise ValueError(f"messages must be a list, got {type(messages).__name__}")
+    if not messages:
+        raise ValueError("messages must not be empty")
+    out: list[dict[str, str]] = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f"messages[{i}] must be an object, got {type(m).__name__}")
+        if "role" not in m:
+            raise ValueError(f"messages[{i}] has no 'role'")
+        role = m["role"]
+        if not isinstance(role, str) or role not in CHAT_ROLES:
+            raise ValueError(
+                f"messages[{i}].role must be one of {sorted(CHAT_ROLES)}, got {role!r}"
+            )
+        if "content" not in m:
+            raise ValueError(f"messages[{i}] has no 'content'")
+        if not isinstance(m["content"], str):
+            raise ValueError(
+                f"messages[{i}].content must be a string, got {type(m['content']).__name__}"
+            )
+        out.append(dict(m))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------------
+
+def _token_content(value: Any) -> str | None:
+    """tokenizer_config stores special tokens as "str" or {"content": "str", ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _as_id_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+class Tokenizer:
+    """A HF fast tokenizer plus the model's chat template and stop tokens.
+
+    Thread-safety: encode/decode go to the Rust tokenizer, which is safe to share; the compiled
+    template is immutable.
+    """
+
+    def __init__(
+        self,
+        tokenizer: _HFTokenizer,
+        chat_template: str | None = None,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        extra_stop_ids: Iterable[int] = (),
+        special_tokens_map: dict[str, Any] | None = None,
+    ) -> None:
+        self._tok = tokenizer
+        self.chat_template = chat_template
+        self._template = compile_chat_template(chat_template) if chat_template else None
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self.bos_token_id = self._id_of(bos_token)
+        self.eos_token_id = self._id_of(eos_token)
+        stops = set(extra_stop_ids)
+        if self.eos_token_id is not None:
+            stops.add(self.eos_token_id)
+        self.stop_token_ids: frozenset[int] = frozenset(stops)
+        # Variables transformers hands every template (its special_tokens_map).
+        self._template_vars: dict[str, Any] = dict(special_tokens_map or {})
+        self._template_vars.update(bos_token=bos_token, eos_token=eos_token)
+
+    def _id_of(self, token: str | None) -> int | None:
+        if token is None:
+            return None
+        idx = self._tok.token_to_id(token)
+        if idx is None:
+            raise ValueError(f"special token {token!r} is not in the vocabulary")
+        return idx
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> Tokenizer:
+        """Load tokenizer.json, tokenizer_config.json (+ chat_template.jinja) and generation_config.json.
+
+        stop_token_ids = the tokenizer's eos token + every eos_token_id in generation_config.json
+        (which may be an int or a list). Raises FileNotFoundError when tokenizer.json is absent.
+        """
+        model_dir = Path(model_dir)
+        tok_path = model_dir / "tokenizer.json"
+        if not tok_path.is_file():
+            raise FileNotFoundError(f"{tok_path} not found (only fast tokenizers are supported)")
+        tok = _HFTokenizer.from_file(str(tok_path))
+        cfg_path = model_dir / "tokenizer_config.json"
+        cfg: dict[str, Any] = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        template = cfg.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template}
+            template = named.get("default")
+        jinja_path = model_dir / "chat_template.jinja"  # transformers >= 4.5x saves it here
+        if template is None and jinja_path.is_file():
+            template = jinja_path.read_text()
+        gen_path = model_dir / "generation_config.json"
+        gen: dict[str, Any] = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+        special_map: dict[str, Any] = {}
+        for key in ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token",
+                    "mask_token"):
+            content = _token_content(cfg.get(key))
+            if content is not None:
+                special_map[key] = content
+        extra = cfg.get("additional_special_tokens")
+        if extra:
+            special_map["additional_special_tokens"] = [_token_content(t) for t in extra]
+        return cls(
+            tok,
+            chat_template=template,
+            bos_token=special_map.get("bos_token"),
+            eos_token=special_map.get("eos_token"),
+            extra_stop_ids=_as_id_list(gen.get("eos_token_id")),
+            special_tokens_map=special_map,
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids the tokenizer can produce (added tokens included).
+
+        May be smaller than the model's config vocab_size (embedding tables are often padded).
+        """
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; no BOS/EOS added. Special-token strings in `text` map to their ids."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """Text of `ids`; bytes that do not form whole characters decode to U+FFFD."""
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> str:
+        """Render `messages` with the model's template, as transformers would (tokenize=False).
+
+        Raises ValueError for malformed messages (see `validate_messages`) or a model without a
+        template, ChatTemplateError when the template itself refuses (raise_exception).
+        """
+        if self._template is None:
+            raise ValueError("this model has no chat template; send a plain completion prompt")
+        msgs = validate_messages(messages)
+        try:
+            return self._template.render(
+                messages=msgs,
+                tools=None,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **self._template_vars,
+            )
+        except jinja2.exceptions.TemplateError as e:
+            raise ChatTemplateError(f"chat template rejected the messages: {e}") from e
+
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        """Prompt ids for a chat: encode(apply_chat_template(messages))."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt))
+
+
+# --------------------------------------------------------------------------------------------
+# Incremental detokenizer
+# --------------------------------------------------------------------------------------------
+
+class IncrementalDetokenizer:
+    """Turns a stream of generated token ids into a stream of text deltas.
+
+    `push(id)` returns the text that became final with this token ("" while a multi-byte
+    character is still incomplete, i.e. while the decoded tail ends in U+FFFD). `flush()` returns
+    whatever is held back (at end of stream). Invariant: "".join(pushes) + flush() ==
+    tokenizer.decode(all ids, skip_special_tokens).
+
+    Cost: each push decodes only the tokens since the last-but-one emission boundary (the
+    previous window is kept as left context, so decoders that strip a leading space from the
+    first token, e.g. SentencePiece's Metaspace, are consistent between windows). A window that
+    keeps ending in U+FFFD for more than `max_hold` tokens (only garbage ids do that) is cut at
+    the latest token boundary proven not to split a character, so the window stays bounded.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True, max_hold: int = 8) -> None:
+        self._tok = tokenizer
+        self._skip = skip_special_tokens
+        self._max_hold = max_hold
+        self._ids: list[int] = []
+        self._ctx = 0  # window start: left context, already emitted
+        self._boundary = 0  # ids[:boundary] are emitted; boundary is a character boundary
+        self._ctx_text = ""  # decode(ids[ctx:boundary])
+        self._out: list[str] = []
+
+    def _decode(self, start: int, end: int) -> str:
+        return self._tok.decode(self._ids[start:end], skip_special_tokens=self._skip)
+
+    def _advance(self, new_boundary: int, window_text: str) -> str:
+        """Emit window_text (= decode(ids[ctx:new_boundary])) beyond what was emitted already."""
+        if window_text.startswith(self._ctx_text):
+            delta = window_text[len(self._ctx_text):]
+        else:
+            # Only a decoder that rewrites earlier text once more tokens arrive gets here: fall
+            # back to one full decode (O(n), rare) and emit whatever extends the emitted text.
+            full = self._decode(0, new_boundary)
+            emitted = self.text
+            if not full.startswith(emitted):
+                logger.warning("detokenizer: decoder rewrote text already streamed; dropping delta")
+                return ""
+            delta = full[len(emitted):]
+        self._ctx, self._boundary = self._boundary, new_boundary
+        self._ctx_text = self._decode(self._ctx, self._boundary)
+        self._out.append(delta)
+        return delta
+
+    def push(self, token_id: int) -> str:
+        """Add one generated id; return the newly completed text (possibly "")."""
+        self._ids.append(int(token_id))
+        n = len(self._ids)
+        text = self._decode(self._ctx, n)
+        if not text.endswith(_REPLACEMENT):
+            return self._advance(n, text)
+        if n - self._boundary > self._max_hold:
+            return self._cut_long_hold(text)
+        return ""
+
+    def _cut_long_hold(self, text: str) -> str:
+        # A UTF-8 character is at most 4 bytes and every token is at least one byte, so with 3
+        # tokens after a cut point the decoder's view of the bytes before it is final. The cut is
+        # safe when decoding the two sides separately gives the same text as decoding the whole.
+        n = len(self._ids)
+        for k in range(n - 3, self._boundary, -1):
+            head = self._decode(self._ctx, k)
+            if head + self._decode(k, n) == text and head.startswith(self._ctx_text):
+                return self._advance(k, head)
+        return ""
+
+    def flush(self) -> str:
+        """Emit everything still held back (call at end of stream; later pushes may follow)."""
+        n = len(self._ids)
+        if self._boundary == n:
+            return ""
+        return self._advance(n, self._decode(self._ctx, n))
+
+    @property
+    def text(self) -> str:
+        """All text emitted so far (pushes and flushes)."""
+        return "".join(self._out)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return list(self._ids)

