@@ -1,0 +1,215 @@
+"""The contract between the HTTP front-end and whatever generates tokens.
+
+Two implementations: `InProcessBackend` (an Engine in a thread of this process) and the router
+on rank 0 of a torchrun launch (`pd_local.router`). The server only ever sees this interface.
+
+Threading contract: `submit` and `abort` are called from the asyncio loop and never block.
+Outputs are delivered into the request's `asyncio.Queue` through `loop.call_soon_threadsafe`, so
+worker threads never touch asyncio objects directly. Every submitted request gets exactly one
+output with `finished=True` (after an abort too), after which its queue receives nothing more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pd_local.engine import Engine
+from pd_local.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestOutput:
+    req_id: int
+    token_ids: list[int]  # tokens new since the previous output
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    error: str | None = None
+    timings_ms: dict[str, float] | None = None  # phase durations, on the finished output
+
+
+@dataclass
+class RankStats:
+    rank: int
+    role: str
+    free_blocks: int
+    total_blocks: int
+    running: int
+    waiting: int
+
+
+@dataclass
+class BackendStats:
+    ranks: list[RankStats] = field(default_factory=list)
+    kv_bytes_transferred: int = 0
+    kv_transfer_seconds: float = 0.0
+    kv_transfers: int = 0
+
+
+class Backend(Protocol):
+    max_model_len: int
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None: ...
+
+    def submit(self, req_id: int, prompt_ids: list[int], params: SamplingParams) -> asyncio.Queue[RequestOutput]: ...
+
+    def abort(self, req_id: int) -> None: ...
+
+    def healthy(self) -> tuple[bool, str]: ...
+
+    def stats(self) -> BackendStats: ...
+
+    def shutdown(self) -> None: ...
+
+
+class Timeline:
+    """Phase timestamps of one request (time.monotonic(), comparable across ranks on one host)."""
+
+    PHASES = ("queued", "reserved", "prefill_start", "prefill_end", "kv_received", "first_token", "finished")
+
+    def __init__(self) -> None:
+        self.t: dict[str, float] = {"queued": time.monotonic()}
+        self.token_times: list[float] = []
+
+    def mark(self, phase: str, at: float | None = None) -> None:
+        self.t.setdefault(phase, time.monotonic() if at is None else at)
+
+    def durations_ms(self) -> dict[str, float]:
+        """queue, reserve_wait, prefill, kv_transfer, first_decode, decode, total: whichever the
+        request went through (a colocated request has no reservation or transfer)."""
+        t = self.t
+        out: dict[str, float] = {}
+
+        def span(name: str, a: str, b: str) -> None:
+            if a in t and b in t:
+                out[name] = round((t[b] - t[a]) * 1000.0, 3)
+
+        span("reserve_wait", "queued", "reserved")
+        span("queue", "reserved" if "reserved" in t else "queued", "prefill_start")
+        span("prefill", "prefill_start", "prefill_end")
+        span("kv_transfer", "prefill_end", "kv_received")
+        span("first_decode", "kv_received" if "kv_received" in t else "prefill_end", "first_token")
+        span("decode", "first_token", "finished")
+        span("ttft", "queued", "first_token")
+        span("total", "queued", "finished")
+        return out
+
+
+class InProcessBackend:
+    """An Engine driven by one thread of this process (colocated, no torch.distributed)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.max_model_len = engine.max_model_len
+        self._cmds: queue.Queue[tuple[str, object]] = queue.Queue()
+        self._queues: dict[int, asyncio.Queue[RequestOutput]] = {}
+        self._timelines: dict[int, Timeline] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._error: str | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, req_id: int, prompt_ids: list[int], params: SamplingParams) -> asyncio.Queue[RequestOutput]:
+        q: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._queues[req_id] = q
+        self._cmds.put(("add", (req_id, prompt_ids, params, Timeline())))
+        return q
+
+    def abort(self, req_id: int) -> None:
+        self._cmds.put(("abort", req_id))
+
+    def healthy(self) -> tuple[bool, str]:
+        if self._error:
+            return False, self._error
+        alive = self._thread is not None and self._thread.is_alive()
+        return alive, "engine thread running" if alive else "engine thread not running"
+
+    def stats(self) -> BackendStats:
+        e = self.engine
+        return BackendStats(ranks=[RankStats(0, "colocated", e.num_free_blocks, e.num_total_blocks,
+                                             e.num_running, e.num_waiting)])
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._cmds.put(("stop", None))
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    # -- engine thread ---------------------------------------------------------------------
+
+    def _deliver(self, out: RequestOutput) -> None:
+        q = self._queues.get(out.req_id)
+        if q is None or self._loop is None:
+            return
+        if out.finished:
+            self._queues.pop(out.req_id, None)
+        self._loop.call_soon_threadsafe(q.put_nowait, out)
+
+    def _finish(self, req_id: int, reason: str, tokens: list[int], error: str | None = None) -> None:
+        tl = self._timelines.pop(req_id, None)
+        timings = None
+        if tl is not None:
+            tl.mark("finished")
+            timings = tl.durations_ms()
+        self._deliver(RequestOutput(req_id, tokens, True, reason, error, timings))
+
+    def _handle(self, kind: str, arg: object) -> None:
+        if kind == "add":
+            req_id, prompt_ids, params, tl = arg  # type: ignore[misc]
+            try:
+                self.engine.add_request(req_id, prompt_ids, params)
+                self._timelines[req_id] = tl
+            except ValueError as e:
+                self._timelines[req_id] = tl
+                self._finish(req_id, "error", [], str(e))
+        elif kind == "abort":
+            req_id = int(arg)  # type: ignore[arg-type]
+            if self.engine.abort(req_id):
+                self._finish(req_id, "abort", [])
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                block = not self.engine.has_unfinished()
+                try:
+                    kind, arg = self._cmds.get(timeout=0.1) if block else self._cmds.get_nowait()
+                    self._handle(kind, arg)
+                    while True:  # drain everything that arrived, then step once
+                        kind, arg = self._cmds.get_nowait()
+                        self._handle(kind, arg)
+                except queue.Empty:
+                    pass
+                if not self.engine.has_unfinished():
+                    continue
+                pending_prefill = {s.req_id for s in self.engine.scheduler.waiting}
+                t0 = time.monotonic()
+                events = self.engine.step()
+                t1 = time.monotonic()
+                for ev in events:
+                    tl = self._timelines.get(ev.req_id)
+                    if tl is not None:
+                        if ev.req_id in pending_prefill:
+                            tl.mark("prefill_start", t0)
+                            tl.mark("prefill_end", t1)
+                        tl.mark("first_token", t1)
+                    if ev.finished:
+                        self._finish(ev.req_id, ev.finish_reason or "stop", [ev.token_id])
+                    else:
+                        self._deliver(RequestOutput(ev.req_id, [ev.token_id]))
+        except Exception as e:  # the engine is broken: fail every request loudly, stay unhealthy
+            log.exception("engine thread died")
+            self._error = f"engine thread died: {e!r}"
+            for req_id in list(self._queues):
+                self._finish(req_id, "error", [], self._error)

@@ -1,0 +1,334 @@
+"""The OpenAI-compatible HTTP front-end (rank 0): routes, SSE streaming, errors, metrics.
+
+Runs in one asyncio loop and never blocks it: generation happens behind a `Backend` (router
+threads or an engine thread) that feeds per-request asyncio queues. A client that goes away
+mid-request becomes `backend.abort(req_id)`, so every rank frees that request's KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import itertools
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from sse_starlette.sse import EventSourceResponse
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from pd_local.backend import Backend, RequestOutput
+from pd_local.metrics import Metrics
+from pd_local.openai_request import GenerationRequest, RequestError, parse_request
+from pd_local.textstream import TextStream
+from pd_local.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    model_name: str
+    api_key: str | None = None
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_queue: int = 256  # requests admitted and not yet finished; past it: 429
+    retry_after_s: int = 1
+    cors_origins: tuple[str, ...] = ()
+    disconnect_poll_s: float = 0.25  # non-streaming requests check the client this often
+
+
+def error_response(err: RequestError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(err.to_body(), status_code=err.status, headers=headers)
+
+
+class App:
+    """Holds the per-server state the route handlers share."""
+
+    def __init__(self, backend: Backend, tokenizer: Tokenizer, settings: ServerSettings) -> None:
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.metrics = Metrics()
+        self.in_flight = 0
+        self._ids = itertools.count(1)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _check_auth(self, request: Request) -> None:
+        key = self.settings.api_key
+        if key is None:
+            return
+        got = request.headers.get("authorization", "")
+        scheme, _, token = got.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise RequestError(
+                "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                code="invalid_api_key", status=401, type="authentication_error",
+            )
+
+    async def _read_json(self, request: Request) -> Any:
+        limit = self.settings.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise RequestError(f"request body of {declared} bytes exceeds the limit of {limit} bytes",
+                               code="request_too_large", status=413)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(f"request body exceeds the limit of {limit} bytes",
+                                   code="request_too_large", status=413)
+            chunks.append(chunk)
+        try:
+            return json.loads(b"".join(chunks))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RequestError(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+
+    # -- routes ----------------------------------------------------------------------------
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._generate(request, "chat")
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, "completion")
+
+    async def _generate(self, request: Request, kind: str) -> Response:
+        try:
+            self._check_auth(request)
+            body = await self._read_json(request)
+            req = parse_request(body, kind, self.tokenizer, self.backend.max_model_len,  # type: ignore[arg-type]
+                                (self.settings.model_name,))
+            if self.in_flight >= self.settings.max_queue:
+                self.metrics.count_request("rejected")
+                raise RequestError(
+                    f"server overloaded: {self.in_flight} requests in flight (limit {self.settings.max_queue}); retry later",
+                    code="rate_limit_exceeded", status=429, type="rate_limit_error",
+                )
+        except RequestError as e:
+            if e.status != 429:
+                self.metrics.count_request("invalid")
+            headers = {"Retry-After": str(self.settings.retry_after_s)} if e.status == 429 else None
+            return error_response(e, headers)
+        req_id = next(self._ids)
+        self.in_flight += 1
+        try:
+            outputs = self.backend.submit(req_id, req.prompt_ids, req.params)
+        except Exception:
+            self.in_flight -= 1
+            raise
+        gen = _Generation(self, req, req_id, outputs)
+        if req.stream:
+            return EventSourceResponse(gen.sse_events(), sep="\n", ping=15)
+        return await gen.whole_response(request)
+
+    async def models(self, request: Request) -> Response:
+        try:
+            self._check_auth(request)
+        except RequestError as e:
+            return error_response(e)
+        return JSONResponse({"object": "list", "data": [{
+            "id": self.settings.model_name, "object": "model", "created": 0, "owned_by": "pd_local",
+            "max_model_len": self.backend.max_model_len,
+        }]})
+
+    async def health(self, request: Request) -> Response:
+        ok, why = self.backend.healthy()
+        return JSONResponse({"status": "ok" if ok else "unavailable", "detail": why}, status_code=200 if ok else 503)
+
+    async def metrics_route(self, request: Request) -> Response:
+        try:
+            self._check_auth(request)
+        except RequestError as e:
+            return error_response(e)
+        text = self.metrics.render(self.backend.stats(), self.in_flight)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+
+class _Generation:
+    """One request's life on the front-end: outputs -> text deltas -> OpenAI objects."""
+
+    def __init__(self, app: App, req: GenerationRequest, req_id: int, outputs: asyncio.Queue[RequestOutput]) -> None:
+        self.app = app
+        self.req = req
+        self.req_id = req_id
+        self.outputs = outputs
+        self.text = TextStream(app.tokenizer, req.stop)
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self.timings: dict[str, float] | None = None
+        self.done = False
+        self.id = ("chatcmpl-" if req.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.t_start = time.monotonic()
+        self.t_last: float | None = None
+
+    async def next_delta(self) -> str | None:
+        """Wait for the next backend output; returns its text delta, None once finished."""
+        if self.done:
+            return None
+        out = await self.outputs.get()
+        now = time.monotonic()
+        m = self.app.metrics
+        if out.token_ids:
+            if self.t_last is None:
+                m.observe_ttft(now - self.t_start)
+            else:
+                m.observe_itl(now - self.t_last)
+            self.t_last = now
+        delta = ""
+        for tok in out.token_ids:
+            if self.text.stopped:
+                break
+            self.completion_tokens += 1
+            delta += self.text.push(tok)
+        if out.error is not None:
+            self._finish("error", out.timings_ms)
+            raise RuntimeError(out.error)
+        if self.text.stopped:
+            if not out.finished:
+                self.app.backend.abort(self.req_id)  # frees its blocks; its final output is ignored
+            self._finish("stop", out.timings_ms)
+        elif out.finished:
+            delta += self.text.finish()
+            self._finish(out.finish_reason or "stop", out.timings_ms)
+        return delta
+
+    def _finish(self, reason: str, timings: dict[str, float] | None) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.finish_reason = "stop" if reason == "abort" else reason
+        self.timings = timings or {}
+        self.app.in_flight -= 1
+        m = self.app.metrics
+        m.count_request(reason)
+        m.observe_e2e(time.monotonic() - self.t_start)
+
+    def abandon(self) -> None:
+        """The client went away before the end: abort on every rank, count it once."""
+        if not self.done:
+            self.app.backend.abort(self.req_id)
+            self._finish("abort", None)
+            self.app.metrics.count_disconnect()
+
+    def usage(self) -> dict[str, int]:
+        p = len(self.req.prompt_ids)
+        return {"prompt_tokens": p, "completion_tokens": self.completion_tokens, "total_tokens": p + self.completion_tokens}
+
+    def _chunk(self, delta: dict[str, Any] | str | None, finish: str | None) -> dict[str, Any]:
+        if self.req.kind == "chat":
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            obj = "chat.completion.chunk"
+        else:
+            choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish}
+            obj = "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.app.settings.model_name,
+                "choices": [choice]}
+
+    async def sse_events(self) -> AsyncIterator[dict[str, str]]:
+        try:
+            if self.req.kind == "chat":
+                yield {"data": json.dumps(self._chunk({"role": "assistant", "content": ""}, None))}
+            while True:
+                try:
+                    delta = await self.next_delta()
+                except RuntimeError as e:
+                    err = {"error": {"message": str(e), "type": "server_error", "param": None, "code": "generation_failed"}}
+                    yield {"data": json.dumps(err)}
+                    break
+                if delta is None:
+                    break
+                if delta:
+                    yield {"data": json.dumps(self._chunk({"content": delta} if self.req.kind == "chat" else delta, None))}
+                if self.done:
+                    last = self._chunk({} if self.req.kind == "chat" else "", self.finish_reason)
+                    ext = {"pd_local": {"timings_ms": self.timings}}
+                    if self.req.include_usage:
+                        yield {"data": json.dumps(last)}
+                        usage_chunk = {**self._chunk(None, None), "choices": [], "usage": self.usage(), **ext}
+                        yield {"data": json.dumps(usage_chunk)}
+                    else:
+                        yield {"data": json.dumps({**last, **ext})}
+                    break
+            yield {"data": "[DONE]"}
+        finally:
+            self.abandon()  # no-op when finished; a disconnect lands here via cancellation
+
+    async def whole_response(self, request: Request) -> Response:
+        parts: list[str] = []
+        try:
+            while not self.done:
+                task = asyncio.ensure_future(self.next_delta())
+                while not task.done():
+                    await asyncio.wait({task}, timeout=self.app.settings.disconnect_poll_s)
+                    if not task.done() and await request.is_disconnected():
+                        task.cancel()
+                        self.abandon()
+                        return Response(status_code=499)
+                delta = task.result()
+                if delta:
+                    parts.append(delta)
+        except RuntimeError as e:
+            return error_response(RequestError(str(e), code="generation_failed", status=500, type="server_error"))
+        finally:
+            self.abandon()
+        text = "".join(parts)
+        if self.req.kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": self.finish_reason}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": self.finish_reason}
+            obj = "text_completion"
+        return JSONResponse({
+            "id": self.id, "object": obj, "created": self.created, "model": self.app.settings.model_name,
+            "choices": [choice], "usage": self.usage(), "pd_local": {"timings_ms": self.timings},
+        })
+
+
+def create_app(backend: Backend, tokenizer: Tokenizer, settings: ServerSettings) -> Starlette:
+    """The Starlette app; `backend.start(loop)` runs at start-up, `shutdown` at exit."""
+    state = App(backend, tokenizer, settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        backend.start(asyncio.get_running_loop())
+        try:
+            yield
+        finally:
+            backend.shutdown()
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        status = exc.status_code if isinstance(exc, HTTPException) else 500
+        detail = exc.detail if isinstance(exc, HTTPException) else "internal server error"
+        return error_response(RequestError(f"{request.method} {request.url.path}: {detail}",
+                                           code="not_found" if status == 404 else None, status=status))
+
+    middleware = []
+    if settings.cors_origins:
+        middleware.append(Middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
+                                     allow_methods=["GET", "POST"], allow_headers=["*"]))
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", state.chat_completions, methods=["POST"]),
+            Route("/v1/completions", state.completions, methods=["POST"]),
+            Route("/v1/models", state.models, methods=["GET"]),
+            Route("/health", state.health, methods=["GET"]),
+            Route("/metrics", state.metrics_route, methods=["GET"]),
+        ],
+        middleware=middleware,
+        exception_handlers={HTTPException: http_error, Exception: http_error},
+        lifespan=lifespan,
+    )
+    app.state.pd = state
+    return app
