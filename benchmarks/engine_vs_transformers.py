@@ -1,0 +1,117 @@
+"""Prefill and decode throughput of the pd_local engine vs transformers `generate`, same run.
+
+Same weights, dtype, threads and machine; figures are ratios (ours / transformers) because the
+machines we develop on are shared and noisy. Writes JSON and prints a table.
+
+    python benchmarks/engine_vs_transformers.py [--model DIR] [--dtype bfloat16] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pd_local.engine import Engine, EngineConfig
+from pd_local.model.weights import load_model
+from pd_local.sampling import SamplingParams
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def timed_pair(fa, fb, repeats: int) -> tuple[float, float]:
+    """Best wall time of fa() and of fb() over `repeats` interleaved rounds, after a warm-up of
+    each: interleaving exposes both to the same background load, and the minimum is the run the
+    load disturbed least."""
+    fa()
+    fb()
+    ta, tb = [], []
+    for _ in range(repeats):
+        for fn, acc in ((fa, ta), (fb, tb)):
+            t0 = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - t0)
+    return min(ta), min(tb)
+
+
+def ours_run(model, prompt: list[int], batch: int, new_tokens: int) -> None:
+    eng = Engine(model, EngineConfig(num_blocks=batch * ((len(prompt) + new_tokens) // 16 + 2), max_num_seqs=batch,
+                                     max_prefill_tokens=len(prompt) * batch))
+    eng.generate([prompt] * batch, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
+
+
+def hf_run(hf, prompt: list[int], batch: int, new_tokens: int) -> None:
+    ids = torch.tensor([prompt] * batch)
+    with torch.inference_mode():
+        hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--prefill-len", type=int, default=512)
+    ap.add_argument("--decode-prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="benchmarks/results/engine_vs_transformers.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.model is None:
+        from pd_local.weights_cli import ensure_default_model
+
+        args.model = str(ensure_default_model())
+    from transformers import AutoModelForCausalLM
+
+    dtype = DTYPES[args.dtype]
+    ours, cfg = load_model(args.model, dtype)
+    hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
+    g = torch.Generator().manual_seed(0)
+    rows = []
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    prompt = torch.randint(100, cfg.vocab_size, (args.prefill_len,), generator=g).tolist()
+    log(f"prefill {args.prefill_len} tokens ...")
+    t_ours, t_hf = timed_pair(lambda: ours_run(ours, prompt, 1, 1), lambda: hf_run(hf, prompt, 1, 1), args.repeats)
+    rows.append({"case": f"prefill {args.prefill_len} tok", "unit": "tok/s",
+                 "ours": args.prefill_len / t_ours, "transformers": args.prefill_len / t_hf})
+
+    prompt = prompt[: args.decode_prompt_len]
+    n = args.new_tokens
+    for b in [int(x) for x in args.batches.split(",")]:
+        log(f"decode batch {b} ({n} new tokens after a {len(prompt)}-token prompt) ...")
+        # decode time = (prompt + n tokens) - (prompt + 1 token): the prefill cancels out
+        full_ours, full_hf = timed_pair(lambda: ours_run(ours, prompt, b, n), lambda: hf_run(hf, prompt, b, n), args.repeats)
+        pre_ours, pre_hf = timed_pair(lambda: ours_run(ours, prompt, b, 1), lambda: hf_run(hf, prompt, b, 1), args.repeats)
+        d_ours, d_hf = full_ours - pre_ours, full_hf - pre_hf
+        rows.append({"case": f"decode batch {b}", "unit": "tok/s",
+                     "ours": b * (n - 1) / d_ours, "transformers": b * (n - 1) / d_hf})
+    for r in rows:
+        r["ratio"] = r["ours"] / r["transformers"]
+    result = {
+        "model": args.model, "dtype": args.dtype, "threads": args.threads,
+        "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+        "new_tokens": n, "decode_prompt_len": len(prompt), "rows": rows,
+    }
+    print(f"\n| case | ours tok/s | transformers tok/s | ratio |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['case']} | {r['ours']:.1f} | {r['transformers']:.1f} | {r['ratio']:.2f}x |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
