@@ -275,7 +275,11 @@ class IncrementalDetokenizer:
     `push(id)` returns the text that became final with this token ("" while a multi-byte
     character is still incomplete, i.e. while the decoded tail ends in U+FFFD). `flush()` returns
     whatever is held back (at end of stream). Invariant: "".join(pushes) + flush() ==
-    tokenizer.decode(all ids, skip_special_tokens).
+    tokenizer.decode(all ids, skip_special_tokens) for byte-level BPE (any ids), and for
+    SentencePiece byte-fallback tokenizers whenever the <0xNN> runs are valid UTF-8 (any text the
+    tokenizer encodes). The one exception: a byte-fallback decoder turns a whole run into U+FFFDs
+    once an invalid byte joins it, rewriting text already streamed; then the stream keeps what it
+    sent and only the U+FFFD placement differs from the one-shot decode.
 
     Cost: each push decodes only the tokens since the last-but-one emission boundary (the
     previous window is kept as left context, so decoders that strip a leading space from the
@@ -302,16 +306,25 @@ class IncrementalDetokenizer:
         if window_text.startswith(self._ctx_text):
             delta = window_text[len(self._ctx_text):]
         else:
-            # Only a decoder that rewrites earlier text once more tokens arrive gets here: fall
-            # back to one full decode (O(n), rare) and emit whatever extends the emitted text.
+            # Only a decoder that rewrites earlier text once more tokens arrive gets here (e.g.
+            # ByteFallback turns a valid byte run into U+FFFDs when an invalid byte joins it).
+            # Streamed text cannot be taken back: decode everything once (O(n), rare) and emit
+            # what lies beyond the characters already sent.
             full = self._decode(0, new_boundary)
             emitted = self.text
             if not full.startswith(emitted):
-                logger.warning("detokenizer: decoder rewrote text already streamed; dropping delta")
-                return ""
+                logger.debug("detokenizer: decoder rewrote streamed text %r -> %r", emitted[-8:], full[-8:])
             delta = full[len(emitted):]
-        self._ctx, self._boundary = self._boundary, new_boundary
-        self._ctx_text = self._decode(self._ctx, self._boundary)
+        # The next window starts at the old boundary, unless the tokens from there decode to
+        # nothing (skipped special tokens): a window must start with visible text, or a decoder
+        # that strips the window's leading space (Metaspace) would strip a space that the
+        # one-shot decode keeps.
+        step_text = self._decode(self._boundary, new_boundary)
+        if step_text:
+            self._ctx, self._ctx_text = self._boundary, step_text
+        else:
+            self._ctx_text = self._decode(self._ctx, new_boundary)
+        self._boundary = new_boundary
         self._out.append(delta)
         return delta
 

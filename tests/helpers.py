@@ -131,7 +131,7 @@ def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-TINY_MERGES = ["Ġ t", "h e", "Ġt he"]
+TINY_MERGES = ["Ġ t", "h e", "Ġt he", "1 2"]  # "1 2": only the Digits pre-tokenizer stops it
 
 
 def make_tiny_gguf(
@@ -148,7 +148,7 @@ def make_tiny_gguf(
 ) -> tuple[Path, dict[str, np.ndarray]]:
     """Write a tiny GGUF the way llama.cpp's converter would; return (path, expected HF tensors).
 
-    Model: hidden 64, 4 heads, 2 KV heads, FFN 128, vocab = 3 ChatML specials + 256 bytes + 3
+    Model: hidden 64, 4 heads, 2 KV heads, FFN 128, vocab = 3 ChatML specials + 256 bytes + 4
     merges. Q/K are stored permuted (llama_cpp_permute), so a converter that forgets to undo
     it fails the comparison with the returned HF-layout tensors. `quant="Q8_0"` quantises the
     2-D matrices (the expected tensors are then the dequantised values).

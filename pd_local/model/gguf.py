@@ -157,6 +157,11 @@ def read_llama_hparams(reader: Any, path: Path) -> dict[str, Any]:
     n_heads = int(_require(reader, "llama.attention.head_count", path))
     n_kv = int(_field(reader, "llama.attention.head_count_kv", n_heads))
     head_dim = int(_field(reader, "llama.attention.key_length", hidden // n_heads))
+    rope_dims = int(_field(reader, "llama.rope.dimension_count", head_dim))
+    if rope_dims != head_dim:
+        raise WeightsError(
+            f"{path}: rotary covers {rope_dims} of {head_dim} head dims (partial rotary is not supported)"
+        )
     tokens = _field(reader, "tokenizer.ggml.tokens") or []
     vocab = int(_field(reader, "llama.vocab_size", len(tokens)))
     if vocab <= 0:
