@@ -221,17 +221,9 @@ class Engine:
         bs = self.cfg.block_size
         seqs = out.seqs
         ctx = [seq.num_tokens for seq in seqs]
-        max_blocks = max(len(seq.block_ids) for seq in seqs)
-        # pad tables with block 0: padded entries are masked by context_lens
-        tables = [seq.block_ids + [0] * (max_blocks - len(seq.block_ids)) for seq in seqs]
         slots = [seq.block_ids[(n - 1) // bs] * bs + (n - 1) % bs for seq, n in zip(seqs, ctx)]
         dev = self.device
-        meta = AttentionMetadata.decode(
-            block_tables=torch.tensor(tables, dtype=torch.long, device=dev),  # [B, max_blocks]
-            context_lens=torch.tensor(ctx, dtype=torch.long, device=dev),  # [B]
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),  # [B]
-            max_context_len=max(ctx),
-        )
+        meta = AttentionMetadata.decode([seq.block_ids for seq in seqs], ctx, slots, bs, dev)
         ids = torch.tensor([seq.last_token for seq in seqs], dtype=torch.long, device=dev)  # [B]
         pos = torch.tensor([n - 1 for n in ctx], dtype=torch.long, device=dev)  # [B]
         hidden = self.model(ids, pos, meta, self.kv_cache)  # [B, hidden]

@@ -62,10 +62,8 @@ def test_paged_decode_equals_dense_attention() -> None:
         toks = [c[step] for c in conts]
         ctx = [len(s) + 1 for s in seqs]
         meta = AttentionMetadata.decode(
-            block_tables=torch.tensor([t[:6] for t in tables]),
-            context_lens=torch.tensor(ctx),
-            slot_mapping=torch.tensor([t[(n - 1) // bs] * bs + (n - 1) % bs for t, n in zip(tables, ctx)]),
-            max_context_len=max(ctx),
+            [t[: (n + bs - 1) // bs] for t, n in zip(tables, ctx)], ctx,
+            [t[(n - 1) // bs] * bs + (n - 1) % bs for t, n in zip(tables, ctx)], bs,
         )
         h = ours(torch.tensor(toks), torch.tensor([n - 1 for n in ctx]), meta, cache)
         got = ours.compute_logits(h)

@@ -33,6 +33,9 @@ class AttentionMetadata:
     block_tables: torch.Tensor | None = None
     context_lens: torch.Tensor | None = None
     max_context_len: int = 0
+    # decode: rows grouped by their own block count, (num_blocks, row indices [g]); see
+    # paged_decode_attention for why
+    decode_groups: tuple[tuple[int, torch.Tensor], ...] = ()
 
     @property
     def cu_seqlens(self) -> list[int]:
@@ -51,18 +54,28 @@ class AttentionMetadata:
     @classmethod
     def decode(
         cls,
-        block_tables: torch.Tensor,
-        context_lens: torch.Tensor,
-        slot_mapping: torch.Tensor,
-        max_context_len: int,
+        block_tables: list[list[int]],
+        context_lens: list[int],
+        slot_mapping: list[int],
+        block_size: int,
+        device: torch.device | str = "cpu",
     ) -> AttentionMetadata:
+        """Build once per step (host lists -> device tensors); every layer reuses it."""
+        width = max(len(t) for t in block_tables)
+        padded = [t + [0] * (width - len(t)) for t in block_tables]  # pad entries are masked
+        groups: dict[int, list[int]] = {}
+        for row, n in enumerate(context_lens):
+            groups.setdefault((n + block_size - 1) // block_size, []).append(row)
         return cls(
             is_prefill=False,
-            seq_lens=(1,) * block_tables.shape[0],
-            slot_mapping=slot_mapping,
-            block_tables=block_tables,
-            context_lens=context_lens,
-            max_context_len=max_context_len,
+            seq_lens=(1,) * len(block_tables),
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),  # [B]
+            block_tables=torch.tensor(padded, dtype=torch.long, device=device),  # [B, width]
+            context_lens=torch.tensor(context_lens, dtype=torch.long, device=device),  # [B]
+            max_context_len=max(context_lens),
+            decode_groups=tuple(
+                (nblk, torch.tensor(rows, dtype=torch.long, device=device)) for nblk, rows in sorted(groups.items())
+            ),
         )
 
 
@@ -97,31 +110,46 @@ def prefill_attention(
 
 
 def paged_decode_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    max_context_len: int,
-    scale: float,
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
     """One query token per sequence against its paged context. q [B, H, D] -> [B, H, D].
 
-    Gathers whole blocks (the padded length is a multiple of block_size, whatever the batch, which
-    keeps the fp32 reduction order independent of the other sequences), masks the tail past each
-    context length, and groups query heads per KV head so K/V are never repeated (GQA).
+    Batch invariance: a sequence's scores and weighted sum are reduced over a length that
+    depends only on that sequence (its own block count x block_size), never on the longest
+    sequence in the batch; measured in fp32 on CPU, padding to the batch's longest context
+    changes a row's result by ~2e-5. So rows are grouped by block count and each group runs one
+    batched attention. Query heads are grouped per KV head so K/V are never repeated (GQA).
     """
+    if len(meta.decode_groups) == 1:
+        nblk, _ = meta.decode_groups[0]
+        return _decode_group(q, k_cache, v_cache, meta.block_tables[:, :nblk], meta.context_lens, scale)
+    out = torch.empty_like(q)
+    for nblk, rows in meta.decode_groups:
+        tables = meta.block_tables.index_select(0, rows)[:, :nblk]  # [g, nblk]
+        o = _decode_group(q.index_select(0, rows), k_cache, v_cache, tables, meta.context_lens.index_select(0, rows), scale)
+        out.index_copy_(0, rows, o)
+    return out
+
+
+def _decode_group(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """q [g, H, D]; tables [g, nblk] -> [g, H, D], attending over nblk * block_size slots."""
     b, h, d = q.shape
     _, bs, kvh, _ = k_cache.shape
-    nblk = (max_context_len + bs - 1) // bs
-    tables = block_tables[:, :nblk]  # [B, nblk]
-    s = nblk * bs
-    k = k_cache[tables].view(b, s, kvh, d).permute(0, 2, 3, 1)  # [B, KV, D, S]
-    v = v_cache[tables].view(b, s, kvh, d).transpose(1, 2)  # [B, KV, S, D]
-    qg = q.view(b, kvh, h // kvh, d)  # [B, KV, G, D]
-    scores = torch.matmul(qg, k).float() * scale  # [B, KV, G, S]
-    pad = torch.arange(s, device=q.device)[None, :] >= context_lens[:, None]  # [B, S]
+    s = tables.shape[1] * bs
+    # K made contiguous as [g, KV, S, D]: a matmul against a permuted view takes a BLAS path whose
+    # fp32 result depends on g (measured ~6e-6); the transposed contiguous operand does not.
+    k = k_cache[tables].view(b, s, kvh, d).transpose(1, 2).contiguous()  # [g, KV, S, D]
+    v = v_cache[tables].view(b, s, kvh, d).transpose(1, 2)  # [g, KV, S, D]
+    qg = q.view(b, kvh, h // kvh, d)  # [g, KV, G, D]
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [g, KV, G, S]
+    pad = torch.arange(s, device=q.device)[None, :] >= context_lens[:, None]  # [g, S]
     scores.masked_fill_(pad[:, None, None, :], float("-inf"))
     probs = scores.softmax(dim=-1).to(v.dtype)
-    out = torch.matmul(probs, v)  # [B, KV, G, D]
-    return out.reshape(b, h, d)
+    return torch.matmul(probs, v).reshape(b, h, d)  # [g, KV, G, D] -> [g, H, D]

@@ -1,10 +1,12 @@
 """Building blocks of the Llama family: batch-invariant linear, RMSNorm, rotary embedding.
 
-Batch invariance matters here: a request must get the same greedy tokens whether it shares a
-batch with 0 or 63 others, or the topologies (colocated, 1P1D, xPyD) would disagree. Measured on
-the 2-core dev CPU with torch 2.13 (MKL): an fp32 matmul gives a row a different result (~4e-5)
-when the batch has M in {1,2,3,5,6,7,9,10,11} rows than when it has 4, 8 or >= 12 rows; bf16
-(oneDNN) is invariant for every M. `linear` therefore pads small fp32 batches to a multiple of 4.
+Batch invariance matters here: a request must get the same tokens whether it shares a batch
+with 0 or 63 others, or the topologies (colocated, 1P1D, xPyD) would disagree. Measured on the
+2-core dev CPU with torch 2.13: an fp32 matmul (MKL) gives a row a different result (~4e-5) when
+the batch has M in {1,2,3,5,6,7,9,10,11} rows than with 4, 8 or >= 12 rows; a bf16 matmul
+(oneDNN) takes a gemv path at M = 1 that rounds differently (1 bf16 ulp, on real activations)
+from M >= 2. `linear` pads those batches with zero rows; the cost is nil for a weight-bandwidth
+bound small-M matmul. GPUs make no such promise (cuBLAS picks kernels by shape): see docs.
 """
 
 from __future__ import annotations
@@ -21,8 +23,14 @@ from pd_local.model.config import ModelConfig
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear over x [M, in] -> [M, out] whose rows do not depend on M (see module docstring)."""
     m = x.shape[0]
-    if x.dtype == torch.float32 and x.device.type == "cpu" and m < 12 and m % 4:
-        padded = torch.cat([x, x.new_zeros(4 - m % 4, x.shape[1])])  # [M', in]
+    pad = 0
+    if x.device.type == "cpu" and m < 12:
+        if x.dtype == torch.float32 and m % 4:
+            pad = 4 - m % 4
+        elif x.dtype == torch.bfloat16 and m == 1:
+            pad = 1
+    if pad:
+        padded = torch.cat([x, x.new_zeros(pad, x.shape[1])])  # [M + pad, in]
         return F.linear(padded, weight, bias)[:m]
     return F.linear(x, weight, bias)
 

@@ -73,9 +73,7 @@ class Attention(nn.Module):
         else:
             if k_cache is None:
                 raise ValueError("decode attention needs a KV cache")
-            o = paged_decode_attention(
-                q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.max_context_len, self.scale
-            )
+            o = paged_decode_attention(q, k_cache, v_cache, meta, self.scale)
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim)), k, v
 
 
