@@ -188,3 +188,29 @@ def test_kv_budget_sizes_the_cache(pair) -> None:
     assert eng.num_total_blocks == 10**6 // per_block
     with pytest.raises(ValueError, match="smaller than one block"):
         Engine(ours, EngineConfig(kv_cache_gb=1e-9, block_size=4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_logits_are_bit_identical_alone_and_in_any_batch(dtype: torch.dtype, monkeypatch) -> None:
+    """The root of topology invariance: a request's logits at every step do not depend on what
+    shares its batch (sizes 1..6 here, mixed lengths so decode groups and paddings differ)."""
+    import pd_local.engine as engine_mod
+
+    ours = ours_from_hf(hf_tiny("llama"), dtype)
+    seen: list[torch.Tensor] = []
+    real_sample = engine_mod.sample
+
+    def spy(logits, params, gens):  # record row 0 (our request is always added first)
+        seen.append(logits[0].clone())
+        return real_sample(logits, params, gens)
+
+    monkeypatch.setattr(engine_mod, "sample", spy)
+    target = random_prompts([21], seed=5)[0]
+    others = random_prompts([3, 40, 17, 64, 9], seed=6)
+    runs = []
+    for k in range(len(others) + 1):
+        seen.clear()
+        engine(ours).generate([target] + others[:k], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+        runs.append(torch.stack(seen[:12]))
+    for k, r in enumerate(runs[1:], start=1):
+        assert torch.equal(r, runs[0]), f"logits changed with {k} other requests in the batch"
