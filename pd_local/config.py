@@ -1,0 +1,428 @@
+"""ServeConfig: the one frozen config tree of a `pd-local serve` run.
+
+Built once from a TOML file (see `configs/`) plus command-line overrides, validated in each
+dataclass's `__post_init__`, never mutated afterwards. Every rank builds the same tree from the
+same file and flags, so every rank agrees on the topology before any process group exists.
+
+Two kinds of checks:
+- `__post_init__`: the config is coherent by itself (types, ranges, choices, unknown keys);
+  testable with no weights and no torch.distributed.
+- `check_world`: the config fits the world torchrun started (rank count, CUDA devices, the model
+  directory); called at start-up on every rank, before `init_process_group`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from pd_local.model.config import ModelConfig, ModelConfigError
+
+DEFAULT_MODEL = "weights/smollm2-135m-instruct"
+DTYPES: tuple[str, ...] = ("bfloat16", "float32")
+DEVICES: tuple[str, ...] = ("cpu", "cuda")
+TRANSFER_MODES: tuple[str, ...] = ("layerwise", "whole")
+ROUTING_POLICIES: tuple[str, ...] = ("load", "round_robin")
+# Applied when a config sets neither kv_cache_gb nor gpu_memory_fraction.
+DEFAULT_KV_CACHE_GB = 1.0
+DEFAULT_GPU_MEMORY_FRACTION = 0.85
+
+
+class ConfigError(ValueError):
+    """A config we refuse; the message names the field (dotted, as in the TOML) and the value."""
+
+
+def _int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> None:
+    # bool is an int subclass: `port = true` must not pass as 1.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name} must be <= {maximum}, got {value}")
+
+
+def _positive_float(name: str, value: Any, maximum: float | None = None) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name} must be a finite number > 0, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name} must be <= {maximum}, got {value}")
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class TopologyConfig:
+    """Either `prefill` + `decode` (disaggregated) or `colocated` (N replicas), never both."""
+
+    prefill: int = 0
+    decode: int = 0
+    colocated: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("prefill", "decode", "colocated"):
+            _int(f"topology.{name}", getattr(self, name), minimum=0)
+        if self.colocated and (self.prefill or self.decode):
+            raise ConfigError(
+                "topology: set either prefill + decode or colocated, not both "
+                f"(got prefill={self.prefill}, decode={self.decode}, colocated={self.colocated})"
+            )
+        if not self.colocated and (self.prefill < 1 or self.decode < 1):
+            raise ConfigError(
+                "topology needs prefill >= 1 and decode >= 1, or colocated >= 1 "
+                f"(got prefill={self.prefill}, decode={self.decode}, colocated={self.colocated})"
+            )
+
+    @property
+    def is_colocated(self) -> bool:
+        return self.colocated > 0
+
+    @property
+    def num_workers(self) -> int:
+        return self.colocated if self.colocated else self.prefill + self.decode
+
+    @property
+    def world_size(self) -> int:
+        """Ranks torchrun must start: rank 0 (front-end + router) plus one per worker."""
+        return 1 + self.num_workers
+
+    @property
+    def label(self) -> str:
+        return f"colocated-{self.colocated}" if self.colocated else f"{self.prefill}P{self.decode}D"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Per worker rank. Exactly one of kv_cache_gb (CPU or CUDA) / gpu_memory_fraction (CUDA)."""
+
+    block_size: int = 16
+    kv_cache_gb: float | None = None
+    gpu_memory_fraction: float | None = None
+    max_num_seqs: int = 64
+    max_prefill_tokens: int = 2048
+    max_model_len: int = 2048
+
+    def __post_init__(self) -> None:
+        _int("engine.block_size", self.block_size, minimum=1, maximum=1024)
+        if self.block_size & (self.block_size - 1):
+            raise ConfigError(f"engine.block_size must be a power of two, got {self.block_size}")
+        if (self.kv_cache_gb is None) == (self.gpu_memory_fraction is None):
+            raise ConfigError(
+                "engine: set exactly one of kv_cache_gb and gpu_memory_fraction "
+                f"(got kv_cache_gb={self.kv_cache_gb}, "
+                f"gpu_memory_fraction={self.gpu_memory_fraction})"
+            )
+        if self.kv_cache_gb is not None:
+            _positive_float("engine.kv_cache_gb", self.kv_cache_gb)
+        if self.gpu_memory_fraction is not None:
+            _positive_float("engine.gpu_memory_fraction", self.gpu_memory_fraction, maximum=1.0)
+        _int("engine.max_num_seqs", self.max_num_seqs, minimum=1)
+        _int("engine.max_prefill_tokens", self.max_prefill_tokens, minimum=1)
+        _int("engine.max_model_len", self.max_model_len, minimum=1)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_queue: int = 256
+    cors_origins: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.host, str) or not self.host:
+            raise ConfigError(f"server.host must be a non-empty string, got {self.host!r}")
+        _int("server.port", self.port, minimum=1, maximum=65535)
+        if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
+            raise ConfigError(
+                f"server.api_key must be a non-empty string (omit it for no key), "
+                f"got {self.api_key!r}"
+            )
+        _int("server.max_queue", self.max_queue, minimum=1)
+        if not isinstance(self.cors_origins, tuple) or not all(
+            isinstance(o, str) and o for o in self.cors_origins
+        ):
+            raise ConfigError(
+                f"server.cors_origins must be a list of non-empty strings, got {self.cors_origins!r}"
+            )
+
+
+@dataclass(frozen=True)
+class TimeoutConfig:
+    """group_s: every process group's timeout (a blocked send/recv fails after it).
+
+    Idle links are kept alive by heartbeats every `heartbeat_s`, because a gloo recv that waits
+    longer than the group timeout fails and breaks its group for good, busy peer or not.
+    """
+
+    group_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        _positive_float("timeouts.group_s", self.group_s)
+        if self.group_s < 1:
+            raise ConfigError(f"timeouts.group_s must be >= 1 (heartbeats need room), got {self.group_s}")
+
+    @property
+    def heartbeat_s(self) -> float:
+        return self.group_s / 4
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: str = DEFAULT_MODEL
+    dtype: str = "bfloat16"
+    device: str = "cpu"
+    # "layerwise": each layer's KV leaves as soon as it exists; "whole": one tensor after prefill.
+    transfer: str = "layerwise"
+    routing: str = "load"
+    # CUDA only: let worker ranks share GPUs (NCCL refuses two ranks of one communicator on one
+    # GPU), moving the KV through host memory over gloo instead of NCCL.
+    share_device: bool = False
+    topology: TopologyConfig = field(default_factory=lambda: TopologyConfig(prefill=1, decode=1))
+    engine: EngineConfig = field(
+        default_factory=lambda: EngineConfig(kv_cache_gb=DEFAULT_KV_CACHE_GB)
+    )
+    server: ServerConfig = field(default_factory=ServerConfig)
+    timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ConfigError(f"model must be a non-empty path, got {self.model!r}")
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("device", self.device, DEVICES)
+        _choice("transfer", self.transfer, TRANSFER_MODES)
+        _choice("routing", self.routing, ROUTING_POLICIES)
+        if not isinstance(self.share_device, bool):
+            raise ConfigError(f"share_device must be true or false, got {self.share_device!r}")
+        if self.device == "cpu" and self.engine.gpu_memory_fraction is not None:
+            raise ConfigError(
+                "engine.gpu_memory_fraction applies to device = 'cuda' only; "
+                f"on cpu set engine.kv_cache_gb (got gpu_memory_fraction="
+                f"{self.engine.gpu_memory_fraction})"
+            )
+        if self.share_device and self.device != "cuda":
+            raise ConfigError("share_device = true applies to device = 'cuda' only")
+
+    @property
+    def model_path(self) -> Path:
+        return Path(self.model)
+
+
+# --- building from TOML + overrides -------------------------------------------------------------
+
+_SECTIONS: dict[str, type] = {
+    "topology": TopologyConfig,
+    "engine": EngineConfig,
+    "server": ServerConfig,
+    "timeouts": TimeoutConfig,
+}
+
+
+def _known(cls: type) -> list[str]:
+    return [f.name for f in fields(cls)]
+
+
+def _check_keys(where: str, raw: Mapping[str, Any], cls: type) -> None:
+    known = _known(cls)
+    for key in raw:
+        if key not in known:
+            dotted = f"{where}.{key}" if where else key
+            raise ConfigError(f"unknown key {dotted!r} (known: {', '.join(known)})")
+
+
+def build_config(raw: Mapping[str, Any]) -> ServeConfig:
+    """Build and validate a ServeConfig from a TOML-shaped dict (tables for the sections)."""
+    _check_keys("", raw, ServeConfig)
+    top: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in _SECTIONS:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{key} must be a table ([{key}]), got {value!r}")
+            _check_keys(key, value, _SECTIONS[key])
+        else:
+            top[key] = value
+    device = raw.get("device", "cpu")
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        table = dict(raw.get(name, {}))
+        if name == "topology" and not table:
+            table = {"prefill": 1, "decode": 1}
+        if name == "engine" and "kv_cache_gb" not in table and "gpu_memory_fraction" not in table:
+            # The default depends on the device, so it is resolved here, not in the dataclass.
+            if device == "cuda":
+                table["gpu_memory_fraction"] = DEFAULT_GPU_MEMORY_FRACTION
+            else:
+                table["kv_cache_gb"] = DEFAULT_KV_CACHE_GB
+        if name == "server" and "cors_origins" in table:
+            origins = table["cors_origins"]
+            table["cors_origins"] = tuple(origins) if isinstance(origins, list) else origins
+        try:
+            sections[name] = cls(**table)
+        except TypeError as e:  # pragma: no cover - _check_keys already refused unknown keys
+            raise ConfigError(f"[{name}]: {e}") from None
+    return ServeConfig(**top, **sections)
+
+
+def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Dotted keys ('engine.max_num_seqs') replace one value; 'topology' replaces the table."""
+    merged = {k: dict(v) if isinstance(v, Mapping) else v for k, v in base.items()}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        section, _, name = key.rpartition(".")
+        if section:
+            if section not in _SECTIONS:
+                raise ConfigError(f"unknown key {key!r} (sections: {', '.join(_SECTIONS)})")
+            table = merged.setdefault(section, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"{section} must be a table ([{section}]), got {table!r}")
+            table[name] = value
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> ServeConfig:
+    """Read `path` (None: the built-in defaults, identical to configs/cpu-1p1d.toml), apply the
+    overrides (dotted keys, None values ignored) and validate. Errors name the file."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    try:
+        return build_config(_merge(raw, overrides or {}))
+    except ConfigError as e:
+        if path is None:
+            raise
+        raise ConfigError(f"{path}: {e}") from None
+
+
+# --- command-line flags -------------------------------------------------------------------------
+
+
+def _parse_set(item: str) -> tuple[str, Any]:
+    """'engine.max_num_seqs=32' -> ('engine.max_num_seqs', 32); the value is parsed as TOML."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects KEY=VALUE (e.g. engine.max_num_seqs=32), got {item!r}")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # a bare word: take it as a string (e.g. --set server.host=0.0.0.0)
+    return key.strip(), value
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """The serve flags shared by `pd-local serve` and the rank entry point `pd_local.launch`."""
+    parser.add_argument("--config", type=Path, default=None,
+                        help="TOML config (default: built-in defaults = configs/cpu-1p1d.toml)")
+    parser.add_argument("--model", default=None, help="Hugging Face model directory")
+    parser.add_argument("--dtype", choices=DTYPES, default=None)
+    parser.add_argument("--device", choices=DEVICES, default=None)
+    parser.add_argument("--transfer", choices=TRANSFER_MODES, default=None)
+    parser.add_argument("--routing", choices=ROUTING_POLICIES, default=None)
+    parser.add_argument("--prefill", type=int, default=None, help="prefill ranks (with --decode)")
+    parser.add_argument("--decode", type=int, default=None, help="decode ranks (with --prefill)")
+    parser.add_argument("--colocated", type=int, default=None, help="N colocated replicas")
+    parser.add_argument("--host", default=None)
+    parser.add_argument("--port", type=int, default=None)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config key, e.g. --set engine.max_num_seqs=32")
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    overrides: dict[str, Any] = {
+        "model": args.model, "dtype": args.dtype, "device": args.device,
+        "transfer": args.transfer, "routing": args.routing,
+        "server.host": args.host, "server.port": args.port,
+    }
+    overrides.update(_parse_set(item) for item in args.set)
+    if args.colocated is not None or args.prefill is not None or args.decode is not None:
+        if args.colocated is not None and (args.prefill is not None or args.decode is not None):
+            raise ConfigError("give either --prefill P --decode D or --colocated N, not both")
+        if args.colocated is None and (args.prefill is None or args.decode is None):
+            raise ConfigError("--prefill and --decode go together (or use --colocated N)")
+        # Flags replace the file's whole topology table: mixing would make 1P1D + colocated.
+        overrides["topology"] = (
+            {"colocated": args.colocated} if args.colocated is not None
+            else {"prefill": args.prefill, "decode": args.decode}
+        )
+    return load_config(args.config, overrides)
+
+
+def to_argv(cfg_path: str | Path | None, args: argparse.Namespace) -> list[str]:
+    """The flags of `args` as an argv, so `pd-local serve` can hand them on to every rank."""
+    argv: list[str] = []
+    if cfg_path is not None:
+        argv += ["--config", str(cfg_path)]
+    for flag in ("model", "dtype", "device", "transfer", "routing",
+                 "prefill", "decode", "colocated", "host", "port"):
+        value = getattr(args, flag)
+        if value is not None:
+            argv += [f"--{flag}", str(value)]
+    for item in args.set:
+        argv += ["--set", item]
+    return argv
+
+
+# --- start-up checks against the world torchrun made --------------------------------------------
+
+
+def check_world(cfg: ServeConfig, world_size: int, cuda_device_count: int) -> None:
+    """Refuse a world that cannot run `cfg`, with the numbers in the message.
+
+    Called on every rank before init_process_group (so all ranks refuse alike) and by
+    `pd-local serve` before it starts torchrun.
+    """
+    topo = cfg.topology
+    if world_size != topo.world_size:
+        workers = (f"{topo.colocated} colocated" if topo.is_colocated
+                   else f"{topo.prefill} prefill + {topo.decode} decode")
+        raise ConfigError(
+            f"topology {topo.label} needs {topo.world_size} ranks (1 front-end + "
+            f"{topo.num_workers} workers: {workers}), torchrun started {world_size}"
+        )
+    if cfg.device == "cuda":
+        if cuda_device_count < 1:
+            raise ConfigError("device = 'cuda' but no CUDA device is visible (torch.cuda.device_count() == 0)")
+        if topo.num_workers > cuda_device_count and not cfg.share_device:
+            raise ConfigError(
+                f"topology {topo.label} has {topo.num_workers} worker ranks but only "
+                f"{cuda_device_count} CUDA device(s) are visible; NCCL refuses two ranks on one "
+                "GPU (set share_device = true to share GPUs and move KV through host memory)"
+            )
+
+
+def check_model_dir(cfg: ServeConfig) -> ModelConfig:
+    """The model directory exists, is a supported architecture, and covers max_model_len."""
+    path = cfg.model_path
+    if not path.is_dir():
+        raise ConfigError(
+            f"model directory {path} not found (model = {cfg.model!r}; "
+            "`pd-local weights fetch` downloads the default model)"
+        )
+    try:
+        model = ModelConfig.from_dir(path)
+    except ModelConfigError as e:
+        raise ConfigError(f"model {path}: {e}") from None
+    if cfg.engine.max_model_len > model.max_position_embeddings:
+        raise ConfigError(
+            f"engine.max_model_len = {cfg.engine.max_model_len} exceeds the model's "
+            f"max_position_embeddings = {model.max_position_embeddings} ({path})"
+        )
+    return model

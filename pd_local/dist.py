@@ -1,0 +1,291 @@
+"""Ranks -> roles, devices and every process group: the only caller of init_process_group.
+
+Rank layout (see DESIGN.md): rank 0 is the front-end + router (CPU only); then either ranks
+1..P prefill and P+1..P+D decode, or ranks 1..N colocated replicas. A colocated replica is
+treated as a decode rank that prefills its own requests: it has the same control links as a
+decode rank and no KV links.
+
+Links. Every link is a 2-rank process group, so a timeout or a dead peer on one link cannot break
+another (a gloo timeout breaks that group for good on that rank):
+
+| name | direction | backend | carries |
+|---|---|---|---|
+| `to_prefill[p]`   | 0 -> p | gloo | Prefill, Abort, Shutdown, Heartbeat |
+| `from_prefill[p]` | p -> 0 | gloo | PrefillDone, Fatal, Heartbeat |
+| `to_decode[d]`    | 0 -> d | gloo | Reserve, Abort, Shutdown, Heartbeat |
+| `from_decode[d]`  | d -> 0 | gloo | Reserved, Rejected, Tokens, Fatal, Heartbeat |
+| `kv[(p, d)].header` | p -> d | gloo | KVHeader, Shutdown, Heartbeat |
+| `kv[(p, d)].data`   | p -> d | nccl (cuda) / gloo (cpu) | K, V, hidden tensors |
+
+Dicts are keyed by global rank, and each rank's `Links` holds only the links it is an end of.
+Groups are created in one fixed order on every rank (`new_group` must be called by all ranks,
+members or not), each with the config's finite timeout.
+
+NCCL and two ranks on one GPU: NCCL >= 2.5 refuses a communicator in which two ranks sit on the
+same GPU (`ncclCommInitRank` returns ncclInvalidUsage, "Duplicate GPU detected : rank 1 and rank
+0 both on CUDA device ..."); the NCCL user guide says using one device as several ranks of one
+communicator "is not supported and may lead to hangs", and its maintainers state that removing
+the check would not make it work, because topology detection and the channel search assume one
+rank per GPU (NVIDIA/nccl#231, #418; #103: "no longer possible ... since NCCL 2.5"). Two ranks
+on one GPU in *different* communicators are fine. So with `share_device = true` worker ranks are
+spread over the visible GPUs round-robin, and only a (P, D) pair whose two ranks land on the same
+GPU gets a gloo data group: its KV goes device -> host -> gloo -> host -> device (the `Link.device`
+of that data link is the CPU; transfer.py copies). Pairs on different GPUs keep NCCL. CUDA IPC
+(cudaIpcGetMemHandle) would avoid the two host copies for same-GPU pairs; not done yet.
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from pd_local.config import ServeConfig, TopologyConfig, check_world
+
+log = logging.getLogger(__name__)
+
+
+class Role(enum.Enum):
+    FRONTEND = "frontend"
+    PREFILL = "prefill"
+    DECODE = "decode"
+    COLOCATED = "colocated"
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Which global rank plays which role. Colocated replicas are listed in `decode_ranks`."""
+
+    prefill_ranks: tuple[int, ...]
+    decode_ranks: tuple[int, ...]
+    colocated: bool
+
+    @classmethod
+    def from_config(cls, topo: TopologyConfig) -> Topology:
+        if topo.is_colocated:
+            return cls((), tuple(range(1, 1 + topo.colocated)), True)
+        prefill = tuple(range(1, 1 + topo.prefill))
+        decode = tuple(range(1 + topo.prefill, 1 + topo.prefill + topo.decode))
+        return cls(prefill, decode, False)
+
+    @property
+    def world_size(self) -> int:
+        return 1 + len(self.prefill_ranks) + len(self.decode_ranks)
+
+    @property
+    def worker_ranks(self) -> tuple[int, ...]:
+        return self.prefill_ranks + self.decode_ranks
+
+    @property
+    def kv_pairs(self) -> tuple[tuple[int, int], ...]:
+        """Every (prefill rank, decode rank) pair, in the one order all ranks use."""
+        return tuple((p, d) for p in self.prefill_ranks for d in self.decode_ranks)
+
+    def role(self, rank: int) -> Role:
+        if rank == 0:
+            return Role.FRONTEND
+        if rank in self.prefill_ranks:
+            return Role.PREFILL
+        if rank in self.decode_ranks:
+            return Role.COLOCATED if self.colocated else Role.DECODE
+        raise ValueError(f"rank {rank} is outside topology of {self.world_size} ranks")
+
+
+def device_for_rank(rank: int, device: str, cuda_device_count: int) -> torch.device:
+    """Rank 0 is always CPU; worker i (rank i + 1) gets cuda:(i % count) on CUDA.
+
+    Wrapping round only happens with share_device (check_world refuses it otherwise).
+    """
+    if rank == 0 or device == "cpu":
+        return torch.device("cpu")
+    return torch.device("cuda", (rank - 1) % cuda_device_count)
+
+
+@dataclass(frozen=True)
+class Link:
+    """One direction of a 2-rank group, seen from `rank` (one of its two ends)."""
+
+    name: str  # "0->1", for logs and error messages
+    group: dist.ProcessGroup
+    src: int
+    dst: int
+    rank: int
+    device: torch.device  # where tensors sent or received on this link must live
+    backend: str
+
+    @property
+    def peer(self) -> int:
+        return self.dst if self.rank == self.src else self.src
+
+    @property
+    def is_sender(self) -> bool:
+        return self.rank == self.src
+
+
+@dataclass(frozen=True)
+class KVLink:
+    """A (prefill, decode) pair: headers on a CPU gloo group, tensors on a device group.
+
+    Headers travel apart from the data so the receiver learns sizes without a device sync, and
+    so heartbeats keep the idle header group alive while the data group only ever waits on a
+    transfer whose header already arrived.
+    """
+
+    header: Link
+    data: Link
+
+    @property
+    def prefill(self) -> int:
+        return self.header.src
+
+    @property
+    def decode(self) -> int:
+        return self.header.dst
+
+
+@dataclass(frozen=True)
+class Links:
+    to_prefill: Mapping[int, Link]
+    from_prefill: Mapping[int, Link]
+    to_decode: Mapping[int, Link]
+    from_decode: Mapping[int, Link]
+    kv: Mapping[tuple[int, int], KVLink]
+
+    def all(self) -> list[Link]:
+        out = [*self.to_prefill.values(), *self.from_prefill.values(),
+               *self.to_decode.values(), *self.from_decode.values()]
+        for pair in self.kv.values():
+            out += [pair.header, pair.data]
+        return out
+
+
+@dataclass
+class DistContext:
+    """What a rank knows about the world after `init_distributed`."""
+
+    cfg: ServeConfig
+    rank: int
+    topology: Topology
+    role: Role
+    device: torch.device
+    links: Links
+
+    def close(self) -> None:
+        """Destroy every group. Only for a clean shutdown: with a peer dead or a receive
+        pending this can block, so error paths exit the process instead (launch.py)."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _store(rank: int, world_size: int, timeout: datetime.timedelta,
+           env: Mapping[str, str]) -> dist.Store:
+    """A TCPStore client (server: torchrun's agent, or rank 0 outside torchrun) under a
+    per-attempt prefix: with `torchrun --max-restarts` the agent's store outlives a failed
+    attempt, and keys left by it make the next attempt's rendezvous fail (DESIGN.md)."""
+    try:
+        addr, port = env["MASTER_ADDR"], int(env["MASTER_PORT"])
+    except KeyError as e:
+        raise RuntimeError(f"{e.args[0]} is not set: start ranks with torchrun") from None
+    agent_store = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    base = dist.TCPStore(addr, port, world_size, is_master=not agent_store and rank == 0,
+                         timeout=timeout)
+    return dist.PrefixStore(f"attempt{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", base)
+
+
+def init_distributed(cfg: ServeConfig, env: Mapping[str, str] | None = None) -> DistContext:
+    """Join the world torchrun started, create every group and warm the data links.
+
+    Refuses (ConfigError, before touching the network) a world that does not fit `cfg`.
+    Every rank must call this with the same `cfg`.
+    """
+    env = os.environ if env is None else env
+    rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
+    cuda_count = torch.cuda.device_count() if cfg.device == "cuda" else 0
+    check_world(cfg, world_size, cuda_count)
+    topo = Topology.from_config(cfg.topology)
+    role = topo.role(rank)
+    device = device_for_rank(rank, cfg.device, cuda_count)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL binds each rank's communicators to this device
+
+    timeout = datetime.timedelta(seconds=cfg.timeouts.group_s)
+    store = _store(rank, world_size, timeout, env)
+    # The default group is gloo on every rank: rank 0 has no GPU, and it only serves the
+    # start-up barrier.
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
+                            timeout=timeout)
+    links = _create_links(cfg, topo, rank, cuda_count, timeout)
+    ctx = DistContext(cfg, rank, topo, role, device, links)
+    _warm_up_data_links(ctx)
+    dist.barrier()
+    log.info("rank %d/%d: %s on %s, %d links", rank, world_size, role.value, device,
+             len(links.all()))
+    return ctx
+
+
+def _create_links(cfg: ServeConfig, topo: Topology, rank: int, cuda_count: int,
+                  timeout: datetime.timedelta) -> Links:
+    """Create every group in one fixed order (all ranks call new_group for all of them) and
+    keep the links this rank is an end of."""
+
+    def make(src: int, dst: int, backend: str, device: torch.device) -> Link | None:
+        group = dist.new_group([src, dst], timeout=timeout, backend=backend)
+        if rank not in (src, dst):
+            return None  # new_group returned GroupMember.NON_GROUP_MEMBER here
+        return Link(f"{src}->{dst}", group, src, dst, rank, device, backend)
+
+    cpu = torch.device("cpu")
+    to_prefill: dict[int, Link] = {}
+    from_prefill: dict[int, Link] = {}
+    to_decode: dict[int, Link] = {}
+    from_decode: dict[int, Link] = {}
+    kv: dict[tuple[int, int], KVLink] = {}
+
+    def keep(table: dict, key: object, link: Link | None) -> None:
+        if link is not None:
+            table[key] = link
+
+    for p in topo.prefill_ranks:
+        keep(to_prefill, p, make(0, p, "gloo", cpu))
+    for p in topo.prefill_ranks:
+        keep(from_prefill, p, make(p, 0, "gloo", cpu))
+    for d in topo.decode_ranks:
+        keep(to_decode, d, make(0, d, "gloo", cpu))
+    for d in topo.decode_ranks:
+        keep(from_decode, d, make(d, 0, "gloo", cpu))
+    for p, d in topo.kv_pairs:
+        header = make(p, d, "gloo", cpu)
+        dev_p = device_for_rank(p, cfg.device, cuda_count)
+        dev_d = device_for_rank(d, cfg.device, cuda_count)
+        # NCCL needs the two ends on different GPUs (module docstring); a same-GPU pair
+        # (share_device) and every CPU pair use gloo, with the tensors in host memory.
+        on_gpus = dev_p.type == "cuda" and dev_p != dev_d
+        backend = "nccl" if on_gpus else "gloo"
+        data_device = (dev_p if rank == p else dev_d) if on_gpus else cpu
+        data = make(p, d, backend, data_device)
+        if header is not None and data is not None:
+            kv[(p, d)] = KVLink(header, data)
+    return Links(to_prefill, from_prefill, to_decode, from_decode, kv)
+
+
+def _warm_up_data_links(ctx: DistContext) -> None:
+    """One tiny send per data link, in the global pair order, so NCCL communicators are built
+    (and a broken link fails) at start-up rather than on the first request. Every rank walks
+    the pairs in the same order, so the lowest pending pair always has both ends waiting on it:
+    no deadlock."""
+    for (p, d), pair in sorted(ctx.links.kv.items()):
+        link = pair.data
+        probe = torch.full((1,), p * 1000 + d, dtype=torch.int64, device=link.device)
+        if link.is_sender:
+            dist.send(probe, d, group=link.group)
+        else:
+            got = torch.empty_like(probe)
+            dist.recv(got, p, group=link.group)
+            if int(got.item()) != p * 1000 + d:
+                raise RuntimeError(f"data link {link.name}: warm-up got {int(got.item())}")

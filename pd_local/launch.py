@@ -1,0 +1,88 @@
+"""The torchrun rank entry point: `python -m pd_local.launch --config configs/X.toml [flags]`.
+
+Every rank parses the same flags into the same ServeConfig, joins the world (dist.py), and runs
+its role's loop: rank 0 the router + front-end, then prefill / decode / colocated workers. Each
+role module exposes `run(ctx: DistContext) -> None`.
+
+Failure policy (DESIGN.md): a rank that hits an error logs it and leaves with `os._exit(1)`.
+Not `sys.exit`: interpreter shutdown would destroy process groups while daemon receiver threads
+sit in gloo receives from a dead peer, which can block until the group timeout or for ever. No
+SIGTERM handler is installed: a rank whose main thread is blocked in gloo cannot run a Python
+handler, so torchrun's SIGTERM must keep its default action (die at once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import NoReturn
+
+from pd_local.config import ConfigError, add_config_args, check_model_dir, config_from_args
+
+log = logging.getLogger("pd_local.launch")
+
+ROLE_MODULES: dict[str, str] = {
+    "frontend": "pd_local.router",
+    "prefill": "pd_local.prefill",
+    "decode": "pd_local.decode",
+    "colocated": "pd_local.decode",
+}
+
+
+def setup_logging(rank: int | str, level: int = logging.INFO) -> None:
+    logging.basicConfig(
+        level=level,
+        format=f"%(asctime)s [rank {rank}] %(name)s %(levelname)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def run_guarded(main: Callable[[], object]) -> NoReturn:
+    """Run `main`; exit 0 if it returns, 1 (os._exit, see the module docstring) if it raises.
+
+    Config errors print one line; anything else its traceback.
+    """
+    code = 0
+    try:
+        main()
+    except ConfigError as e:
+        log.error("%s", e)
+        code = 1
+    except BaseException:  # noqa: BLE001 - includes KeyboardInterrupt: leave the same way
+        log.error("rank failed:\n%s", traceback.format_exc())
+        code = 1
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pd_local.launch",
+                                     description="one pd_local rank (started by torchrun)")
+    add_config_args(parser)
+    setup_logging(os.environ.get("RANK", "?"))
+    cfg = config_from_args(parser.parse_args(argv))
+    check_model_dir(cfg)  # every rank refuses alike, before any group exists
+
+    from pd_local.dist import init_distributed  # torch import: after the cheap checks
+
+    ctx = init_distributed(cfg)
+    module = importlib.import_module(ROLE_MODULES[ctx.role.value])
+    module.run(ctx)
+    ctx.close()
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    run_guarded(lambda: _main(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,701 @@
+"""Typed cross-rank messages, packed into 1-D int64 CPU tensors (no pickle), and the channel
+that carries them over a 2-rank gloo group.
+
+Wire format of one message: word 0 = MAGIC | kind, then the kind's fixed fields, then its
+variable-length lists, each as a length word followed by the items. Floats travel as the int64
+view of their IEEE-754 float64 bits, so they arrive bit-exact (NaN payloads and -0.0 included).
+Booleans and enums are words; an optional int is a presence word then the value.
+
+Channel framing: every message goes as one fixed-size frame of FRAME_WORDS int64 words (word 0
+= the message's length in words), plus, only when it does not fit, a second send with the
+remainder. A gloo send costs ~40 us one-way whatever its size up to a few KB (measured by
+`benchmarks/transfer_bandwidth.py`: 64 B and 4 KB within noise), so one fixed 2 KB frame saves a
+whole send against length-prefixing (a size send, then the payload) for every message but long
+prompts, where the two cost the same.
+
+Receiving: gloo receives cannot be polled (`irecv().is_completed()` stays False until `wait()`),
+so each incoming link gets a `Receiver` thread doing blocking receives into an `Inbox` that the
+rank loop polls without blocking. The thread exits after a Shutdown, or on a link error (peer
+dead, group timeout), after putting a `LinkDown` marker that makes the loop's next poll raise.
+Idle links are kept alive by a `Heartbeater`: a gloo receive that waits longer than the group
+timeout fails and breaks its group for good, however healthy the peer.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import queue
+import struct
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Union
+
+import torch
+import torch.distributed as dist
+
+from pd_local.dist import Link
+
+log = logging.getLogger(__name__)
+
+MAGIC = 0x5044 << 16  # "PD" in the high bits of word 0: a stray tensor is not read as a message
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+class ProtocolError(ValueError):
+    """A tensor that is not a well-formed message; the message says which and where."""
+
+
+class Kind(enum.IntEnum):
+    RESERVE = 1
+    PREFILL = 2
+    ABORT = 3
+    KV_HEADER = 4
+    TOKENS = 5
+    RESERVED = 6
+    REJECTED = 7
+    PREFILL_DONE = 8
+    STATS = 9
+    FATAL = 10
+    HEARTBEAT = 11
+    SHUTDOWN = 12
+
+
+class FinishReason(enum.IntEnum):
+    NONE = 0  # still running
+    STOP = 1  # EOS or a stop token id
+    LENGTH = 2  # max_tokens or max_model_len
+    ABORT = 3
+    ERROR = 4
+
+
+class RejectReason(enum.IntEnum):
+    PROMPT_TOO_LONG = 1  # could never fit this rank's KV cache / max_model_len
+    QUEUE_FULL = 2
+    SHUTTING_DOWN = 3
+    BAD_REQUEST = 4
+
+
+class DType(enum.IntEnum):
+    BFLOAT16 = 1
+    FLOAT32 = 2
+    FLOAT16 = 3
+
+    @classmethod
+    def of(cls, dtype: torch.dtype) -> DType:
+        try:
+            return _DTYPE_CODES[dtype]
+        except KeyError:
+            raise ProtocolError(f"dtype {dtype} has no wire code") from None
+
+    @property
+    def torch(self) -> torch.dtype:
+        return {DType.BFLOAT16: torch.bfloat16, DType.FLOAT32: torch.float32,
+                DType.FLOAT16: torch.float16}[self]
+
+
+_DTYPE_CODES = {torch.bfloat16: DType.BFLOAT16, torch.float32: DType.FLOAT32,
+                torch.float16: DType.FLOAT16}
+
+
+class TransferMode(enum.IntEnum):
+    LAYERWISE = 1
+    WHOLE = 2
+
+
+# --- word-level writer / reader -----------------------------------------------------------------
+
+
+def float_to_word(x: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", x))[0]
+
+
+def word_to_float(w: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", w))[0]
+
+
+class _Writer:
+    def __init__(self, kind: Kind) -> None:
+        self.words: list[int] = [MAGIC | kind]
+        self.kind = kind
+
+    def int(self, x: int) -> None:
+        if not isinstance(x, int) or not INT64_MIN <= x <= INT64_MAX:
+            raise ProtocolError(f"{self.kind.name}: {x!r} is not an int64")
+        self.words.append(x)
+
+    def float(self, x: float) -> None:
+        self.words.append(float_to_word(float(x)))
+
+    def opt_int(self, x: int | None) -> None:
+        self.words.append(0 if x is None else 1)
+        self.int(0 if x is None else x)
+
+    def ints(self, xs: Sequence[int]) -> None:
+        self.words.append(len(xs))
+        for x in xs:
+            self.int(x)
+
+
+class _Reader:
+    def __init__(self, kind: Kind, words: list[int]) -> None:
+        self.kind, self.words, self.pos = kind, words, 1
+
+    def int(self) -> int:
+        if self.pos >= len(self.words):
+            raise ProtocolError(
+                f"{self.kind.name} message truncated: needs word {self.pos}, has {len(self.words)}")
+        self.pos += 1
+        return self.words[self.pos - 1]
+
+    def float(self) -> float:
+        return word_to_float(self.int())
+
+    def bool(self) -> bool:
+        return bool(self.int())
+
+    def opt_int(self) -> int | None:
+        present, value = self.int(), self.int()
+        return value if present else None
+
+    def ints(self) -> tuple[int, ...]:
+        n = self.int()
+        if n < 0 or self.pos + n > len(self.words):
+            raise ProtocolError(
+                f"{self.kind.name} message truncated: list of {n} at word {self.pos}, "
+                f"message has {len(self.words)} words")
+        self.pos += n
+        return tuple(self.words[self.pos - n:self.pos])
+
+    def enum(self, cls: type[enum.IntEnum]) -> enum.IntEnum:
+        code = self.int()
+        try:
+            return cls(code)
+        except ValueError:
+            raise ProtocolError(f"{self.kind.name}: {code} is not a {cls.__name__}") from None
+
+    def records(self, width: int) -> list[tuple[int, ...]]:
+        """A list of fixed-width records, flattened on the wire as count + count*width words."""
+        flat = self.ints()
+        if len(flat) % width:
+            raise ProtocolError(f"{self.kind.name}: record list of {len(flat)} words is not a "
+                                f"multiple of {width}")
+        return [flat[i:i + width] for i in range(0, len(flat), width)]
+
+
+# --- messages -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """A request's sampling settings as they cross ranks (the engine maps them onto its own
+    SamplingParams). top_k = 0 means no top-k; seed None means unseeded."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    max_tokens: int = 16
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+
+    def _write(self, w: _Writer) -> None:
+        w.float(self.temperature)
+        w.float(self.top_p)
+        w.int(self.top_k)
+        w.opt_int(self.seed)
+        w.int(self.max_tokens)
+        w.int(int(self.ignore_eos))
+        w.ints(self.stop_token_ids)
+
+    @classmethod
+    def _read(cls, r: _Reader) -> Sampling:
+        return cls(r.float(), r.float(), r.int(), r.opt_int(), r.int(), r.bool(), r.ints())
+
+
+@dataclass(frozen=True)
+class Reserve:
+    """Router -> decode (or colocated) rank: hold KV blocks for this prompt (colocated: run it)."""
+
+    KIND: ClassVar[Kind] = Kind.RESERVE
+    req_id: int
+    prompt_ids: tuple[int, ...]
+    sampling: Sampling
+
+    def _write(self, w: _Writer) -> None:
+        w.int(self.req_id)
+        w.ints(self.prompt_ids)
+        self.sampling._write(w)
+
+    @classmethod
+    def _read(cls, r: _Reader) -> Reserve:
+        return cls(r.int(), r.ints(), Sampling._read(r))
+
+
+@dataclass(frozen=True)
+class Prefill:
+    """Router -> prefill rank, sent only once `decode_rank` has reserved the blocks."""
+
+    KIND: ClassVar[Kind] = Kind.PREFILL
+    req_id: int
+    prompt_ids: tuple[int, ...]
+    decode_rank: int
+
+    def _write(self, w: _Writer) -> None:
+        w.int(self.req_id)
+        w.ints(self.prompt_ids)
+        w.int(self.decode_rank)
+
+    @classmethod
+    def _read(cls, r: _Reader) -> Prefill:
+        return cls(r.int(), r.ints(), r.int())
+
+
+@dataclass(frozen=True)
+class Abort:
+    """Router -> any rank holding state for the request: free it (exactly once)."""
+
+    KIND: ClassVar[Kind] = Kind.ABORT
+    req_id: int
+
+    def _write(self, w: _Writer) -> None:
+        w.int(self.req_id)
+
+    @classmethod
+    def _read(cls, r: _Reader) -> Abort:
+        return cls(r.int())
+
+
+@dataclass(frozen=True)
+class KVEntry:
+    req_id: int
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class KVHeader:
+    """Prefill -> decode on the pair's header link: describes the next transfer on its data link.
+
+    One header covers every request of one prefill batch that goes to this decode rank (the
+    entries, in payload order), so a batch costs one header, and the per-layer payload is one K
+    and one V tensor of [sum(num_tokens), num_kv_heads, head_dim] that the receiver splits.
+    (DESIGN.md's per-request header would interleave layers of different requests on one link.)
+    """
+
+    KIND: ClassVar[Kind] = Kind.KV_HEADER
+    entries: tuple[KVEntry, ...]
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    dtype: DType
+    mode: TransferMode
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(e.num_tokens for e in self.entries)
+
+    def _write(self, w: _Writer) -> None:
+        w.ints([x for e in self.entries for x in (e.req_id, e.num_tokens)])
+        for x in (self.num_layers, self.num_kv_heads, self.head_dim, self.hidden_size,
+                  self.dtype, self.mode):
+            w.int(int(x))
+
+    @classmethod
+    def _read(cls, r: _Reader) -> KVHeader:
+        entries = tuple(KVEntry(*rec) for rec in r.records(2))
+        return cls(entries, r.int(), r.int(), r.int(), r.int(), r.enum(DType),
+                   r.enum(TransferMode))
+
+
+@dataclass(frozen=True)
+class TokenEntry:
+    req_id: int
+    token_id: int
+    finished: bool = False
+    finish_reason: FinishReason = FinishReason.NONE
+
+
+@dataclass(frozen=True)
+class TransferRecord:
+    """One request's share of a finished KV transfer, as the decode rank saw it."""
+
+    req_id: int
+    num_bytes: int
+    seconds: float
+    t_end: float  # time.time() when its last tensor arrived
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Decode (or colocated) rank -> router, once per step: every token this step produced,
+    plus the rank's load so the router can route without asking."""
+
+    KIND: ClassVar[Kind] = Kind.TOKENS
+    entries: tuple[TokenEntry, ...]
+    free_blocks: int
+    total_blocks: int
+    running: int
+    waiting: int
+    t: float  # time.time() at the end of the step
+    transfers: tuple[TransferRecord, ...] = ()
+
+    def _write(self, w: _Writer) -> None:
+        w.ints([x for e in self.entries
+                for x in (e.req_id, e.token_id, int(e.finished), int(e.finish_reason))])
+        for x in (self.free_blocks, self.total_blocks, self.running, self.waiting):
+            w.int(x)
+        w.float(self.t)
+        w.ints([x for t in self.transfers for x in
+                (t.req_id, t.num_bytes, float_to_word(t.seconds), float_to_word(t.t_end))])
+
+    @classmethod
+    def _read(cls, r: _Reader) -> Tokens:
+        entries = []
+        for req_id, token_id, finished, reason in r.records(4):
+            try:
+                entries.append(TokenEntry(req_id, token_id, bool(finished), FinishReason(reason)))
+            except ValueError:
+                raise ProtocolError(f"TOKENS: {reason} is not a FinishReason") from None
+        free, total, running, waiting, t = r.int(), r.int(), r.int(), r.int(), r.float()
+        transfers = tuple(TransferRecord(q, b, word_to_float(s), word_to_float(e))
+                          for q, b, s, e in r.records(4))
+        return cls(tuple(entries), free, total, running, waiting, t, transfers)
+
+
+@dataclass(frozen=True)
+class Reserved:
+    KIND: ClassVar[Kind] = Kind.RESERVED
+    req_id: int
+    t: float  # time.time() when the blocks were reserved
+
+    def _write(self, w: _Writer) -> None:
+        w.int(self.req_id)
+        w.float(self.t)
+
+    @classmethod
+    def _read(cls, r: _Reader) -> Reserved:
+        return cls(r.int(), r.float())
+
+
+@dataclass(frozen=True)
+class Rejected:
+    KIND: ClassVar[Kind] = Kind.REJECTED
+    req_id: int
+    reason: RejectReason
+
+    def _write(self, w: _Writer) -> None:
+        w.int(self.req_id)
+        w.int(int(self.reason))
+
+    @classmethod
+    def _read(cls, r: _Reader) -> Rejected:
+        return cls(r.int(), r.enum(RejectReason))
+
+
+@dataclass(frozen=True)
+class PrefillDone:
+    """Prefill -> router after a batch's KV sends all completed (the blocks it used are free)."""
+
+    KIND: ClassVar[Kind] = Kind.PREFILL_DONE
+    req_ids: tuple[int, ...]
+    num_tokens: int
+    t_start: float
+    t_end: float
+
+    def _write(self, w: _Writer) -> None:
+        w.ints(self.req_ids)
+        w.int(self.num_tokens)
+        w.float(self.t_start)
+        w.float(self.t_end)
+
+    @classmethod
+    def _read(cls, r: _Reader) -> PrefillDone:
+        return cls(r.ints(), r.int(), r.float(), r.float())
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Worker -> router when idle (a decode rank's Tokens carry the same numbers when busy)."""
+
+    KIND: ClassVar[Kind] = Kind.STATS
+    free_blocks: int
+    total_blocks: int
+    running: int
+    waiting: int
+    queued_tokens: int
+
+    def _write(self, w: _Writer) -> None:
+        for x in (self.free_blocks, self.total_blocks, self.running, self.waiting,
+                  self.queued_tokens):
+            w.int(x)
+
+    @classmethod
+    def _read(cls, r: _Reader) -> Stats:
+        return cls(r.int(), r.int(), r.int(), r.int(), r.int())
+
+
+@dataclass(frozen=True)
+class Fatal:
+    """Worker -> router just before the worker exits on an error, so rank 0 can say why."""
+
+    KIND: ClassVar[Kind] = Kind.FATAL
+    rank: int
+    text: str
+
+    def _write(self, w: _Writer) -> None:
+        w.int(self.rank)
+        w.ints(list(self.text.encode("utf-8")))
+
+    @classmethod
+    def _read(cls, r: _Reader) -> Fatal:
+        rank, raw = r.int(), r.ints()
+        if any(not 0 <= b < 256 for b in raw):
+            raise ProtocolError("FATAL: text is not bytes")
+        return cls(rank, bytes(raw).decode("utf-8", errors="replace"))
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Keeps an idle link's group from timing out; receivers drop it."""
+
+    KIND: ClassVar[Kind] = Kind.HEARTBEAT
+
+    def _write(self, w: _Writer) -> None:
+        pass
+
+    @classmethod
+    def _read(cls, r: _Reader) -> Heartbeat:
+        return cls()
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """Last message on a link: its receiver thread forwards it and exits."""
+
+    KIND: ClassVar[Kind] = Kind.SHUTDOWN
+
+    def _write(self, w: _Writer) -> None:
+        pass
+
+    @classmethod
+    def _read(cls, r: _Reader) -> Shutdown:
+        return cls()
+
+
+Message = Union[Reserve, Prefill, Abort, KVHeader, Tokens, Reserved, Rejected, PrefillDone,
+                Stats, Fatal, Heartbeat, Shutdown]
+MESSAGE_TYPES: dict[Kind, type] = {cls.KIND: cls for cls in (
+    Reserve, Prefill, Abort, KVHeader, Tokens, Reserved, Rejected, PrefillDone, Stats, Fatal,
+    Heartbeat, Shutdown)}
+
+
+def encode(msg: Message) -> list[int]:
+    w = _Writer(msg.KIND)
+    msg._write(w)
+    return w.words
+
+
+def decode(words: list[int]) -> Message:
+    if not words:
+        raise ProtocolError("empty message")
+    head = words[0]
+    if head & ~0xFFFF != MAGIC:
+        raise ProtocolError(f"word 0 = {head:#x} lacks the message magic {MAGIC:#x}: "
+                            "not a message (sends and receives out of step?)")
+    code = head & 0xFFFF
+    try:
+        kind = Kind(code)
+    except ValueError:
+        known = ", ".join(f"{k.value}={k.name}" for k in Kind)
+        raise ProtocolError(f"unknown message kind {code} (known: {known})") from None
+    r = _Reader(kind, words)
+    msg = MESSAGE_TYPES[kind]._read(r)
+    if r.pos != len(words):
+        raise ProtocolError(f"{kind.name} message has {len(words) - r.pos} trailing words "
+                            f"({len(words)} words, parsed {r.pos})")
+    return msg
+
+
+def pack(msg: Message) -> torch.Tensor:
+    """msg -> [n] int64 CPU tensor."""
+    return torch.tensor(encode(msg), dtype=torch.int64)
+
+
+def unpack(t: torch.Tensor) -> Message:
+    """[n] int64 CPU tensor -> msg; ProtocolError if it is not one."""
+    if t.dtype != torch.int64 or t.dim() != 1:
+        raise ProtocolError(f"a message is a 1-D int64 tensor, got {t.dtype} {list(t.shape)}")
+    return decode(t.tolist())
+
+
+# --- channel over a 2-rank gloo group -----------------------------------------------------------
+
+# 256 words = 2 KB: a Tokens message for 60 running sequences or a ~240-token prompt fits in one
+# frame. gloo costs ~45 us per send up to a few KB, so a bigger frame only adds copy time.
+FRAME_WORDS = 256
+MAX_MESSAGE_WORDS = 1 << 26  # 512 MB: anything longer is a corrupt length word
+
+
+class LinkDown(RuntimeError):
+    """A link broke (peer dead, group timeout, garbage on the wire). Raised by Inbox.poll/get."""
+
+
+@dataclass(frozen=True)
+class _Marker:
+    error: LinkDown
+
+
+class Inbox:
+    """Where a rank's receiver threads put (peer rank, item); the rank loop takes them out.
+
+    Items are protocol messages, or whatever a transfer receiver hands over (transfer.py). A
+    link error arrives as a marker and is raised, in order, by poll/get: a loop never waits on
+    a link that is gone.
+    """
+
+    def __init__(self) -> None:
+        self._q: queue.Queue[tuple[int, object]] = queue.Queue()
+
+    def put(self, peer: int, item: object) -> None:
+        self._q.put((peer, item))
+
+    def fail(self, peer: int, error: LinkDown) -> None:
+        self._q.put((peer, _Marker(error)))
+
+    def get(self, timeout: float | None = None) -> tuple[int, object] | None:
+        """Next (peer, item); None after `timeout` seconds (0: do not wait) with nothing."""
+        try:
+            peer, item = self._q.get(block=timeout != 0, timeout=timeout or None)
+        except queue.Empty:
+            return None
+        if isinstance(item, _Marker):
+            raise item.error
+        return peer, item
+
+    def poll(self) -> tuple[int, object] | None:
+        return self.get(timeout=0)
+
+
+class Sender:
+    """The sending end of a control link. Thread-safe: the rank loop and the Heartbeater share
+    it, and a frame and its remainder must not interleave with another message."""
+
+    def __init__(self, link: Link, frame_words: int = FRAME_WORDS) -> None:
+        if not link.is_sender:
+            raise ValueError(f"link {link.name}: rank {link.rank} is not its sender")
+        self.link = link
+        self.frame_words = frame_words
+        self._lock = threading.Lock()
+        self._last = time.monotonic()
+        self._closed = False
+
+    def send(self, msg: Message) -> None:
+        words = encode(msg)
+        n = len(words)
+        frame = torch.zeros(self.frame_words, dtype=torch.int64)
+        head = min(n, self.frame_words - 1)
+        frame[0] = n
+        frame[1:1 + head] = torch.tensor(words[:head], dtype=torch.int64)
+        rest = torch.tensor(words[head:], dtype=torch.int64) if n > head else None
+        with self._lock:
+            if self._closed:
+                raise LinkDown(f"link {self.link.name}: send of {type(msg).__name__} after "
+                               "Shutdown")
+            dist.send(frame, self.link.dst, group=self.link.group)
+            if rest is not None:
+                dist.send(rest, self.link.dst, group=self.link.group)
+            self._last = time.monotonic()
+            if isinstance(msg, Shutdown):
+                self._closed = True
+
+    def close(self) -> None:
+        """Send Shutdown (the receiver thread exits after it); idempotent."""
+        if not self._closed:
+            self.send(Shutdown())
+
+    def heartbeat_if_idle(self, idle_s: float) -> None:
+        with self._lock:
+            due = not self._closed and time.monotonic() - self._last >= idle_s
+        if due:
+            try:
+                self.send(Heartbeat())
+            except LinkDown:
+                pass  # closed in between: nothing left to keep alive
+
+
+def recv_message(link: Link, frame_words: int = FRAME_WORDS) -> Message:
+    """Blocking receive of one message on `link` (the receiving end)."""
+    frame = torch.empty(frame_words, dtype=torch.int64)
+    dist.recv(frame, link.src, group=link.group)
+    n, first = int(frame[0]), int(frame[1])
+    if not 0 < n <= MAX_MESSAGE_WORDS or first & ~0xFFFF != MAGIC:
+        raise ProtocolError(f"link {link.name}: frame does not start a message (length word "
+                            f"{n}, word 1 = {first:#x})")
+    head = min(n, frame_words - 1)
+    words = frame[1:1 + head]
+    if n > head:
+        rest = torch.empty(n - head, dtype=torch.int64)
+        dist.recv(rest, link.src, group=link.group)
+        words = torch.cat([words, rest])
+    return unpack(words)
+
+
+class Receiver:
+    """A daemon thread doing blocking receives on one link into an Inbox.
+
+    Heartbeats are dropped; everything else is put as (peer, message). The thread exits after
+    forwarding a Shutdown, or after putting a LinkDown marker when the receive fails. A daemon
+    thread, so a process exiting on an error is never held by a receive that cannot return.
+    """
+
+    def __init__(self, link: Link, inbox: Inbox, frame_words: int = FRAME_WORDS) -> None:
+        if link.is_sender:
+            raise ValueError(f"link {link.name}: rank {link.rank} is its sender, not receiver")
+        self.link, self.inbox, self.frame_words = link, inbox, frame_words
+        self.thread = threading.Thread(target=self._run, name=f"recv {link.name}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        peer = self.link.src
+        while True:
+            try:
+                msg = recv_message(self.link, self.frame_words)
+            except Exception as e:  # gloo raises RuntimeError subclasses; ProtocolError too
+                log.error("link %s down: %s", self.link.name, e)
+                self.inbox.fail(peer, LinkDown(f"link {self.link.name} (from rank {peer}): {e}"))
+                return
+            if isinstance(msg, Heartbeat):
+                continue
+            self.inbox.put(peer, msg)
+            if isinstance(msg, Shutdown):
+                return
+
+
+class Heartbeater:
+    """One daemon thread per rank sending a Heartbeat on each of its senders that has been idle
+    for `interval` seconds. A send error is reported to `inbox` as LinkDown."""
+
+    def __init__(self, senders: Iterable[Sender], interval: float, inbox: Inbox) -> None:
+        self.senders = list(senders)
+        self.interval = interval
+        self.inbox = inbox
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        # Wake twice per interval so no link goes longer than ~1.5 intervals without traffic.
+        while not self._stop.wait(self.interval / 2):
+            for s in self.senders:
+                try:
+                    s.heartbeat_if_idle(self.interval)
+                except Exception as e:
+                    self.inbox.fail(s.link.dst, LinkDown(f"heartbeat on {s.link.name}: {e}"))
+                    return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join()

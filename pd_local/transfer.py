@@ -1,0 +1,306 @@
+"""KV + hidden-state transfer over one (prefill, decode) pair: `KVSender` on the prefill rank,
+`KVReceiver` (a thread) on the decode rank.
+
+One transfer carries one prefill batch's requests for one decode rank. On the wire, per pair and
+in this order on both ends (header on the pair's gloo header link, tensors on its data link):
+
+    KVHeader(entries=[(req_id, num_tokens), ...], shapes, dtype, mode)
+    layerwise: for layer in 0..L-1:  K [T, kv_heads, head_dim], V [T, kv_heads, head_dim]
+    whole:     KV [L, 2, T, kv_heads, head_dim]            (one tensor, sent after prefill)
+    then:      hidden [R, hidden_size]   (final-normed hidden state of each prompt's last token)
+
+T = sum of the entries' num_tokens (the requests' tokens concatenated in entry order), R = number
+of entries; every tensor is contiguous and in the model dtype. bf16 goes over gloo as is (gloo
+p2p supports bfloat16 in torch >= 2.x: measured bit-exact here, no int16 view needed).
+
+Layerwise, the sender isends layer l's K and V as soon as they exist and returns at once, so
+the sends overlap layer l+1's compute; `finish()` waits every send before the batch counts as
+sent (only then may the prefill rank drop the tensors). The receiver posts every receive of a
+transfer as soon as its header arrives and hands each layer to the decode loop as it lands
+(`LayerKV` per request, views into the staging tensors), then `PromptHidden` per request last.
+The decode loop scatters them into its paged blocks (engine.write_prompt_kv); staging is freed
+when it drops the views.
+
+Aborts: a transfer is never cut. The receiver completes every receive it posted and hands the
+items on; the decode loop drops the items of requests it no longer holds. Since the receiver
+writes only into its own staging tensors, the decode rank may free an aborted request's blocks
+at once.
+
+GPU note: NCCL's `work.wait()` only makes the current stream wait, so both ends synchronise on
+an event before taking host timestamps or handing tensors to another thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from pd_local.dist import KVLink, Link
+from pd_local.protocol import (DType, Heartbeat, Inbox, KVEntry, KVHeader, LinkDown,
+                               ProtocolError, Sender, Shutdown, TransferMode, TransferRecord,
+                               recv_message)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """The per-token KV geometry both ends must agree on (checked against every header)."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
+    def header(self, entries: Sequence[KVEntry], mode: TransferMode) -> KVHeader:
+        return KVHeader(tuple(entries), self.num_layers, self.num_kv_heads, self.head_dim,
+                        self.hidden_size, DType.of(self.dtype), mode)
+
+    def check(self, h: KVHeader) -> None:
+        ours = self.header(h.entries, h.mode)
+        if h != ours:
+            raise ProtocolError(f"KV header {h} does not match this rank's model {ours}")
+        if not h.entries or any(e.num_tokens < 1 for e in h.entries):
+            raise ProtocolError(f"KV header needs >= 1 entry with >= 1 token each: {h.entries}")
+
+
+@dataclass(frozen=True)
+class TransferStat:
+    """One finished transfer (one batch to one decode rank), as one end saw it."""
+
+    req_ids: tuple[int, ...]
+    num_bytes: int
+    seconds: float  # sender: start() -> all sends done; receiver: header -> hidden landed
+    wait_s: float  # time spent blocked at the end (sender: in finish(); receiver: 0)
+    t_end: float  # time.time() at completion
+
+    @property
+    def bytes_per_s(self) -> float:
+        return self.num_bytes / self.seconds if self.seconds > 0 else float("inf")
+
+
+def _wait_all(works: Sequence[dist.Work], device: torch.device) -> None:
+    for w in works:
+        w.wait()
+    if device.type == "cuda":
+        # NCCL's wait() is asynchronous to the host; make completion real before timing it.
+        torch.cuda.current_stream(device).synchronize()
+
+
+class KVSender:
+    """The prefill end of one pair. One transfer at a time: start -> layer* -> finish.
+
+    Called only by the prefill loop's thread. The tensors passed in are kept (not copied, unless
+    they must change device or be made contiguous) until finish() returns; the caller must not
+    modify them before then.
+    """
+
+    def __init__(self, pair: KVLink, header: Sender, shape: KVShape, mode: TransferMode) -> None:
+        if header.link is not pair.header:
+            raise ValueError(f"header sender is on {header.link.name}, pair is {pair.header.name}")
+        self.pair, self.header, self.shape, self.mode = pair, header, shape, mode
+        self._entries: tuple[KVEntry, ...] | None = None
+        self._works: list[dist.Work] = []
+        self._keep: list[torch.Tensor] = []  # sent tensors stay alive until their works finish
+        self._whole: torch.Tensor | None = None
+        self._whole_storage: torch.Tensor | None = None
+        self._layers_done = 0
+        self._bytes = 0
+        self._t0 = 0.0
+
+    @property
+    def data(self) -> Link:
+        return self.pair.data
+
+    @property
+    def busy(self) -> bool:
+        return self._entries is not None
+
+    def start(self, entries: Sequence[KVEntry]) -> None:
+        if self._entries is not None:
+            raise RuntimeError(f"pair {self.data.name}: start() while a transfer is unfinished")
+        entries = tuple(entries)
+        self.shape.check(self.shape.header(entries, self.mode))
+        self._entries, self._layers_done, self._bytes = entries, 0, 0
+        self._t0 = time.perf_counter()
+        num_tokens = sum(e.num_tokens for e in entries)
+        if self.mode is TransferMode.LAYERWISE:
+            self.header.send(self.shape.header(entries, self.mode))
+        else:
+            s = self.shape
+            # [L, 2, T, kv_heads, head_dim]: filled layer by layer, sent once in hidden(). The
+            # storage is kept for the next transfer (grow-only): re-allocating tens of MB per
+            # batch costs a page fault per 4 KB on CPU.
+            numel = s.num_layers * 2 * num_tokens * s.num_kv_heads * s.head_dim
+            if self._whole_storage is None or self._whole_storage.numel() < numel:
+                self._whole_storage = torch.empty(numel, dtype=s.dtype, device=self.data.device)
+            self._whole = self._whole_storage[:numel].view(
+                s.num_layers, 2, num_tokens, s.num_kv_heads, s.head_dim)
+
+    def _isend(self, t: torch.Tensor) -> None:
+        t = t.to(self.data.device).contiguous()  # no-op on the normal path
+        self._keep.append(t)
+        self._works.append(dist.isend(t, self.data.dst, group=self.data.group))
+        self._bytes += t.numel() * t.element_size()
+
+    def layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: [T, kv_heads, head_dim], this transfer's tokens in entry order."""
+        if self._entries is None:
+            raise RuntimeError(f"pair {self.data.name}: layer() before start()")
+        if layer != self._layers_done:
+            raise RuntimeError(f"pair {self.data.name}: layer {layer} sent, expected "
+                               f"{self._layers_done} (layers go in order, each once)")
+        s = self.shape
+        want = (sum(e.num_tokens for e in self._entries), s.num_kv_heads, s.head_dim)
+        if tuple(k.shape) != want or tuple(v.shape) != want or k.dtype != s.dtype:
+            raise ValueError(f"pair {self.data.name} layer {layer}: K {list(k.shape)} {k.dtype}, "
+                             f"V {list(v.shape)}; expected {list(want)} {s.dtype}")
+        if self._whole is not None:
+            self._whole[layer, 0].copy_(k)
+            self._whole[layer, 1].copy_(v)
+        else:
+            self._isend(k)
+            self._isend(v)
+        self._layers_done += 1
+
+    def hidden(self, hidden: torch.Tensor) -> None:
+        """hidden: [R, hidden_size], the last prompt position of each entry, in entry order."""
+        if self._entries is None or self._layers_done != self.shape.num_layers:
+            raise RuntimeError(f"pair {self.data.name}: hidden() after {self._layers_done} of "
+                               f"{self.shape.num_layers} layers")
+        want = (len(self._entries), self.shape.hidden_size)
+        if tuple(hidden.shape) != want or hidden.dtype != self.shape.dtype:
+            raise ValueError(f"pair {self.data.name}: hidden {list(hidden.shape)} "
+                             f"{hidden.dtype}; expected {list(want)} {self.shape.dtype}")
+        if self._whole is not None:
+            self.header.send(self.shape.header(self._entries, self.mode))
+            self._isend(self._whole)
+            self._whole = None
+        self._isend(hidden)
+
+    def finish(self) -> TransferStat:
+        """Wait until every send of the transfer completed; then the tensors are released."""
+        if self._entries is None or self._whole is not None or not self._works:
+            raise RuntimeError(f"pair {self.data.name}: finish() before hidden()")
+        t_wait = time.perf_counter()
+        _wait_all(self._works, self.data.device)
+        t_end = time.perf_counter()
+        stat = TransferStat(tuple(e.req_id for e in self._entries), self._bytes,
+                            t_end - self._t0, t_end - t_wait, time.time())
+        self._entries, self._works, self._keep = None, [], []
+        return stat
+
+
+@dataclass(frozen=True)
+class LayerKV:
+    """One layer of one request's prompt KV, handed to the decode loop."""
+
+    req_id: int
+    layer: int
+    k: torch.Tensor  # [num_tokens, kv_heads, head_dim]
+    v: torch.Tensor  # [num_tokens, kv_heads, head_dim]
+
+
+@dataclass(frozen=True)
+class PromptHidden:
+    """The last item of a request's transfer: all its layers were handed over before it."""
+
+    req_id: int
+    hidden: torch.Tensor  # [hidden_size]
+    record: TransferRecord
+
+
+class KVReceiver:
+    """The decode end of one pair: a daemon thread that receives transfers into staging tensors
+    and puts LayerKV / PromptHidden items into `inbox` as (prefill rank, item).
+
+    Exits quietly on a Shutdown on the header link; on any error it puts a LinkDown marker.
+    `stats` lists every completed transfer (appended by the thread; read it after it stops or
+    accept a racy snapshot).
+    """
+
+    def __init__(self, pair: KVLink, inbox: Inbox, shape: KVShape,
+                 out_device: torch.device | None = None) -> None:
+        if pair.header.is_sender:
+            raise ValueError(f"pair {pair.header.name}: rank {pair.header.rank} is the sender")
+        self.pair, self.inbox, self.shape = pair, inbox, shape
+        self.out_device = out_device or pair.data.device
+        self.stats: list[TransferStat] = []
+        self.thread = threading.Thread(target=self._run, name=f"kv {pair.data.name}",
+                                       daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        peer = self.pair.prefill
+        try:
+            while True:
+                msg = recv_message(self.pair.header)
+                if isinstance(msg, Heartbeat):
+                    continue
+                if isinstance(msg, Shutdown):
+                    return
+                if not isinstance(msg, KVHeader):
+                    raise ProtocolError(f"expected KVHeader, got {type(msg).__name__}")
+                self.shape.check(msg)
+                self._receive(msg)
+        except Exception as e:
+            log.error("kv link %s down: %s", self.pair.data.name, e)
+            self.inbox.fail(peer, LinkDown(f"kv link {self.pair.data.name} (from rank {peer}): "
+                                           f"{e}"))
+
+    def _irecv(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, dist.Work]:
+        data = self.pair.data
+        t = torch.empty(shape, dtype=self.shape.dtype, device=data.device)
+        return t, dist.irecv(t, data.src, group=data.group)
+
+    def _out(self, t: torch.Tensor) -> torch.Tensor:
+        return t if t.device == self.out_device else t.to(self.out_device)
+
+    def _receive(self, h: KVHeader) -> None:
+        t0 = time.perf_counter()
+        s, peer, dev = self.shape, self.pair.prefill, self.pair.data.device
+        total = h.num_tokens
+        kv_shape = (total, s.num_kv_heads, s.head_dim)
+        bounds, start = [], 0
+        for e in h.entries:
+            bounds.append((e.req_id, start, start + e.num_tokens))
+            start += e.num_tokens
+        # Post every receive now, in the sender's order; then take them as they complete.
+        if h.mode is TransferMode.LAYERWISE:
+            layers = [(self._irecv(kv_shape), self._irecv(kv_shape)) for _ in range(s.num_layers)]
+        else:
+            whole, whole_work = self._irecv((s.num_layers, 2) + kv_shape)
+        hidden, hidden_work = self._irecv((len(h.entries), s.hidden_size))
+        for layer in range(s.num_layers):
+            if h.mode is TransferMode.LAYERWISE:
+                (k, k_work), (v, v_work) = layers[layer]
+                _wait_all([k_work, v_work], dev)
+            else:
+                if layer == 0:
+                    _wait_all([whole_work], dev)
+                k, v = whole[layer, 0], whole[layer, 1]  # each [T, kv_heads, head_dim]
+            k, v = self._out(k), self._out(v)
+            for req_id, a, b in bounds:
+                self.inbox.put(peer, LayerKV(req_id, layer, k[a:b], v[a:b]))
+        _wait_all([hidden_work], dev)
+        hidden = self._out(hidden)
+        seconds, t_end = time.perf_counter() - t0, time.time()
+        per_hidden = s.hidden_size * s.dtype.itemsize
+        for i, (req_id, a, b) in enumerate(bounds):
+            nbytes = (b - a) * s.bytes_per_token + per_hidden
+            self.inbox.put(peer, PromptHidden(req_id, hidden[i],
+                                              TransferRecord(req_id, nbytes, seconds, t_end)))
+        self.stats.append(TransferStat(tuple(r for r, _, _ in bounds),
+                                       total * s.bytes_per_token + len(bounds) * per_hidden,
+                                       seconds, 0.0, t_end))

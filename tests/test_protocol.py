@@ -1,0 +1,152 @@
+"""protocol.py without processes: every message round-trips through an int64 tensor, floats
+bit-exact, and malformed tensors fail with a message that says what is wrong."""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pd_local.protocol import (
+    MAGIC, Abort, DType, Fatal, FinishReason, Heartbeat, Kind, KVEntry, KVHeader, MESSAGE_TYPES,
+    PrefillDone, Prefill, ProtocolError, Rejected, RejectReason, Reserve, Reserved, Sampling,
+    Shutdown, Stats, TokenEntry, Tokens, TransferMode, TransferRecord, decode, encode, pack,
+    unpack, float_to_word, word_to_float,
+)
+
+i64 = st.integers(min_value=-(1 << 63), max_value=(1 << 63) - 1)
+ids = st.integers(min_value=0, max_value=(1 << 62))
+tok = st.integers(min_value=0, max_value=1 << 20)
+small = st.integers(min_value=0, max_value=1 << 30)
+# Any float64, NaN and infinities included: the wire must keep the exact bits.
+any_float = st.floats(allow_nan=True, allow_infinity=True)
+token_lists = st.lists(tok, max_size=600).map(tuple)
+
+samplings = st.builds(Sampling, any_float, any_float, small, st.none() | i64, small,
+                      st.booleans(), st.lists(tok, max_size=8).map(tuple))
+token_entries = st.builds(TokenEntry, ids, tok, st.booleans(), st.sampled_from(FinishReason))
+records = st.builds(TransferRecord, ids, small, any_float, any_float)
+messages = st.one_of(
+    st.builds(Reserve, ids, token_lists, samplings),
+    st.builds(Prefill, ids, token_lists, small),
+    st.builds(Abort, ids),
+    st.builds(KVHeader, st.lists(st.builds(KVEntry, ids, small), max_size=20).map(tuple),
+              small, small, small, small, st.sampled_from(DType), st.sampled_from(TransferMode)),
+    st.builds(Tokens, st.lists(token_entries, max_size=80).map(tuple), small, small, small,
+              small, any_float, st.lists(records, max_size=5).map(tuple)),
+    st.builds(Reserved, ids, any_float),
+    st.builds(Rejected, ids, st.sampled_from(RejectReason)),
+    st.builds(PrefillDone, st.lists(ids, max_size=20).map(tuple), small, any_float, any_float),
+    st.builds(Stats, small, small, small, small, small),
+    st.builds(Fatal, small, st.text(max_size=200)),
+    st.just(Heartbeat()),
+    st.just(Shutdown()),
+)
+
+
+def bits(x: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", x))[0]
+
+
+def same(a: object, b: object) -> bool:
+    """Equality that treats floats by their bits (NaN == NaN of the same payload, -0.0 != 0.0)."""
+    if isinstance(a, float) and isinstance(b, float):
+        return bits(a) == bits(b)
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if hasattr(a, "__dataclass_fields__"):
+        return type(a) is type(b) and all(
+            same(getattr(a, f), getattr(b, f)) for f in a.__dataclass_fields__)
+    return type(a) is type(b) and a == b
+
+
+@settings(max_examples=300, deadline=None)
+@given(messages)
+def test_round_trip(msg) -> None:
+    t = pack(msg)
+    assert t.dtype == torch.int64 and t.dim() == 1 and t.device.type == "cpu"
+    assert same(unpack(t), msg)
+
+
+@given(any_float)
+def test_float_bits_exact(x: float) -> None:
+    assert bits(word_to_float(float_to_word(x))) == bits(x)
+
+
+def test_float_edge_cases_bit_exact() -> None:
+    nan_payload = struct.unpack("<d", struct.pack("<q", 0x7FF8_0000_DEAD_BEEF))[0]
+    for x in (0.0, -0.0, math.inf, -math.inf, nan_payload, 5e-324, 0.1, 1 / 3, 0.7):
+        s = Sampling(temperature=x, top_p=x)
+        got = unpack(pack(Reserve(1, (1, 2), s))).sampling
+        assert bits(got.temperature) == bits(x) and bits(got.top_p) == bits(x)
+
+
+def test_seed_none_and_zero_differ() -> None:
+    assert unpack(pack(Reserve(1, (5,), Sampling(seed=None)))).sampling.seed is None
+    assert unpack(pack(Reserve(1, (5,), Sampling(seed=0)))).sampling.seed == 0
+
+
+def test_every_kind_has_a_type() -> None:
+    assert set(MESSAGE_TYPES) == set(Kind)
+
+
+def test_unknown_kind_is_named() -> None:
+    with pytest.raises(ProtocolError, match=r"unknown message kind 99 \(known: 1=RESERVE"):
+        decode([MAGIC | 99])
+
+
+def test_missing_magic() -> None:
+    with pytest.raises(ProtocolError, match="lacks the message magic"):
+        decode([int(Kind.ABORT), 7])
+
+
+def test_truncated_message() -> None:
+    words = encode(Prefill(3, (1, 2, 3, 4), 2))
+    with pytest.raises(ProtocolError, match="PREFILL message truncated"):
+        decode(words[:-2])
+
+
+def test_list_length_beyond_message() -> None:
+    words = encode(Prefill(3, (1, 2), 2))
+    words[2] = 1000  # the prompt's length word
+    with pytest.raises(ProtocolError, match="list of 1000"):
+        decode(words)
+
+
+def test_trailing_words() -> None:
+    with pytest.raises(ProtocolError, match="ABORT message has 1 trailing words"):
+        decode(encode(Abort(1)) + [0])
+
+
+def test_bad_enum_code() -> None:
+    words = encode(Rejected(1, RejectReason.QUEUE_FULL))
+    words[-1] = 77
+    with pytest.raises(ProtocolError, match="REJECTED: 77 is not a RejectReason"):
+        decode(words)
+    words = encode(Tokens((TokenEntry(1, 2, True, FinishReason.STOP),), 0, 0, 0, 0, 0.0))
+    words[5] = 9  # the entry's finish reason
+    with pytest.raises(ProtocolError, match="9 is not a FinishReason"):
+        decode(words)
+
+
+def test_wrong_tensor() -> None:
+    with pytest.raises(ProtocolError, match="1-D int64"):
+        unpack(torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(ProtocolError, match="empty message"):
+        unpack(torch.zeros(0, dtype=torch.int64))
+
+
+def test_int_out_of_range_refused_when_packing() -> None:
+    with pytest.raises(ProtocolError, match="ABORT: .* is not an int64"):
+        pack(Abort(1 << 63))
+
+
+def test_dtype_codes() -> None:
+    for dt in (torch.bfloat16, torch.float32, torch.float16):
+        assert DType.of(dt).torch is dt
+    with pytest.raises(ProtocolError, match="no wire code"):
+        DType.of(torch.int8)
