@@ -1,0 +1,216 @@
+"""The HTTP front-end end to end: real uvicorn, real SSE, the real SmolLM2 behind it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+
+from pd_local.engine import EngineConfig
+from tests.server_utils import inprocess_server, metric_values, wait_healthy
+
+pytestmark = pytest.mark.slow
+
+CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "Name three colors."}],
+        "max_tokens": 16, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def url(smollm2_dir: Path) -> Iterator[str]:
+    with inprocess_server(smollm2_dir, EngineConfig(kv_cache_gb=0.1, max_num_seqs=64), max_queue=64) as u:
+        wait_healthy(u)
+        yield u
+
+
+def sse_chunks(resp: httpx.Response) -> list[dict | str]:
+    out: list[dict | str] = []
+    for line in resp.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def test_streaming_chat_wire_format(url: str) -> None:
+    body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        chunks = sse_chunks(r)
+    assert chunks[-1] == "[DONE]"
+    objs = [c for c in chunks if isinstance(c, dict)]
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == objs[0]["id"] for c in objs)
+    assert objs[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    finish = [c for c in objs if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert len(finish) == 1 and finish[0]["choices"][0]["finish_reason"] in ("stop", "length")
+    usage = objs[-1]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] >= 1
+    timings = usage["pd_local"]["timings_ms"]
+    assert {"prefill", "decode", "ttft", "total"} <= set(timings) and timings["total"] >= timings["ttft"] > 0
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in objs if c["choices"])
+    whole = httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=60).json()
+    assert whole["object"] == "chat.completion"
+    assert whole["choices"][0]["message"]["content"] == text  # greedy: same text either way
+    assert whole["usage"]["completion_tokens"] == usage["usage"]["completion_tokens"]
+
+
+def test_greedy_text_matches_offline_generate(url: str, smollm2_dir: Path) -> None:
+    import torch
+
+    from pd_local.engine import Engine
+    from pd_local.generate import run_batch
+    from pd_local.model.weights import load_model
+    from pd_local.openai_request import parse_request
+    from pd_local.tokenizer import Tokenizer
+
+    bodies = [
+        {**CHAT, "max_tokens": 40},
+        {"messages": [{"role": "user", "content": "Count to ten."}], "max_tokens": 30, "temperature": 0, "stop": ["5"]},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why is the sky blue?"}],
+         "max_tokens": 48, "temperature": 0.8, "seed": 7},
+    ]
+    model, _ = load_model(smollm2_dir, torch.bfloat16)
+    tok = Tokenizer.from_dir(smollm2_dir)
+    engine = Engine(model, EngineConfig(kv_cache_gb=0.05), stop_token_ids=tok.stop_token_ids)
+    reqs = {i: parse_request(b, "chat", tok, engine.max_model_len) for i, b in enumerate(bodies)}
+    offline = run_batch(engine, tok, reqs)
+    for i, b in enumerate(bodies):
+        got = httpx.post(f"{url}/v1/chat/completions", json=b, timeout=60).json()
+        assert got["choices"][0]["message"]["content"] == offline[i]["text"], b
+        assert got["choices"][0]["finish_reason"] == offline[i]["finish_reason"]
+
+
+def test_openai_client_streaming_and_not(url: str) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    stream = client.chat.completions.create(model="smollm2", messages=CHAT["messages"], max_tokens=16,
+                                            temperature=0, stream=True, stream_options={"include_usage": True})
+    parts, usage = [], None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            parts.append(chunk.choices[0].delta.content)
+        usage = chunk.usage or usage
+    whole = client.chat.completions.create(model="smollm2", messages=CHAT["messages"], max_tokens=16, temperature=0)
+    assert "".join(parts) == whole.choices[0].message.content and parts
+    assert usage is not None and usage.completion_tokens == whole.usage.completion_tokens
+    comp = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=8, temperature=0)
+    assert comp.choices[0].text and comp.object == "text_completion"
+    assert [m.id for m in client.models.list().data] == ["smollm2"]
+
+
+BAD = [
+    ("malformed json", b"{not json", 400, None),
+    ("not an object", b"[1, 2]", 400, None),
+    ("missing messages", {"model": "smollm2"}, 400, "messages"),
+    ("empty messages", {"messages": []}, 400, "messages"),
+    ("unknown role", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages"),
+    ("non-string content", {"messages": [{"role": "user", "content": 5}]}, 400, "messages"),
+    ("unknown model", {**CHAT, "model": "gpt-9"}, 404, "model"),
+    ("negative max_tokens", {**CHAT, "max_tokens": -3}, 400, "max_tokens"),
+    ("absurd max_tokens", {**CHAT, "max_tokens": 10**12}, 400, "max_tokens"),
+    ("string temperature", {**CHAT, "temperature": "hot"}, 400, "temperature"),
+    ("n > 1", {**CHAT, "n": 3}, 400, "n"),
+    ("logprobs", {**CHAT, "logprobs": True}, 400, "logprobs"),
+    ("tools", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    ("bad stop", {**CHAT, "stop": 7}, 400, "stop"),
+    ("too long prompt", {"messages": [{"role": "user", "content": "hello " * 9000}]}, 400, "messages"),
+]
+
+
+@pytest.mark.parametrize("name,body,status,param", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_status_and_openai_error_body(url: str, name: str, body: object, status: int, param: str | None) -> None:
+    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(f"{url}/v1/chat/completions", headers={"content-type": "application/json"}, timeout=30, **kw)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["param"] == param
+    if name == "too long prompt":
+        import re
+
+        m = re.search(r"prompt has (\d+) tokens but the context is (\d+) tokens", err["message"])
+        assert m and int(m.group(1)) > int(m.group(2)) and err["code"] == "context_length_exceeded"
+    assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+
+
+def test_max_tokens_past_context_is_clipped_to_length(smollm2_dir: Path) -> None:
+    with inprocess_server(smollm2_dir, EngineConfig(kv_cache_gb=0.05, max_model_len=64)) as u:
+        r = httpx.post(f"{u}/v1/chat/completions", timeout=60, json={
+            "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
+            "max_tokens": 5000, "temperature": 0, "ignore_eos": True})
+        body = r.json()
+        assert r.status_code == 200 and body["choices"][0]["finish_reason"] == "length"
+        assert body["usage"]["total_tokens"] == 64
+
+
+def test_body_over_the_limit_is_413(smollm2_dir: Path) -> None:
+    with inprocess_server(smollm2_dir, max_body_bytes=1000) as u:
+        r = httpx.post(f"{u}/v1/chat/completions", json={**CHAT, "messages": [{"role": "user", "content": "x" * 5000}]})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        assert httpx.get(f"{u}/health").status_code == 200
+
+
+def test_api_key_required_except_health(smollm2_dir: Path) -> None:
+    with inprocess_server(smollm2_dir, api_key="s3cret") as u:
+        assert httpx.get(f"{u}/health").status_code == 200
+        for path in ("/v1/models", "/metrics"):
+            assert httpx.get(f"{u}{path}").status_code == 401
+            assert httpx.get(f"{u}{path}", headers={"Authorization": "Bearer wrong"}).status_code == 401
+            assert httpx.get(f"{u}{path}", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        r = httpx.post(f"{u}/v1/chat/completions", json=CHAT)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        r = httpx.post(f"{u}/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer s3cret"}, timeout=60)
+        assert r.status_code == 200
+
+
+def test_overload_gets_429_with_retry_after(smollm2_dir: Path) -> None:
+    async def run(u: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as c:
+            body = {**CHAT, "max_tokens": 24, "ignore_eos": True}
+            return await asyncio.gather(*[c.post(f"{u}/v1/chat/completions", json=body) for _ in range(8)])
+
+    with inprocess_server(smollm2_dir, max_queue=2) as u:
+        rs = asyncio.run(run(u))
+        codes = sorted(r.status_code for r in rs)
+        assert codes.count(200) >= 2 and 429 in codes
+        rejected = [r for r in rs if r.status_code == 429]
+        assert all(r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "rate_limit_error" for r in rejected)
+        assert metric_values(u, "pd_local_requests_total")['{outcome="rejected"}'] == len(rejected)
+
+
+def test_fifty_clients_disconnecting_mid_stream_free_every_block(url: str) -> None:
+    rng = random.Random(0)
+
+    async def client(c: httpx.AsyncClient, stop_after: int) -> int:
+        body = {**CHAT, "max_tokens": 64, "ignore_eos": True, "stream": True}
+        seen = 0
+        async with c.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    seen += 1
+                    if seen >= stop_after:
+                        break  # leaving the block closes the connection mid-stream
+        return seen
+
+    async def run() -> list[int]:
+        async with httpx.AsyncClient(timeout=120) as c:
+            return await asyncio.gather(*[client(c, rng.randint(1, 20)) for _ in range(50)])
+
+    before = metric_values(url, "pd_local_client_disconnects_total")[""]
+    asyncio.run(run())
+    t_end = time.monotonic() + 30
+    while time.monotonic() < t_end:
+        free = metric_values(url, "pd_local_kv_blocks_free")
+        total = metric_values(url, "pd_local_kv_blocks_total")
+        if free == total and metric_values(url, "pd_local_requests_in_flight")[""] == 0:
+            break
+        time.sleep(0.2)
+    assert free == total, (free, total)
+    assert metric_values(url, "pd_local_client_disconnects_total")[""] - before == 50
+    assert httpx.get(f"{url}/health").status_code == 200
