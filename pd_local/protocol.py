@@ -23,15 +23,18 @@ timeout fails and breaks its group for good, however healthy the peer.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import functools
 import logging
 import queue
 import struct
 import threading
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import ClassVar, Union
+import typing
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Union
 
 import torch
 import torch.distributed as dist
@@ -105,7 +108,12 @@ class TransferMode(enum.IntEnum):
     WHOLE = 2
 
 
-# --- word-level writer / reader -----------------------------------------------------------------
+# --- field-driven codec -------------------------------------------------------------------------
+# Each message is a frozen dataclass; its fields' annotations say how they go on the wire:
+#   int -> one word; bool / IntEnum -> one word; float -> the int64 view of its float64 bits;
+#   int | None -> presence word + value; str -> UTF-8 bytes as a list; tuple[int, ...] -> length
+#   word + items; tuple[Record, ...] -> count + each record's fields; a nested dataclass -> its
+#   fields in order. Field order is wire order.
 
 
 def float_to_word(x: float) -> int:
@@ -126,18 +134,6 @@ class _Writer:
             raise ProtocolError(f"{self.kind.name}: {x!r} is not an int64")
         self.words.append(x)
 
-    def float(self, x: float) -> None:
-        self.words.append(float_to_word(float(x)))
-
-    def opt_int(self, x: int | None) -> None:
-        self.words.append(0 if x is None else 1)
-        self.int(0 if x is None else x)
-
-    def ints(self, xs: Sequence[int]) -> None:
-        self.words.append(len(xs))
-        for x in xs:
-            self.int(x)
-
 
 class _Reader:
     def __init__(self, kind: Kind, words: list[int]) -> None:
@@ -150,39 +146,104 @@ class _Reader:
         self.pos += 1
         return self.words[self.pos - 1]
 
-    def float(self) -> float:
-        return word_to_float(self.int())
-
-    def bool(self) -> bool:
-        return bool(self.int())
-
-    def opt_int(self) -> int | None:
-        present, value = self.int(), self.int()
-        return value if present else None
-
-    def ints(self) -> tuple[int, ...]:
+    def count(self) -> int:
+        """A list's length word, checked against what is left of the message."""
         n = self.int()
-        if n < 0 or self.pos + n > len(self.words):
-            raise ProtocolError(
-                f"{self.kind.name} message truncated: list of {n} at word {self.pos}, "
-                f"message has {len(self.words)} words")
-        self.pos += n
-        return tuple(self.words[self.pos - n:self.pos])
+        if not 0 <= n <= len(self.words) - self.pos:
+            raise ProtocolError(f"{self.kind.name} message truncated: list of {n} at word "
+                                f"{self.pos}, message has {len(self.words)} words")
+        return n
 
-    def enum(self, cls: type[enum.IntEnum]) -> enum.IntEnum:
-        code = self.int()
+
+_Write = Callable[[_Writer, Any], None]
+_Read = Callable[[_Reader], Any]
+
+
+def _write_float(w: _Writer, x: float) -> None:
+    w.words.append(float_to_word(float(x)))
+
+
+def _read_enum(cls: type[enum.IntEnum]) -> _Read:
+    def read(r: _Reader) -> enum.IntEnum:
+        code = r.int()
         try:
             return cls(code)
         except ValueError:
-            raise ProtocolError(f"{self.kind.name}: {code} is not a {cls.__name__}") from None
+            raise ProtocolError(f"{r.kind.name}: {code} is not a {cls.__name__}") from None
+    return read
 
-    def records(self, width: int) -> list[tuple[int, ...]]:
-        """A list of fixed-width records, flattened on the wire as count + count*width words."""
-        flat = self.ints()
-        if len(flat) % width:
-            raise ProtocolError(f"{self.kind.name}: record list of {len(flat)} words is not a "
-                                f"multiple of {width}")
-        return [flat[i:i + width] for i in range(0, len(flat), width)]
+
+def _write_ints(w: _Writer, xs: Sequence[int]) -> None:
+    w.words.append(len(xs))
+    for x in xs:
+        w.int(x)
+
+
+def _read_ints(r: _Reader) -> tuple[int, ...]:
+    n = r.count()
+    r.pos += n
+    return tuple(r.words[r.pos - n:r.pos])
+
+
+def _write_str(w: _Writer, s: str) -> None:
+    _write_ints(w, list(s.encode("utf-8")))
+
+
+def _read_str(r: _Reader) -> str:
+    raw = _read_ints(r)
+    if any(not 0 <= b < 256 for b in raw):
+        raise ProtocolError(f"{r.kind.name}: text is not bytes")
+    return bytes(raw).decode("utf-8", errors="replace")
+
+
+def _write_opt_int(w: _Writer, x: int | None) -> None:
+    w.words.append(0 if x is None else 1)
+    w.int(0 if x is None else x)
+
+
+def _read_opt_int(r: _Reader) -> int | None:
+    present, value = r.int(), r.int()
+    return value if present else None
+
+
+@functools.cache
+def _codec(tp: Any) -> tuple[_Write, _Read]:
+    """(write, read) for one annotated type; built once per type."""
+    if tp is bool:
+        return (lambda w, x: w.int(int(x))), (lambda r: bool(r.int()))
+    if tp is int:
+        return _Writer.int, _Reader.int
+    if tp is float:
+        return _write_float, (lambda r: word_to_float(r.int()))
+    if tp is str:
+        return _write_str, _read_str
+    if isinstance(tp, type) and issubclass(tp, enum.IntEnum):
+        return (lambda w, x: w.int(int(x))), _read_enum(tp)
+    if dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp)
+        parts = [(f.name, *_codec(hints[f.name])) for f in dataclasses.fields(tp)]
+
+        def write(w: _Writer, obj: Any) -> None:
+            for name, wr, _ in parts:
+                wr(w, getattr(obj, name))
+
+        def read(r: _Reader) -> Any:
+            return tp(*(rd(r) for _, _, rd in parts))
+        return write, read
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is tuple and len(args) == 2 and args[1] is Ellipsis:
+        if args[0] is int:
+            return _write_ints, _read_ints
+        item_write, item_read = _codec(args[0])
+
+        def write_seq(w: _Writer, xs: Sequence[Any]) -> None:
+            w.words.append(len(xs))
+            for x in xs:
+                item_write(w, x)
+        return write_seq, (lambda r: tuple(item_read(r) for _ in range(r.count())))
+    if set(args) == {int, type(None)}:
+        return _write_opt_int, _read_opt_int
+    raise TypeError(f"no wire codec for {tp!r}")
 
 
 # --- messages -----------------------------------------------------------------------------------
@@ -201,19 +262,6 @@ class Sampling:
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
 
-    def _write(self, w: _Writer) -> None:
-        w.float(self.temperature)
-        w.float(self.top_p)
-        w.int(self.top_k)
-        w.opt_int(self.seed)
-        w.int(self.max_tokens)
-        w.int(int(self.ignore_eos))
-        w.ints(self.stop_token_ids)
-
-    @classmethod
-    def _read(cls, r: _Reader) -> Sampling:
-        return cls(r.float(), r.float(), r.int(), r.opt_int(), r.int(), r.bool(), r.ints())
-
 
 @dataclass(frozen=True)
 class Reserve:
@@ -223,15 +271,6 @@ class Reserve:
     req_id: int
     prompt_ids: tuple[int, ...]
     sampling: Sampling
-
-    def _write(self, w: _Writer) -> None:
-        w.int(self.req_id)
-        w.ints(self.prompt_ids)
-        self.sampling._write(w)
-
-    @classmethod
-    def _read(cls, r: _Reader) -> Reserve:
-        return cls(r.int(), r.ints(), Sampling._read(r))
 
 
 @dataclass(frozen=True)
@@ -243,15 +282,6 @@ class Prefill:
     prompt_ids: tuple[int, ...]
     decode_rank: int
 
-    def _write(self, w: _Writer) -> None:
-        w.int(self.req_id)
-        w.ints(self.prompt_ids)
-        w.int(self.decode_rank)
-
-    @classmethod
-    def _read(cls, r: _Reader) -> Prefill:
-        return cls(r.int(), r.ints(), r.int())
-
 
 @dataclass(frozen=True)
 class Abort:
@@ -259,13 +289,6 @@ class Abort:
 
     KIND: ClassVar[Kind] = Kind.ABORT
     req_id: int
-
-    def _write(self, w: _Writer) -> None:
-        w.int(self.req_id)
-
-    @classmethod
-    def _read(cls, r: _Reader) -> Abort:
-        return cls(r.int())
 
 
 @dataclass(frozen=True)
@@ -296,18 +319,6 @@ class KVHeader:
     @property
     def num_tokens(self) -> int:
         return sum(e.num_tokens for e in self.entries)
-
-    def _write(self, w: _Writer) -> None:
-        w.ints([x for e in self.entries for x in (e.req_id, e.num_tokens)])
-        for x in (self.num_layers, self.num_kv_heads, self.head_dim, self.hidden_size,
-                  self.dtype, self.mode):
-            w.int(int(x))
-
-    @classmethod
-    def _read(cls, r: _Reader) -> KVHeader:
-        entries = tuple(KVEntry(*rec) for rec in r.records(2))
-        return cls(entries, r.int(), r.int(), r.int(), r.int(), r.enum(DType),
-                   r.enum(TransferMode))
 
 
 @dataclass(frozen=True)
@@ -342,28 +353,6 @@ class Tokens:
     t: float  # time.time() at the end of the step
     transfers: tuple[TransferRecord, ...] = ()
 
-    def _write(self, w: _Writer) -> None:
-        w.ints([x for e in self.entries
-                for x in (e.req_id, e.token_id, int(e.finished), int(e.finish_reason))])
-        for x in (self.free_blocks, self.total_blocks, self.running, self.waiting):
-            w.int(x)
-        w.float(self.t)
-        w.ints([x for t in self.transfers for x in
-                (t.req_id, t.num_bytes, float_to_word(t.seconds), float_to_word(t.t_end))])
-
-    @classmethod
-    def _read(cls, r: _Reader) -> Tokens:
-        entries = []
-        for req_id, token_id, finished, reason in r.records(4):
-            try:
-                entries.append(TokenEntry(req_id, token_id, bool(finished), FinishReason(reason)))
-            except ValueError:
-                raise ProtocolError(f"TOKENS: {reason} is not a FinishReason") from None
-        free, total, running, waiting, t = r.int(), r.int(), r.int(), r.int(), r.float()
-        transfers = tuple(TransferRecord(q, b, word_to_float(s), word_to_float(e))
-                          for q, b, s, e in r.records(4))
-        return cls(tuple(entries), free, total, running, waiting, t, transfers)
-
 
 @dataclass(frozen=True)
 class Reserved:
@@ -371,28 +360,12 @@ class Reserved:
     req_id: int
     t: float  # time.time() when the blocks were reserved
 
-    def _write(self, w: _Writer) -> None:
-        w.int(self.req_id)
-        w.float(self.t)
-
-    @classmethod
-    def _read(cls, r: _Reader) -> Reserved:
-        return cls(r.int(), r.float())
-
 
 @dataclass(frozen=True)
 class Rejected:
     KIND: ClassVar[Kind] = Kind.REJECTED
     req_id: int
     reason: RejectReason
-
-    def _write(self, w: _Writer) -> None:
-        w.int(self.req_id)
-        w.int(int(self.reason))
-
-    @classmethod
-    def _read(cls, r: _Reader) -> Rejected:
-        return cls(r.int(), r.enum(RejectReason))
 
 
 @dataclass(frozen=True)
@@ -404,16 +377,6 @@ class PrefillDone:
     num_tokens: int
     t_start: float
     t_end: float
-
-    def _write(self, w: _Writer) -> None:
-        w.ints(self.req_ids)
-        w.int(self.num_tokens)
-        w.float(self.t_start)
-        w.float(self.t_end)
-
-    @classmethod
-    def _read(cls, r: _Reader) -> PrefillDone:
-        return cls(r.ints(), r.int(), r.float(), r.float())
 
 
 @dataclass(frozen=True)
@@ -427,15 +390,6 @@ class Stats:
     waiting: int
     queued_tokens: int
 
-    def _write(self, w: _Writer) -> None:
-        for x in (self.free_blocks, self.total_blocks, self.running, self.waiting,
-                  self.queued_tokens):
-            w.int(x)
-
-    @classmethod
-    def _read(cls, r: _Reader) -> Stats:
-        return cls(r.int(), r.int(), r.int(), r.int(), r.int())
-
 
 @dataclass(frozen=True)
 class Fatal:
@@ -445,30 +399,12 @@ class Fatal:
     rank: int
     text: str
 
-    def _write(self, w: _Writer) -> None:
-        w.int(self.rank)
-        w.ints(list(self.text.encode("utf-8")))
-
-    @classmethod
-    def _read(cls, r: _Reader) -> Fatal:
-        rank, raw = r.int(), r.ints()
-        if any(not 0 <= b < 256 for b in raw):
-            raise ProtocolError("FATAL: text is not bytes")
-        return cls(rank, bytes(raw).decode("utf-8", errors="replace"))
-
 
 @dataclass(frozen=True)
 class Heartbeat:
     """Keeps an idle link's group from timing out; receivers drop it."""
 
     KIND: ClassVar[Kind] = Kind.HEARTBEAT
-
-    def _write(self, w: _Writer) -> None:
-        pass
-
-    @classmethod
-    def _read(cls, r: _Reader) -> Heartbeat:
-        return cls()
 
 
 @dataclass(frozen=True)
@@ -477,24 +413,15 @@ class Shutdown:
 
     KIND: ClassVar[Kind] = Kind.SHUTDOWN
 
-    def _write(self, w: _Writer) -> None:
-        pass
-
-    @classmethod
-    def _read(cls, r: _Reader) -> Shutdown:
-        return cls()
-
 
 Message = Union[Reserve, Prefill, Abort, KVHeader, Tokens, Reserved, Rejected, PrefillDone,
                 Stats, Fatal, Heartbeat, Shutdown]
-MESSAGE_TYPES: dict[Kind, type] = {cls.KIND: cls for cls in (
-    Reserve, Prefill, Abort, KVHeader, Tokens, Reserved, Rejected, PrefillDone, Stats, Fatal,
-    Heartbeat, Shutdown)}
+MESSAGE_TYPES: dict[Kind, type] = {cls.KIND: cls for cls in typing.get_args(Message)}
 
 
 def encode(msg: Message) -> list[int]:
     w = _Writer(msg.KIND)
-    msg._write(w)
+    _codec(type(msg))[0](w, msg)
     return w.words
 
 
@@ -512,7 +439,7 @@ def decode(words: list[int]) -> Message:
         known = ", ".join(f"{k.value}={k.name}" for k in Kind)
         raise ProtocolError(f"unknown message kind {code} (known: {known})") from None
     r = _Reader(kind, words)
-    msg = MESSAGE_TYPES[kind]._read(r)
+    msg = _codec(MESSAGE_TYPES[kind])[1](r)
     if r.pos != len(words):
         raise ProtocolError(f"{kind.name} message has {len(words) - r.pos} trailing words "
                             f"({len(words)} words, parsed {r.pos})")
