@@ -1,0 +1,384 @@
+"""`pd-local bench` and `pd-local bench sweep`: argument parsing and orchestration.
+
+Exit codes: 0 the run finished and at least one request succeeded; 1 the run could not start
+or finish usefully (model listing failed, every warm-up request failed, no request succeeded);
+2 bad arguments (argparse's convention), including --plot without matplotlib; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from pd_local.loadtest.client import RequestOptions
+from pd_local.loadtest.metrics import DEFAULT_PERCENTILES, parse_slo, summarize
+from pd_local.loadtest.progress import ProgressBar
+from pd_local.loadtest.report import format_table, json_number, result_json, write_json
+from pd_local.loadtest.runner import BenchError, RunOptions, RunResult, fetch_model, run_benchmark
+from pd_local.loadtest.sweep import SweepCollector, Target, parse_target, sweep_json, sweep_markdown
+from pd_local.loadtest.workloads import (
+    WorkloadConfig, WorkloadError, load_jsonl, make_schedule, warmup_specs,
+)
+
+log = logging.getLogger(__name__)
+
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
+DEFAULT_NUM_PROMPTS = 100
+
+
+# ---- argument types: each raises ArgumentTypeError with a message for the user ----------------
+
+def _rate(text: str) -> float:
+    try:
+        rate = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (or 'inf')") from None
+    if math.isnan(rate) or rate <= 0:
+        raise argparse.ArgumentTypeError(f"{text}: the rate must be > 0 (or 'inf')")
+    return rate
+
+
+def _rates(text: str) -> list[float]:
+    rates = [_rate(part) for part in text.split(",") if part.strip()]
+    if not rates:
+        raise argparse.ArgumentTypeError("no rates given (e.g. --rates 1,2,4)")
+    if any(math.isinf(r) for r in rates):
+        raise argparse.ArgumentTypeError("sweep rates must be finite")
+    return sorted(set(rates))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be >= 1")
+    return n
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be >= 0")
+    return n
+
+
+def _positive_float(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(x) and x > 0):
+        raise argparse.ArgumentTypeError(f"{text}: must be a positive finite number")
+    return x
+
+
+def _range_ratio(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= x < 1.0:
+        raise argparse.ArgumentTypeError(f"{text}: must be in [0, 1)")
+    return x
+
+
+def _fraction(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < x <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text}: must be in (0, 1]")
+    return x
+
+
+def _slo(text: str) -> dict[str, float]:
+    try:
+        return parse_slo(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _percentiles(text: str) -> tuple[float, ...]:
+    try:
+        ps = tuple(float(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected numbers like 90,99") from None
+    if not ps or not all(0 < p < 100 for p in ps):
+        raise argparse.ArgumentTypeError(f"{text!r}: percentiles must be in (0, 100)")
+    return ps
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return obj
+
+
+def _target(text: str) -> Target:
+    try:
+        return parse_target(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+# ---- parsers ------------------------------------------------------------------------------------
+
+def build_parser(sweep: bool) -> argparse.ArgumentParser:
+    """The parser of `pd-local bench` (sweep=False) or `pd-local bench sweep`."""
+    if sweep:
+        p = argparse.ArgumentParser(
+            prog="pd-local bench sweep",
+            description="One benchmark run per (target, rate); SLO attainment and goodput vs "
+                        "rate per target, and the goodput ratio at an attainment goal.")
+        p.add_argument("--target", type=_target, action="append", required=True,
+                       metavar="NAME=URL", help="a server under test (repeat for each)")
+        p.add_argument("--rates", type=_rates, required=True, metavar="R1,R2,...",
+                       help="request rates (req/s) to test, each a separate run")
+        p.add_argument("--attainment", type=_fraction, default=0.9,
+                       help="SLO attainment goal for the goodput comparison (default 0.9)")
+        p.add_argument("--output-dir", type=Path, default=Path("bench-sweep"),
+                       help="where sweep.json, sweep.md, sweep.png and runs/ go")
+        p.add_argument("--no-plot", action="store_true", help="skip sweep.png")
+    else:
+        p = argparse.ArgumentParser(
+            prog="pd-local bench",
+            description="Load-test an OpenAI-compatible server with streamed requests. "
+                        "`pd-local bench sweep --help` for rate sweeps.")
+        p.add_argument("--base-url", default="http://127.0.0.1:8000",
+                       help="server root (default http://127.0.0.1:8000)")
+        p.add_argument("--request-rate", type=_rate, default=math.inf,
+                       help="mean arrivals per second; inf (default) sends all at once")
+        p.add_argument("--result-file", type=Path, help="write the result JSON here")
+        p.add_argument("--plot", type=Path, metavar="DIR",
+                       help="write ttft.png, itl.png, timeline.png into DIR (needs matplotlib)")
+    p.add_argument("--endpoint", choices=ENDPOINTS, default="/v1/chat/completions")
+    p.add_argument("--model", help="model name to send (default: first of GET /v1/models)")
+    p.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
+    g = p.add_argument_group("workload")
+    g.add_argument("--workload", choices=("random", "jsonl", "interference"),
+                   help="default: jsonl with --dataset, random otherwise")
+    g.add_argument("--dataset", type=Path, metavar="FILE",
+                   help="JSONL: {prompt | messages, output_len?} per line")
+    g.add_argument("--input-len", type=_positive_int, default=256,
+                   help="random prompt length in words (~tokens; default 256)")
+    g.add_argument("--output-len", type=_positive_int, default=128,
+                   help="max_tokens (default 128; also the dataset default)")
+    g.add_argument("--range-ratio", type=_range_ratio, default=0.0,
+                   help="lengths uniform in [len*(1-r), len*(1+r)] (default 0)")
+    g.add_argument("--long-input-len", type=_positive_int, default=4096,
+                   help="interference: long prompt length in words (default 4096)")
+    g.add_argument("--long-output-len", type=_positive_int, default=16,
+                   help="interference: long prompt's max_tokens (default 16)")
+    g.add_argument("--long-every", type=_positive_float, default=5.0, metavar="T",
+                   help="interference: a long prompt at T, 2T, ... seconds (default 5)")
+    g.add_argument("--ignore-eos", action="store_true",
+                   help="send ignore_eos: true so outputs are exactly max_tokens long")
+    g.add_argument("--extra-body", type=_json_object, default={}, metavar="JSON",
+                   help="JSON object merged into every request body")
+    t = p.add_argument_group("load")
+    t.add_argument("--num-prompts", type=_positive_int,
+                   help=f"requests to send (default {DEFAULT_NUM_PROMPTS} unless --duration)")
+    t.add_argument("--duration", type=_positive_float, metavar="S",
+                   help="stop sending after S seconds (with --num-prompts: whichever first)")
+    t.add_argument("--burstiness", type=_positive_float, default=1.0,
+                   help="gamma shape of inter-arrival times: 1 Poisson, <1 burstier")
+    t.add_argument("--max-concurrency", type=_positive_int,
+                   help="at most this many requests in flight")
+    t.add_argument("--warmup", type=_nonneg_int, default=0, metavar="N",
+                   help="send N untimed requests first")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--timeout", type=_positive_float, default=300.0,
+                   help="seconds allowed per request, whole stream (default 300)")
+    m = p.add_argument_group("metrics")
+    m.add_argument("--slo", type=_slo, metavar="ttft=MS,tpot=MS,e2el=MS",
+                   help="a request is good if it meets every bound given"
+                        + (" (required)" if sweep else ""))
+    m.add_argument("--percentiles", type=_percentiles, default=DEFAULT_PERCENTILES,
+                   metavar="90,99", help="percentiles to report (default 90,99)")
+    m.add_argument("--save-detailed", action="store_true",
+                   help="add per-request arrays to the result JSON")
+    m.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _check(p: argparse.ArgumentParser, args: argparse.Namespace, rates: Sequence[float]
+           ) -> WorkloadConfig:
+    """Cross-option checks (p.error exits with code 2); returns the workload config."""
+    name = args.workload or ("jsonl" if args.dataset else "random")
+    if name == "jsonl":
+        if args.dataset is None:
+            p.error("--workload jsonl needs --dataset FILE")
+        if not args.dataset.is_file():
+            p.error(f"--dataset: no such file: {args.dataset}")
+        try:
+            load_jsonl(args.dataset, args.output_len)
+        except WorkloadError as e:
+            p.error(str(e))
+    elif args.dataset is not None:
+        p.error(f"--dataset is only read by --workload jsonl (got --workload {name})")
+    for rate in rates:
+        if math.isinf(rate) and args.duration is not None and args.max_concurrency is None:
+            p.error("--duration with --request-rate inf needs --max-concurrency "
+                    "(otherwise requests would be sent without bound)")
+        if math.isinf(rate) and name == "interference":
+            p.error("--workload interference needs a finite --request-rate")
+    return WorkloadConfig(name=name, input_len=args.input_len, output_len=args.output_len,
+                          range_ratio=args.range_ratio, dataset=args.dataset,
+                          long_input_len=args.long_input_len,
+                          long_output_len=args.long_output_len, long_every=args.long_every)
+
+
+def _num_prompts(args: argparse.Namespace) -> int | None:
+    if args.num_prompts is None and args.duration is None:
+        return DEFAULT_NUM_PROMPTS
+    return args.num_prompts
+
+
+def _meta(args: argparse.Namespace, wl: WorkloadConfig, base_url: str, model: str,
+          rate: float, issued: int) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "endpoint_type": "openai-chat" if args.endpoint == ENDPOINTS[0] else "openai",
+        "base_url": base_url, "endpoint": args.endpoint, "model_id": model,
+        "workload": wl.name, "num_prompts": issued, "request_rate": json_number(rate),
+        "burstiness": args.burstiness, "max_concurrency": args.max_concurrency,
+        "duration_limit": args.duration, "warmup": args.warmup, "seed": args.seed,
+        "ignore_eos": args.ignore_eos, "slo_ms": args.slo,
+        "percentiles": list(args.percentiles),
+    }
+    if wl.name == "jsonl":
+        meta["dataset"] = str(wl.dataset)
+    else:
+        meta.update(input_len=wl.input_len, output_len=wl.output_len, range_ratio=wl.range_ratio)
+    if wl.name == "interference":
+        meta.update(long_input_len=wl.long_input_len, long_output_len=wl.long_output_len,
+                    long_every=wl.long_every)
+    return meta
+
+
+def _resolve_model(args: argparse.Namespace, base_url: str) -> str:
+    if args.model:
+        return str(args.model)
+    return asyncio.run(fetch_model(base_url, args.api_key, min(args.timeout, 30.0)))
+
+
+def _run_once(args: argparse.Namespace, wl: WorkloadConfig, base_url: str, model: str,
+              rate: float) -> tuple[dict[str, Any], dict[str, Any], RunResult]:
+    """One benchmark run; returns (meta, summary, run)."""
+    chat = args.endpoint == ENDPOINTS[0]
+    num = _num_prompts(args)
+    schedule = make_schedule(wl, rate, args.burstiness, num, args.duration, args.seed, chat)
+    opts = RunOptions(
+        request=RequestOptions(url=base_url.rstrip("/") + args.endpoint, model=model, chat=chat,
+                               api_key=args.api_key, ignore_eos=args.ignore_eos,
+                               timeout=args.timeout, extra_body=args.extra_body),
+        max_concurrency=args.max_concurrency, duration=args.duration)
+    progress = ProgressBar(num, args.duration, enabled=not args.quiet)
+    run = asyncio.run(run_benchmark(schedule, opts, warmup_specs(wl, args.warmup, args.seed, chat),
+                                    progress))
+    summary = summarize(run.results, run.duration, args.slo, args.percentiles)
+    return _meta(args, wl, base_url, model, rate, len(run.results)), summary, run
+
+
+def bench_main(argv: list[str]) -> int:
+    p = build_parser(sweep=False)
+    args = p.parse_args(argv)
+    wl = _check(p, args, [args.request_rate])
+    if args.plot is not None:
+        from pd_local.loadtest.plots import PlotUnavailable, require_matplotlib
+        try:
+            require_matplotlib()
+        except PlotUnavailable as e:
+            p.error(f"--plot: {e}")
+    try:
+        model = _resolve_model(args, args.base_url)
+        meta, summary, run = _run_once(args, wl, args.base_url, model, args.request_rate)
+    except (BenchError, WorkloadError) as e:
+        print(f"pd-local bench: {e}", file=sys.stderr)
+        return 1
+    print(format_table(meta, summary, args.percentiles))
+    if args.result_file is not None:
+        write_json(args.result_file, result_json(meta, summary, run, args.save_detailed))
+        print(f"result: {args.result_file}")
+    if args.plot is not None:
+        from pd_local.loadtest.plots import plot_run
+        for path in plot_run(run, args.plot):
+            print(f"plot: {path}")
+    return 0 if summary["completed"] > 0 else 1
+
+
+def sweep_main(argv: list[str]) -> int:
+    p = build_parser(sweep=True)
+    args = p.parse_args(argv)
+    if args.slo is None:
+        p.error("sweep needs --slo (attainment is measured against it)")
+    names = [t.name for t in args.target]
+    if len(set(names)) != len(names):
+        p.error(f"--target names must be unique (got {', '.join(names)})")
+    wl = _check(p, args, args.rates)
+    if not args.no_plot:
+        from pd_local.loadtest.plots import PlotUnavailable, require_matplotlib
+        try:
+            require_matplotlib()
+        except PlotUnavailable as e:
+            p.error(f"the sweep plot: {e}; or pass --no-plot")
+    collector = SweepCollector(args.target, args.rates, args.attainment, args.slo)
+    out = args.output_dir
+    try:
+        models = {t.name: _resolve_model(args, t.base_url) for t in args.target}
+        # Rate-major order: a drift of the host over time then affects every target alike.
+        for rate in args.rates:
+            for t in args.target:
+                meta, summary, run = _run_once(args, wl, t.base_url, models[t.name], rate)
+                path = out / "runs" / f"{t.name}_rate{rate:g}.json"
+                write_json(path, result_json(meta, summary, run, args.save_detailed))
+                collector.add(t, rate, summary, str(path))
+                if not args.quiet:
+                    att = summary["slo_attainment"]
+                    print(f"[{t.name}] rate {rate:g} req/s: attainment "
+                          f"{'-' if att is None else f'{100 * att:.1f}%'}, goodput "
+                          f"{summary['request_goodput'] or 0:.2f} req/s, "
+                          f"{summary['failed']} failed", file=sys.stderr)
+    except (BenchError, WorkloadError) as e:
+        print(f"pd-local bench sweep: {e}", file=sys.stderr)
+        return 1
+    data = sweep_json(collector)
+    write_json(out / "sweep.json", data)
+    md = sweep_markdown(data)
+    (out / "sweep.md").write_text(md, encoding="utf-8")
+    print(md)
+    print(f"results: {out / 'sweep.json'}, {out / 'sweep.md'}")
+    if not args.no_plot:
+        from pd_local.loadtest.plots import plot_sweep
+        print(f"plot: {plot_sweep(data, out / 'sweep.png')}")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of `pd-local bench [sweep] ...`; returns the exit code (module docstring)."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="pd-local bench: %(message)s")
+    try:
+        if argv and argv[0] == "sweep":
+            return sweep_main(argv[1:])
+        return bench_main(argv)
+    except SystemExit as e:  # argparse: --help (0) and usage errors (2)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    except KeyboardInterrupt:
+        print("pd-local bench: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,297 @@
+"""One streamed OpenAI request -> one `RequestResult`.
+
+Timing definitions (all from the client's monotonic clock, `time.perf_counter`):
+
+- send: just before the request is written (after any `--max-concurrency` wait).
+- a content chunk: an SSE event whose first choice carries non-empty text (`delta.content`,
+  `delta.reasoning_content` or `delta.reasoning` on chat, `text` on completions); it is stamped
+  with the arrival of the bytes that completed the event. Role-only, finish-only and usage-only
+  chunks are not tokens.
+- TTFT: send -> first content chunk. E2EL: send -> last content chunk (so the usage chunk and
+  `[DONE]` do not count, as in vLLM's `bench serve`).
+- tokens per chunk: 1, unless the chunk carries a cumulative `usage.completion_tokens` (vLLM's
+  `continuous_usage_stats`), in which case the difference from the previous count.
+- output tokens: the final `usage.completion_tokens` when the server sends one, else the sum of
+  tokens per chunk.
+- ITL: one value per output token after the first: a chunk's first token gets the gap since the
+  previous chunk, each further token in the same chunk gets 0 (it became visible at the same
+  instant), and tokens the usage counts but no chunk showed (e.g. EOS) get 0. Hence
+  `len(itl) == output_tokens - 1`, `sum(itl) == e2el - ttft` and `mean(itl) == tpot` whenever the
+  usage total is at least the chunk count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from pd_local.loadtest.sse import SSEDecoder
+from pd_local.loadtest.workloads import RequestSpec
+
+log = logging.getLogger(__name__)
+
+ERROR_BODY_CHARS = 300
+
+
+@dataclass
+class RequestResult:
+    """Everything measured about one request. Times are seconds; `start` is relative to the
+    timed run's start, `chunk_times` to this request's send time.
+
+    `success` is False when the request got an HTTP error, raised, timed out, carried an error
+    event, ended before `[DONE]`/`finish_reason`, or produced no content; `error` then says why.
+    """
+
+    index: int
+    kind: str
+    input_len: int
+    requested_output_len: int
+    start: float = 0.0
+    success: bool = False
+    error: str = ""
+    ttft: float | None = None
+    e2el: float | None = None
+    output_tokens: int = 0
+    chunk_times: list[float] = field(default_factory=list)
+    chunk_tokens: list[int] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    server_timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def tpot(self) -> float | None:
+        """(E2EL - TTFT) / (output tokens - 1); None for failures and single-token outputs."""
+        if not self.success or self.ttft is None or self.e2el is None or self.output_tokens < 2:
+            return None
+        return (self.e2el - self.ttft) / (self.output_tokens - 1)
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    """Per-request constants shared by a run."""
+
+    url: str
+    model: str
+    chat: bool
+    api_key: str | None = None
+    ignore_eos: bool = False
+    timeout: float = 300.0
+    extra_body: dict[str, Any] = field(default_factory=dict)
+
+
+def build_payload(spec: RequestSpec, opts: RequestOptions) -> dict[str, Any]:
+    """The JSON body: streamed, with usage, `max_tokens` = the spec's output length."""
+    body: dict[str, Any] = {"model": opts.model}
+    if opts.chat:
+        body["messages"] = spec.messages
+    else:
+        body["prompt"] = spec.prompt
+    body["max_tokens"] = spec.output_len
+    body["stream"] = True
+    body["stream_options"] = {"include_usage": True}
+    if opts.ignore_eos:
+        body["ignore_eos"] = True
+    body.update(opts.extra_body)
+    return body
+
+
+def build_headers(opts: RequestOptions) -> dict[str, str]:
+    headers = {"Accept": "text/event-stream"}
+    if opts.api_key:
+        headers["Authorization"] = f"Bearer {opts.api_key}"
+    return headers
+
+
+def token_gaps(chunk_times: list[float], chunk_tokens: list[int], total_tokens: int
+               ) -> list[float]:
+    """Per-token inter-token latencies from content-chunk arrival times (module docstring)."""
+    gaps: list[float] = []
+    for k, (t, n) in enumerate(zip(chunk_times, chunk_tokens)):
+        if k > 0:
+            gaps.append(t - chunk_times[k - 1])
+        gaps.extend([0.0] * (n - 1))
+    shown = sum(chunk_tokens)
+    if total_tokens > shown:
+        gaps.extend([0.0] * (total_tokens - shown))
+    return gaps
+
+
+def flatten_numbers(obj: Any, prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a JSON value, keyed by their dotted path (bools are not numbers)."""
+    out: dict[str, float] = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(flatten_numbers(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool) and math.isfinite(obj):
+        out[prefix] = float(obj)
+    return out
+
+
+def error_message(status: int, body: bytes) -> str:
+    """`HTTP <status>: <message>` from an OpenAI-style error body, or its first bytes."""
+    text = body.decode("utf-8", errors="replace").strip()
+    msg = text
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        obj = None
+    if isinstance(obj, dict):
+        err = obj.get("error", obj)
+        if isinstance(err, dict):
+            msg = str(err.get("message") or err.get("detail") or err)
+        elif err is not None:
+            msg = str(err)
+        elif obj.get("detail") is not None:
+            msg = str(obj["detail"])
+    if len(msg) > ERROR_BODY_CHARS:
+        msg = msg[:ERROR_BODY_CHARS] + "..."
+    return f"HTTP {status}: {msg}" if msg else f"HTTP {status}"
+
+
+def _chunk_text(choice: dict[str, Any], chat: bool) -> str:
+    if chat:
+        delta = choice.get("delta") or {}
+        for key in ("content", "reasoning_content", "reasoning"):
+            val = delta.get(key)
+            if isinstance(val, str) and val:
+                return val
+        return ""
+    val = choice.get("text")
+    return val if isinstance(val, str) else ""
+
+
+class _Stream:
+    """Mutable state of one response while it streams; fills `res` in place so that a timeout
+    or a dropped connection keeps what arrived."""
+
+    def __init__(self, res: RequestResult, chat: bool, t_send: float) -> None:
+        self.res = res
+        self.chat = chat
+        self.t_send = t_send
+        self.done = False
+        self.usage_prompt: int | None = None
+        self.usage_completion: int | None = None
+        self._cum: int = 0  # tokens accounted for by content chunks so far
+
+    def on_data(self, data: str, event: str, t: float) -> str | None:
+        """Handle one event's data; return an error string to stop the stream."""
+        if data.strip() == "[DONE]":
+            self.done = True
+            return None
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return f"malformed SSE data: {data[:100]!r}"
+        if not isinstance(obj, dict):
+            return f"unexpected SSE data: {data[:100]!r}"
+        if event == "error" or obj.get("error") is not None:
+            err = obj.get("error", obj)
+            msg = err.get("message", err) if isinstance(err, dict) else err
+            return f"stream error: {msg}"
+        usage = obj.get("usage")
+        ct: int | None = None
+        if isinstance(usage, dict):
+            if isinstance(usage.get("prompt_tokens"), int):
+                self.usage_prompt = usage["prompt_tokens"]
+            if isinstance(usage.get("completion_tokens"), int):
+                ct = usage["completion_tokens"]
+                self.usage_completion = ct
+        if isinstance(obj.get("pd_local"), dict):
+            self.res.server_timings.update(flatten_numbers(obj["pd_local"]))
+        choices = obj.get("choices")
+        if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+            choice = choices[0]
+            if choice.get("finish_reason"):
+                self.res.finish_reason = str(choice["finish_reason"])
+            if _chunk_text(choice, self.chat):
+                n = 1
+                if ct is not None and ct > self._cum:
+                    n = ct - self._cum
+                self._cum += n
+                self.res.chunk_times.append(t - self.t_send)
+                self.res.chunk_tokens.append(n)
+        return None
+
+    def finish(self) -> None:
+        """Derive TTFT, E2EL, token count and ITL; decide success if no error was recorded."""
+        res = self.res
+        if self.usage_prompt is not None:
+            res.input_len = self.usage_prompt
+        shown = sum(res.chunk_tokens)
+        res.output_tokens = self.usage_completion if self.usage_completion is not None else shown
+        if res.chunk_times:
+            res.ttft = res.chunk_times[0]
+            res.e2el = res.chunk_times[-1]
+            res.itl = token_gaps(res.chunk_times, res.chunk_tokens, res.output_tokens)
+        if res.error:
+            return
+        if not self.done and res.finish_reason is None:
+            res.error = "stream ended before [DONE]"
+        elif not res.chunk_times:
+            res.error = "no content tokens in the response"
+        else:
+            res.success = True
+
+
+async def _stream(client: httpx.AsyncClient, opts: RequestOptions, payload: dict[str, Any],
+                  headers: dict[str, str], st: _Stream) -> None:
+    async with client.stream("POST", opts.url, json=payload, headers=headers) as resp:
+        if resp.status_code != 200:
+            st.res.error = error_message(resp.status_code, await resp.aread())
+            return
+        decoder = SSEDecoder()
+        # After [DONE] the body is still read to its end (servers close it at once), so that
+        # the connection goes back to the pool instead of a new one adding to the next TTFT.
+        async for chunk in resp.aiter_bytes():
+            if st.done:
+                continue
+            t = time.perf_counter()
+            for ev in decoder.feed(chunk):
+                err = st.on_data(ev.data, ev.event, t)
+                if err:
+                    st.res.error = err
+                    return
+                if st.done:
+                    break
+        if st.done:
+            return
+        t = time.perf_counter()
+        for ev in decoder.flush():
+            err = st.on_data(ev.data, ev.event, t)
+            if err:
+                st.res.error = err
+                return
+
+
+async def send_request(client: httpx.AsyncClient, opts: RequestOptions, spec: RequestSpec,
+                       index: int, t_run0: float) -> RequestResult:
+    """Send one streamed request and measure it. Never raises (except on cancellation): every
+    failure is recorded in the result. `opts.timeout` bounds the whole request."""
+    res = RequestResult(index=index, kind=spec.kind, input_len=spec.input_len,
+                        requested_output_len=spec.output_len)
+    payload = build_payload(spec, opts)
+    headers = build_headers(opts)
+    t_send = time.perf_counter()
+    res.start = t_send - t_run0
+    st = _Stream(res, opts.chat, t_send)
+    try:
+        await asyncio.wait_for(_stream(client, opts, payload, headers, st), opts.timeout)
+    except asyncio.TimeoutError:
+        if not st.done:  # a server that keeps the body open after [DONE] is not a failure
+            res.error = f"timeout: no complete response within {opts.timeout:g} s"
+    except httpx.HTTPError as e:
+        res.error = f"{type(e).__name__}: {e}" + (
+            f" (after {len(res.chunk_times)} content chunks)" if res.chunk_times else "")
+    except OSError as e:
+        res.error = f"{type(e).__name__}: {e}"
+    st.finish()
+    if not res.success:
+        log.debug("request %d failed: %s", index, res.error)
+    return res

@@ -1,0 +1,143 @@
+"""The asyncio driver: warm-up, then the timed run on the workload's schedule.
+
+Contract: `run_benchmark` sends each scheduled request at (or, when `max_concurrency` requests
+are already in flight, as soon as possible after) its offset; it stops issuing when the schedule
+ends or `duration` has elapsed, then waits for in-flight requests (each bounded by the request
+timeout). The run's duration is first send -> last request finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass
+from typing import Iterable
+
+import httpx
+
+from pd_local.loadtest.client import RequestOptions, RequestResult, send_request
+from pd_local.loadtest.progress import ProgressBar
+from pd_local.loadtest.workloads import RequestSpec, Scheduled
+
+log = logging.getLogger(__name__)
+
+
+class BenchError(RuntimeError):
+    """The run cannot go on (e.g. every warm-up request failed); the message says why."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    request: RequestOptions
+    max_concurrency: int | None = None
+    duration: float | None = None
+
+
+@dataclass
+class RunResult:
+    """Results in send order. `started_at`: wall-clock ISO time of the run's start;
+    `start_monotonic`: the same instant on `time.perf_counter()` (CLOCK_MONOTONIC on Linux, so
+    `start_monotonic + result.start` lines up with traces of a server on the same host)."""
+
+    results: list[RequestResult]
+    duration: float
+    started_at: str
+    start_monotonic: float
+
+
+def make_client(opts: RunOptions) -> httpx.AsyncClient:
+    """One client per run. No connection cap unless `max_concurrency` (a pool cap would add
+    queueing inside httpx to the measured TTFT); environment proxies are ignored so that the
+    traffic goes to the server named, not through a proxy."""
+    limits = httpx.Limits(max_connections=opts.max_concurrency,
+                          max_keepalive_connections=opts.max_concurrency)
+    return httpx.AsyncClient(timeout=httpx.Timeout(opts.request.timeout), limits=limits,
+                             trust_env=False)
+
+
+async def fetch_model(base_url: str, api_key: str | None, timeout: float) -> str:
+    """The first model id from `GET {base_url}/v1/models`. Raises BenchError if unavailable."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    url = base_url.rstrip("/") + "/v1/models"
+    try:
+        async with httpx.AsyncClient(timeout=timeout, trust_env=False) as client:
+            resp = await client.get(url, headers=headers)
+            resp.raise_for_status()
+            return str(resp.json()["data"][0]["id"])
+    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as e:
+        reason = str(e).splitlines()[0] if str(e) else ""
+        raise BenchError(f"cannot list models at {url} ({type(e).__name__}: {reason}); "
+                         "pass --model") from e
+
+
+async def _warmup(client: httpx.AsyncClient, opts: RunOptions, specs: list[RequestSpec]) -> None:
+    sem = asyncio.Semaphore(opts.max_concurrency or len(specs))
+
+    async def one(i: int, spec: RequestSpec) -> RequestResult:
+        async with sem:
+            return await send_request(client, opts.request, spec, i, time.perf_counter())
+
+    results = await asyncio.gather(*(one(i, s) for i, s in enumerate(specs)))
+    failed = [r for r in results if not r.success]
+    if failed and len(failed) == len(results):
+        raise BenchError(f"all {len(results)} warm-up requests failed; first error: "
+                         f"{failed[0].error}")
+    if failed:
+        log.warning("%d of %d warm-up requests failed; first error: %s", len(failed),
+                    len(results), failed[0].error)
+
+
+async def run_benchmark(schedule: Iterable[Scheduled], opts: RunOptions,
+                        warmup: list[RequestSpec] | None = None,
+                        progress: ProgressBar | None = None) -> RunResult:
+    """Warm up (results discarded), then run `schedule`; see the module contract."""
+    async with make_client(opts) as client:
+        if warmup:
+            await _warmup(client, opts, warmup)
+        sem = asyncio.Semaphore(opts.max_concurrency) if opts.max_concurrency else None
+        tasks: list[asyncio.Task[RequestResult]] = []
+
+        async def one(spec: RequestSpec, index: int, t0: float) -> RequestResult:
+            try:
+                res = await send_request(client, opts.request, spec, index, t0)
+            finally:
+                if sem is not None:
+                    sem.release()
+            if progress is not None:
+                progress.done(res.success)
+            return res
+
+        ticker: asyncio.Task[None] | None = None
+        if progress is not None and progress.enabled:
+            async def tick() -> None:
+                while True:
+                    await asyncio.sleep(0.5)
+                    progress.tick()
+            ticker = asyncio.create_task(tick())
+
+        started_at = dt.datetime.now().isoformat(timespec="seconds")
+        t0 = time.perf_counter()
+        try:
+            for item in schedule:
+                delay = t0 + item.offset - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if sem is not None:
+                    await sem.acquire()
+                if opts.duration is not None and time.perf_counter() - t0 >= opts.duration:
+                    if sem is not None:
+                        sem.release()
+                    break
+                tasks.append(asyncio.create_task(one(item.spec, len(tasks), t0)))
+            results = list(await asyncio.gather(*tasks))
+        finally:
+            if ticker is not None:
+                ticker.cancel()
+            for task in tasks:
+                task.cancel()
+        duration = time.perf_counter() - t0
+        if progress is not None:
+            progress.close()
+    return RunResult(results, duration, started_at, t0)

@@ -1,0 +1,244 @@
+"""What the load test sends, and when.
+
+A workload is an iterator of `Scheduled(offset, spec)`: `offset` is the send time in seconds after
+the start of the timed run, non-decreasing; `spec` is one request's content. Iterators may be
+unbounded (a `--duration` run at `--request-rate inf`); the runner stops them on its clock.
+
+Without a tokenizer, "tokens" in the random workloads are words drawn from `WORDS`, a fixed list of
+common short English words, each one token when preceded by a space (checked with SmolLM2's
+tokenizer: n random words encode to exactly n tokens; other common BPE vocabularies keep such
+words whole too). The chat template adds its own few tokens on `/v1/chat/completions`. The
+server's `usage.prompt_tokens`, when it sends one, replaces this estimate in the metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+# Common words that are one token each (with a leading space) in the usual BPE vocabularies.
+# Keep it that way when editing: n words must stay n tokens.
+WORDS: tuple[str, ...] = (
+    "the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "was", "with", "be", "by",
+    "on", "not", "he", "this", "are", "or", "his", "from", "at", "which", "but", "have", "an",
+    "had", "they", "you", "were", "their", "one", "all", "we", "can", "her", "has", "there",
+    "been", "if", "more", "when", "will", "would", "who", "so", "no", "out", "up", "into", "do",
+    "than", "time", "some", "could", "them", "other", "new", "what", "then", "only", "about",
+    "its", "may", "first", "any", "like", "now", "my", "such", "over", "also", "most", "made",
+    "after", "many", "before", "must", "through", "back", "years", "where", "much", "your",
+    "way", "well", "down", "should", "because", "each", "just", "those", "people", "how", "too",
+    "little", "state", "good", "very", "make", "world", "still", "own", "see", "men", "work",
+    "long", "here", "get", "both", "between", "life", "being", "under", "never", "day", "same",
+    "another", "know", "while", "last", "might", "us", "great", "old", "year", "off", "come",
+    "since", "against", "go", "came", "right", "used", "take", "three", "water", "house",
+)
+
+KIND_DEFAULT = "request"
+KIND_SHORT = "short"
+KIND_LONG = "long"
+
+
+class WorkloadError(ValueError):
+    """A workload cannot be built from the given options or dataset (a user error)."""
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """One request's content.
+
+    Exactly one of `prompt` (for /v1/completions) and `messages` (for /v1/chat/completions) is
+    set once `for_endpoint` has been applied. `input_len` is the client-side estimate of prompt
+    tokens (words for generated prompts, whitespace-separated words for datasets).
+    """
+
+    prompt: str | None
+    messages: list[dict[str, str]] | None
+    input_len: int
+    output_len: int
+    kind: str = KIND_DEFAULT
+
+    def for_endpoint(self, chat: bool) -> RequestSpec:
+        """Return the spec in the shape the endpoint takes (a prompt becomes one user message)."""
+        if chat and self.messages is None:
+            return RequestSpec(None, [{"role": "user", "content": self.prompt or ""}],
+                               self.input_len, self.output_len, self.kind)
+        if not chat and self.prompt is None:
+            raise WorkloadError("a dataset entry has `messages`, but /v1/completions takes a "
+                                "`prompt`: use --endpoint /v1/chat/completions")
+        return self
+
+
+@dataclass(frozen=True)
+class Scheduled:
+    """A request and its send time, `offset` seconds after the timed run starts."""
+
+    offset: float
+    spec: RequestSpec
+
+
+@dataclass(frozen=True)
+class WorkloadConfig:
+    """Options that define the requests (not the timing), validated by the CLI."""
+
+    name: str = "random"  # random | jsonl | interference
+    input_len: int = 256
+    output_len: int = 128
+    range_ratio: float = 0.0
+    dataset: Path | None = None
+    long_input_len: int = 4096
+    long_output_len: int = 16
+    long_every: float = 5.0
+
+
+def random_words(rng: np.random.Generator, n: int) -> str:
+    """`n` words from `WORDS`, space-separated (about `n` tokens)."""
+    idx = rng.integers(0, len(WORDS), size=n)
+    return " ".join(WORDS[i] for i in idx)
+
+
+def spread(rng: np.random.Generator, mean: int, range_ratio: float) -> int:
+    """A length drawn uniformly from [mean*(1-r), mean*(1+r)] (integers, at least 1)."""
+    if range_ratio <= 0:
+        return max(1, mean)
+    lo = max(1, math.floor(mean * (1 - range_ratio)))
+    hi = max(lo, math.ceil(mean * (1 + range_ratio)))
+    return int(rng.integers(lo, hi + 1))
+
+
+def random_spec(rng: np.random.Generator, cfg: WorkloadConfig, kind: str = KIND_DEFAULT
+                ) -> RequestSpec:
+    """A random-words prompt with lengths from `cfg.input_len/output_len/range_ratio`."""
+    n_in = spread(rng, cfg.input_len, cfg.range_ratio)
+    n_out = spread(rng, cfg.output_len, cfg.range_ratio)
+    return RequestSpec(random_words(rng, n_in), None, n_in, n_out, kind)
+
+
+def long_spec(rng: np.random.Generator, cfg: WorkloadConfig) -> RequestSpec:
+    """The interference workload's long prompt (exact lengths, no spread)."""
+    return RequestSpec(random_words(rng, cfg.long_input_len), None, cfg.long_input_len,
+                       cfg.long_output_len, KIND_LONG)
+
+
+def load_jsonl(path: Path, default_output_len: int) -> list[RequestSpec]:
+    """Read a dataset: one JSON object a line with `prompt` (str) or `messages` (list of
+    {role, content}), and optionally `output_len` (int). Blank lines are skipped.
+
+    Raises `WorkloadError` naming the file and line for anything else.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise WorkloadError(f"--dataset: cannot read {path}: {e.strerror or e}") from e
+    specs: list[RequestSpec] = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise WorkloadError(f"{where}: not valid JSON ({e.msg})") from e
+        if not isinstance(obj, dict):
+            raise WorkloadError(f"{where}: expected a JSON object")
+        out_len = obj.get("output_len", default_output_len)
+        if not isinstance(out_len, int) or isinstance(out_len, bool) or out_len < 1:
+            raise WorkloadError(f"{where}: output_len must be a positive integer")
+        if isinstance(obj.get("prompt"), str):
+            prompt = obj["prompt"]
+            specs.append(RequestSpec(prompt, None, max(1, len(prompt.split())), out_len))
+        elif isinstance(obj.get("messages"), list):
+            msgs = obj["messages"]
+            if not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in msgs):
+                raise WorkloadError(f"{where}: each message needs a string `content`")
+            n_in = sum(len(m["content"].split()) for m in msgs)
+            specs.append(RequestSpec(None, msgs, max(1, n_in), out_len))
+        else:
+            raise WorkloadError(f"{where}: needs a string `prompt` or a list `messages`")
+    if not specs:
+        raise WorkloadError(f"--dataset: {path} holds no requests")
+    return specs
+
+
+def arrival_gaps(rng: np.random.Generator, rate: float, burstiness: float) -> Iterator[float]:
+    """Endless inter-arrival times with mean `1/rate`: gamma(shape=burstiness,
+    scale=1/(rate*burstiness)). burstiness 1 is a Poisson process; below 1 is burstier, above 1
+    more regular. `rate = inf` gives zeros (everything at once)."""
+    if math.isinf(rate):
+        while True:
+            yield 0.0
+    scale = 1.0 / (rate * burstiness)
+    while True:
+        # Draw in blocks: one numpy call per 256 arrivals, identical sequence for a given seed.
+        yield from rng.gamma(burstiness, scale, size=256).tolist()
+
+
+def arrival_offsets(rng: np.random.Generator, rate: float, burstiness: float,
+                    num: int | None, duration: float | None) -> Iterator[float]:
+    """Send offsets: the first at 0, then cumulative gaps; stops after `num` arrivals or at the
+    first offset >= `duration` (whichever comes first; both None means endless)."""
+    t = 0.0
+    count = 0
+    gaps = arrival_gaps(rng, rate, burstiness)
+    while num is None or count < num:
+        if duration is not None and t >= duration:
+            return
+        yield t
+        count += 1
+        t += next(gaps)
+
+
+def make_schedule(cfg: WorkloadConfig, rate: float, burstiness: float, num: int | None,
+                  duration: float | None, seed: int, chat: bool) -> Iterator[Scheduled]:
+    """The timed run's requests. Deterministic for a given seed (the same prompts and times for
+    every target of a sweep).
+
+    interference: short chats (`input_len`/`output_len`) arrive at `rate`; a long prompt is sent
+    at `long_every`, 2*`long_every`, ... while earlier than the run's horizon (`duration`, or
+    the last short arrival when only `num` bounds the run); `num` counts short requests only.
+    jsonl: dataset entries in file order, cycling when `num` exceeds the file.
+    """
+    rng_time = np.random.default_rng([seed, 0])
+    rng_text = np.random.default_rng([seed, 1])
+    offsets = arrival_offsets(rng_time, rate, burstiness, num, duration)
+    if cfg.name == "random":
+        for off in offsets:
+            yield Scheduled(off, random_spec(rng_text, cfg).for_endpoint(chat))
+    elif cfg.name == "jsonl":
+        assert cfg.dataset is not None
+        data = [s.for_endpoint(chat) for s in load_jsonl(cfg.dataset, cfg.output_len)]
+        for i, off in enumerate(offsets):
+            yield Scheduled(off, data[i % len(data)])
+    elif cfg.name == "interference":
+        if math.isinf(rate):
+            raise WorkloadError("the interference workload needs a finite --request-rate")
+        shorts = list(offsets)  # finite: the CLI requires --num-prompts or --duration
+        horizon = duration if duration is not None else (shorts[-1] if shorts else 0.0)
+        longs = []
+        k = 1
+        while k * cfg.long_every < horizon:
+            longs.append(k * cfg.long_every)
+            k += 1
+        events = sorted([(t, 0) for t in shorts] + [(t, 1) for t in longs])
+        for t, is_long in events:
+            spec = long_spec(rng_text, cfg) if is_long else random_spec(rng_text, cfg, KIND_SHORT)
+            yield Scheduled(t, spec.for_endpoint(chat))
+    else:
+        raise WorkloadError(f"unknown workload {cfg.name!r}")
+
+
+def warmup_specs(cfg: WorkloadConfig, n: int, seed: int, chat: bool) -> list[RequestSpec]:
+    """`n` requests like the run's own (shorts for interference), from a separate random stream
+    so that the timed run's prompts are the same with or without warm-up."""
+    if n <= 0:
+        return []
+    if cfg.name == "jsonl":
+        assert cfg.dataset is not None
+        data = [s.for_endpoint(chat) for s in load_jsonl(cfg.dataset, cfg.output_len)]
+        return [data[i % len(data)] for i in range(n)]
+    rng = np.random.default_rng([seed, 2])
+    return [random_spec(rng, cfg).for_endpoint(chat) for _ in range(n)]
