@@ -26,7 +26,7 @@ def test_loads_every_parameter_exactly(tmp_path: Path, arch: str, tie: bool, sha
     assert (d / "model.safetensors.index.json").is_file() is sharded
     if sharded:
         assert len(checkpoint_files(d).keys()) > 0 and len(set(checkpoint_files(d).values())) > 1
-    model, cfg = load_model(d, dtype=torch.float32)
+    model, cfg = load_model(d, dtype=torch.float32, fuse=False)
     assert cfg.architecture.lower().startswith(arch)
     ref = hf_state_dict(d)
     params = dict(model.named_parameters())
@@ -56,7 +56,7 @@ def test_dtype_conversion_keeps_rope_buffers_fp32(tmp_path: Path) -> None:
 
 def test_bf16_checkpoint_to_fp32(tmp_path: Path) -> None:
     d = make_tiny_hf_model(tmp_path, "qwen3", dtype=torch.bfloat16)
-    model, _ = load_model(d, dtype=torch.float32)
+    model, _ = load_model(d, dtype=torch.float32, fuse=False)
     ref = hf_state_dict(d)
     assert ref["model.norm.weight"].dtype == torch.bfloat16
     for name, p in model.named_parameters():
@@ -169,7 +169,7 @@ def test_unsupported_architecture(tmp_path: Path) -> None:
 def test_load_weights_into_existing_model_keeps_parameter_identity(tmp_path: Path) -> None:
     a = make_tiny_hf_model(tmp_path, "llama", seed=1, name="a")
     b = make_tiny_hf_model(tmp_path, "llama", seed=2, name="b")
-    model, _ = load_model(a, dtype=torch.float32)
+    model, _ = load_model(a, dtype=torch.float32, fuse=False)
     before = {n: id(p) for n, p in model.named_parameters()}
     load_weights(model, b, torch.float32)
     assert {n: id(p) for n, p in model.named_parameters()} == before
@@ -222,3 +222,18 @@ def test_copying_a_dir_keeps_it_loadable(tmp_path: Path) -> None:
     shutil.rmtree(d)
     model, _ = load_model(moved, dtype=torch.float32)
     assert torch.equal(model.model.norm.weight, hf_state_dict(moved)["model.norm.weight"])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fused_projections_change_nothing(tmp_path: Path, arch: str) -> None:
+    """load_model fuses q/k/v and gate/up after loading; logits stay bit-identical."""
+    from pd_local.model.attention import AttentionMetadata
+
+    d = make_tiny_hf_model(tmp_path, arch, tie=arch != "qwen2")
+    plain, _ = load_model(d, dtype=torch.float32, fuse=False)
+    fused, _ = load_model(d, dtype=torch.float32)
+    assert fused.model.layers[0].self_attn.qkv_proj is not None and fused.model.layers[0].mlp.gate_up_proj is not None
+    assert not hasattr(fused.model.layers[0].self_attn, "q_proj")
+    ids, pos = torch.arange(40) % 50, torch.cat([torch.arange(15), torch.arange(25)])
+    meta = AttentionMetadata.prefill([15, 25])
+    assert torch.equal(fused.compute_logits(fused(ids, pos, meta)), plain.compute_logits(plain(ids, pos, meta)))

@@ -32,7 +32,8 @@ def hf_tiny(arch: str = "llama", tie: bool = True, seed: int = 0, **extra: objec
     return mcls(ccls(**kw)).eval()
 
 
-def ours_from_hf(hf: torch.nn.Module, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+def ours_from_hf(hf: torch.nn.Module, dtype: torch.dtype = torch.float32, fuse: bool = True) -> LlamaForCausalLM:
+    """Our model with hf's weights; fused projections by default, as load_model gives."""
     raw = hf.config.to_dict()
     raw["architectures"] = [type(hf).__name__]
     model = LlamaForCausalLM(ModelConfig.from_dict(raw))
@@ -41,7 +42,8 @@ def ours_from_hf(hf: torch.nn.Module, dtype: torch.dtype = torch.float32) -> Lla
     missing = set(params) - set(state)
     assert not missing, missing
     model.load_state_dict(state, strict=False)
-    return model.to(dtype).eval()
+    model = model.to(dtype).eval()
+    return model.fuse_projections() if fuse else model
 
 
 def tiny_model(arch: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0) -> LlamaForCausalLM:

@@ -148,6 +148,7 @@ def load_model(
     model_dir: str | Path,
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
+    fuse: bool = True,
 ) -> tuple[nn.Module, ModelConfig]:
     """Build `LlamaForCausalLM` from `model_dir/config.json` and load its weights, in eval mode.
 
@@ -163,4 +164,6 @@ def load_model(
     model = LlamaForCausalLM(cfg)
     load_weights(model, model_dir, dtype, device)
     model.to(device=device)  # now moves only the buffers; no dtype, so rope inv_freq stays fp32
+    if fuse:  # after loading: the checkpoint's names are the unfused ones
+        model.fuse_projections()
     return model.eval(), cfg
