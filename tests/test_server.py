@@ -214,3 +214,29 @@ def test_fifty_clients_disconnecting_mid_stream_free_every_block(url: str) -> No
     assert free == total, (free, total)
     assert metric_values(url, "pd_local_client_disconnects_total")[""] - before == 50
     assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_chat_cli_streams_and_keeps_history(url: str) -> None:
+    import argparse
+    import io
+
+    from pd_local.chat_cli import run
+
+    args = argparse.Namespace(url=url, model=None, system="Answer in one short sentence.", max_tokens=24,
+                              temperature=0.0, seed=None, api_key=None, timings=True)
+    out = io.StringIO()
+    assert run(args, stdin=io.StringIO("What is the capital of France?\n/reset\nAnd of Italy?\n/quit\n"), stdout=out) == 0
+    text = out.getvalue()
+    assert "Paris" in text and "(history cleared)" in text and "ttft" in text
+
+
+def test_chat_cli_reports_an_unreachable_server() -> None:
+    import argparse
+    import io
+
+    from pd_local.chat_cli import run
+    from tests.server_utils import free_port
+
+    args = argparse.Namespace(url=f"http://127.0.0.1:{free_port()}", model=None, system=None, max_tokens=8,
+                              temperature=0.0, seed=None, api_key=None, timings=False)
+    assert run(args, stdin=io.StringIO("hi\n"), stdout=io.StringIO()) == 1
