@@ -153,7 +153,8 @@ class ServerConfig:
             isinstance(o, str) and o for o in self.cors_origins
         ):
             raise ConfigError(
-                f"server.cors_origins must be a list of non-empty strings, got {self.cors_origins!r}"
+                "server.cors_origins must be a list of non-empty strings, "
+                f"got {self.cors_origins!r}"
             )
 
 
@@ -170,7 +171,8 @@ class TimeoutConfig:
     def __post_init__(self) -> None:
         _positive_float("timeouts.group_s", self.group_s)
         if self.group_s < 1:
-            raise ConfigError(f"timeouts.group_s must be >= 1 (heartbeats need room), got {self.group_s}")
+            raise ConfigError(
+                f"timeouts.group_s must be >= 1 (heartbeats need room), got {self.group_s}")
 
     @property
     def heartbeat_s(self) -> float:
@@ -399,7 +401,8 @@ def check_world(cfg: ServeConfig, world_size: int, cuda_device_count: int) -> No
         )
     if cfg.device == "cuda":
         if cuda_device_count < 1:
-            raise ConfigError("device = 'cuda' but no CUDA device is visible (torch.cuda.device_count() == 0)")
+            raise ConfigError("device = 'cuda' but no CUDA device is visible "
+                              "(torch.cuda.device_count() == 0)")
         if topo.num_workers > cuda_device_count and not cfg.share_device:
             raise ConfigError(
                 f"topology {topo.label} has {topo.num_workers} worker ranks but only "

@@ -177,9 +177,13 @@ class DistContext:
     links: Links
 
     def close(self) -> None:
-        """Destroy every group. Only for a clean shutdown: with a peer dead or a receive
-        pending this can block, so error paths exit the process instead (launch.py)."""
+        """Clean shutdown: wait for every rank on the default group, then destroy all groups.
+
+        Call only after the rank's Shutdown exchange, when no receive is pending on any link:
+        with a peer dead or a receive pending this can block, so error paths exit the process
+        instead (launch.py)."""
         if dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
 

@@ -4,7 +4,8 @@ that carries them over a 2-rank gloo group.
 Wire format of one message: word 0 = MAGIC | kind, then the kind's fixed fields, then its
 variable-length lists, each as a length word followed by the items. Floats travel as the int64
 view of their IEEE-754 float64 bits, so they arrive bit-exact (NaN payloads and -0.0 included).
-Booleans and enums are words; an optional int is a presence word then the value.
+Booleans and enums are words; an optional int is a presence word then the value. Timestamps are
+time.monotonic(): CLOCK_MONOTONIC is system-wide on Linux, so ranks of one host share it.
 
 Channel framing: every message goes as one fixed-size frame of FRAME_WORDS int64 words (word 0
 = the message's length in words), plus, only when it does not fit, a second send with the
@@ -64,6 +65,7 @@ class Kind(enum.IntEnum):
     FATAL = 10
     HEARTBEAT = 11
     SHUTDOWN = 12
+    READY = 13
 
 
 class FinishReason(enum.IntEnum):
@@ -336,7 +338,7 @@ class TransferRecord:
     req_id: int
     num_bytes: int
     seconds: float
-    t_end: float  # time.time() when its last tensor arrived
+    t_end: float  # time.monotonic() when its last tensor arrived
 
 
 @dataclass(frozen=True)
@@ -350,7 +352,7 @@ class Tokens:
     total_blocks: int
     running: int
     waiting: int
-    t: float  # time.time() at the end of the step
+    t: float  # time.monotonic() at the end of the step
     transfers: tuple[TransferRecord, ...] = ()
 
 
@@ -358,7 +360,7 @@ class Tokens:
 class Reserved:
     KIND: ClassVar[Kind] = Kind.RESERVED
     req_id: int
-    t: float  # time.time() when the blocks were reserved
+    t: float  # time.monotonic() when the blocks were reserved
 
 
 @dataclass(frozen=True)
@@ -370,13 +372,13 @@ class Rejected:
 
 @dataclass(frozen=True)
 class PrefillDone:
-    """Prefill -> router after a batch's KV sends all completed (the blocks it used are free)."""
+    """Prefill -> router after a batch's KV sends all completed (nothing of it is left here)."""
 
     KIND: ClassVar[Kind] = Kind.PREFILL_DONE
     req_ids: tuple[int, ...]
     num_tokens: int
-    t_start: float
-    t_end: float
+    t_start: float  # time.monotonic() when the batch's compute started
+    t_end: float  # ... and ended (the sends may still have been completing)
 
 
 @dataclass(frozen=True)
@@ -401,6 +403,15 @@ class Fatal:
 
 
 @dataclass(frozen=True)
+class Ready:
+    """Worker -> router once, when its model is loaded and its loop is about to start."""
+
+    KIND: ClassVar[Kind] = Kind.READY
+    max_model_len: int  # the longest sequence this rank serves (0: a prefill rank, no limit)
+    total_blocks: int  # KV blocks (0 on a prefill rank)
+
+
+@dataclass(frozen=True)
 class Heartbeat:
     """Keeps an idle link's group from timing out; receivers drop it."""
 
@@ -415,7 +426,7 @@ class Shutdown:
 
 
 Message = Union[Reserve, Prefill, Abort, KVHeader, Tokens, Reserved, Rejected, PrefillDone,
-                Stats, Fatal, Heartbeat, Shutdown]
+                Stats, Fatal, Ready, Heartbeat, Shutdown]
 MESSAGE_TYPES: dict[Kind, type] = {cls.KIND: cls for cls in typing.get_args(Message)}
 
 

@@ -81,9 +81,11 @@ class TransferStat:
 
     req_ids: tuple[int, ...]
     num_bytes: int
-    seconds: float  # sender: start() -> all sends done; receiver: header -> hidden landed
+    # sender: start() -> all sends done; receiver: header -> hidden landed. Layerwise, both
+    # include the prefill compute the sends overlap (the header goes before layer 0).
+    seconds: float
     wait_s: float  # time spent blocked at the end (sender: in finish(); receiver: 0)
-    t_end: float  # time.time() at completion
+    t_end: float  # time.monotonic() at completion
 
     @property
     def bytes_per_s(self) -> float:
@@ -197,7 +199,7 @@ class KVSender:
         _wait_all(self._works, self.data.device)
         t_end = time.perf_counter()
         stat = TransferStat(tuple(e.req_id for e in self._entries), self._bytes,
-                            t_end - self._t0, t_end - t_wait, time.time())
+                            t_end - self._t0, t_end - t_wait, time.monotonic())
         self._entries, self._works, self._keep = None, [], []
         return stat
 
@@ -295,7 +297,7 @@ class KVReceiver:
                 self.inbox.put(peer, LayerKV(req_id, layer, k[a:b], v[a:b]))
         _wait_all([hidden_work], dev)
         hidden = self._out(hidden)
-        seconds, t_end = time.perf_counter() - t0, time.time()
+        seconds, t_end = time.perf_counter() - t0, time.monotonic()
         per_hidden = s.hidden_size * s.dtype.itemsize
         for i, (req_id, a, b) in enumerate(bounds):
             nbytes = (b - a) * s.bytes_per_token + per_hidden

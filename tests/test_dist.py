@@ -5,14 +5,13 @@ torchrun --max-restarts."""
 from __future__ import annotations
 
 import re
-import signal
 import subprocess
 import time
 
 import pytest
 import torch
 
-from tests.dist_scripts.harness import Run, spawn_ranks, torchrun
+from tests.dist_scripts.harness import Run, kill_tagged, new_tag, spawn_ranks, torchrun
 from pd_local.config import TopologyConfig
 from pd_local.dist import Role, Topology, device_for_rank
 
@@ -80,9 +79,10 @@ GROUP_S = 10
 def test_peer_lost_mid_transfer_bare_ranks(sig: str) -> None:
     """No torchrun to tear the world down: the survivors' own links must end them, non-zero,
     within the group timeout of the victim's death (KILL) or freeze (STOP)."""
+    tag = new_tag()
     procs = spawn_ranks("check_kill.py", 3, ["--prefill", "1", "--decode", "1",
                                              "--set", f"timeouts.group_s={GROUP_S}",
-                                             "--signal", sig])
+                                             "--signal", sig], tag)
     victim = procs[1]
     try:
         t_signal = None
@@ -103,9 +103,8 @@ def test_peer_lost_mid_transfer_bare_ranks(sig: str) -> None:
             assert rc == 1, f"rank {rank} exited {rc}:\n{out[-3000:]}"
             assert "LinkDown" in out, out[-3000:]
     finally:
+        kill_tagged(tag)  # the frozen victim, and anything a failure left
         for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGKILL)
             p.wait()
             p.stdout.close()
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from pd_local.protocol import (
     MAGIC, Abort, DType, Fatal, FinishReason, Heartbeat, Kind, KVEntry, KVHeader, MESSAGE_TYPES,
-    PrefillDone, Prefill, ProtocolError, Rejected, RejectReason, Reserve, Reserved, Sampling,
+    PrefillDone, Prefill, ProtocolError, Ready, Rejected, RejectReason, Reserve, Reserved, Sampling,
     Shutdown, Stats, TokenEntry, Tokens, TransferMode, TransferRecord, decode, encode, pack,
     unpack, float_to_word, word_to_float,
 )
@@ -43,6 +43,7 @@ messages = st.one_of(
     st.builds(PrefillDone, st.lists(ids, max_size=20).map(tuple), small, any_float, any_float),
     st.builds(Stats, small, small, small, small, small),
     st.builds(Fatal, small, st.text(max_size=200)),
+    st.builds(Ready, small, small),
     st.just(Heartbeat()),
     st.just(Shutdown()),
 )

@@ -1,0 +1,206 @@
+"""The decode rank loop (also the colocated replica loop): one Engine, driven by messages.
+
+Disaggregated (DESIGN.md "One request", steps 3, 5, 6):
+- Reserve -> the admission queue; in order, each is reserved (`engine.reserve`: its prompt's
+  blocks are held) as soon as the engine has room, and the router hears Reserved. A request
+  that cannot be reserved waits here: that is the back-pressure that keeps prefill ranks from
+  computing KV with nowhere to go. One that can never be (bad ids, too long) is Rejected.
+- LayerKV items (from the KV receiver threads) -> `engine.write_prompt_kv`; the PromptHidden
+  that ends a request's transfer -> `engine.add_prefilled`, which samples its first token.
+- every loop turn with running sequences -> one `engine.step()`; every token of the turn goes
+  to the router in one Tokens message, with this rank's load.
+Colocated: Reserve -> `engine.add_request` (this rank prefills it too); no KV links.
+
+Block ownership: the engine holds a request's blocks from reserve/add until it finishes or an
+Abort frees them (`engine.abort`, once: a second Abort or one for a finished request finds
+nothing). KV items for a request this rank no longer holds are dropped: the transfer was
+completed by the receiver thread into its own staging tensors, so freeing early is safe.
+
+The loop owns the engine (not thread-safe); the receiver threads only fill the inbox.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections import deque
+
+import torch
+
+from pd_local.config import ServeConfig
+from pd_local.dist import DistContext, Role
+from pd_local.engine import Engine, EngineConfig, TokenEvent
+from pd_local.model.weights import load_model
+from pd_local.protocol import (Abort, Fatal, FinishReason, Heartbeater, Inbox, ProtocolError,
+                               Ready, Receiver, Rejected, RejectReason, Reserve, Reserved, Sender,
+                               Shutdown, Stats, TokenEntry, Tokens, TransferRecord)
+from pd_local.sampling import SamplingParams
+from pd_local.tokenizer import Tokenizer
+from pd_local.transfer import KVReceiver, KVShape, LayerKV, PromptHidden
+
+log = logging.getLogger(__name__)
+
+FINISH_CODES: dict[str | None, FinishReason] = {
+    None: FinishReason.NONE, "stop": FinishReason.STOP, "length": FinishReason.LENGTH,
+    "abort": FinishReason.ABORT, "error": FinishReason.ERROR,
+}
+
+
+def engine_config(cfg: ServeConfig) -> EngineConfig:
+    e = cfg.engine
+    return EngineConfig(
+        block_size=e.block_size,
+        kv_cache_gb=e.kv_cache_gb,
+        gpu_memory_fraction=e.gpu_memory_fraction or 0.85,  # unused when kv_cache_gb is set
+        max_num_seqs=e.max_num_seqs,
+        max_prefill_tokens=e.max_prefill_tokens,
+        max_model_len=e.max_model_len,
+    )
+
+
+def kv_shape(engine: Engine) -> KVShape:
+    mc = engine.model.config
+    return KVShape(mc.num_layers, mc.num_kv_heads, mc.head_dim, mc.hidden_size, engine.dtype)
+
+
+def token_entry(ev: TokenEvent) -> TokenEntry:
+    return TokenEntry(ev.req_id, ev.token_id, ev.finished, FINISH_CODES[ev.finish_reason])
+
+
+class DecodeLoop:
+    def __init__(self, ctx: DistContext, engine: Engine) -> None:
+        self.ctx, self.engine = ctx, engine
+        self.colocated = ctx.role is Role.COLOCATED
+        me = ctx.rank
+        self.inbox = Inbox()
+        self.receiver = Receiver(ctx.links.to_decode[me], self.inbox)
+        self.to_router = Sender(ctx.links.from_decode[me])
+        shape = kv_shape(engine)
+        self.kv_receivers = [KVReceiver(pair, self.inbox, shape, out_device=engine.device)
+                             for pair in ctx.links.kv.values()]
+        self.heartbeat = Heartbeater([self.to_router], ctx.cfg.timeouts.heartbeat_s, self.inbox)
+        self.admission: deque[Reserve] = deque()
+        self.entries: list[TokenEntry] = []
+        self.transfers: list[TransferRecord] = []
+        self.last_load: tuple[int, int, int, int] | None = None
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Until the router's Shutdown. Any error: tell the router (Fatal), then raise."""
+        try:
+            self.to_router.send(Ready(self.engine.max_model_len, self.engine.num_total_blocks))
+            while True:
+                # Block only when there is nothing to step: then only a message can change that.
+                item = self.inbox.get(timeout=0 if self._can_step() else None)
+                while item is not None:
+                    if isinstance(item[1], Shutdown):
+                        self._shutdown()
+                        return
+                    self._handle(item[1])
+                    item = self.inbox.poll()
+                self._admit()
+                if self._can_step():
+                    self.entries += [token_entry(ev) for ev in self.engine.step()]
+                self._report()
+        except BaseException as e:
+            try:
+                self.to_router.send(Fatal(self.ctx.rank, f"{type(e).__name__}: {e}"[:4000]))
+            except Exception:  # the link may be what failed
+                pass
+            raise
+
+    def _can_step(self) -> bool:
+        s = self.engine.scheduler
+        return bool(s.running or s.waiting)
+
+    def _handle(self, msg: object) -> None:
+        engine = self.engine
+        if isinstance(msg, LayerKV):
+            if msg.req_id in engine.scheduler.reserved:
+                engine.write_prompt_kv(msg.req_id, msg.layer, msg.k, msg.v)
+        elif isinstance(msg, PromptHidden):
+            if msg.req_id in engine.scheduler.reserved:
+                self.entries.append(token_entry(engine.add_prefilled(msg.req_id, msg.hidden)))
+                self.transfers.append(msg.record)
+        elif isinstance(msg, Reserve):
+            if self.colocated:
+                try:
+                    engine.add_request(msg.req_id, list(msg.prompt_ids), self._params(msg))
+                except ValueError as e:
+                    self._reject(msg.req_id, e)
+            else:
+                self.admission.append(msg)
+        elif isinstance(msg, Abort):
+            queued = next((r for r in self.admission if r.req_id == msg.req_id), None)
+            if queued is not None:
+                self.admission.remove(queued)
+            else:
+                engine.abort(msg.req_id)  # False when it already finished: nothing to free
+        else:
+            raise ProtocolError(f"decode rank {self.ctx.rank}: unexpected {msg!r}")
+
+    @staticmethod
+    def _params(msg: Reserve) -> SamplingParams:
+        return SamplingParams(**dataclasses.asdict(msg.sampling))
+
+    def _reject(self, req_id: int, e: Exception) -> None:
+        log.warning("request %d rejected: %s", req_id, e)
+        self.to_router.send(Rejected(req_id, RejectReason.BAD_REQUEST))
+
+    def _admit(self) -> None:
+        """Reserve the admission queue in order while the engine has room (FIFO: a big prompt
+        at the head is not overtaken, so it cannot starve)."""
+        while self.admission:
+            msg = self.admission[0]
+            try:
+                params = self._params(msg)
+                ok = self.engine.reserve(msg.req_id, list(msg.prompt_ids), params)
+            except ValueError as e:
+                self.admission.popleft()
+                self._reject(msg.req_id, e)
+                continue
+            if not ok:
+                return
+            self.admission.popleft()
+            self.to_router.send(Reserved(msg.req_id, time.monotonic()))
+
+    def _load(self) -> tuple[int, int, int, int]:
+        e = self.engine
+        return (e.num_free_blocks, e.num_total_blocks, e.num_running,
+                e.num_waiting + len(self.admission))
+
+    def _report(self) -> None:
+        """One Tokens message per turn that produced tokens or transfers; otherwise Stats when
+        the load changed (so the router routes on fresh numbers without polling)."""
+        load = self._load()
+        if self.entries or self.transfers:
+            self.to_router.send(Tokens(tuple(self.entries), *load, time.monotonic(),
+                                       tuple(self.transfers)))
+            self.entries, self.transfers = [], []
+        elif load != self.last_load:
+            self.to_router.send(Stats(*load, queued_tokens=0))
+        self.last_load = load
+
+    def _shutdown(self) -> None:
+        """The router's Shutdown: answer it, and wait until every prefill rank has closed its
+        KV link to us (they shut down first), so no receive is pending when the groups go."""
+        self.heartbeat.stop()
+        self.to_router.close()
+        for r in self.kv_receivers:
+            r.thread.join(timeout=self.ctx.cfg.timeouts.group_s)
+            if r.thread.is_alive():
+                raise RuntimeError(f"kv link {r.pair.data.name} was not closed by its prefill rank")
+        log.info("decode rank %d: shut down (%d transfers received)", self.ctx.rank,
+                 sum(len(r.stats) for r in self.kv_receivers))
+
+
+def run(ctx: DistContext) -> None:
+    """Entry point for a decode or colocated rank (launch.py)."""
+    cfg = ctx.cfg
+    model, _ = load_model(cfg.model, getattr(torch, cfg.dtype), ctx.device)
+    tokenizer = Tokenizer.from_dir(cfg.model)
+    engine = Engine(model, engine_config(cfg), stop_token_ids=tokenizer.stop_token_ids,
+                    device=ctx.device)
+    DecodeLoop(ctx, engine).run()

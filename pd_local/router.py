@@ -1,0 +1,355 @@
+"""Rank 0: the router behind the HTTP front-end (a `Backend`, see backend.py) and the rank's
+entry point, which serves the Starlette app with uvicorn.
+
+One router thread owns all routing state. Everything reaches it through one Inbox: commands
+from the asyncio loop (submit / abort / shutdown, put without blocking) and messages from the
+workers (one receiver thread per incoming link). It alone sends to workers, so blocking gloo
+sends never touch the event loop, and outputs go back through `loop.call_soon_threadsafe`.
+
+One request, disaggregated (DESIGN.md): submit -> Reserve to the chosen decode rank ->
+Reserved -> Prefill(ids, decode rank) to the chosen prefill rank -> PrefillDone; the decode
+rank streams Tokens. Colocated: Reserve to the chosen replica, then Tokens.
+Routing ("load"): the decode rank with the fewest unfinished requests from this router, ties to
+the most free blocks it last reported; the prefill rank with the fewest queued prompt tokens.
+"round_robin": in turn.
+
+Abort (client gone, stop string): Abort to the decode rank, and to the prefill rank while its
+prefill is not known to be done; the request finishes at once with "abort". Later messages
+about it are dropped. Each worker frees its part once (see decode.py / prefill.py).
+
+A link failure or a worker's Fatal is fatal for the whole server: every request fails with the
+reason, /health turns unavailable, and the process exits non-zero (torchrun then stops the rest).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from pd_local.backend import BackendStats, RankStats, RequestOutput, Timeline
+from pd_local.dist import DistContext, Role
+from pd_local.protocol import (Abort, Fatal, FinishReason, Heartbeater, Inbox, LinkDown, Prefill,
+                               PrefillDone, Ready, Receiver, Rejected, RejectReason, Reserve,
+                               Reserved, Sampling, Sender, Shutdown, Stats, Tokens)
+from pd_local.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+LOCAL = -1  # the inbox "peer" of commands from the asyncio loop
+FINISH_NAMES = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length",
+                FinishReason.ABORT: "abort", FinishReason.ERROR: "error"}
+REJECT_TEXT = {
+    RejectReason.PROMPT_TOO_LONG: "the prompt does not fit the decode rank's KV cache",
+    RejectReason.QUEUE_FULL: "the decode rank's queue is full",
+    RejectReason.SHUTTING_DOWN: "the server is shutting down",
+    RejectReason.BAD_REQUEST: "the decode rank refused the request (prompt too long for its "
+                              "context or token ids outside the vocabulary)",
+}
+
+
+@dataclass
+class _Request:
+    req_id: int
+    prompt_ids: tuple[int, ...]
+    sampling: Sampling
+    queue: asyncio.Queue[RequestOutput]
+    decode: int
+    timeline: Timeline = field(default_factory=Timeline)
+    prefill: int | None = None
+    prefill_done: bool = False
+    first_token: bool = True
+
+
+@dataclass
+class _Rank:
+    """What the router knows of one worker's load."""
+
+    rank: int
+    role: str
+    free_blocks: int = 0
+    total_blocks: int = 0
+    running: int = 0
+    waiting: int = 0
+    unfinished: int = 0  # requests routed here and not finished (router's own count)
+    queued_tokens: int = 0  # prefill ranks: prompt tokens sent and not yet PrefillDone
+    max_model_len: int = 0
+    ready: bool = False
+
+
+class Router:
+    """The `Backend` of a torchrun launch. Construct on rank 0 after init_distributed."""
+
+    def __init__(self, ctx: DistContext) -> None:
+        self.ctx = ctx
+        links, topo = ctx.links, ctx.topology
+        self.colocated = topo.colocated
+        self.policy = ctx.cfg.routing
+        self.inbox = Inbox()
+        self.to_prefill = {p: Sender(link) for p, link in links.to_prefill.items()}
+        self.to_decode = {d: Sender(link) for d, link in links.to_decode.items()}
+        self.receivers = [Receiver(link, self.inbox) for link in
+                          (*links.from_prefill.values(), *links.from_decode.values())]
+        self.heartbeat = Heartbeater([*self.to_prefill.values(), *self.to_decode.values()],
+                                     ctx.cfg.timeouts.heartbeat_s, self.inbox)
+        role = "colocated" if self.colocated else "decode"
+        self.decode = {d: _Rank(d, role) for d in topo.decode_ranks}
+        self.prefill = {p: _Rank(p, "prefill") for p in topo.prefill_ranks}
+        self._rr_decode = itertools.cycle(sorted(self.decode))
+        self._rr_prefill = itertools.cycle(sorted(self.prefill))
+        self.requests: dict[int, _Request] = {}
+        self._prefill_tokens: dict[int, tuple[int, int]] = {}  # req_id -> (prefill rank, tokens)
+        self.kv = BackendStats()
+        self.max_model_len = 0
+        self.ready = threading.Event()  # every worker said Ready (or the router failed)
+        self.stopped = threading.Event()  # the router thread ended
+        self.error: str | None = None
+        self.clean_shutdown = False
+        self.on_fatal = lambda: None  # set by serve(): stop the HTTP server
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._run, name="router", daemon=True)
+        self._thread.start()
+
+    # -- Backend, called from the asyncio loop: never blocks ---------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def submit(self, req_id: int, prompt_ids: list[int],
+               params: SamplingParams) -> asyncio.Queue[RequestOutput]:
+        q: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        sampling = Sampling(**dataclasses.asdict(params))
+        self.inbox.put(LOCAL, ("submit", _Request(req_id, tuple(prompt_ids), sampling, q, -1)))
+        return q
+
+    def abort(self, req_id: int) -> None:
+        self.inbox.put(LOCAL, ("abort", req_id))
+
+    def healthy(self) -> tuple[bool, str]:
+        if self.error is not None:
+            return False, self.error
+        if not self.ready.is_set():
+            return False, "waiting for the workers to load the model"
+        workers = len(self.decode) + len(self.prefill)
+        return True, f"{workers} workers ({self.ctx.cfg.topology.label})"
+
+    def stats(self) -> BackendStats:
+        ranks = [RankStats(r.rank, r.role, r.free_blocks, r.total_blocks, r.running, r.waiting)
+                 for r in (*self.prefill.values(), *self.decode.values())]
+        return dataclasses.replace(self.kv, ranks=ranks)
+
+    def shutdown(self) -> None:
+        """Shut every worker down in order and wait (bounded) for the router thread to end."""
+        if not self.stopped.is_set():
+            self.inbox.put(LOCAL, ("shutdown", None))
+        self.stopped.wait(timeout=3 * self.ctx.cfg.timeouts.group_s)
+
+    # -- the router thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                peer, item = self.inbox.get()  # type: ignore[misc]
+                if peer == LOCAL:
+                    kind, arg = item  # type: ignore[misc]
+                    if kind == "shutdown":
+                        self._shutdown_workers()
+                        self.clean_shutdown = True
+                        return
+                    self._command(kind, arg)
+                else:
+                    self._message(peer, item)
+        except BaseException as e:  # noqa: BLE001 - the server cannot go on without the router
+            self._fail(f"{type(e).__name__}: {e}")
+        finally:
+            self.ready.set()
+            self.stopped.set()
+
+    def _fail(self, why: str) -> None:
+        log.error("router failed: %s", why)
+        self.error = f"router failed: {why}"
+        for req in list(self.requests.values()):
+            self._finish(req, "error", error=self.error)
+        self.on_fatal()
+
+    def _deliver(self, req: _Request, out: RequestOutput) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(req.queue.put_nowait, out)
+
+    def _finish(self, req: _Request, reason: str, last: list[int] | None = None,
+                error: str | None = None) -> None:
+        self.requests.pop(req.req_id, None)
+        self.decode[req.decode].unfinished -= 1
+        req.timeline.mark("finished")
+        self._deliver(req, RequestOutput(req.req_id, last or [], True, reason, error,
+                                         req.timeline.durations_ms()))
+
+    def _command(self, kind: str, arg: object) -> None:
+        if kind == "submit":
+            req: _Request = arg  # type: ignore[assignment]
+            req.decode = self._pick_decode()
+            self.decode[req.decode].unfinished += 1
+            self.requests[req.req_id] = req
+            self.to_decode[req.decode].send(Reserve(req.req_id, req.prompt_ids, req.sampling))
+        elif kind == "abort":
+            req = self.requests.get(arg)  # type: ignore[arg-type]
+            if req is None:
+                return  # finished already (or never known): nothing holds it
+            self.to_decode[req.decode].send(Abort(req.req_id))
+            if req.prefill is not None and not req.prefill_done:
+                self.to_prefill[req.prefill].send(Abort(req.req_id))
+            self._finish(req, "abort")
+        else:
+            raise ValueError(f"unknown router command {kind!r}")
+
+    def _message(self, peer: int, msg: object) -> None:
+        if isinstance(msg, Tokens):
+            self._tokens(peer, msg)
+        elif isinstance(msg, Reserved):
+            req = self.requests.get(msg.req_id)
+            if req is None:
+                return  # aborted meanwhile; the decode rank got the Abort after the Reserve
+            req.timeline.mark("reserved", msg.t)
+            p = self._pick_prefill()
+            req.prefill = p
+            n = len(req.prompt_ids)
+            self.prefill[p].queued_tokens += n
+            self.prefill[p].unfinished += 1
+            self._prefill_tokens[req.req_id] = (p, n)
+            self.to_prefill[p].send(Prefill(req.req_id, req.prompt_ids, req.decode))
+        elif isinstance(msg, PrefillDone):
+            for req_id in msg.req_ids:
+                p, n = self._prefill_tokens.pop(req_id)
+                self.prefill[p].queued_tokens -= n
+                self.prefill[p].unfinished -= 1
+                req = self.requests.get(req_id)
+                if req is not None:
+                    req.prefill_done = True
+                    req.timeline.mark("prefill_start", msg.t_start)
+                    req.timeline.mark("prefill_end", msg.t_end)
+        elif isinstance(msg, Rejected):
+            req = self.requests.get(msg.req_id)
+            if req is not None:
+                self._finish(req, "error", error=REJECT_TEXT[msg.reason])
+        elif isinstance(msg, Stats):
+            r = self._rank(peer)
+            r.free_blocks, r.total_blocks, r.running, r.waiting = (
+                msg.free_blocks, msg.total_blocks, msg.running, msg.waiting)
+        elif isinstance(msg, Ready):
+            r = self._rank(peer)
+            r.ready, r.max_model_len, r.total_blocks = True, msg.max_model_len, msg.total_blocks
+            r.free_blocks = msg.total_blocks
+            if all(x.ready for x in (*self.decode.values(), *self.prefill.values())):
+                self.max_model_len = min(x.max_model_len for x in self.decode.values())
+                log.info("all %d workers ready; max_model_len %d",
+                         len(self.decode) + len(self.prefill), self.max_model_len)
+                self.ready.set()
+        elif isinstance(msg, Fatal):
+            raise RuntimeError(f"rank {msg.rank} failed: {msg.text}")
+        elif isinstance(msg, Shutdown):
+            raise LinkDown(f"rank {peer} shut down unasked")
+        else:
+            raise ValueError(f"router: unexpected message from rank {peer}: {msg!r}")
+
+    def _tokens(self, peer: int, msg: Tokens) -> None:
+        r = self.decode[peer]
+        r.free_blocks, r.total_blocks, r.running, r.waiting = (
+            msg.free_blocks, msg.total_blocks, msg.running, msg.waiting)
+        for rec in msg.transfers:
+            self.kv.kv_bytes_transferred += rec.num_bytes
+            self.kv.kv_transfer_seconds += rec.seconds
+            self.kv.kv_transfers += 1
+            req = self.requests.get(rec.req_id)
+            if req is not None:
+                req.timeline.mark("kv_received", rec.t_end)
+        for e in msg.entries:
+            req = self.requests.get(e.req_id)
+            if req is None:
+                continue  # aborted here; the decode rank's copy is freed by its Abort
+            if req.first_token:
+                req.first_token = False
+                req.timeline.mark("first_token", msg.t)
+            if e.finished:
+                self._finish(req, FINISH_NAMES.get(e.finish_reason, "stop"), [e.token_id])
+            else:
+                self._deliver(req, RequestOutput(req.req_id, [e.token_id]))
+
+    def _rank(self, rank: int) -> _Rank:
+        return self.decode[rank] if rank in self.decode else self.prefill[rank]
+
+    def _pick_decode(self) -> int:
+        if self.policy == "round_robin":
+            return next(self._rr_decode)
+        return min(self.decode.values(),
+                   key=lambda r: (r.unfinished, -r.free_blocks, r.rank)).rank
+
+    def _pick_prefill(self) -> int:
+        if self.policy == "round_robin":
+            return next(self._rr_prefill)
+        return min(self.prefill.values(), key=lambda r: (r.queued_tokens, r.rank)).rank
+
+    def _shutdown_workers(self) -> None:
+        """Prefill ranks first (each closes its KV links), then decode ranks; each answers with
+        a Shutdown, after which its receiver thread here has exited."""
+        for req in list(self.requests.values()):
+            self._finish(req, "error", error="the server is shutting down")
+        self.heartbeat.stop()
+        for group, senders in (("prefill", self.to_prefill), ("decode", self.to_decode)):
+            for s in senders.values():
+                s.close()
+            waiting = set(senders)
+            while waiting:
+                item = self.inbox.get(timeout=3 * self.ctx.cfg.timeouts.group_s)
+                if item is None:
+                    raise TimeoutError(f"{group} ranks {sorted(waiting)} did not shut down")
+                peer, msg = item
+                if isinstance(msg, Shutdown):
+                    waiting.discard(peer)
+                elif isinstance(msg, Fatal):
+                    raise RuntimeError(f"rank {msg.rank} failed while shutting down: {msg.text}")
+                # anything else (late Tokens, Stats) no longer matters
+        for r in self.receivers:
+            r.thread.join(timeout=self.ctx.cfg.timeouts.group_s)
+        log.info("all workers shut down")
+
+
+def serve(ctx: DistContext) -> None:
+    """Rank 0: wait for the workers, serve HTTP until stopped, shut the workers down."""
+    import uvicorn
+
+    from pd_local.server import ServerSettings, create_app
+    from pd_local.tokenizer import Tokenizer
+
+    cfg = ctx.cfg
+    router = Router(ctx)
+    tokenizer = Tokenizer.from_dir(cfg.model)
+    log.info("waiting for %d workers to load %s", len(ctx.topology.worker_ranks), cfg.model)
+    router.ready.wait()
+    if router.error is not None:
+        raise RuntimeError(router.error)
+    settings = ServerSettings(model_name=cfg.model_path.name, api_key=cfg.server.api_key,
+                              max_queue=cfg.server.max_queue,
+                              cors_origins=cfg.server.cors_origins)
+    app = create_app(router, tokenizer, settings)
+    server = uvicorn.Server(uvicorn.Config(app, host=cfg.server.host, port=cfg.server.port,
+                                           log_level="info", timeout_graceful_shutdown=5))
+    router.on_fatal = lambda: setattr(server, "should_exit", True)
+    log.info("serving %s (%s) on http://%s:%d", cfg.model, cfg.topology.label, cfg.server.host,
+             cfg.server.port)
+    try:
+        server.run()  # the app's lifespan calls router.shutdown() on the way out
+    except KeyboardInterrupt:
+        # uvicorn re-raises the SIGINT it handled once it has shut down: the normal way out.
+        pass
+    router.shutdown()  # no-op when the lifespan did it; covers a server that never started
+    if not router.clean_shutdown:
+        raise RuntimeError(router.error or "the workers did not shut down cleanly")
+
+
+def run(ctx: DistContext) -> None:
+    """Entry point for rank 0 (launch.py)."""
+    assert ctx.role is Role.FRONTEND
+    serve(ctx)

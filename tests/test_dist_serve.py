@@ -1,0 +1,216 @@
+"""`pd-local serve` end to end: real torchrun ranks (router, prefill, decode / colocated loops)
+behind real HTTP, on a tiny random Llama with SmolLM2's tokenizer so a world starts in seconds.
+
+- every topology gives a seeded request exactly the tokens a single in-process Engine gives;
+- a client that goes away frees its blocks on the decode rank; so do finished requests;
+- SIGINT to rank 0 shuts every rank down in order, torchrun exits 0, nothing is left;
+- a decode rank killed mid-service takes the server down non-zero, nothing is left;
+- a world that does not fit the config is refused with the numbers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from tests.dist_scripts.harness import REPO, env_for, free_port, kill_tagged, new_tag, tagged_pids
+from tests.helpers import make_tiny_hf_model
+from tests.server_utils import metric_values, wait_healthy
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
+
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
+    return make_tiny_hf_model(tmp_path_factory.mktemp("serve"), tokenizer_dir=smollm2_dir,
+                              num_layers=3, seed=3)
+
+
+@dataclass
+class Served:
+    url: str
+    proc: subprocess.Popen  # `pd-local serve`, which became torchrun (execv)
+    tag: str
+
+    def rank_pid(self, rank: int) -> int:
+        """The pid of rank `rank` (torchrun's child)."""
+        for pid in tagged_pids(self.tag):
+            try:
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in env and b"pd_local.launch" in cmd:
+                return pid
+        raise LookupError(f"no rank {rank} among {tagged_pids(self.tag)}")
+
+    def wait(self, timeout: float) -> tuple[int, str]:
+        """torchrun's exit code and output, after at most `timeout` s (then everything dies)."""
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_tagged(self.tag)
+            out, _ = self.proc.communicate()
+            pytest.fail(f"server still running after {timeout} s:\n{out[-3000:]}")
+        return self.proc.returncode, out
+
+    def leftover(self) -> list[int]:
+        time.sleep(0.2)  # let killed ranks finish dying
+        return tagged_pids(self.tag)
+
+
+@contextmanager
+def serving(model_dir: Path, *flags: str) -> Iterator[Served]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "pd_local", "serve", "--model", str(model_dir),
+           "--port", str(port), "--set", "engine.max_model_len=512",
+           "--set", "engine.kv_cache_gb=0.05", "--set", "timeouts.group_s=20", *flags]
+    tag = new_tag()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env_for(tag), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    served = Served(f"http://127.0.0.1:{port}", proc, tag)
+    try:
+        wait_healthy(served.url, timeout=120)
+        yield served
+    finally:
+        kill_tagged(tag)
+        proc.communicate()
+
+
+PROMPTS = [[1 + (7 * i + 3 * j) % 400 for j in range(5 + 9 * i)] for i in range(5)]
+
+
+def requests_params() -> list[dict]:
+    out = []
+    for i, prompt in enumerate(PROMPTS):
+        greedy = i % 2 == 1
+        out.append({"prompt": prompt, "max_tokens": MAX_TOKENS, "ignore_eos": True,
+                    "temperature": 0.0 if greedy else 0.9, "top_p": 0.95, "seed": 100 + i})
+    return out
+
+
+def reference_texts(model_dir: Path) -> list[str]:
+    """What one in-process Engine (all prompts in flight together) produces."""
+    from pd_local.engine import Engine, EngineConfig
+    from pd_local.model.weights import load_model
+    from pd_local.sampling import SamplingParams
+    from pd_local.tokenizer import Tokenizer
+
+    model, _ = load_model(model_dir, torch.bfloat16)
+    tok = Tokenizer.from_dir(model_dir)
+    engine = Engine(model, EngineConfig(kv_cache_gb=0.05), stop_token_ids=tok.stop_token_ids)
+    params = [SamplingParams(temperature=r["temperature"], top_p=r["top_p"], seed=r["seed"],
+                             max_tokens=MAX_TOKENS, ignore_eos=True) for r in requests_params()]
+    return [tok.decode(ids) for ids, _ in engine.generate(PROMPTS, params)]
+
+
+async def complete_all(url: str) -> list[str]:
+    async with httpx.AsyncClient(timeout=60) as c:
+        rs = await asyncio.gather(*[c.post(f"{url}/v1/completions", json=body)
+                                    for body in requests_params()])
+    for r in rs:
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == MAX_TOKENS
+    return [r.json()["choices"][0]["text"] for r in rs]
+
+
+async def disconnect_mid_stream(url: str) -> None:
+    body = {"prompt": PROMPTS[4], "max_tokens": 400, "ignore_eos": True, "stream": True}
+    async with httpx.AsyncClient(timeout=60) as c:
+        async with c.stream("POST", f"{url}/v1/completions", json=body) as r:
+            seen = 0
+            async for line in r.aiter_lines():
+                seen += line.startswith("data:")
+                if seen >= 3:
+                    break  # leaving the block closes the connection mid-stream
+
+
+def wait_blocks_free(url: str, timeout: float = 20) -> dict[str, float]:
+    deadline = time.monotonic() + timeout
+    while True:
+        free = metric_values(url, "pd_local_kv_blocks_free")
+        total = metric_values(url, "pd_local_kv_blocks_total")
+        decode = {k: v for k, v in free.items() if 'role="prefill"' not in k}
+        if all(v == total[k] and v > 0 for k, v in decode.items()) or time.monotonic() > deadline:
+            return {k: (v, total[k]) for k, v in decode.items()}
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("flags", [
+    ["--prefill", "1", "--decode", "1"],
+    ["--prefill", "1", "--decode", "2", "--transfer", "whole", "--routing", "round_robin"],
+    ["--colocated", "2"],
+], ids=["1P1D-layerwise", "1P2D-whole", "colocated-2"])
+def test_serve_matches_engine_frees_blocks_and_stops_cleanly(tiny_dir: Path,
+                                                             flags: list[str]) -> None:
+    want = reference_texts(tiny_dir)
+    with serving(tiny_dir, *flags) as s:
+        got = asyncio.run(complete_all(s.url))
+        assert got == want
+        if "--colocated" not in flags:
+            transfers = metric_values(s.url, "pd_local_kv_transfers_total")
+            assert list(transfers.values()) == [len(PROMPTS)]
+        asyncio.run(disconnect_mid_stream(s.url))
+        blocks = wait_blocks_free(s.url)
+        assert blocks and all(free == total for free, total in blocks.values()), blocks
+        aborted = metric_values(s.url, "pd_local_requests_total")['{outcome="abort"}']
+        assert aborted == 1
+        os.kill(s.rank_pid(0), signal.SIGINT)
+        rc, out = s.wait(timeout=60)
+        assert rc == 0, out[-4000:]
+        assert "all workers shut down" in out
+        assert s.leftover() == []
+
+
+def test_dead_decode_rank_takes_the_server_down(tiny_dir: Path) -> None:
+    with serving(tiny_dir, "--prefill", "1", "--decode", "1") as s:
+        assert asyncio.run(complete_all(s.url))
+        t0 = time.monotonic()
+        os.kill(s.rank_pid(2), signal.SIGKILL)
+        rc, out = s.wait(timeout=90)
+        assert rc != 0 and time.monotonic() - t0 < 60, (rc, out[-3000:])
+        assert "router failed" in out or "LinkDown" in out, out[-3000:]
+        assert s.leftover() == []
+
+
+def run_cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pd_local", "serve", *argv], cwd=REPO,
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_serve_refuses_before_starting(tiny_dir: Path) -> None:
+    r = run_cli("--model", "/no/such/model")
+    assert r.returncode == 2 and "model directory /no/such/model not found" in r.stderr
+    r = run_cli("--model", str(tiny_dir))  # max_model_len 2048 > the tiny model's 512
+    assert r.returncode == 2 and "exceeds the model's max_position_embeddings = 512" in r.stderr
+    r = run_cli("--prefill", "1")
+    assert r.returncode == 2 and "--prefill and --decode go together" in r.stderr
+    r = run_cli("--model", str(tiny_dir), "--set", "engine.max_model_len=512",
+                "--colocated", "3", "--dry-run")
+    assert r.returncode == 0 and "--nproc-per-node=4" in r.stderr
+
+
+def test_launch_refuses_a_world_of_the_wrong_size(tiny_dir: Path) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3",
+           "--module", "pd_local.launch", "--model", str(tiny_dir),
+           "--set", "engine.max_model_len=512", "--prefill", "1", "--decode", "2"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=90,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode != 0
+    assert ("topology 1P2D needs 4 ranks (1 front-end + 3 workers: 1 prefill + 2 decode), "
+            "torchrun started 3") in r.stderr
