@@ -12,7 +12,9 @@ and, in the same run, measures:
 - raw bandwidth: one contiguous tensor of the transfer's size on the data link;
 - effective bandwidth of transfer.py, layerwise (61 tensors: K and V per layer, then hidden)
   and whole (2 tensors), counting KV + hidden bytes, from KVSender.start() until the receiver
-  has handed the last item to its inbox (acknowledged on the default group, as in the raw case).
+  has handed the last item to its inbox (acknowledged on the default group, as in the raw case);
+- the same two with a stand-in compute (an MLP-sized matmul) after each layer, as on a prefill
+  rank: how much transfer time is left exposed once the compute ends (what adds to TTFT).
 
 SmolLM2-135M shapes: 30 layers, 3 KV heads, head_dim 64, hidden 576, bf16 (23,040 B/token).
 The three cases run interleaved, --iters rounds after one warm-up round, so load from other
@@ -60,7 +62,7 @@ def run_rank(args: argparse.Namespace) -> None:
     from pd_local.launch import setup_logging
     from pd_local.protocol import (FRAME_WORDS, Inbox, KVEntry, Prefill, Sender, TransferMode,
                                    pack, recv_message, unpack)
-    from pd_local.transfer import KVReceiver, KVSender, KVShape, PromptHidden
+    from pd_local.transfer import KVReceiver, KVSender, KVShape, StagingDone
 
     setup_logging(os.environ.get("RANK", "?"))
     cfg = load_config(None, {"device": args.device, "timeouts.group_s": 120})
@@ -155,31 +157,53 @@ def run_rank(args: argparse.Namespace) -> None:
                        device=data.device)
         hidden = torch.ones(1, shape.hidden_size, dtype=shape.dtype, device=data.device)
 
-        def transfer(mode: TransferMode) -> None:
+        # Stand-in for one layer's prefill compute: an MLP-sized bf16 matmul, [T, 576] x [576,
+        # 4608] (SmolLM2's gate+up+down weights are 3 x 576 x 1536).
+        x = torch.ones(tokens, shape.hidden_size, dtype=shape.dtype)
+        w = torch.ones(shape.hidden_size, 8 * shape.hidden_size, dtype=shape.dtype)
+
+        def transfer(mode: TransferMode, compute: bool = False) -> float:
+            """Returns the exposed time: from the end of compute to the receiver's ack."""
+            t_computed = time.perf_counter()
             if sending:
                 s = kv_senders[mode]
                 s.start([KVEntry(7, tokens)])
                 for layer in range(shape.num_layers):
                     s.layer(layer, k, k)
+                    if compute:
+                        torch.mm(x, w)
                 s.hidden(hidden)
+                t_computed = time.perf_counter()
                 s.finish()
             else:
                 while True:
                     _, item = inbox.get(timeout=60)
-                    if isinstance(item, PromptHidden):
+                    if isinstance(item, StagingDone):
+                        item.release()
                         break
             wait_ack()
+            return time.perf_counter() - t_computed
 
-        # Interleave the three so load from other processes hits them alike.
+        # Interleave the cases so load from other processes hits them alike.
         cases = {"raw": raw, "layerwise": lambda: transfer(TransferMode.LAYERWISE),
                  "whole": lambda: transfer(TransferMode.WHOLE)}
+        overlap = {"layerwise": lambda: transfer(TransferMode.LAYERWISE, compute=True),
+                   "whole": lambda: transfer(TransferMode.WHOLE, compute=True)}
         times: dict[str, list[float]] = {name: [] for name in cases}
+        exposed: dict[str, list[float]] = {name: [] for name in overlap}
+        compute_s: list[float] = []
         for it in range(args.iters + 1):
             for name, fn in cases.items():
                 t0 = time.perf_counter()
                 fn()
                 if it:  # the first round is warm-up
                     times[name].append(time.perf_counter() - t0)
+            for name, fn in overlap.items():
+                t0 = time.perf_counter()
+                after = fn()
+                if it:
+                    exposed[name].append(after)
+                    compute_s.append(time.perf_counter() - t0 - after)
         row = {"tokens": tokens, "bytes": total}
         for name, ts in times.items():
             row[f"{name}_s_median"] = statistics.median(ts)
@@ -188,6 +212,8 @@ def run_rank(args: argparse.Namespace) -> None:
         for name in ("layerwise", "whole"):
             row[f"{name}_vs_raw"] = row["raw_s_median"] / row[f"{name}_s_median"]
             row[f"{name}_vs_raw_min"] = row["raw_s_min"] / row[f"{name}_s_min"]
+            row[f"{name}_exposed_s_median"] = statistics.median(exposed[name])
+        row["overlap_compute_s_median"] = statistics.median(compute_s)
         rows.append(row)
     results["transfers"] = rows
     if sending:
@@ -215,6 +241,12 @@ def report(args: argparse.Namespace, results: dict, device: str, backend: str) -
               f"{r['layerwise_GBps']:>10.2f} {r['layerwise_vs_raw']:>5.2f} "
               f"({r['layerwise_vs_raw_min']:.2f}) {r['whole_GBps']:>7.2f} "
               f"{r['whole_vs_raw']:>5.2f} ({r['whole_vs_raw_min']:.2f})")
+    print("\nwith a stand-in compute per layer: transfer time left after compute ends (median)")
+    print(f"{'tokens':>7} {'compute ms':>11} {'layerwise ms':>13} {'whole ms':>9}")
+    for r in results["transfers"]:
+        print(f"{r['tokens']:>7} {r['overlap_compute_s_median'] * 1e3:>11.1f} "
+              f"{r['layerwise_exposed_s_median'] * 1e3:>13.2f} "
+              f"{r['whole_exposed_s_median'] * 1e3:>9.2f}")
     import torch
 
     results["meta"] = {"device": device, "backend": backend, "iters": args.iters,

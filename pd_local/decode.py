@@ -37,7 +37,7 @@ from pd_local.protocol import (Abort, Fatal, FinishReason, Heartbeater, Inbox, P
                                Shutdown, Stats, TokenEntry, Tokens, TransferRecord)
 from pd_local.sampling import SamplingParams
 from pd_local.tokenizer import Tokenizer
-from pd_local.transfer import KVReceiver, KVShape, LayerKV, PromptHidden
+from pd_local.transfer import KVReceiver, KVShape, LayerKV, PromptHidden, StagingDone
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,8 @@ class DecodeLoop:
             if msg.req_id in engine.scheduler.reserved:
                 self.entries.append(token_entry(engine.add_prefilled(msg.req_id, msg.hidden)))
                 self.transfers.append(msg.record)
+        elif isinstance(msg, StagingDone):
+            msg.release()  # every item of that transfer was consumed (copied) above, in order
         elif isinstance(msg, Reserve):
             if self.colocated:
                 try:

@@ -17,9 +17,9 @@ Layerwise, the sender isends layer l's K and V as soon as they exist and returns
 the sends overlap layer l+1's compute; `finish()` waits every send before the batch counts as
 sent (only then may the prefill rank drop the tensors). The receiver posts every receive of a
 transfer as soon as its header arrives and hands each layer to the decode loop as it lands
-(`LayerKV` per request, views into the staging tensors), then `PromptHidden` per request last.
-The decode loop scatters them into its paged blocks (engine.write_prompt_kv); staging is freed
-when it drops the views.
+(`LayerKV` per request, views into the staging tensors), then `PromptHidden` per request, then
+one `StagingDone`. The decode loop scatters them into its paged blocks (engine.write_prompt_kv)
+and hands the staging back with `StagingDone.release()`.
 
 Aborts: a transfer is never cut. The receiver completes every receive it posted and hands the
 items on; the decode loop drops the items of requests it no longer holds. Since the receiver
@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -210,27 +210,44 @@ class LayerKV:
 
     req_id: int
     layer: int
-    k: torch.Tensor  # [num_tokens, kv_heads, head_dim]
+    k: torch.Tensor  # [num_tokens, kv_heads, head_dim], a view into the transfer's staging
     v: torch.Tensor  # [num_tokens, kv_heads, head_dim]
 
 
 @dataclass(frozen=True)
 class PromptHidden:
-    """The last item of a request's transfer: all its layers were handed over before it."""
+    """A request's last item: all its layers were handed over before it."""
 
     req_id: int
     hidden: torch.Tensor  # [hidden_size]
     record: TransferRecord
 
 
+@dataclass(frozen=True)
+class StagingDone:
+    """The last item of a transfer. The consumer calls `release()` once it has used (copied)
+    every item of the transfer: the staging memory then serves a later transfer instead of
+    being allocated afresh. On CPU fresh memory costs a page fault per 4 KB: measured on the
+    2-core box, 61 receives of 12 MB in all took 5.7 ms into fresh tensors, 3.7 ms into reused
+    ones. A consumer that never releases only loses that reuse."""
+
+    release: Callable[[], None]
+
+
 class KVReceiver:
-    """The decode end of one pair: a daemon thread that receives transfers into staging tensors
-    and puts LayerKV / PromptHidden items into `inbox` as (prefill rank, item).
+    """The decode end of one pair: a daemon thread that receives transfers into staging memory
+    and puts LayerKV / PromptHidden / StagingDone items into `inbox` as (prefill rank, item).
+
+    Staging: one flat buffer per transfer, [L, 2, T, kv_heads, head_dim] then [R, hidden], the
+    same layout for both modes (layerwise receives each layer's K and V into their slices). Up
+    to POOL buffers handed back by StagingDone.release are kept for reuse.
 
     Exits quietly on a Shutdown on the header link; on any error it puts a LinkDown marker.
     `stats` lists every completed transfer (appended by the thread; read it after it stops or
     accept a racy snapshot).
     """
+
+    POOL = 2
 
     def __init__(self, pair: KVLink, inbox: Inbox, shape: KVShape,
                  out_device: torch.device | None = None) -> None:
@@ -239,6 +256,8 @@ class KVReceiver:
         self.pair, self.inbox, self.shape = pair, inbox, shape
         self.out_device = out_device or pair.data.device
         self.stats: list[TransferStat] = []
+        self._pool: list[torch.Tensor] = []
+        self._pool_lock = threading.Lock()  # the thread takes, the consumer gives back
         self.thread = threading.Thread(target=self._run, name=f"kv {pair.data.name}",
                                        daemon=True)
         self.thread.start()
@@ -261,10 +280,20 @@ class KVReceiver:
             self.inbox.fail(peer, LinkDown(f"kv link {self.pair.data.name} (from rank {peer}): "
                                            f"{e}"))
 
-    def _irecv(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, dist.Work]:
-        data = self.pair.data
-        t = torch.empty(shape, dtype=self.shape.dtype, device=data.device)
-        return t, dist.irecv(t, data.src, group=data.group)
+    def _take(self, numel: int) -> torch.Tensor:
+        with self._pool_lock:
+            for i, buf in enumerate(self._pool):
+                if buf.numel() >= numel:
+                    return self._pool.pop(i)
+        return torch.empty(numel, dtype=self.shape.dtype, device=self.pair.data.device)
+
+    def _give_back(self, buf: torch.Tensor) -> None:
+        with self._pool_lock:
+            if len(self._pool) < self.POOL:
+                self._pool.append(buf)
+
+    def _irecv(self, t: torch.Tensor) -> dist.Work:
+        return dist.irecv(t, self.pair.data.src, group=self.pair.data.group)
 
     def _out(self, t: torch.Tensor) -> torch.Tensor:
         return t if t.device == self.out_device else t.to(self.out_device)
@@ -272,27 +301,28 @@ class KVReceiver:
     def _receive(self, h: KVHeader) -> None:
         t0 = time.perf_counter()
         s, peer, dev = self.shape, self.pair.prefill, self.pair.data.device
-        total = h.num_tokens
-        kv_shape = (total, s.num_kv_heads, s.head_dim)
+        total, n_req = h.num_tokens, len(h.entries)
         bounds, start = [], 0
         for e in h.entries:
             bounds.append((e.req_id, start, start + e.num_tokens))
             start += e.num_tokens
+        kv_numel = s.num_layers * 2 * total * s.num_kv_heads * s.head_dim
+        flat = self._take(kv_numel + n_req * s.hidden_size)
+        kv = flat[:kv_numel].view(s.num_layers, 2, total, s.num_kv_heads, s.head_dim)
+        hidden = flat[kv_numel:kv_numel + n_req * s.hidden_size].view(n_req, s.hidden_size)
         # Post every receive now, in the sender's order; then take them as they complete.
         if h.mode is TransferMode.LAYERWISE:
-            layers = [(self._irecv(kv_shape), self._irecv(kv_shape)) for _ in range(s.num_layers)]
+            layer_works = [(self._irecv(kv[i, 0]), self._irecv(kv[i, 1]))
+                           for i in range(s.num_layers)]
         else:
-            whole, whole_work = self._irecv((s.num_layers, 2) + kv_shape)
-        hidden, hidden_work = self._irecv((len(h.entries), s.hidden_size))
+            whole_work = self._irecv(kv)
+        hidden_work = self._irecv(hidden)
         for layer in range(s.num_layers):
             if h.mode is TransferMode.LAYERWISE:
-                (k, k_work), (v, v_work) = layers[layer]
-                _wait_all([k_work, v_work], dev)
-            else:
-                if layer == 0:
-                    _wait_all([whole_work], dev)
-                k, v = whole[layer, 0], whole[layer, 1]  # each [T, kv_heads, head_dim]
-            k, v = self._out(k), self._out(v)
+                _wait_all(layer_works[layer], dev)
+            elif layer == 0:
+                _wait_all([whole_work], dev)
+            k, v = self._out(kv[layer, 0]), self._out(kv[layer, 1])  # [T, kv_heads, head_dim]
             for req_id, a, b in bounds:
                 self.inbox.put(peer, LayerKV(req_id, layer, k[a:b], v[a:b]))
         _wait_all([hidden_work], dev)
@@ -303,6 +333,7 @@ class KVReceiver:
             nbytes = (b - a) * s.bytes_per_token + per_hidden
             self.inbox.put(peer, PromptHidden(req_id, hidden[i],
                                               TransferRecord(req_id, nbytes, seconds, t_end)))
+        self.inbox.put(peer, StagingDone(lambda: self._give_back(flat)))
         self.stats.append(TransferStat(tuple(r for r, _, _ in bounds),
-                                       total * s.bytes_per_token + len(bounds) * per_hidden,
+                                       total * s.bytes_per_token + n_req * per_hidden,
                                        seconds, 0.0, t_end))

@@ -23,7 +23,7 @@ from common import say, start
 from pd_local.dist import Role
 from pd_local.launch import run_guarded
 from pd_local.protocol import Inbox, KVEntry, Sender, TransferMode
-from pd_local.transfer import KVReceiver, KVSender, KVShape, LayerKV, PromptHidden
+from pd_local.transfer import KVReceiver, KVSender, KVShape, LayerKV, PromptHidden, StagingDone
 
 # (req_id, num_tokens, decode rank) per batch; batch order = send order.
 BATCHES = [
@@ -121,10 +121,17 @@ def decode(ctx, shape: KVShape) -> None:
     mine = {req: n for batch in BATCHES for req, n, d in batch if d == ctx.rank}
     next_layer = {req: 0 for req in mine}
     done: set[int] = set()
-    while len(done) < len(mine):
+    transfers = sum(1 for batch in BATCHES if any(d == ctx.rank for _, _, d in batch))
+    released = 0
+    while len(done) < len(mine) or released < transfers:
         item = inbox.get(timeout=30)
         assert item is not None, f"rank {ctx.rank}: waiting for {set(mine) - done}"
         _, x = item
+        if isinstance(x, StagingDone):
+            # Every request of the transfer came before it; its memory may now be reused.
+            released += 1
+            x.release()
+            continue
         kv, hidden = kv_of(x.req_id, mine[x.req_id], shape)
         if isinstance(x, LayerKV):
             assert x.layer == next_layer[x.req_id], (x.req_id, x.layer, next_layer[x.req_id])
