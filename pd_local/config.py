@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -24,6 +25,9 @@ from typing import Any
 from pd_local.model.config import ModelConfig, ModelConfigError
 
 DEFAULT_MODEL = "weights/smollm2-135m-instruct"
+# `pd-local serve --api-key` hands the key to the ranks here, not on their (world-readable)
+# command lines.
+API_KEY_ENV = "PD_LOCAL_API_KEY"
 DTYPES: tuple[str, ...] = ("bfloat16", "float32")
 DEVICES: tuple[str, ...] = ("cpu", "cuda")
 TRANSFER_MODES: tuple[str, ...] = ("layerwise", "whole")
@@ -343,6 +347,8 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--colocated", type=int, default=None, help="N colocated replicas")
     parser.add_argument("--host", default=None)
     parser.add_argument("--port", type=int, default=None)
+    parser.add_argument("--api-key", default=None,
+                        help=f"require 'Authorization: Bearer KEY' (or set ${API_KEY_ENV})")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config key, e.g. --set engine.max_num_seqs=32")
 
@@ -352,6 +358,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         "model": args.model, "dtype": args.dtype, "device": args.device,
         "transfer": args.transfer, "routing": args.routing,
         "server.host": args.host, "server.port": args.port,
+        "server.api_key": args.api_key or os.environ.get(API_KEY_ENV) or None,
     }
     overrides.update(_parse_set(item) for item in args.set)
     if args.colocated is not None or args.prefill is not None or args.decode is not None:
@@ -368,7 +375,9 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
 
 
 def to_argv(cfg_path: str | Path | None, args: argparse.Namespace) -> list[str]:
-    """The flags of `args` as an argv, so `pd-local serve` can hand them on to every rank."""
+    """The flags of `args` as an argv, so `pd-local serve` can hand them on to every rank.
+
+    Not --api-key: that goes through the environment (API_KEY_ENV)."""
     argv: list[str] = []
     if cfg_path is not None:
         argv += ["--config", str(cfg_path)]

@@ -79,6 +79,10 @@ class _Rank:
     max_model_len: int = 0
     ready: bool = False
 
+    def update(self, load: Tokens | Stats) -> None:
+        self.free_blocks, self.total_blocks = load.free_blocks, load.total_blocks
+        self.running, self.waiting = load.running, load.waiting
+
 
 class Router:
     """The `Backend` of a torchrun launch. Construct on rank 0 after init_distributed."""
@@ -235,9 +239,7 @@ class Router:
             if req is not None:
                 self._finish(req, "error", error=REJECT_TEXT[msg.reason])
         elif isinstance(msg, Stats):
-            r = self._rank(peer)
-            r.free_blocks, r.total_blocks, r.running, r.waiting = (
-                msg.free_blocks, msg.total_blocks, msg.running, msg.waiting)
+            self._rank(peer).update(msg)
         elif isinstance(msg, Ready):
             r = self._rank(peer)
             r.ready, r.max_model_len, r.total_blocks = True, msg.max_model_len, msg.total_blocks
@@ -255,9 +257,7 @@ class Router:
             raise ValueError(f"router: unexpected message from rank {peer}: {msg!r}")
 
     def _tokens(self, peer: int, msg: Tokens) -> None:
-        r = self.decode[peer]
-        r.free_blocks, r.total_blocks, r.running, r.waiting = (
-            msg.free_blocks, msg.total_blocks, msg.running, msg.waiting)
+        self.decode[peer].update(msg)
         for rec in msg.transfers:
             self.kv.kv_bytes_transferred += rec.num_bytes
             self.kv.kv_transfer_seconds += rec.seconds

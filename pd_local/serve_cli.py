@@ -4,8 +4,9 @@
                    [--prefill P --decode D | --colocated N] [--device cpu|cuda] [...]
 
 torchrun gets --nproc-per-node = 1 + workers and runs `python -m pd_local.launch` with the same
-flags on every rank, so every rank builds the same ServeConfig. Mistakes that need no ranks (a
-bad config, a missing model directory, too few GPUs) are refused here, before anything starts.
+flags on every rank, so every rank builds the same ServeConfig (the API key travels in the
+environment instead). Mistakes that need no ranks (a bad config, a missing model directory, too
+few GPUs) are refused here, before anything starts; the default model is fetched if missing.
 """
 
 from __future__ import annotations
@@ -14,8 +15,22 @@ import argparse
 import os
 import sys
 
-from pd_local.config import (ConfigError, ServeConfig, add_config_args, check_model_dir,
-                             check_world, config_from_args, to_argv)
+from pd_local.config import (API_KEY_ENV, DEFAULT_MODEL, ConfigError, ServeConfig,
+                             add_config_args, check_model_dir, check_world, config_from_args,
+                             to_argv)
+
+
+def fetch_default_model(cfg: ServeConfig) -> None:
+    """The default model is fetched and converted on first use (README: `pd-local serve` on a
+    fresh checkout just works); any other missing directory is the user's mistake."""
+    from pd_local.weights_cli import DEFAULT_MODEL as NAME
+    from pd_local.weights_cli import WeightsError, fetch
+
+    print(f"pd-local serve: {cfg.model} not found; fetching {NAME}", file=sys.stderr)
+    try:
+        fetch(NAME, cfg.model_path.parent, dtype=None)
+    except WeightsError as e:
+        raise ConfigError(f"could not fetch the default model into {cfg.model_path}: {e}") from e
 
 
 def torchrun_command(cfg: ServeConfig, args: argparse.Namespace) -> list[str]:
@@ -39,6 +54,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(args)
+        if cfg.model == DEFAULT_MODEL and not cfg.model_path.is_dir():
+            fetch_default_model(cfg)
         check_model_dir(cfg)
         cuda_count = 0
         if cfg.device == "cuda":
@@ -54,4 +71,6 @@ def main(argv: list[str]) -> int:
           f"ranks: {' '.join(cmd)}", file=sys.stderr)
     if args.dry_run:
         return 0
+    if cfg.server.api_key is not None:
+        os.environ[API_KEY_ENV] = cfg.server.api_key
     os.execv(sys.executable, cmd)  # torchrun takes over this process (and its signals)

@@ -56,12 +56,20 @@ def test_flags_override_the_file() -> None:
     cfg = parse("--config", str(CONFIGS / "cpu-1p1d.toml"), "--model", "/m", "--dtype", "float32",
                 "--prefill", "2", "--decode", "3", "--transfer", "whole", "--port", "9000",
                 "--set", "engine.max_num_seqs=8", "--set", "server.host=0.0.0.0",
-                "--set", 'server.cors_origins=["http://a"]', "--set", "timeouts.group_s=10.5")
+                "--set", 'server.cors_origins=["http://a"]', "--set", "timeouts.group_s=10.5",
+                "--api-key", "k1")
     assert (cfg.model, cfg.dtype, cfg.transfer) == ("/m", "float32", "whole")
     assert (cfg.topology.prefill, cfg.topology.decode, cfg.topology.colocated) == (2, 3, 0)
     assert (cfg.server.port, cfg.server.host, cfg.server.cors_origins) == (9000, "0.0.0.0",
                                                                             ("http://a",))
     assert cfg.engine.max_num_seqs == 8 and cfg.timeouts.group_s == 10.5
+    assert cfg.server.api_key == "k1"
+
+
+def test_api_key_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PD_LOCAL_API_KEY", "from-env")
+    assert parse().server.api_key == "from-env"
+    assert parse("--api-key", "flag").server.api_key == "flag"
 
 
 def test_colocated_flag_replaces_file_topology() -> None:

@@ -84,7 +84,7 @@ def serving(model_dir: Path, *flags: str) -> Iterator[Served]:
                             stderr=subprocess.STDOUT, text=True)
     served = Served(f"http://127.0.0.1:{port}", proc, tag)
     try:
-        wait_healthy(served.url, timeout=120)
+        wait_healthy(served.url, timeout=120)  # /health needs no key
         yield served
     finally:
         kill_tagged(tag)
@@ -185,6 +185,17 @@ def test_dead_decode_rank_takes_the_server_down(tiny_dir: Path) -> None:
         assert rc != 0 and time.monotonic() - t0 < 60, (rc, out[-3000:])
         assert "router failed" in out or "LinkDown" in out, out[-3000:]
         assert s.leftover() == []
+
+
+def test_api_key_reaches_rank_0_but_no_command_line(tiny_dir: Path) -> None:
+    with serving(tiny_dir, "--colocated", "1", "--api-key", "sekret-42") as s:
+        body = {"prompt": PROMPTS[0], "max_tokens": 2}
+        assert httpx.post(f"{s.url}/v1/completions", json=body).status_code == 401
+        ok = httpx.post(f"{s.url}/v1/completions", json=body,
+                        headers={"Authorization": "Bearer sekret-42"})
+        assert ok.status_code == 200, ok.text
+        for pid in tagged_pids(s.tag):
+            assert b"sekret-42" not in Path(f"/proc/{pid}/cmdline").read_bytes()
 
 
 def run_cli(*argv: str) -> subprocess.CompletedProcess:
