@@ -25,12 +25,14 @@ import dataclasses
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 
 import torch
 
 from pd_local.config import ServeConfig
 from pd_local.dist import DistContext, Role
 from pd_local.engine import Engine, EngineConfig, TokenEvent
+from pd_local.model.config import ModelConfig
 from pd_local.model.weights import load_model
 from pd_local.protocol import (Abort, Fatal, FinishReason, Heartbeater, Inbox, ProtocolError,
                                Ready, Receiver, Rejected, RejectReason, Reserve, Reserved, Sender,
@@ -59,27 +61,26 @@ def engine_config(cfg: ServeConfig) -> EngineConfig:
     )
 
 
-def kv_shape(engine: Engine) -> KVShape:
-    mc = engine.model.config
-    return KVShape(mc.num_layers, mc.num_kv_heads, mc.head_dim, mc.hidden_size, engine.dtype)
-
-
 def token_entry(ev: TokenEvent) -> TokenEntry:
     return TokenEntry(ev.req_id, ev.token_id, ev.finished, FINISH_CODES[ev.finish_reason])
 
 
 class DecodeLoop:
-    def __init__(self, ctx: DistContext, engine: Engine) -> None:
-        self.ctx, self.engine = ctx, engine
+    """Construct right after init_distributed, before the model loads: a gloo send waits for
+    the receiver's recv and fails after the group timeout, so every incoming link needs its
+    receiver thread, and every outgoing one its heartbeats, while the weights load."""
+
+    def __init__(self, ctx: DistContext, shape: KVShape) -> None:
+        self.ctx = ctx
         self.colocated = ctx.role is Role.COLOCATED
         me = ctx.rank
         self.inbox = Inbox()
         self.receiver = Receiver(ctx.links.to_decode[me], self.inbox)
         self.to_router = Sender(ctx.links.from_decode[me])
-        shape = kv_shape(engine)
-        self.kv_receivers = [KVReceiver(pair, self.inbox, shape, out_device=engine.device)
+        self.kv_receivers = [KVReceiver(pair, self.inbox, shape, out_device=ctx.device)
                              for pair in ctx.links.kv.values()]
         self.heartbeat = Heartbeater([self.to_router], ctx.cfg.timeouts.heartbeat_s, self.inbox)
+        self.engine: Engine  # built by run()
         self.admission: deque[Reserve] = deque()
         self.entries: list[TokenEntry] = []
         self.transfers: list[TransferRecord] = []
@@ -87,9 +88,11 @@ class DecodeLoop:
 
     # -- the loop ----------------------------------------------------------------------------
 
-    def run(self) -> None:
-        """Until the router's Shutdown. Any error: tell the router (Fatal), then raise."""
+    def run(self, make_engine: Callable[[], Engine]) -> None:
+        """Build the engine, then serve until the router's Shutdown. Any error: tell the router
+        (Fatal), then raise."""
         try:
+            self.engine = make_engine()
             self.to_router.send(Ready(self.engine.max_model_len, self.engine.num_total_blocks))
             while True:
                 # Block only when there is nothing to step: then only a message can change that.
@@ -201,8 +204,13 @@ class DecodeLoop:
 def run(ctx: DistContext) -> None:
     """Entry point for a decode or colocated rank (launch.py)."""
     cfg = ctx.cfg
-    model, _ = load_model(cfg.model, getattr(torch, cfg.dtype), ctx.device)
-    tokenizer = Tokenizer.from_dir(cfg.model)
-    engine = Engine(model, engine_config(cfg), stop_token_ids=tokenizer.stop_token_ids,
-                    device=ctx.device)
-    DecodeLoop(ctx, engine).run()
+    dtype = getattr(torch, cfg.dtype)
+    loop = DecodeLoop(ctx, KVShape.of(ModelConfig.from_dir(cfg.model), dtype))
+
+    def make_engine() -> Engine:
+        model, _ = load_model(cfg.model, dtype, ctx.device)
+        tokenizer = Tokenizer.from_dir(cfg.model)
+        return Engine(model, engine_config(cfg), stop_token_ids=tokenizer.stop_token_ids,
+                      device=ctx.device)
+
+    loop.run(make_engine)

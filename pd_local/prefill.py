@@ -19,11 +19,13 @@ import itertools
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 
 import torch
 
 from pd_local.dist import DistContext
 from pd_local.engine import prefill_hidden
+from pd_local.model.config import ModelConfig
 from pd_local.model.llama import LlamaForCausalLM
 from pd_local.model.weights import load_model
 from pd_local.protocol import (Abort, Fatal, Heartbeater, Inbox, KVEntry, Prefill, PrefillDone,
@@ -35,25 +37,28 @@ log = logging.getLogger(__name__)
 
 
 class PrefillLoop:
-    def __init__(self, ctx: DistContext, model: LlamaForCausalLM) -> None:
-        self.ctx, self.model = ctx, model
+    """Construct right after init_distributed, before the model loads (see decode.DecodeLoop:
+    receivers and heartbeats must run while the weights load)."""
+
+    def __init__(self, ctx: DistContext, shape: KVShape) -> None:
+        self.ctx = ctx
         me, cfg = ctx.rank, ctx.cfg
         self.inbox = Inbox()
         self.receiver = Receiver(ctx.links.to_prefill[me], self.inbox)
         self.to_router = Sender(ctx.links.from_prefill[me])
-        mc = model.config
-        shape = KVShape(mc.num_layers, mc.num_kv_heads, mc.head_dim, mc.hidden_size,
-                        getattr(torch, cfg.dtype))
         mode = TransferMode[cfg.transfer.upper()]
         self.kv = {d: KVSender(pair, Sender(pair.header), shape, mode)
                    for (_, d), pair in ctx.links.kv.items()}
         self.heartbeat = Heartbeater([self.to_router, *(s.header for s in self.kv.values())],
                                      cfg.timeouts.heartbeat_s, self.inbox)
         self.pending: deque[Prefill] = deque()
+        self.model: LlamaForCausalLM  # loaded by run()
 
-    def run(self) -> None:
-        """Until the router's Shutdown. Any error: tell the router (Fatal), then raise."""
+    def run(self, make_model: Callable[[], LlamaForCausalLM]) -> None:
+        """Load the model, then serve until the router's Shutdown. Any error: tell the router
+        (Fatal), then raise."""
         try:
+            self.model = make_model()
             self.to_router.send(Ready(0, 0))
             while True:
                 item = self.inbox.get(timeout=0 if self.pending else None)
@@ -136,5 +141,7 @@ class PrefillLoop:
 
 def run(ctx: DistContext) -> None:
     """Entry point for a prefill rank (launch.py)."""
-    model, _ = load_model(ctx.cfg.model, getattr(torch, ctx.cfg.dtype), ctx.device)
-    PrefillLoop(ctx, model).run()
+    cfg = ctx.cfg
+    dtype = getattr(torch, cfg.dtype)
+    loop = PrefillLoop(ctx, KVShape.of(ModelConfig.from_dir(cfg.model), dtype))
+    loop.run(lambda: load_model(cfg.model, dtype, ctx.device)[0])

@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from pd_local.dist import KVLink, Link
+from pd_local.model.config import ModelConfig
 from pd_local.protocol import (DType, Heartbeat, Inbox, KVEntry, KVHeader, LinkDown,
                                ProtocolError, Sender, Shutdown, TransferMode, TransferRecord,
                                recv_message)
@@ -58,6 +59,10 @@ class KVShape:
     head_dim: int
     hidden_size: int
     dtype: torch.dtype
+
+    @classmethod
+    def of(cls, mc: ModelConfig, dtype: torch.dtype) -> KVShape:
+        return cls(mc.num_layers, mc.num_kv_heads, mc.head_dim, mc.hidden_size, dtype)
 
     @property
     def bytes_per_token(self) -> int:

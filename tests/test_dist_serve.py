@@ -25,7 +25,8 @@ import httpx
 import pytest
 import torch
 
-from tests.dist_scripts.harness import REPO, env_for, free_port, kill_tagged, new_tag, tagged_pids
+from tests.dist_scripts.harness import (REPO, env_for, free_port, kill_tagged, new_tag,
+                                        tagged_pids, torchrun)
 from tests.helpers import make_tiny_hf_model
 from tests.server_utils import metric_values, wait_healthy
 
@@ -196,6 +197,17 @@ def test_api_key_reaches_rank_0_but_no_command_line(tiny_dir: Path) -> None:
         assert ok.status_code == 200, ok.text
         for pid in tagged_pids(s.tag):
             assert b"sekret-42" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+@pytest.mark.parametrize("flags", [["--prefill", "1", "--decode", "1"], ["--colocated", "1"]],
+                         ids=["1P1D", "colocated-1"])
+def test_workers_loading_longer_than_the_group_timeout(tiny_dir: Path, flags: list[str]) -> None:
+    world = 3 if "--prefill" in flags else 2
+    run = torchrun("check_slow_load.py", world,
+                   ["--model", str(tiny_dir), "--set", "engine.max_model_len=512",
+                    "--set", "timeouts.group_s=2", *flags], timeout=120)
+    assert run.rc == 0, run.output[-4000:]
+    assert len(run.lines("RESULT")) == world and run.leftover == []
 
 
 def run_cli(*argv: str) -> subprocess.CompletedProcess:
