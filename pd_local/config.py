@@ -272,10 +272,7 @@ def build_config(raw: Mapping[str, Any]) -> ServeConfig:
         if name == "server" and "cors_origins" in table:
             origins = table["cors_origins"]
             table["cors_origins"] = tuple(origins) if isinstance(origins, list) else origins
-        try:
-            sections[name] = cls(**table)
-        except TypeError as e:  # pragma: no cover - _check_keys already refused unknown keys
-            raise ConfigError(f"[{name}]: {e}") from None
+        sections[name] = cls(**table)  # keys already checked: no TypeError
     return ServeConfig(**top, **sections)
 
 
