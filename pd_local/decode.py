@@ -104,6 +104,10 @@ class DecodeLoop:
                     self._handle(item[1])
                     item = self.inbox.poll()
                 self._admit()
+                if self.entries:
+                    # First tokens sampled from arrived hidden states go out now, not after the
+                    # decode step below (which would add one whole step to their TTFT).
+                    self._report()
                 if self._can_step():
                     self.entries += [token_entry(ev) for ev in self.engine.step()]
                 self._report()
