@@ -92,7 +92,8 @@ def serving(model_dir: Path, *flags: str) -> Iterator[Served]:
         proc.communicate()
 
 
-PROMPTS = [[1 + (7 * i + 3 * j) % 400 for j in range(5 + 9 * i)] for i in range(5)]
+# 16 concurrent requests of mixed lengths (5..140 tokens), half greedy, half seeded sampling.
+PROMPTS = [[1 + (7 * i + 3 * j) % 400 for j in range(5 + (37 * i) % 136)] for i in range(16)]
 
 
 def requests_params() -> list[dict]:
@@ -104,14 +105,14 @@ def requests_params() -> list[dict]:
     return out
 
 
-def reference_texts(model_dir: Path) -> list[str]:
+def reference_texts(model_dir: Path, dtype: torch.dtype = torch.bfloat16) -> list[str]:
     """What one in-process Engine (all prompts in flight together) produces."""
     from pd_local.engine import Engine, EngineConfig
     from pd_local.model.weights import load_model
     from pd_local.sampling import SamplingParams
     from pd_local.tokenizer import Tokenizer
 
-    model, _ = load_model(model_dir, torch.bfloat16)
+    model, _ = load_model(model_dir, dtype)
     tok = Tokenizer.from_dir(model_dir)
     engine = Engine(model, EngineConfig(kv_cache_gb=0.05), stop_token_ids=tok.stop_token_ids)
     params = [SamplingParams(temperature=r["temperature"], top_p=r["top_p"], seed=r["seed"],
@@ -152,10 +153,12 @@ def wait_blocks_free(url: str, timeout: float = 20) -> dict[str, float]:
 
 
 @pytest.mark.parametrize("flags", [
+    ["--colocated", "1"],
+    ["--colocated", "2"],
     ["--prefill", "1", "--decode", "1"],
     ["--prefill", "1", "--decode", "2", "--transfer", "whole", "--routing", "round_robin"],
-    ["--colocated", "2"],
-], ids=["1P1D-layerwise", "1P2D-whole", "colocated-2"])
+    ["--prefill", "2", "--decode", "1"],
+], ids=["colocated-1", "colocated-2", "1P1D-layerwise", "1P2D-whole-rr", "2P1D"])
 def test_serve_matches_engine_frees_blocks_and_stops_cleanly(tiny_dir: Path,
                                                              flags: list[str]) -> None:
     want = reference_texts(tiny_dir)
@@ -237,3 +240,58 @@ def test_launch_refuses_a_world_of_the_wrong_size(tiny_dir: Path) -> None:
     assert r.returncode != 0
     assert ("topology 1P2D needs 4 ranks (1 front-end + 3 workers: 1 prefill + 2 decode), "
             "torchrun started 3") in r.stderr
+
+
+def test_smollm2_gives_the_engine_tokens_in_2p1d_and_1p2d(smollm2_dir: Path) -> None:
+    """The real model, 16 concurrent mixed-length requests: the same tokens as one in-process
+    engine in two disaggregated topologies (the tiny model covers the other three)."""
+    want = reference_texts(smollm2_dir)
+    for flags in (["--prefill", "2", "--decode", "1"], ["--prefill", "1", "--decode", "2"]):
+        with serving(smollm2_dir, *flags) as s:
+            assert asyncio.run(complete_all(s.url)) == want, flags
+
+
+async def abort_at_random_points(url: str, n: int, seed: int) -> list[int]:
+    """n streamed requests, each dropped by its client after a random delay (some before the
+    reservation, some while prefilling or transferring, some mid-decode). Returns how many data
+    lines each saw before it went away."""
+    import random
+
+    rng = random.Random(seed)
+
+    async def one(c: httpx.AsyncClient, prompt: list[int], delay: float) -> int:
+        body = {"prompt": prompt, "max_tokens": 200, "ignore_eos": True, "stream": True}
+        seen = 0
+
+        async def consume() -> None:
+            nonlocal seen
+            async with c.stream("POST", f"{url}/v1/completions", json=body) as r:
+                async for line in r.aiter_lines():
+                    seen += line.startswith("data:")
+
+        try:
+            await asyncio.wait_for(consume(), timeout=delay)
+        except asyncio.TimeoutError:
+            pass  # cancelled: the connection closes, the server aborts the request
+        return seen
+
+    async with httpx.AsyncClient(timeout=60) as c:
+        prompts = [PROMPTS[i % len(PROMPTS)] * 3 for i in range(n)]  # up to ~420 tokens
+        return await asyncio.gather(*[one(c, p, rng.uniform(0.0, 1.5)) for p in prompts])
+
+
+@pytest.mark.parametrize("flags", [["--prefill", "1", "--decode", "1"], ["--prefill", "2", "--decode", "2"]],
+                         ids=["1P1D", "2P2D"])
+def test_aborts_in_every_phase_return_every_block(tiny_dir: Path, flags: list[str]) -> None:
+    """max_num_seqs=3 makes requests queue for a reservation (back-pressure), long prompts make
+    prefill and transfer take time, and clients leave at random points of all of it."""
+    with serving(tiny_dir, *flags, "--set", "engine.max_num_seqs=3") as s:
+        seen = asyncio.run(abort_at_random_points(s.url, 30, seed=1))
+        assert any(n == 0 for n in seen) and any(n > 3 for n in seen), seen  # early and late aborts
+        blocks = wait_blocks_free(s.url, timeout=30)
+        assert blocks and all(free == total for free, total in blocks.values()), blocks
+        for name in ("pd_local_running_requests", "pd_local_queue_depth"):
+            assert set(metric_values(s.url, name).values()) == {0.0}, name
+        assert metric_values(s.url, "pd_local_requests_in_flight")[""] == 0
+        # the server is still serving correctly afterwards
+        assert asyncio.run(complete_all(s.url)) == reference_texts(tiny_dir)
