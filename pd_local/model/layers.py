@@ -47,6 +47,17 @@ class Linear(nn.Module):
         return linear(x, self.weight, self.bias)
 
 
+def concat_linears(*parts: Linear) -> Linear:
+    """One Linear whose output rows are the parts' rows, in order (for fusing projections that
+    read the same input). Each output column is the same dot product as before."""
+    weight = torch.cat([p.weight for p in parts]).detach()  # [sum(out_i), in]
+    fused = Linear(weight.shape[1], weight.shape[0], bias=parts[0].bias is not None)
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if parts[0].bias is not None:
+        fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]).detach(), requires_grad=False)
+    return fused
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in fp32, cast back before the weight (as transformers does)."""
 
