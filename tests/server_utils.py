@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+
+import pytest
 
 import httpx
 import torch
@@ -18,6 +24,7 @@ from pd_local.engine import Engine, EngineConfig
 from pd_local.model.weights import load_model
 from pd_local.server import ServerSettings, create_app
 from pd_local.tokenizer import Tokenizer
+from tests.dist_scripts.harness import REPO, env_for, kill_tagged, new_tag, tagged_pids
 
 
 def free_port() -> int:
@@ -32,7 +39,7 @@ def inprocess_server(model_dir: Path, engine_cfg: EngineConfig | None = None, **
     model, _ = load_model(model_dir, torch.bfloat16)
     tok = Tokenizer.from_dir(model_dir)
     engine = Engine(model, engine_cfg or EngineConfig(kv_cache_gb=0.1), stop_token_ids=tok.stop_token_ids)
-    app = create_app(InProcessBackend(engine), tok, ServerSettings(**{"model_name": "smollm2", **settings}))
+    app = create_app(InProcessBackend(engine), tok, ServerSettings(**{"model_name": "smollm2-135m-instruct", **settings}))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -71,3 +78,56 @@ def metric_values(url: str, name: str, headers: dict[str, str] | None = None) ->
             key, _, val = line.rpartition(" ")
             out[key[len(name):]] = float(val)
     return out
+
+
+@dataclass
+class Served:
+    url: str
+    proc: subprocess.Popen  # `pd-local serve`, which became torchrun (execv)
+    tag: str
+
+    def rank_pid(self, rank: int) -> int:
+        """The pid of rank `rank` (torchrun's child)."""
+        for pid in tagged_pids(self.tag):
+            try:
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in env and b"pd_local.launch" in cmd:
+                return pid
+        raise LookupError(f"no rank {rank} among {tagged_pids(self.tag)}")
+
+    def wait(self, timeout: float) -> tuple[int, str]:
+        """torchrun's exit code and output, after at most `timeout` s (then everything dies)."""
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_tagged(self.tag)
+            out, _ = self.proc.communicate()
+            pytest.fail(f"server still running after {timeout} s:\n{out[-3000:]}")
+        return self.proc.returncode, out
+
+    def leftover(self) -> list[int]:
+        time.sleep(0.2)  # let killed ranks finish dying
+        return tagged_pids(self.tag)
+
+
+@contextmanager
+def serving(model_dir: Path, *flags: str) -> Iterator[Served]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "pd_local", "serve", "--model", str(model_dir),
+           "--port", str(port), "--set", "engine.max_model_len=512",
+           "--set", "engine.kv_cache_gb=0.05", "--set", "timeouts.group_s=20", *flags]
+    tag = new_tag()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env_for(tag), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    served = Served(f"http://127.0.0.1:{port}", proc, tag)
+    try:
+        wait_healthy(served.url, timeout=120)  # /health needs no key
+        yield served
+    finally:
+        kill_tagged(tag)
+        proc.communicate()
+
+

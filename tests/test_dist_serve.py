@@ -25,10 +25,9 @@ import httpx
 import pytest
 import torch
 
-from tests.dist_scripts.harness import (REPO, env_for, free_port, kill_tagged, new_tag,
-                                        tagged_pids, torchrun)
+from tests.dist_scripts.harness import tagged_pids, torchrun
 from tests.helpers import make_tiny_hf_model
-from tests.server_utils import metric_values, wait_healthy
+from tests.server_utils import metric_values, serving
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
@@ -39,57 +38,6 @@ MAX_TOKENS = 12
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
     return make_tiny_hf_model(tmp_path_factory.mktemp("serve"), tokenizer_dir=smollm2_dir,
                               num_layers=3, seed=3)
-
-
-@dataclass
-class Served:
-    url: str
-    proc: subprocess.Popen  # `pd-local serve`, which became torchrun (execv)
-    tag: str
-
-    def rank_pid(self, rank: int) -> int:
-        """The pid of rank `rank` (torchrun's child)."""
-        for pid in tagged_pids(self.tag):
-            try:
-                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if f"RANK={rank}".encode() in env and b"pd_local.launch" in cmd:
-                return pid
-        raise LookupError(f"no rank {rank} among {tagged_pids(self.tag)}")
-
-    def wait(self, timeout: float) -> tuple[int, str]:
-        """torchrun's exit code and output, after at most `timeout` s (then everything dies)."""
-        try:
-            out, _ = self.proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            kill_tagged(self.tag)
-            out, _ = self.proc.communicate()
-            pytest.fail(f"server still running after {timeout} s:\n{out[-3000:]}")
-        return self.proc.returncode, out
-
-    def leftover(self) -> list[int]:
-        time.sleep(0.2)  # let killed ranks finish dying
-        return tagged_pids(self.tag)
-
-
-@contextmanager
-def serving(model_dir: Path, *flags: str) -> Iterator[Served]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "pd_local", "serve", "--model", str(model_dir),
-           "--port", str(port), "--set", "engine.max_model_len=512",
-           "--set", "engine.kv_cache_gb=0.05", "--set", "timeouts.group_s=20", *flags]
-    tag = new_tag()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env_for(tag), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    served = Served(f"http://127.0.0.1:{port}", proc, tag)
-    try:
-        wait_healthy(served.url, timeout=120)  # /health needs no key
-        yield served
-    finally:
-        kill_tagged(tag)
-        proc.communicate()
 
 
 # 16 concurrent requests of mixed lengths (5..140 tokens), half greedy, half seeded sampling.

@@ -1,8 +1,12 @@
-"""The HTTP front-end end to end: real uvicorn, real SSE, the real SmolLM2 behind it."""
+"""The HTTP front-end end to end: real uvicorn, real SSE, the real SmolLM2 behind it.
+
+The shared tests run twice: against an in-process engine backend, and against a real
+`pd-local serve` world (torchrun: router on rank 0, one prefill rank, one decode rank)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -13,19 +17,51 @@ import httpx
 import pytest
 
 from pd_local.engine import EngineConfig
-from tests.server_utils import inprocess_server, metric_values, wait_healthy
+from tests.server_utils import inprocess_server, metric_values, serving, wait_healthy
 
 pytestmark = pytest.mark.slow
 
-CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "Name three colors."}],
+CHAT = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Name three colors."}],
         "max_tokens": 16, "temperature": 0}
 
 
-@pytest.fixture(scope="module")
-def url(smollm2_dir: Path) -> Iterator[str]:
-    with inprocess_server(smollm2_dir, EngineConfig(kv_cache_gb=0.1, max_num_seqs=64), max_queue=64) as u:
-        wait_healthy(u)
-        yield u
+@pytest.fixture(scope="module", params=["inprocess", "torchrun-1p1d"])
+def url(request: pytest.FixtureRequest, smollm2_dir: Path) -> Iterator[str]:
+    if request.param == "inprocess":
+        with inprocess_server(smollm2_dir, EngineConfig(kv_cache_gb=0.1, max_num_seqs=64), max_queue=64) as u:
+            wait_healthy(u)
+            yield u
+    else:
+        with serving(smollm2_dir, "--prefill", "1", "--decode", "1", "--set", "engine.max_num_seqs=64") as s:
+            yield s.url
+
+
+BACKENDS = ["inprocess", "torchrun-1p1d"]
+
+
+@contextlib.contextmanager
+def server_of(kind: str, model_dir: Path, max_queue: int | None = None, api_key: str | None = None,
+              max_model_len: int | None = None) -> Iterator[str]:
+    """A fresh server of either kind with these settings; yields its URL."""
+    if kind == "inprocess":
+        settings: dict[str, object] = {}
+        if max_queue is not None:
+            settings["max_queue"] = max_queue
+        if api_key is not None:
+            settings["api_key"] = api_key
+        with inprocess_server(model_dir, EngineConfig(kv_cache_gb=0.05, max_model_len=max_model_len), **settings) as u:
+            wait_healthy(u)
+            yield u
+        return
+    flags = ["--prefill", "1", "--decode", "1"]
+    if max_queue is not None:
+        flags += ["--set", f"server.max_queue={max_queue}"]
+    if api_key is not None:
+        flags += ["--api-key", api_key]
+    if max_model_len is not None:
+        flags += ["--set", f"engine.max_model_len={max_model_len}"]
+    with serving(model_dir, *flags) as srv:
+        yield srv.url
 
 
 def sse_chunks(resp: httpx.Response) -> list[dict | str]:
@@ -89,25 +125,25 @@ def test_openai_client_streaming_and_not(url: str) -> None:
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{url}/v1", api_key="unused")
-    stream = client.chat.completions.create(model="smollm2", messages=CHAT["messages"], max_tokens=16,
+    stream = client.chat.completions.create(model="smollm2-135m-instruct", messages=CHAT["messages"], max_tokens=16,
                                             temperature=0, stream=True, stream_options={"include_usage": True})
     parts, usage = [], None
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             parts.append(chunk.choices[0].delta.content)
         usage = chunk.usage or usage
-    whole = client.chat.completions.create(model="smollm2", messages=CHAT["messages"], max_tokens=16, temperature=0)
+    whole = client.chat.completions.create(model="smollm2-135m-instruct", messages=CHAT["messages"], max_tokens=16, temperature=0)
     assert "".join(parts) == whole.choices[0].message.content and parts
     assert usage is not None and usage.completion_tokens == whole.usage.completion_tokens
-    comp = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=8, temperature=0)
+    comp = client.completions.create(model="smollm2-135m-instruct", prompt="The capital of France is", max_tokens=8, temperature=0)
     assert comp.choices[0].text and comp.object == "text_completion"
-    assert [m.id for m in client.models.list().data] == ["smollm2"]
+    assert [m.id for m in client.models.list().data] == ["smollm2-135m-instruct"]
 
 
 BAD = [
     ("malformed json", b"{not json", 400, None),
     ("not an object", b"[1, 2]", 400, None),
-    ("missing messages", {"model": "smollm2"}, 400, "messages"),
+    ("missing messages", {"model": "smollm2-135m-instruct"}, 400, "messages"),
     ("empty messages", {"messages": []}, 400, "messages"),
     ("unknown role", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages"),
     ("non-string content", {"messages": [{"role": "user", "content": 5}]}, 400, "messages"),
@@ -139,8 +175,9 @@ def test_bad_input_gets_status_and_openai_error_body(url: str, name: str, body: 
     assert httpx.get(f"{url}/health", timeout=5).status_code == 200
 
 
-def test_max_tokens_past_context_is_clipped_to_length(smollm2_dir: Path) -> None:
-    with inprocess_server(smollm2_dir, EngineConfig(kv_cache_gb=0.05, max_model_len=64)) as u:
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_max_tokens_past_context_is_clipped_to_length(kind: str, smollm2_dir: Path) -> None:
+    with server_of(kind, smollm2_dir, max_model_len=64) as u:
         r = httpx.post(f"{u}/v1/chat/completions", timeout=60, json={
             "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
             "max_tokens": 5000, "temperature": 0, "ignore_eos": True})
@@ -156,8 +193,9 @@ def test_body_over_the_limit_is_413(smollm2_dir: Path) -> None:
         assert httpx.get(f"{u}/health").status_code == 200
 
 
-def test_api_key_required_except_health(smollm2_dir: Path) -> None:
-    with inprocess_server(smollm2_dir, api_key="s3cret") as u:
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_api_key_required_except_health(kind: str, smollm2_dir: Path) -> None:
+    with server_of(kind, smollm2_dir, api_key="s3cret") as u:
         assert httpx.get(f"{u}/health").status_code == 200
         for path in ("/v1/models", "/metrics"):
             assert httpx.get(f"{u}{path}").status_code == 401
@@ -169,13 +207,14 @@ def test_api_key_required_except_health(smollm2_dir: Path) -> None:
         assert r.status_code == 200
 
 
-def test_overload_gets_429_with_retry_after(smollm2_dir: Path) -> None:
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_overload_gets_429_with_retry_after(kind: str, smollm2_dir: Path) -> None:
     async def run(u: str) -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=120) as c:
             body = {**CHAT, "max_tokens": 24, "ignore_eos": True}
             return await asyncio.gather(*[c.post(f"{u}/v1/chat/completions", json=body) for _ in range(8)])
 
-    with inprocess_server(smollm2_dir, max_queue=2) as u:
+    with server_of(kind, smollm2_dir, max_queue=2) as u:
         rs = asyncio.run(run(u))
         codes = sorted(r.status_code for r in rs)
         assert codes.count(200) >= 2 and 429 in codes
