@@ -103,7 +103,7 @@ def main() -> int:
         "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
         "new_tokens": n, "decode_prompt_len": len(prompt), "rows": rows,
     }
-    print(f"\n| case | ours tok/s | transformers tok/s | ratio |\n|---|---|---|---|")
+    print("\n| case | ours tok/s | transformers tok/s | ratio |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['case']} | {r['ours']:.1f} | {r['transformers']:.1f} | {r['ratio']:.2f}x |")
     out = Path(args.out)

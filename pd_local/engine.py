@@ -21,7 +21,7 @@ from pd_local.kv_cache import BlockAllocator, PagedKVCache, slots_for
 from pd_local.model.attention import AttentionMetadata
 from pd_local.model.llama import LayerKVHook, LlamaForCausalLM
 from pd_local.sampling import SamplingParams, sample
-from pd_local.scheduler import Scheduler, SchedulerOutput, Sequence, SeqStatus
+from pd_local.scheduler import Scheduler, SchedulerOutput, Sequence
 
 log = logging.getLogger(__name__)
 

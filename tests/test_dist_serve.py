@@ -16,16 +16,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
 
-from tests.dist_scripts.harness import tagged_pids, torchrun
+from tests.dist_scripts.harness import REPO, tagged_pids, torchrun
 from tests.helpers import make_tiny_hf_model
 from tests.server_utils import metric_values, serving
 
