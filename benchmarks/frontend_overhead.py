@@ -25,7 +25,8 @@ import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ttft_pd_vs_colocated import TOPOLOGIES, one_request, start, stop  # noqa: E402
+from servers import stop_server  # noqa: E402
+from ttft_pd_vs_colocated import TOPOLOGIES, one_request, start  # noqa: E402
 
 from pd_local.engine import Engine, EngineConfig  # noqa: E402
 from pd_local.model.weights import load_model  # noqa: E402
@@ -100,7 +101,7 @@ def main() -> int:
         idle = asyncio.run(health_latencies(url, 40, 0, prompt[:32]))
         busy = asyncio.run(health_latencies(url, 40, args.load, prompt[:32]))
     finally:
-        stop(proc)
+        stop_server(proc)
     result = {
         "topology": args.topology, "prompt_len": args.prompt_len,
         "offline_ttft_ms": offline, "server_ttft_ms": server_ttft, "client_ttft_ms": client_ttft,

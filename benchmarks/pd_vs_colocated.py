@@ -40,8 +40,6 @@ import asyncio
 import json
 import math
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -49,9 +47,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-import httpx
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import servers  # noqa: E402  (benchmarks/servers.py)
 from pd_local.loadtest.client import RequestOptions, RequestResult
 from pd_local.loadtest.metrics import (capacity_ratio, is_good, max_rate_at_attainment,
                                        stats, summarize)
@@ -208,51 +207,17 @@ def parse_args(argv: Sequence[str]) -> Cli:
 
 # ---- servers ------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_server(name: str, st: Settings, log_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """`pd-local serve` in its own process group; returns once /health answers 200."""
-    port = free_port()
+    """`pd-local serve` for topology `name` in its own process group; returns once healthy."""
     n = st.max_model_len
-    cmd = [sys.executable, "-m", "pd_local", "serve", "--port", str(port), *TOPOLOGIES[name],
-           "--dtype", st.dtype, "--set", f"engine.max_model_len={n}",
-           "--set", f"engine.max_prefill_tokens={n}"]
+    flags = [*TOPOLOGIES[name], "--dtype", st.dtype, "--set", f"engine.max_model_len={n}",
+             "--set", f"engine.max_prefill_tokens={n}"]
     if st.model:
-        cmd += ["--model", st.model]
-    log_path = log_dir / f"pd_vs_colocated_{name}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                                start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited with {proc.returncode}; see {log_path}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2, trust_env=False).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    stop_server(proc)
-    raise RuntimeError(f"{name} did not become healthy in 240 s; see {log_path}")
+        flags += ["--model", st.model]
+    return servers.start_server(name, flags, log_dir / f"pd_vs_colocated_{name}.log")
 
 
-def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM to the server's process group (torchrun and its ranks), SIGKILL after 60 s."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+stop_server = servers.stop_server
 
 
 # ---- CPU accounting: who used the two cores during a run ---------------------------------------

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -21,6 +20,9 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from servers import start_server, stop_server  # noqa: E402
+
 TOPOLOGIES = {
     "colocated-1": ["--colocated", "1"],
     "1p1d-layerwise": ["--prefill", "1", "--decode", "1", "--transfer", "layerwise"],
@@ -28,42 +30,9 @@ TOPOLOGIES = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(name: str, extra: list[str], max_len: int) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "pd_local", "serve", "--port", str(port), *extra,
-           "--set", f"engine.max_model_len={max_len}", "--set", f"engine.max_prefill_tokens={max_len}"]
-    log = open(f"/tmp/pd_local_bench_{name}.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited with {proc.returncode}; see /tmp/pd_local_bench_{name}.log")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"{name} did not become healthy in 180 s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    import os
-    import signal
-
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        os.killpg(proc.pid, signal.SIGKILL)
+    flags = [*extra, "--set", f"engine.max_model_len={max_len}", "--set", f"engine.max_prefill_tokens={max_len}"]
+    return start_server(name, flags, Path(f"/tmp/pd_local_bench_{name}.log"), timeout_s=180)
 
 
 def one_request(client: httpx.Client, url: str, prompt: list[int]) -> tuple[float, dict[str, float]]:
@@ -113,7 +82,7 @@ def main() -> int:
                     print(f"[bench] {name} {n} tokens: TTFT median {results[name][n]['ttft_ms_median']:.1f} ms",
                           file=sys.stderr, flush=True)
         finally:
-            stop(proc)
+            stop_server(proc)
     base = results["colocated-1"]
     print("\n| prompt tokens | colocated-1 TTFT ms | 1P1D layerwise ms (ratio) | 1P1D whole ms (ratio) | layerwise kv_transfer ms | whole kv_transfer ms |")
     print("|---|---|---|---|---|---|")
