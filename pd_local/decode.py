@@ -110,6 +110,10 @@ class DecodeLoop:
                     self._report()
                 if self._can_step():
                     self.entries += [token_entry(ev) for ev in self.engine.step()]
+                    # A step that finished sequences freed room: admit queued reservations now.
+                    # The loop blocks on its inbox next when nothing can step, and no message
+                    # may ever come to wake it while reservations wait (a hang seen in tests).
+                    self._admit()
                 self._report()
         except BaseException as e:
             try:

@@ -240,3 +240,18 @@ def test_aborts_in_every_phase_return_every_block(tiny_dir: Path, flags: list[st
         assert metric_values(s.url, "pd_local_requests_in_flight")[""] == 0
         # the server is still serving correctly afterwards
         assert asyncio.run(complete_all(s.url)) == reference_texts(tiny_dir)
+
+
+def test_queued_reservations_are_admitted_when_a_step_frees_room(tiny_dir: Path) -> None:
+    """max_num_seqs=1: the second and third requests wait in the decode rank's admission queue
+    until the first finishes inside a decode step. That step must admit them: no message comes
+    to wake the decode loop otherwise (it used to block for ever here)."""
+    async def three(url: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=30) as c:
+            body = {"prompt": PROMPTS[3], "max_tokens": MAX_TOKENS, "ignore_eos": True, "temperature": 0}
+            return await asyncio.gather(*[c.post(f"{url}/v1/completions", json=body) for _ in range(3)])
+
+    with serving(tiny_dir, "--prefill", "1", "--decode", "1", "--set", "engine.max_num_seqs=1") as s:
+        rs = asyncio.run(three(s.url))
+        assert [r.status_code for r in rs] == [200, 200, 200]
+        assert len({r.json()["choices"][0]["text"] for r in rs}) == 1  # greedy: all the same
