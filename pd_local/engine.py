@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from pd_local.kv_cache import BlockAllocator, PagedKVCache, slots_for
-from pd_local.model.attention import AttentionMetadata
+from pd_local.model.attention import AttentionMetadata, write_kv
 from pd_local.model.llama import LayerKVHook, LlamaForCausalLM
 from pd_local.sampling import SamplingParams, sample
 from pd_local.scheduler import Scheduler, SchedulerOutput, Sequence
@@ -107,10 +107,7 @@ class Engine:
             mc.num_layers, num_blocks, cfg.block_size, mc.num_kv_heads, mc.head_dim, self.dtype, self.device
         )
         self.allocator = BlockAllocator(num_blocks)
-        self.scheduler = Scheduler(
-            self.allocator, cfg.block_size, cfg.max_num_seqs,
-            max(cfg.max_prefill_tokens, 1), self.max_model_len,
-        )
+        self.scheduler = Scheduler(self.allocator, cfg.block_size, cfg.max_num_seqs, cfg.max_prefill_tokens)
         log.info(
             "KV cache: %d blocks x %d tokens = %d tokens (%.2f GB, %s, %d B/token); max_model_len %d",
             num_blocks, cfg.block_size, num_blocks * cfg.block_size,
@@ -187,10 +184,8 @@ class Engine:
         if k.shape[0] != n:
             raise ValueError(f"request {req_id}: got KV for {k.shape[0]} tokens, prompt has {n}")
         slots = torch.tensor(slots_for(seq.block_ids, 0, n, self.cfg.block_size), device=self.device)
-        kc, vc = self.kv_cache.k[layer], self.kv_cache.v[layer]
-        nb, bs, h, d = kc.shape
-        kc.view(nb * bs, h, d).index_copy_(0, slots, k.to(self.device, self.dtype))
-        vc.view(nb * bs, h, d).index_copy_(0, slots, v.to(self.device, self.dtype))
+        write_kv(self.kv_cache.k[layer], self.kv_cache.v[layer],
+                 k.to(self.device, self.dtype), v.to(self.device, self.dtype), slots)
 
     def add_prefilled(self, req_id: int, hidden: torch.Tensor) -> TokenEvent:
         """The KV of a reserved request has fully landed: sample its first token from the last

@@ -67,13 +67,11 @@ class Scheduler:
         block_size: int,
         max_num_seqs: int,
         max_prefill_tokens: int,
-        max_model_len: int,
     ) -> None:
         self.allocator = allocator
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
-        self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.reserved: dict[int, Sequence] = {}

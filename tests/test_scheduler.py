@@ -14,7 +14,7 @@ from pd_local.scheduler import Scheduler, Sequence, SeqStatus
 
 
 def make(num_blocks: int = 16, block_size: int = 4, max_num_seqs: int = 8, budget: int = 64) -> Scheduler:
-    return Scheduler(BlockAllocator(num_blocks), block_size, max_num_seqs, budget, 1024)
+    return Scheduler(BlockAllocator(num_blocks), block_size, max_num_seqs, budget)
 
 
 def seq(i: int, n: int) -> Sequence:

@@ -32,7 +32,6 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
     context_lens: torch.Tensor | None = None
-    max_context_len: int = 0
     # decode: rows grouped by their own block count, (num_blocks, row indices [g]); see
     # paged_decode_attention for why
     decode_groups: tuple[tuple[int, torch.Tensor], ...] = ()
@@ -72,7 +71,6 @@ class AttentionMetadata:
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),  # [B]
             block_tables=torch.tensor(padded, dtype=torch.long, device=device),  # [B, width]
             context_lens=torch.tensor(context_lens, dtype=torch.long, device=device),  # [B]
-            max_context_len=max(context_lens),
             decode_groups=tuple(
                 (nblk, torch.tensor(rows, dtype=torch.long, device=device)) for nblk, rows in sorted(groups.items())
             ),
