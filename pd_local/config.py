@@ -28,7 +28,8 @@ DEFAULT_MODEL = "weights/smollm2-135m-instruct"
 # `pd-local serve --api-key` hands the key to the ranks here, not on their (world-readable)
 # command lines.
 API_KEY_ENV = "PD_LOCAL_API_KEY"
-DTYPES: tuple[str, ...] = ("bfloat16", "float32")
+# "auto": bfloat16 on CUDA and on CPUs with native bf16, float32 otherwise (model/dtype.py).
+DTYPES: tuple[str, ...] = ("auto", "bfloat16", "float32")
 DEVICES: tuple[str, ...] = ("cpu", "cuda")
 TRANSFER_MODES: tuple[str, ...] = ("layerwise", "whole")
 ROUTING_POLICIES: tuple[str, ...] = ("load", "round_robin")
@@ -186,7 +187,7 @@ class TimeoutConfig:
 @dataclass(frozen=True)
 class ServeConfig:
     model: str = DEFAULT_MODEL
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     device: str = "cpu"
     # "layerwise": each layer's KV leaves as soon as it exists; "whole": one tensor after prefill.
     transfer: str = "layerwise"

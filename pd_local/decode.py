@@ -212,7 +212,9 @@ class DecodeLoop:
 def run(ctx: DistContext) -> None:
     """Entry point for a decode or colocated rank (launch.py)."""
     cfg = ctx.cfg
-    dtype = getattr(torch, cfg.dtype)
+    from pd_local.model.dtype import resolve_dtype
+
+    dtype = resolve_dtype(cfg.dtype, cfg.device)  # "auto": same answer on every rank (one machine)
     loop = DecodeLoop(ctx, KVShape.of(ModelConfig.from_dir(cfg.model), dtype))
 
     def make_engine() -> Engine:

@@ -16,16 +16,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from pd_local.engine import Engine, EngineConfig
+from pd_local.model.dtype import DTYPE_CHOICES, resolve_dtype
 from pd_local.openai_request import GenerationRequest, RequestError, parse_request
 from pd_local.textstream import TextStream
 from pd_local.tokenizer import Tokenizer
 
 log = logging.getLogger("pd_local.generate")
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def run_batch(
@@ -71,7 +70,8 @@ def run_batch(
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pd-local generate", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="HF model directory (default: the fetched SmolLM2)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="auto: bfloat16 on CUDA and on CPUs with native bf16, else float32")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--input", required=True, help="JSONL file of chat-completions bodies ('-' = stdin)")
     p.add_argument("--output", required=True, help="JSONL file to write ('-' = stdout)")
@@ -98,7 +98,7 @@ def main(argv: list[str]) -> int:
         print(f"pd-local generate: cannot read --input: {e}", file=sys.stderr)
         return 2
     try:
-        model, _ = load_model(model_dir, DTYPES[args.dtype], args.device)
+        model, _ = load_model(model_dir, resolve_dtype(args.dtype, args.device), args.device)
         tokenizer = Tokenizer.from_dir(model_dir)
     except (OSError, ValueError) as e:
         print(f"pd-local generate: cannot load the model: {e}", file=sys.stderr)

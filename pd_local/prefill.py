@@ -142,6 +142,8 @@ class PrefillLoop:
 def run(ctx: DistContext) -> None:
     """Entry point for a prefill rank (launch.py)."""
     cfg = ctx.cfg
-    dtype = getattr(torch, cfg.dtype)
+    from pd_local.model.dtype import resolve_dtype
+
+    dtype = resolve_dtype(cfg.dtype, cfg.device)  # "auto": same answer on every rank (one machine)
     loop = PrefillLoop(ctx, KVShape.of(ModelConfig.from_dir(cfg.model), dtype))
     loop.run(lambda: load_model(cfg.model, dtype, ctx.device)[0])

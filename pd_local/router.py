@@ -330,9 +330,14 @@ def serve(ctx: DistContext) -> None:
     router.ready.wait()
     if router.error is not None:
         raise RuntimeError(router.error)
+    from pd_local.model.dtype import read_cpu_flags, resolve_dtype_name
+
+    # The workers resolved "auto" on this same machine from the same inputs: the same answer.
+    dtype, why = resolve_dtype_name(cfg.dtype, cfg.device, read_cpu_flags())
+    log.info("workers compute in %s (%s)", dtype, why)
     settings = ServerSettings(model_name=cfg.model_path.name, api_key=cfg.server.api_key,
                               max_queue=cfg.server.max_queue,
-                              cors_origins=cfg.server.cors_origins)
+                              cors_origins=cfg.server.cors_origins, dtype=dtype)
     app = create_app(router, tokenizer, settings)
     server = uvicorn.Server(uvicorn.Config(app, host=cfg.server.host, port=cfg.server.port,
                                            log_level="info", timeout_graceful_shutdown=5))

@@ -1,6 +1,6 @@
 """`pd-local serve`: check the config, then exec torchrun with one process per rank.
 
-    pd-local serve [--config configs/cpu-1p1d.toml] [--model DIR] [--dtype bfloat16|float32]
+    pd-local serve [--config configs/cpu-1p1d.toml] [--model DIR] [--dtype auto|bfloat16|float32]
                    [--prefill P --decode D | --colocated N] [--device cpu|cuda] [...]
 
 torchrun gets --nproc-per-node = 1 + workers and runs `python -m pd_local.launch` with the same

@@ -45,6 +45,7 @@ class ServerSettings:
     retry_after_s: int = 1
     cors_origins: tuple[str, ...] = ()
     disconnect_poll_s: float = 0.25  # non-streaming requests check the client this often
+    dtype: str | None = None  # what the workers compute in ("auto" resolved), for /v1/models
 
 
 def error_response(err: RequestError, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -139,6 +140,7 @@ class App:
         return JSONResponse({"object": "list", "data": [{
             "id": self.settings.model_name, "object": "model", "created": 0, "owned_by": "pd_local",
             "max_model_len": self.backend.max_model_len,
+            "pd_local": {"dtype": self.settings.dtype},
         }]})
 
     async def health(self, request: Request) -> Response:

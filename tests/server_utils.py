@@ -117,7 +117,9 @@ def serving(model_dir: Path, *flags: str) -> Iterator[Served]:
     port = free_port()
     cmd = [sys.executable, "-m", "pd_local", "serve", "--model", str(model_dir),
            "--port", str(port), "--set", "engine.max_model_len=512",
-           "--set", "engine.kv_cache_gb=0.05", "--set", "timeouts.group_s=20", *flags]
+           "--set", "engine.kv_cache_gb=0.05", "--set", "timeouts.group_s=20",
+           # pinned: the parity references are bf16; "auto" would differ between CPU kinds
+           "--dtype", "bfloat16", *flags]
     tag = new_tag()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env_for(tag), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)

@@ -99,7 +99,7 @@ def write(tmp_path: Path, text: str) -> Path:
     ("dtyp = 'bfloat16'", r"unknown key 'dtyp' \(known: model, dtype"),
     ("[engine]\nblok_size = 16", r"unknown key 'engine.blok_size' \(known: block_size"),
     ("[servr]\nport = 1", "unknown key 'servr'"),
-    ("dtype = 'fp16'", "dtype must be one of bfloat16, float32; got 'fp16'"),
+    ("dtype = 'fp16'", "dtype must be one of auto, bfloat16, float32; got 'fp16'"),
     ("device = 'tpu'", "device must be one of cpu, cuda; got 'tpu'"),
     ("transfer = 'chunked'", "transfer must be one of layerwise, whole; got 'chunked'"),
     ("routing = 'random'", "routing must be one of load, round_robin; got 'random'"),
