@@ -32,8 +32,8 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
     context_lens: torch.Tensor | None = None
-    # decode: rows grouped by their own block count, (num_blocks, row indices [g]); see
-    # paged_decode_attention for why
+    # decode on CPU: rows grouped by their own block count, (num_blocks, row indices [g]); see
+    # paged_decode_attention for why. Empty on CUDA, and for a padded CUDA-graph batch.
     decode_groups: tuple[tuple[int, torch.Tensor], ...] = ()
 
     @property
@@ -63,8 +63,9 @@ class AttentionMetadata:
         width = max(len(t) for t in block_tables)
         padded = [t + [0] * (width - len(t)) for t in block_tables]  # pad entries are masked
         groups: dict[int, list[int]] = {}
-        for row, n in enumerate(context_lens):
-            groups.setdefault((n + block_size - 1) // block_size, []).append(row)
+        if torch.device(device).type == "cpu":  # CUDA: the Triton kernel needs no groups
+            for row, n in enumerate(context_lens):
+                groups.setdefault((n + block_size - 1) // block_size, []).append(row)
         return cls(
             is_prefill=False,
             seq_lens=(1,) * len(block_tables),
@@ -120,6 +121,14 @@ def paged_decode_attention(
     changes a row's result by ~2e-5. So rows are grouped by block count and each group runs one
     batched attention. Query heads are grouped per KV head so K/V are never repeated (GQA).
     """
+    if q.device.type == "cuda":
+        # Triton reads K/V through the block table (no gather) and loops over each row's own
+        # context: batch-invariant without groups, so CUDA metadata carries none.
+        from pd_local.model.triton_attention import paged_decode_attention_triton
+
+        return paged_decode_attention_triton(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
+    if not meta.decode_groups:  # a padded CUDA-graph batch run eagerly: one group, full width
+        return _decode_group(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
     if len(meta.decode_groups) == 1:
         nblk, _ = meta.decode_groups[0]
         return _decode_group(q, k_cache, v_cache, meta.block_tables[:, :nblk], meta.context_lens, scale)

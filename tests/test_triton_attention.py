@@ -1,0 +1,122 @@
+"""The Triton paged decode kernel equals the torch path, run on CPU by Triton's interpreter.
+
+TRITON_INTERPRET=1 must be set when the kernel is decorated (module import), so this module
+sets it, imports (or re-imports) pd_local.model.triton_attention, and restores the environment.
+The interpreter also reads the variable while a kernel runs, so an autouse fixture sets it
+around every test here. The interpreter has no bf16: everything here is fp32. On CUDA the same kernel is compiled; the
+`gpu` test at the end compares it there, in fp32 and bf16.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton not installed (the test extra installs it on Linux)", allow_module_level=True)
+
+# Before triton itself is first imported: it reads the variable at import time too.
+_saved = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+try:
+    if "pd_local.model.triton_attention" in sys.modules:
+        interp = importlib.reload(sys.modules["pd_local.model.triton_attention"])
+    else:
+        interp = importlib.import_module("pd_local.model.triton_attention")
+finally:
+    if _saved is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _saved
+
+from pd_local.model.attention import AttentionMetadata, paged_decode_attention  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _interpret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def make_case(ctx: list[int], block_size: int, heads: int, kv_heads: int, dim: int,
+              dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """Random q and caches; each row's blocks are scattered over the cache in shuffled order,
+    with spare blocks between them, so a kernel that assumed contiguous tables would fail."""
+    g = torch.Generator().manual_seed(seed)
+    need = sum((n + block_size - 1) // block_size for n in ctx)
+    num_blocks = 2 * need + 3
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    tables, i = [], 0
+    for n in ctx:
+        k = (n + block_size - 1) // block_size
+        tables.append(perm[i:i + k])
+        i += k + 1  # skip one: blocks of different rows are not adjacent in the permutation
+    shape = (num_blocks, block_size, kv_heads, dim)
+    kc = torch.randn(shape, generator=g).to(dtype).to(device)
+    vc = torch.randn(shape, generator=g).to(dtype).to(device)
+    q = torch.randn(len(ctx), heads, dim, generator=g).to(dtype).to(device)
+    meta = AttentionMetadata.decode(tables, ctx, [0] * len(ctx), block_size, device)
+    return q, kc, vc, meta
+
+
+CASES = [
+    # (context lengths, block_size, heads, kv_heads, head_dim, tile)
+    pytest.param([1, 17, 40, 5, 16], 16, 9, 3, 64, 64, id="smollm2-gqa3"),
+    pytest.param([33, 2, 100], 16, 8, 2, 64, 16, id="gqa4-tile-eq-block"),
+    pytest.param([7, 50, 129], 4, 4, 4, 32, 32, id="mha-block4-tile-spans-blocks"),
+    pytest.param([70, 3], 64, 8, 1, 64, 16, id="mqa-tile-smaller-than-block"),
+    pytest.param([31, 9], 8, 6, 2, 80, 64, id="head-dim-80-padded"),
+]
+
+
+@pytest.mark.parametrize("ctx, block_size, heads, kv_heads, dim, tile", CASES)
+def test_triton_kernel_equals_torch_reference(ctx: list[int], block_size: int, heads: int,
+                                              kv_heads: int, dim: int, tile: int) -> None:
+    q, kc, vc, meta = make_case(ctx, block_size, heads, kv_heads, dim)
+    scale = dim**-0.5
+    want = paged_decode_attention(q, kc, vc, meta, scale)
+    got = interp.paged_decode_attention_triton(q, kc, vc, meta.block_tables, meta.context_lens,
+                                               scale, tile=tile)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
+
+
+def test_triton_rows_do_not_depend_on_the_batch() -> None:
+    """Bit-identical rows alone and in a batch (batch invariance), and table entries past a
+    row's context are never read (they point at an out-of-range block here)."""
+    q, kc, vc, meta = make_case([5, 37, 19], 16, 9, 3, 64, seed=3)
+    tables = meta.block_tables.clone()
+    tables[0, 1:] = 10**6  # past row 0's context (5 tokens, 1 block): must not be read
+    both = interp.paged_decode_attention_triton(q, kc, vc, tables, meta.context_lens, 0.125)
+    for row in range(3):
+        alone = interp.paged_decode_attention_triton(
+            q[row:row + 1], kc, vc, tables[row:row + 1], meta.context_lens[row:row + 1], 0.125)
+        assert torch.equal(alone[0], both[row])
+
+
+def test_triton_refuses_mismatched_shapes() -> None:
+    q, kc, vc, meta = make_case([3], 16, 9, 3, 64)
+    with pytest.raises(ValueError, match="H must be a multiple of KV"):
+        interp.paged_decode_attention_triton(q[:, :8], kc, vc, meta.block_tables,
+                                             meta.context_lens, 0.125)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_compiled_kernel_on_cuda_equals_torch_reference(dtype: torch.dtype, tol: float) -> None:
+    from pd_local.model import attention
+    from pd_local.model.triton_attention import paged_decode_attention_triton
+
+    q, kc, vc, meta = make_case([1, 17, 40, 5, 300, 16], 16, 9, 3, 64, dtype, "cuda")
+    cpu_meta = AttentionMetadata.decode(meta.block_tables.tolist(), meta.context_lens.tolist(),
+                                        [0] * 6, 16)
+    # the torch path on CPU tensors is the reference (on CUDA attention dispatches to Triton)
+    want = attention.paged_decode_attention(q.cpu().float(), kc.cpu().float(), vc.cpu().float(),
+                                            cpu_meta, 0.125)
+    got = paged_decode_attention_triton(q, kc, vc, meta.block_tables, meta.context_lens, 0.125)
+    torch.testing.assert_close(got.float().cpu(), want, rtol=tol, atol=tol)
