@@ -116,9 +116,13 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_prefill_tokens: int = 2048
     max_model_len: int = 2048
+    # CUDA only: decode steps replay per-batch-size CUDA graphs (ignored on CPU).
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         _int("engine.block_size", self.block_size, minimum=1, maximum=1024)
+        if not isinstance(self.cuda_graphs, bool):
+            raise ConfigError(f"engine.cuda_graphs must be true or false, got {self.cuda_graphs!r}")
         if self.block_size & (self.block_size - 1):
             raise ConfigError(f"engine.block_size must be a power of two, got {self.block_size}")
         if (self.kv_cache_gb is None) == (self.gpu_memory_fraction is None):

@@ -35,6 +35,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_prefill_tokens: int = 4096
     max_model_len: int | None = None  # None: the model's max_position_embeddings
+    cuda_graphs: bool = True  # decode through per-batch-size CUDA graphs (CUDA only)
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -103,11 +104,21 @@ class Engine:
         num_blocks = cfg.num_blocks or self._blocks_from_budget(per_block)
         # A sequence alone must always fit, or preemption could never make room for it.
         self.max_model_len = min(self.max_model_len, num_blocks * cfg.block_size)
-        self.kv_cache = PagedKVCache(
-            mc.num_layers, num_blocks, cfg.block_size, mc.num_kv_heads, mc.head_dim, self.dtype, self.device
+        use_graphs = cfg.cuda_graphs and self.device.type == "cuda"
+        self.kv_cache = PagedKVCache(  # with graphs, one block more: their padding rows' sink
+            mc.num_layers, num_blocks + use_graphs, cfg.block_size, mc.num_kv_heads, mc.head_dim,
+            self.dtype, self.device,
         )
         self.allocator = BlockAllocator(num_blocks)
         self.scheduler = Scheduler(self.allocator, cfg.block_size, cfg.max_num_seqs, cfg.max_prefill_tokens)
+        self.graphs = None
+        if use_graphs:
+            from pd_local.model.cuda_graphs import DecodeGraphRunner
+
+            width = -(-self.max_model_len // cfg.block_size)
+            self.graphs = DecodeGraphRunner(model, self.kv_cache, cfg.max_num_seqs, width,
+                                            sink_block=num_blocks, device=self.device)
+            self.graphs.capture()
         log.info(
             "KV cache: %d blocks x %d tokens = %d tokens (%.2f GB, %s, %d B/token); max_model_len %d",
             num_blocks, cfg.block_size, num_blocks * cfg.block_size,
@@ -218,6 +229,14 @@ class Engine:
         ctx = [seq.num_tokens for seq in seqs]
         slots = [seq.block_ids[(n - 1) // bs] * bs + (n - 1) % bs for seq, n in zip(seqs, ctx)]
         dev = self.device
+        if self.graphs is not None:
+            from pd_local.model.cuda_graphs import DecodeBatch
+
+            batch = DecodeBatch([seq.last_token for seq in seqs], [n - 1 for n in ctx], slots,
+                                [seq.block_ids for seq in seqs], ctx)
+            logits = self.graphs.run(batch)  # None beyond the largest bucket: eager below
+            if logits is not None:
+                return logits
         meta = AttentionMetadata.decode([seq.block_ids for seq in seqs], ctx, slots, bs, dev)
         ids = torch.tensor([seq.last_token for seq in seqs], dtype=torch.long, device=dev)  # [B]
         pos = torch.tensor([n - 1 for n in ctx], dtype=torch.long, device=dev)  # [B]
