@@ -1,10 +1,11 @@
 """The Triton paged decode kernel equals the torch path, run on CPU by Triton's interpreter.
 
-TRITON_INTERPRET=1 must be set when the kernel is decorated (module import), so this module
-sets it, imports (or re-imports) pd_local.model.triton_attention, and restores the environment.
-The interpreter also reads the variable while a kernel runs, so an autouse fixture sets it
-around every test here. The interpreter has no bf16: everything here is fp32. On CUDA the same kernel is compiled; the
-`gpu` test at the end compares it there, in fp32 and bf16.
+TRITON_INTERPRET=1 must be set when triton is first imported, when the kernel is decorated and
+while it runs; so on a CPU machine this module imports a private copy of
+pd_local.model.triton_attention with it set (the real module is never left interpreted), and a
+fixture sets it around each interpreter test. The interpreter has no bf16: those tests are
+fp32. On a CUDA machine they are skipped and the `gpu` tests compare the compiled kernel, in
+fp32 and bf16.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import importlib
 import importlib.util
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,26 +22,39 @@ import torch
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton not installed (the test extra installs it on Linux)", allow_module_level=True)
 
-# Before triton itself is first imported: it reads the variable at import time too.
-_saved = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-try:
-    if "pd_local.model.triton_attention" in sys.modules:
-        interp = importlib.reload(sys.modules["pd_local.model.triton_attention"])
-    else:
-        interp = importlib.import_module("pd_local.model.triton_attention")
-finally:
-    if _saved is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = _saved
+# The interpreter must own this process's first `import triton` (it reads the variable then,
+# and at decoration and launch). On a CUDA machine the compiled kernel is what matters and is
+# tested below, so the interpreter tests are skipped there rather than switch triton's mode
+# under the gpu tests.
+HAS_CUDA = torch.cuda.is_available()
+interp_only = pytest.mark.skipif(HAS_CUDA, reason="CUDA present: the compiled kernel is tested "
+                                 "(gpu tests); the interpreter would take over triton here")
+interp = None
+if not HAS_CUDA and "triton" not in sys.modules:
+    _saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:  # a private copy of the module: the real one is never left in interpreted mode
+        _spec = importlib.util.spec_from_file_location(
+            "_triton_attention_interpreted",
+            Path(__file__).parent.parent / "pd_local" / "model" / "triton_attention.py")
+        interp = importlib.util.module_from_spec(_spec)
+        _spec.loader.exec_module(interp)
+    finally:
+        if _saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = _saved
+elif not HAS_CUDA:
+    interp_only = pytest.mark.skip(reason="triton was imported before this module without "
+                                   "TRITON_INTERPRET=1; run this file alone")
 
 from pd_local.model.attention import AttentionMetadata, paged_decode_attention  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _interpret(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+def _interpret(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    if request.node.get_closest_marker("gpu") is None:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def make_case(ctx: list[int], block_size: int, heads: int, kv_heads: int, dim: int,
@@ -74,6 +89,7 @@ CASES = [
 ]
 
 
+@interp_only
 @pytest.mark.parametrize("ctx, block_size, heads, kv_heads, dim, tile", CASES)
 def test_triton_kernel_equals_torch_reference(ctx: list[int], block_size: int, heads: int,
                                               kv_heads: int, dim: int, tile: int) -> None:
@@ -85,6 +101,7 @@ def test_triton_kernel_equals_torch_reference(ctx: list[int], block_size: int, h
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
 
 
+@interp_only
 def test_triton_rows_do_not_depend_on_the_batch() -> None:
     """Bit-identical rows alone and in a batch (batch invariance), and table entries past a
     row's context are never read (they point at an out-of-range block here)."""
@@ -98,6 +115,7 @@ def test_triton_rows_do_not_depend_on_the_batch() -> None:
         assert torch.equal(alone[0], both[row])
 
 
+@interp_only
 def test_triton_refuses_mismatched_shapes() -> None:
     q, kc, vc, meta = make_case([3], 16, 9, 3, 64)
     with pytest.raises(ValueError, match="H must be a multiple of KV"):
