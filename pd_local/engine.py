@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from pd_local.kv_cache import BlockAllocator, PagedKVCache, slots_for
-from pd_local.model.attention import AttentionMetadata, write_kv
+from pd_local.model.attention import AttentionMetadata, host_to_device, write_kv
 from pd_local.model.llama import LayerKVHook, LlamaForCausalLM
 from pd_local.sampling import SamplingParams, sample
 from pd_local.scheduler import Scheduler, SchedulerOutput, Sequence
@@ -72,14 +72,14 @@ def prefill_hidden(
     position, [B, hidden]. The K/V of every layer go to kv_cache (at slot_mapping) and/or to
     on_layer_kv; a prefill rank passes only the hook and keeps nothing."""
     lens = [len(p) for p in prompts]
-    ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)  # [T]
-    pos = torch.tensor([i for n in lens for i in range(n)], dtype=torch.long, device=device)  # [T]
+    ids = host_to_device([t for p in prompts for t in p], device)  # [T]
+    pos = host_to_device([i for n in lens for i in range(n)], device)  # [T]
     slots = None
     if slot_mapping is not None:
-        slots = torch.tensor(slot_mapping, dtype=torch.long, device=device)  # [T]
+        slots = host_to_device(slot_mapping, device)  # [T]
     meta = AttentionMetadata.prefill(lens, slots)
     hidden = model(ids, pos, meta, kv_cache, on_layer_kv)  # [T, hidden]
-    last = torch.tensor(meta.cu_seqlens[1:], device=device) - 1  # [B]
+    last = host_to_device(meta.cu_seqlens[1:], device) - 1  # [B]
     return hidden[last]
 
 
@@ -194,7 +194,7 @@ class Engine:
         n = len(seq.prompt_ids)
         if k.shape[0] != n:
             raise ValueError(f"request {req_id}: got KV for {k.shape[0]} tokens, prompt has {n}")
-        slots = torch.tensor(slots_for(seq.block_ids, 0, n, self.cfg.block_size), device=self.device)
+        slots = host_to_device(slots_for(seq.block_ids, 0, n, self.cfg.block_size), self.device)
         write_kv(self.kv_cache.k[layer], self.kv_cache.v[layer],
                  k.to(self.device, self.dtype), v.to(self.device, self.dtype), slots)
 
@@ -238,8 +238,8 @@ class Engine:
             if logits is not None:
                 return logits
         meta = AttentionMetadata.decode([seq.block_ids for seq in seqs], ctx, slots, bs, dev)
-        ids = torch.tensor([seq.last_token for seq in seqs], dtype=torch.long, device=dev)  # [B]
-        pos = torch.tensor([n - 1 for n in ctx], dtype=torch.long, device=dev)  # [B]
+        ids = host_to_device([seq.last_token for seq in seqs], dev)  # [B]
+        pos = host_to_device([n - 1 for n in ctx], dev)  # [B]
         hidden = self.model(ids, pos, meta, self.kv_cache)  # [B, hidden]
         return self.model.compute_logits(hidden)
 
