@@ -62,10 +62,12 @@ def test_export_refuses_cpu_tensors() -> None:
         SharedTensor.export(torch.zeros(3))
 
 
-def _child_fills(wire: torch.Tensor, event_wire: torch.Tensor) -> None:
+def _child_fills(wire: torch.Tensor, event_wire: torch.Tensor, other: torch.Tensor) -> None:
     from pd_local.cluster.ipc import unpack_bytes as ub
 
     t = SharedTensor.from_wire(wire).open()
+    tail = SharedTensor.from_wire(other).open()  # a second view of the same allocation
+    assert tail.shape == (8, 8) and torch.equal(tail.cpu(), torch.ones(8, 8))
     ev = torch.cuda.Event.from_ipc_handle(0, ub(event_wire.tolist(), 0)[0])
     torch.cuda.current_stream().wait_event(ev)  # the parent's fill is ordered before ours
     t.add_(torch.arange(t.numel(), device=t.device, dtype=t.dtype).view_as(t))
@@ -83,7 +85,8 @@ def test_another_process_writes_into_a_shared_tensor() -> None:
     ev.record()
     proc = mp.get_context("spawn").Process(
         target=_child_fills,
-        args=(SharedTensor.export(view).to_wire(), torch.tensor(pack_bytes(ev.ipc_handle()))))
+        args=(SharedTensor.export(view).to_wire(), torch.tensor(pack_bytes(ev.ipc_handle())),
+              SharedTensor.export(base[56:]).to_wire()))
     proc.start()
     proc.join(120)
     assert proc.exitcode == 0

@@ -90,13 +90,17 @@ class SharedTensor:
                    size_bytes, offset_bytes, ref_handle, ref_offset, event_handle, bool(event_sync))
 
     def open(self) -> torch.Tensor:
-        """The shared tensor in this process (same GPU memory: writes are seen by both)."""
-        storage = torch.UntypedStorage._new_shared_cuda(
-            self.device, self.handle, self.storage_size_bytes, self.storage_offset_bytes,
-            self.ref_counter_handle, self.ref_counter_offset, self.event_handle,
-            self.event_sync_required)
-        t = torch.empty(0, dtype=self.dtype, device=torch.device("cuda", self.device))
-        return t.set_(storage, self.offset, self.size, self.stride)
+        """The shared tensor in this process (same GPU memory: writes are seen by both).
+
+        Through torch's own rebuild, which caches opened allocations per process: CUDA refuses
+        to open one allocation twice in a process, as two views of one buffer would."""
+        from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+        return rebuild_cuda_tensor(
+            torch.Tensor, torch.Size(self.size), self.stride, self.offset, torch.UntypedStorage,
+            self.dtype, self.device, self.handle, self.storage_size_bytes,
+            self.storage_offset_bytes, False, self.ref_counter_handle, self.ref_counter_offset,
+            self.event_handle, self.event_sync_required)
 
     def to_wire(self) -> torch.Tensor:
         """int64 CPU tensor [N] for a control link."""
