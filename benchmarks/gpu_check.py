@@ -110,13 +110,13 @@ def hf_greedy(model_dir: Path, dtype: torch.dtype) -> list[list[int]]:
     import transformers as tf
 
     model = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(DEV).eval()
+    model.generation_config.eos_token_id = None  # like ignore_eos: never stop, never mask EOS
     out = []
     with torch.no_grad():
         for p in PARITY_PROMPTS:
             ids = torch.tensor([p], device=DEV)
             gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=PARITY_TOKENS, min_new_tokens=PARITY_TOKENS,
-                                 pad_token_id=0)
+                                 max_new_tokens=PARITY_TOKENS, pad_token_id=0)
             out.append(gen[0, len(p):].tolist())
     del model
     return out
