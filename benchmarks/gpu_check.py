@@ -14,6 +14,7 @@ still run):
   copy bandwidth).
 - prefill: TFLOP/s of one 2048-token prefill of that model (matmuls + causal attention), and
   whether SDPA's flash kernel accepts our prefill attention.
+- decode_attention: the Triton paged kernel against the torch gather path, alone.
 - kv_transfer: same-GPU KV hand-over between two processes: CUDA IPC (one device copy into the
   peer's buffer) against today's share_device path (device -> host -> gloo -> host -> device).
 
@@ -299,6 +300,33 @@ def check_prefill() -> dict[str, Any]:
     return {"tokens": t, "seconds": s, "tflops": flops / s / 1e12, "flash_attention": flash}
 
 
+def check_decode_attention(bw: float) -> dict[str, Any]:
+    """The Triton paged kernel against the torch path (gather + matmuls) on CUDA, 1B-model
+    heads (32 query / 8 KV, head_dim 64), bf16, 1024-token contexts, scattered blocks."""
+    from pd_local.model import attention
+    from pd_local.model.triton_attention import paged_decode_attention_triton
+
+    h, kvh, d, bs, ctx_len = 32, 8, 64, 16, 1024
+    rows = []
+    for b in (1, 16, 64):
+        nblk = ctx_len // bs
+        num_blocks = b * nblk + 8
+        kc = torch.randn(num_blocks, bs, kvh, d, device=DEV, dtype=torch.bfloat16)
+        vc = torch.randn_like(kc)
+        q = torch.randn(b, h, d, device=DEV, dtype=torch.bfloat16)
+        perm = torch.randperm(num_blocks).tolist()
+        tables = [perm[i * nblk:(i + 1) * nblk] for i in range(b)]
+        meta = attention.AttentionMetadata.decode(tables, [ctx_len] * b, [0] * b, bs, DEV)
+        tri = cuda_time(lambda: paged_decode_attention_triton(q, kc, vc, meta.block_tables,
+                                                              meta.context_lens, 0.125), iters=20)
+        ref = cuda_time(lambda: attention._decode_group(q, kc, vc, meta.block_tables,
+                                                        meta.context_lens, 0.125), iters=20)
+        kv_bytes = 2 * b * ctx_len * kvh * d * 2
+        rows.append({"batch": b, "triton_us": tri * 1e6, "torch_gather_us": ref * 1e6,
+                     "speedup": ref / tri, "roofline_us": kv_bytes / bw * 1e6})
+    return {"context": ctx_len, "rows": rows}
+
+
 # --- same-GPU KV transfer -----------------------------------------------------------------------
 
 def _ipc_writer(wire: torch.Tensor, nbytes: int, iters: int, q: Any) -> None:
@@ -389,6 +417,13 @@ def print_table(res: dict[str, Any]) -> None:
     if pre:
         print(f"prefill 2k tokens: {pre['seconds'] * 1e3:.1f} ms, {pre['tflops']:.0f} TFLOP/s, "
               f"flash: {pre['flash_attention']}")
+    att = res["sections"].get("decode_attention", {}).get("result")
+    if att:
+        print(f"paged decode attention, {att['context']}-token contexts (bf16, 32/8 heads):")
+        print("  batch  triton_us  torch_gather_us  speedup  roofline_us")
+        for r in att["rows"]:
+            print(f"  {r['batch']:5d} {r['triton_us']:10.1f} {r['torch_gather_us']:16.1f} "
+                  f"{r['speedup']:8.2f} {r['roofline_us']:12.1f}")
     kv = res["sections"].get("kv_transfer", {}).get("result")
     if kv:
         print(f"same-GPU KV transfer: CUDA IPC {kv['ipc_gbps']:.0f} GB/s, host+gloo "
@@ -403,7 +438,8 @@ def main() -> int:
     ap.add_argument("--device", default="cuda",
                     help="cpu: a smoke run of the code paths (small sizes mean nothing)")
     ap.add_argument("--skip", action="append", default=[],
-                    choices=["bandwidth", "parity", "decode", "prefill", "kv_transfer"])
+                    choices=["bandwidth", "parity", "decode", "prefill", "decode_attention",
+                             "kv_transfer"])
     args = ap.parse_args()
     global DEV
     DEV = torch.device(args.device)
@@ -438,6 +474,8 @@ def main() -> int:
     section("bandwidth", bandwidth)
     section("decode", lambda: check_decode((bw_holder["hbm_gbps"] or 4000.0) * 1e9))
     section("prefill", check_prefill)
+    section("decode_attention",
+            lambda: check_decode_attention((bw_holder["hbm_gbps"] or 4000.0) * 1e9))
     section("kv_transfer", lambda: check_kv_transfer(work))
     section("parity", lambda: check_parity(args.tokenizer, work))
     print_table(res)
