@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU, under 8 minutes: `pytest -m gpu`, then benchmarks/gpu_check.py (greedy parity on
+# One GPU, under 8 minutes (120 s + 350 s caps; each section saves its JSON as it ends): `pytest -m gpu`, then benchmarks/gpu_check.py (greedy parity on
 # CUDA vs transformers, decode step time vs the HBM roofline with and without CUDA graphs,
 # prefill TFLOP/s, same-GPU KV transfer). Results: $OUT/gpu_check.json (+ logs), and a table.
 #
@@ -22,10 +22,10 @@ export PYTHONUNBUFFERED=1
 start=$(date +%s)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
-timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tee "$OUT/pytest_gpu.log"
+timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tee "$OUT/pytest_gpu.log"
 pytest_rc=${PIPESTATUS[0]}
 
-timeout 330 python3 benchmarks/gpu_check.py --out "$OUT/gpu_check.json" "$@" 2>&1 \
+timeout 350 python3 benchmarks/gpu_check.py --out "$OUT/gpu_check.json" "$@" 2>&1 \
     | tee "$OUT/gpu_check.log"
 check_rc=${PIPESTATUS[0]}
 
