@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One GPU, under 8 minutes (120 s + 350 s caps; each section saves its JSON as it ends): `pytest -m gpu`, then benchmarks/gpu_check.py (greedy parity on
-# CUDA vs transformers, decode step time vs the HBM roofline with and without CUDA graphs,
+# One GPU, under 8 minutes (caps: 120 s + 350 s; each section saves the JSON as it ends):
+# `pytest -m gpu`, then benchmarks/gpu_check.py (greedy parity on CUDA vs transformers, decode step time vs the HBM roofline with and without CUDA graphs,
 # prefill TFLOP/s, same-GPU KV transfer). Results: $OUT/gpu_check.json (+ logs), and a table.
 #
 # The device machine reaches no package registry: wheels it lacks (starlette, uvicorn,
