@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU, under 8 minutes (caps: 120 s + 350 s; each section saves the JSON as it ends):
-# `pytest -m gpu`, then benchmarks/gpu_check.py (greedy parity on CUDA vs transformers, decode step time vs the HBM roofline with and without CUDA graphs,
-# prefill TFLOP/s, same-GPU KV transfer). Results: $OUT/gpu_check.json (+ logs), and a table.
+# `pytest -m gpu`, then benchmarks/gpu_check.py (greedy parity on CUDA vs transformers,
+# decode step time vs the HBM roofline with and without CUDA graphs, prefill TFLOP/s, the
+# paged decode kernel alone, same-GPU KV transfer). Results: $OUT/gpu_check.json (+ logs), and a table.
 #
 # The device machine reaches no package registry: wheels it lacks (starlette, uvicorn,
 # sse-starlette) and SmolLM2's tokenizer files travel in the git-ignored .whl/ folder
