@@ -138,3 +138,23 @@ def test_compiled_kernel_on_cuda_equals_torch_reference(dtype: torch.dtype, tol:
                                             cpu_meta, 0.125)
     got = paged_decode_attention_triton(q, kc, vc, meta.block_tables, meta.context_lens, 0.125)
     torch.testing.assert_close(got.float().cpu(), want, rtol=tol, atol=tol)
+
+
+@interp_only
+def test_triton_reads_the_cuda_graph_static_inputs() -> None:
+    """The metadata a captured graph reads (views into one flat int64 buffer, padded rows on a
+    sink block, tables wider than any row needs) gives the kernel the torch path's result."""
+    from pd_local.model.cuda_graphs import DecodeBatch, StaticDecodeInputs
+
+    q, kc, vc, meta = make_case([5, 37, 19], 16, 9, 3, 64, seed=4)
+    sink = kc.shape[0] - 1  # attention only reads the sink (the padded row, 1 token)
+    static = StaticDecodeInputs(rows=8, width=6, sink_block=sink, block_size=16,
+                                device=torch.device("cpu"))
+    tables = [row[:(n + 15) // 16] for row, n in zip(meta.block_tables.tolist(), [5, 37, 19])]
+    static.fill(DecodeBatch([1, 2, 3], [4, 36, 18], [0, 0, 0], tables, [5, 37, 19]), 4)
+    smeta = static.meta(4)
+    q4 = torch.cat([q, q[:1]])  # a padded fourth row
+    want = paged_decode_attention(q4, kc, vc, smeta, 0.125)  # no groups: one full-width group
+    got = interp.paged_decode_attention_triton(q4, kc, vc, smeta.block_tables, smeta.context_lens,
+                                               0.125)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
