@@ -193,7 +193,9 @@ class DecodeGraphRunner:
                 vocab = self.model.config.vocab_size
                 self.logits = torch.empty(n, vocab, dtype=torch.float32, device=self.device)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            # thread_local: the rank's link threads may touch torch meanwhile; only this
+            # thread's work is captured and checked
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 self.logits[:n].copy_(self._forward(n))
             pool = graph.pool()
             self.graphs[n] = graph
