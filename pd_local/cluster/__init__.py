@@ -6,6 +6,7 @@
 | `messages.py` | every typed cross-rank message and its int64 wire codec | pickle |
 | `channel.py` | one control link over a 2-rank gloo group: `Sender`, `Receiver` thread -> `Inbox`, `Heartbeater` | poll a gloo receive |
 | `transfer.py` | KV + hidden-state sender/receiver, header before payload | |
+| `ipc.py` | the KV transport per (prefill, decode) device pair; CUDA IPC handles as int64 tensors | pickle |
 | `router.py` | rank 0: the `api.backend.Backend` over the workers; routing; starts the HTTP app | block the asyncio loop |
 | `prefill.py` | a prefill rank's loop: batch prompts, stream each layer's KV to its decode rank | keep KV |
 | `decode.py` | a decode (or colocated) rank's loop: reserve, receive KV, sample, decode | compute a prompt's KV it was sent |
