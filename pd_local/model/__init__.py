@@ -8,7 +8,7 @@ requests or schedulers.
 | `layers.py` | linear, RMSNorm, rotary embedding | |
 | `attention.py` | `AttentionMetadata`; prefill (varlen causal) and paged decode attention, `write_kv` | allocate blocks |
 | `triton_attention.py` | the CUDA paged decode kernel (Triton; imported on CUDA only) | gather K/V into a copy |
-| `cuda_graphs.py` | decode CUDA graphs: buckets, static padded inputs, capture and replay | run on CPU beyond eager |
+| `cuda_graphs.py` | decode CUDA graphs: buckets, static padded inputs, capture and replay | let a padding row touch a block a request owns |
 | `dtype.py` | `dtype = "auto"` -> bfloat16 / float32 from the device and the CPU's flags | change once resolved |
 | `kv_cache.py` | `PagedKVCache`: the per-layer K/V tensors attention reads and writes | decide which blocks a sequence gets |
 | `weights.py` | load a HF directory (single or sharded safetensors, memory-mapped) into the model | pickle |
