@@ -93,3 +93,20 @@ def test_another_process_writes_into_a_shared_tensor() -> None:
     want = torch.full((64, 8), 1.0)
     want[8:40] += torch.arange(32 * 8, dtype=torch.float32).view(32, 8)
     assert torch.equal(base.cpu(), want)
+
+
+@pytest.mark.multiproc
+def test_shared_memory_transfer_bit_exact_on_1p2d() -> None:
+    """IpcKVSender / IpcKVReceiver over torchrun on CPU (the slot is a /dev/shm file there;
+    dist_scripts/check_ipc_transfer.py does the checking on each rank)."""
+    from tests.dist_scripts.harness import torchrun
+
+    run = torchrun("check_ipc_transfer.py", 4, ["--prefill", "1", "--decode", "2"], timeout=120)
+    assert run.rc == 0, run.output[-4000:]
+    for dtype in ("bfloat16", "float32"):
+        # one slot per decode rank, and rank 2's grown once (its third batch is larger)
+        assert run.lines(f"RESULT rank 1: torch.{dtype}: sent 8 requests, 3 slots announced")
+    got = run.lines("RESULT rank 2") + run.lines("RESULT rank 3")
+    assert len([x for x in got if "bit-exact" in x]) == 4, run.output[-4000:]
+    assert run.lines("RESULT rank 1: no slot files left")
+    assert run.leftover == []
