@@ -199,6 +199,9 @@ class ServeConfig:
     # CUDA only: let worker ranks share GPUs (NCCL refuses two ranks of one communicator on one
     # GPU), moving the KV through host memory over gloo instead of NCCL.
     share_device: bool = False
+    # CUDA only: a (prefill, decode) pair on one GPU moves KV through CUDA IPC (a device copy
+    # into a shared slot); false: through host memory over gloo.
+    kv_ipc: bool = True
     topology: TopologyConfig = field(default_factory=lambda: TopologyConfig(prefill=1, decode=1))
     engine: EngineConfig = field(
         default_factory=lambda: EngineConfig(kv_cache_gb=DEFAULT_KV_CACHE_GB)
@@ -215,6 +218,8 @@ class ServeConfig:
         _choice("routing", self.routing, ROUTING_POLICIES)
         if not isinstance(self.share_device, bool):
             raise ConfigError(f"share_device must be true or false, got {self.share_device!r}")
+        if not isinstance(self.kv_ipc, bool):
+            raise ConfigError(f"kv_ipc must be true or false, got {self.kv_ipc!r}")
         if self.device == "cpu" and self.engine.gpu_memory_fraction is not None:
             raise ConfigError(
                 "engine.gpu_memory_fraction applies to device = 'cuda' only; "

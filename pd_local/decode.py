@@ -39,7 +39,8 @@ from pd_local.protocol import (Abort, Fatal, FinishReason, Heartbeater, Inbox, P
                                Shutdown, Stats, TokenEntry, Tokens, TransferRecord)
 from pd_local.sampling import SamplingParams
 from pd_local.tokenizer import Tokenizer
-from pd_local.transfer import KVReceiver, KVShape, LayerKV, PromptHidden, StagingDone
+from pd_local.cluster.ipc_transfer import kv_receiver
+from pd_local.transfer import KVShape, LayerKV, PromptHidden, StagingDone
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class DecodeLoop:
         self.inbox = Inbox()
         self.receiver = Receiver(ctx.links.to_decode[me], self.inbox)
         self.to_router = Sender(ctx.links.from_decode[me])
-        self.kv_receivers = [KVReceiver(pair, self.inbox, shape, out_device=ctx.device)
+        self.kv_receivers = [kv_receiver(ctx, pair, self.inbox, shape)  # CUDA IPC: same GPU
                              for pair in ctx.links.kv.values()]
         self.heartbeat = Heartbeater([self.to_router], ctx.cfg.timeouts.heartbeat_s, self.inbox)
         self.engine: Engine  # built by run()

@@ -31,7 +31,8 @@ from pd_local.model.weights import load_model
 from pd_local.protocol import (Abort, Fatal, Heartbeater, Inbox, KVEntry, Prefill, PrefillDone,
                                ProtocolError, Ready, Receiver, Sender, Shutdown, Stats,
                                TransferMode)
-from pd_local.transfer import KVSender, KVShape
+from pd_local.cluster.ipc_transfer import kv_sender
+from pd_local.transfer import KVShape
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class PrefillLoop:
         self.receiver = Receiver(ctx.links.to_prefill[me], self.inbox)
         self.to_router = Sender(ctx.links.from_prefill[me])
         mode = TransferMode[cfg.transfer.upper()]
-        self.kv = {d: KVSender(pair, Sender(pair.header), shape, mode)
+        self.kv = {d: kv_sender(ctx, pair, shape, mode)  # CUDA IPC for a same-GPU pair
                    for (_, d), pair in ctx.links.kv.items()}
         self.heartbeat = Heartbeater([self.to_router, *(s.header for s in self.kv.values())],
                                      cfg.timeouts.heartbeat_s, self.inbox)

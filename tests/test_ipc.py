@@ -110,3 +110,12 @@ def test_shared_memory_transfer_bit_exact_on_1p2d() -> None:
     assert len([x for x in got if "bit-exact" in x]) == 4, run.output[-4000:]
     assert run.lines("RESULT rank 1: no slot files left")
     assert run.leftover == []
+
+
+def test_config_kv_ipc() -> None:
+    from pd_local.config import ConfigError, load_config
+
+    assert load_config(None).kv_ipc is True
+    assert load_config(None, {"kv_ipc": False}).kv_ipc is False
+    with pytest.raises(ConfigError, match="kv_ipc must be true or false, got 'yes'"):
+        load_config(None, {"kv_ipc": "yes"})

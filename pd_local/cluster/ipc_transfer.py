@@ -25,8 +25,9 @@ host -> socket -> host -> device. On CPU the slot is a file in /dev/shm mapped b
 (`torch.from_file(shared=True)`, unlinked once both have it mapped); that is what the CPU
 tests run, with the same protocol.
 
-Not yet chosen by the rank loops: wiring it in means building these instead of KVSender /
-KVReceiver where `ipc.pair_transport` says CUDA_IPC (prefill.py, decode.py).
+The rank loops build their ends through `kv_sender` / `kv_receiver`, which choose these where
+`ipc.pair_transport` says CUDA_IPC (both ranks on one GPU, `kv_ipc = true`), and transfer.py's
+classes everywhere else. The CPU tests build these classes directly.
 """
 
 from __future__ import annotations
@@ -41,10 +42,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from pd_local.cluster.ipc import SharedTensor, pack_bytes, unpack_bytes
-from pd_local.dist import KVLink
+from pd_local.cluster.ipc import KVTransport, SharedTensor, pack_bytes, pair_transport, unpack_bytes
+from pd_local.dist import DistContext, KVLink, device_for_rank
 from pd_local.protocol import Inbox, KVEntry, KVHeader, Sender, TransferMode, TransferRecord
-from pd_local.transfer import KVReceiver, KVShape, LayerKV, PromptHidden, StagingDone, TransferStat
+from pd_local.transfer import (KVReceiver, KVSender, KVShape, LayerKV, PromptHidden, StagingDone,
+                               TransferStat)
 
 log = logging.getLogger(__name__)
 
@@ -259,3 +261,28 @@ class IpcKVReceiver(KVReceiver):
         self.stats.append(TransferStat(tuple(r for r, _, _ in bounds),
                                        total * s.bytes_per_token + n_req * per_hidden,
                                        seconds, 0.0, t_end))
+
+
+def _pair_devices(ctx: DistContext, pair: KVLink) -> tuple[torch.device, torch.device]:
+    count = torch.cuda.device_count() if ctx.cfg.device == "cuda" else 0
+    return (device_for_rank(pair.prefill, ctx.cfg.device, count),
+            device_for_rank(pair.decode, ctx.cfg.device, count))
+
+
+def kv_sender(ctx: DistContext, pair: KVLink, shape: KVShape, mode: TransferMode
+              ) -> KVSender | IpcKVSender:
+    """The prefill end for `pair`: through CUDA IPC where both ranks share a GPU (and
+    cfg.kv_ipc), else KVSender over the data link."""
+    prefill_dev, decode_dev = _pair_devices(ctx, pair)
+    if pair_transport(prefill_dev, decode_dev, ctx.cfg.kv_ipc) is KVTransport.CUDA_IPC:
+        return IpcKVSender(pair, Sender(pair.header), shape, mode, prefill_dev)
+    return KVSender(pair, Sender(pair.header), shape, mode)
+
+
+def kv_receiver(ctx: DistContext, pair: KVLink, inbox: Inbox, shape: KVShape
+                ) -> KVReceiver | IpcKVReceiver:
+    """The decode end for `pair`, matching kv_sender's choice on the prefill rank."""
+    prefill_dev, decode_dev = _pair_devices(ctx, pair)
+    if pair_transport(prefill_dev, decode_dev, ctx.cfg.kv_ipc) is KVTransport.CUDA_IPC:
+        return IpcKVReceiver(pair, inbox, shape, decode_dev)
+    return KVReceiver(pair, inbox, shape, out_device=ctx.device)
