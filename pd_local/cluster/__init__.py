@@ -7,6 +7,7 @@
 | `channel.py` | one control link over a 2-rank gloo group: `Sender`, `Receiver` thread -> `Inbox`, `Heartbeater` | poll a gloo receive |
 | `transfer.py` | KV + hidden-state sender/receiver, header before payload | |
 | `ipc.py` | the KV transport per (prefill, decode) device pair; CUDA IPC handles as int64 tensors | pickle |
+| `ipc_transfer.py` | KV through a shared staging slot for a same-GPU pair (CUDA IPC; /dev/shm on CPU) | reuse a slot before the receiver's ack |
 | `router.py` | rank 0: the `api.backend.Backend` over the workers; routing; starts the HTTP app | block the asyncio loop |
 | `prefill.py` | a prefill rank's loop: batch prompts, stream each layer's KV to its decode rank | keep KV |
 | `decode.py` | a decode (or colocated) rank's loop: reserve, receive KV, sample, decode | compute a prompt's KV it was sent |
