@@ -8,7 +8,8 @@ still run):
   roofline uses.
 - parity: a small random Llama (GQA, SmolLM2's tokenizer) under greedy decoding; transformers on
   CUDA is the reference. In-process engine (colocated path) and served colocated-1 and 1P1D on
-  one GPU (share_device), in fp32 (must be identical) and bf16 (agreement, first divergence).
+  one GPU (share_device; its KV goes through CUDA IPC, cluster/ipc_transfer.py), in fp32 (must
+  be identical) and bf16 (agreement, first divergence).
 - decode: a ~1B Llama (Llama-3.2-1B shapes, random bf16 weights), decode step time at batch 1,
   16 and 64 with and without CUDA graphs, against the roofline (weights + KV read per step /
   copy bandwidth).
