@@ -15,21 +15,7 @@ This module holds the two pieces every IPC transfer needs, as plain, tested code
 Ownership: the exporting process keeps the tensor alive for as long as any peer may use it
 (torch's ref counter also holds the allocation until every importer has let go).
 
-Not wired in yet. The transfer this is for (a CUDA_IPC pair keeps its gloo header and data
-groups; only the payload moves):
-1. The prefill rank owns two staging slots on the GPU, each [L, 2, T_max, KV, D] + [R, hidden]
-   (the receiver's staging layout), and one interprocess event per slot. It sends each slot's
-   SharedTensor and event handle once, on the pair's gloo data link, before the first transfer
-   that uses the slot (again when a slot grows).
-2. Per transfer: layer() copies K/V into the slot (device to device, on the compute stream);
-   hidden() copies the hidden rows, records the slot's event and sends [slot] on the data link
-   after the KVHeader on the header link (as today).
-3. The decode rank's data thread opens the slot once (cached), makes its stream wait on the
-   event (no host sync), copies the slot into its own staging, and syncs that copy on an event
-   of its own (it is a dedicated thread), then sends [slot] back on the data link as the ack.
-4. finish() on the prefill rank waits for that ack before the slot is reused, as it waits for
-   its isends today. The decode loop then sees the same LayerKV / PromptHidden / StagingDone
-   items as today, already on the GPU: 1P1D on one GPU moves KV at device speed.
+The transfer that uses them is ipc_transfer.py.
 """
 
 from __future__ import annotations
