@@ -1,9 +1,9 @@
 """Same-GPU prefill/decode pairs: which transport a KV pair uses, and CUDA IPC handles on the wire.
 
-NCCL refuses two ranks of one communicator on one GPU (dist.py), so with `share_device` a
-same-GPU pair today moves KV device -> host -> gloo -> host -> device. CUDA IPC lets the decode
-rank open the prefill rank's allocation (or the other way round) in its own address space,
-so a transfer is one device-to-device copy at HBM speed.
+NCCL refuses two ranks of one communicator on one GPU (dist.py), so without IPC a same-GPU
+pair (`share_device`) moves KV device -> host -> gloo -> host -> device. CUDA IPC lets the
+decode rank open the prefill rank's allocation in its own address space, so a transfer is
+device-to-device copies at HBM speed.
 
 This module holds the two pieces every IPC transfer needs, as plain, tested code:
 - `pair_transport`: the decision per (prefill device, decode device);
