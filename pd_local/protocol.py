@@ -18,8 +18,9 @@ Receiving: gloo receives cannot be polled (`irecv().is_completed()` stays False 
 so each incoming link gets a `Receiver` thread doing blocking receives into an `Inbox` that the
 rank loop polls without blocking. The thread exits after a Shutdown, or on a link error (peer
 dead, group timeout), after putting a `LinkDown` marker that makes the loop's next poll raise.
-Idle links are kept alive by a `Heartbeater`: a gloo receive that waits longer than the group
-timeout fails and breaks its group for good, however healthy the peer.
+Idle links are kept alive by a `Heartbeater` (one thread per link): a gloo receive that waits
+longer than the group timeout fails and breaks its group for good, however healthy the peer.
+The liveness rules are in docs/architecture.md ("Liveness").
 """
 
 from __future__ import annotations
@@ -613,27 +614,40 @@ class Receiver:
 
 
 class Heartbeater:
-    """One daemon thread per rank sending a Heartbeat on each of its senders that has been idle
-    for `interval` seconds. A send error is reported to `inbox` as LinkDown."""
+    """Keeps a rank's outgoing control links alive: one daemon thread per Sender, each sending a
+    Heartbeat on its own link whenever that link has been idle for `interval` seconds.
+
+    One thread per link, not one for all: a gloo send is a rendezvous that completes only when
+    the peer posts the matching receive, so a heartbeat can wait as long as the peer takes to
+    read. With one thread walking every link in turn, one slow link starved all the others and
+    a healthy peer was declared dead (DESIGN.md, measured 2026-11-30). Per-link threads make a
+    link's liveness depend on its own peer alone; every control link is read continuously by a
+    Receiver (or the KV header reader, transfer.py), so on a live peer the send returns at once.
+    A send error is reported to `inbox` as LinkDown from that link's peer.
+    """
 
     def __init__(self, senders: Iterable[Sender], interval: float, inbox: Inbox) -> None:
         self.senders = list(senders)
         self.interval = interval
         self.inbox = inbox
         self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
-        self.thread.start()
+        self.threads = [threading.Thread(target=self._run, args=(s,), daemon=True,
+                                         name=f"heartbeat {s.link.name}") for s in self.senders]
+        for t in self.threads:
+            t.start()
 
-    def _run(self) -> None:
-        # Wake twice per interval so no link goes longer than ~1.5 intervals without traffic.
+    def _run(self, sender: Sender) -> None:
+        # Wake twice per interval so the link goes at most ~1.5 intervals without traffic.
         while not self._stop.wait(self.interval / 2):
-            for s in self.senders:
-                try:
-                    s.heartbeat_if_idle(self.interval)
-                except Exception as e:
-                    self.inbox.fail(s.link.dst, LinkDown(f"heartbeat on {s.link.name}: {e}"))
-                    return
+            try:
+                sender.heartbeat_if_idle(self.interval)
+            except Exception as e:
+                self.inbox.fail(sender.link.dst, LinkDown(f"heartbeat on {sender.link.name}: {e}"))
+                return
 
     def stop(self) -> None:
+        """Stop every thread. A thread caught in a send to a peer that stopped reading is left
+        behind (a daemon; its send fails at the group timeout) rather than waited for."""
         self._stop.set()
-        self.thread.join()
+        for t in self.threads:
+            t.join(timeout=self.interval)

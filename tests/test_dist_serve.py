@@ -158,6 +158,24 @@ def test_workers_loading_longer_than_the_group_timeout(tiny_dir: Path, flags: li
     assert len(run.lines("RESULT")) == world and run.leftover == []
 
 
+@pytest.mark.parametrize("flags", [
+    ["--prefill", "1", "--decode", "1"],
+    ["--prefill", "1", "--decode", "2"],
+    ["--prefill", "1", "--decode", "1", "--transfer", "whole"],
+], ids=["1P1D-layerwise", "1P2D-layerwise", "1P1D-whole"])
+def test_a_prefill_longer_than_the_group_timeout_completes(tiny_dir: Path,
+                                                            flags: list[str]) -> None:
+    """Issue 9's regression test: a 3-group-timeout prefill (a sleep hook) must neither kill a
+    link nor make rank 0 declare the busy prefill rank dead."""
+    world = 1 + int(flags[1]) + int(flags[3])
+    run = torchrun("check_slow_prefill.py", world,
+                   ["--model", str(tiny_dir), "--set", "engine.max_model_len=512",
+                    "--set", "timeouts.group_s=2", *flags], timeout=120)
+    assert run.rc == 0, run.output[-4000:]
+    assert len(run.lines("RESULT")) == world and run.leftover == []
+    assert " ERROR" not in run.output, run.output[-4000:]  # no link went down, no rank failed
+
+
 def run_cli(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pd_local", "serve", *argv], cwd=REPO,
                           capture_output=True, text=True, timeout=60,
