@@ -51,11 +51,13 @@ def _int(name: str, value: Any, minimum: int | None = None, maximum: int | None 
         raise ConfigError(f"{name} must be <= {maximum}, got {value}")
 
 
-def _positive_float(name: str, value: Any, maximum: float | None = None) -> None:
+def _positive_float(name: str, value: Any, maximum: float | None = None,
+                    allow_zero: bool = False) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise ConfigError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name} must be a finite number > 0, got {value}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, "
+                          f"got {value}")
     if maximum is not None and value > maximum:
         raise ConfigError(f"{name} must be <= {maximum}, got {value}")
 
@@ -142,6 +144,9 @@ class ServerConfig:
     api_key: str | None = None
     max_queue: int = 256
     cors_origins: tuple[str, ...] = ()
+    # SIGTERM / Ctrl-C: new requests get 503 while those in flight have this long to finish;
+    # the rest are then aborted and every rank stops in order (docs/architecture.md, Stopping).
+    shutdown_grace_s: float = 5.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -153,6 +158,7 @@ class ServerConfig:
                 f"got {self.api_key!r}"
             )
         _int("server.max_queue", self.max_queue, minimum=1)
+        _positive_float("server.shutdown_grace_s", self.shutdown_grace_s, allow_zero=True)
         if not isinstance(self.cors_origins, tuple) or not all(
             isinstance(o, str) and o for o in self.cors_origins
         ):

@@ -5,7 +5,8 @@
 
 torchrun gets --nproc-per-node = 1 + workers and runs `python -m pd_local.launch` with the same
 flags on every rank, so every rank builds the same ServeConfig (the API key travels in the
-environment instead). Mistakes that need no ranks (a bad config, a missing model directory, too
+environment instead). This process stays as torchrun's supervisor for clean signals
+(`supervise`). Mistakes that need no ranks (a bad config, a missing model directory, too
 few GPUs) are refused here, before anything starts; the default model is fetched if missing.
 """
 
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import subprocess
 import sys
 
 from pd_local.config import (API_KEY_ENV, DEFAULT_MODEL, ConfigError, ServeConfig,
@@ -44,7 +47,31 @@ def torchrun_command(cfg: ServeConfig, args: argparse.Namespace) -> list[str]:
     ]
 
 
+def _without_api_key(argv: list[str]) -> list[str]:
+    """argv less `--api-key KEY` / `--api-key=KEY`."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--api-key":
+            skip = True
+        elif not a.startswith("--api-key="):
+            out.append(a)
+    return out
+
+
 def main(argv: list[str]) -> int:
+    if _without_api_key(argv) != argv:
+        # This process lives as long as the server (it supervises torchrun): take the key off
+        # its world-readable command line by running again with the key in the environment.
+        key = next((a.split("=", 1)[1] for a in argv if a.startswith("--api-key=")), None)
+        if key is None:
+            i = argv.index("--api-key")
+            key = argv[i + 1] if i + 1 < len(argv) else ""
+        if key:
+            os.environ[API_KEY_ENV] = key
+            os.execv(sys.executable, [sys.executable, "-m", "pd_local", "serve",
+                                      *_without_api_key(argv)])
     parser = argparse.ArgumentParser(prog="pd-local serve", description=__doc__.split("\n\n")[0])
     add_config_args(parser)
     parser.add_argument("--max-restarts", type=int, default=0,
@@ -73,4 +100,87 @@ def main(argv: list[str]) -> int:
         return 0
     if cfg.server.api_key is not None:
         os.environ[API_KEY_ENV] = cfg.server.api_key
-    os.execv(sys.executable, cmd)  # torchrun takes over this process (and its signals)
+    return supervise(cmd)
+
+
+def _children(pid: int) -> list[int]:
+    """Pids whose parent is `pid` (Linux /proc)."""
+    out = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
+            out.append(int(entry.name))
+    return out
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        kids = _children(todo.pop())
+        out += kids
+        todo += kids
+    return out
+
+
+def _rank0(torchrun_pid: int) -> int | None:
+    """Rank 0's pid: the child of torchrun's agent whose environment says RANK=0."""
+    for pid in _children(torchrun_pid):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if b"RANK=0" in f.read().split(b"\0"):
+                    return pid
+        except OSError:
+            continue
+    return None
+
+
+def _die_with_parent() -> None:
+    """In the torchrun child: SIGTERM it if `pd-local serve` dies (even by SIGKILL), so a
+    killed supervisor never leaves a server running (Linux prctl; elsewhere nothing)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
+def supervise(cmd: list[str]) -> int:
+    """Run torchrun in a session of its own and stop it the way operators expect (shutdown.py).
+
+    SIGINT (Ctrl-C: the terminal sends it to our process group only, not to torchrun's),
+    SIGTERM (systemd, docker stop, Kubernetes) and SIGHUP become one SIGTERM to rank 0, which
+    drains and stops every rank in order: torchrun, and so this command, exits 0. A second
+    signal kills the whole tree at once. Returns torchrun's exit code (128 + N for signal N).
+    """
+    proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent)
+    received: list[int] = []
+
+    def on_signal(sig: int, frame: object) -> None:
+        received.append(sig)
+        name = signal.Signals(sig).name
+        if len(received) > 1:
+            print(f"pd-local serve: {name} again: killing every rank now", file=sys.stderr,
+                  flush=True)
+            for pid in [*_descendants(proc.pid), proc.pid]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            return
+        rank0 = _rank0(proc.pid)
+        print(f"pd-local serve: {name}: stopping (Ctrl-C again to kill at once)",
+              file=sys.stderr, flush=True)
+        # Before the ranks exist, torchrun's agent is the one to stop.
+        os.kill(rank0 if rank0 is not None else proc.pid, signal.SIGTERM)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    rc = proc.wait()
+    return 128 - rc if rc < 0 else rc
