@@ -103,7 +103,7 @@ def main(argv: list[str]) -> int:
     return supervise(cmd)
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
     """Pids whose parent is `pid` (Linux /proc)."""
     out = []
     for entry in os.scandir("/proc"):
@@ -119,10 +119,10 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     out, todo = [], [pid]
     while todo:
-        kids = _children(todo.pop())
+        kids = children(todo.pop())
         out += kids
         todo += kids
     return out
@@ -130,7 +130,7 @@ def _descendants(pid: int) -> list[int]:
 
 def _rank0(torchrun_pid: int) -> int | None:
     """Rank 0's pid: the child of torchrun's agent whose environment says RANK=0."""
-    for pid in _children(torchrun_pid):
+    for pid in children(torchrun_pid):
         try:
             with open(f"/proc/{pid}/environ", "rb") as f:
                 if b"RANK=0" in f.read().split(b"\0"):
@@ -168,7 +168,7 @@ def supervise(cmd: list[str]) -> int:
         if len(received) > 1:
             print(f"pd-local serve: {name} again: killing every rank now", file=sys.stderr,
                   flush=True)
-            for pid in [*_descendants(proc.pid), proc.pid]:
+            for pid in [*descendants(proc.pid), proc.pid]:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
