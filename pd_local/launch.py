@@ -1,6 +1,6 @@
 """The torchrun rank entry point: `python -m pd_local.launch --config configs/X.toml [flags]`.
 
-Every rank parses the same flags into the same ServeConfig, joins the world (dist.py), and runs
+Every rank parses the same flags into the same ServeConfig, joins the world (cluster/dist.py), and runs
 its role's loop: rank 0 the router + front-end, then prefill / decode / colocated workers. Each
 role module exposes `run(ctx: DistContext) -> None`.
 
@@ -27,10 +27,10 @@ from pd_local.config import ConfigError, add_config_args, check_model_dir, confi
 log = logging.getLogger("pd_local.launch")
 
 ROLE_MODULES: dict[str, str] = {
-    "frontend": "pd_local.router",
-    "prefill": "pd_local.prefill",
-    "decode": "pd_local.decode",
-    "colocated": "pd_local.decode",
+    "frontend": "pd_local.cluster.router",
+    "prefill": "pd_local.cluster.prefill",
+    "decode": "pd_local.cluster.decode",
+    "colocated": "pd_local.cluster.decode",
 }
 
 
@@ -72,7 +72,7 @@ def _main(argv: list[str]) -> None:
     cfg = config_from_args(parser.parse_args(argv))
     check_model_dir(cfg)  # every rank refuses alike, before any group exists
 
-    from pd_local.dist import init_distributed  # torch import: after the cheap checks
+    from pd_local.cluster.dist import init_distributed  # torch import: after the cheap checks
 
     ctx = init_distributed(cfg)
     module = importlib.import_module(ROLE_MODULES[ctx.role.value])

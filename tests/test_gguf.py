@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from pd_local import weights_cli
+from pd_local.cli import weights
 from pd_local.model.gguf import (
     WeightsError,
     _unpermute_qk,

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pd_local.protocol import (
+from pd_local.cluster.protocol import (
     MAGIC, Abort, DType, Fatal, FinishReason, Heartbeat, Kind, KVEntry, KVHeader, MESSAGE_TYPES,
     PrefillDone, Prefill, ProtocolError, Ready, Rejected, RejectReason, Reserve, Reserved, Sampling,
     Shutdown, Stats, TokenEntry, Tokens, TransferMode, TransferRecord, decode, encode, pack,

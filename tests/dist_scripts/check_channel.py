@@ -17,7 +17,7 @@ import time
 
 from common import say, start
 from pd_local.launch import run_guarded
-from pd_local.protocol import (FRAME_WORDS, Abort, FinishReason, Heartbeater, Inbox, LinkDown,
+from pd_local.cluster.protocol import (FRAME_WORDS, Abort, FinishReason, Heartbeater, Inbox, LinkDown,
                                Prefill, Receiver, Reserve, Sampling, Sender, TokenEntry, Tokens)
 
 N = 600

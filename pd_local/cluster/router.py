@@ -30,12 +30,12 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
-from pd_local.backend import BackendStats, RankStats, RequestOutput, Timeline
-from pd_local.dist import DistContext, Role
-from pd_local.protocol import (Abort, Fatal, FinishReason, Heartbeater, Inbox, LinkDown, Prefill,
+from pd_local.api.backend import BackendStats, RankStats, RequestOutput, Timeline
+from pd_local.cluster.dist import DistContext, Role
+from pd_local.cluster.protocol import (Abort, Fatal, FinishReason, Heartbeater, Inbox, LinkDown, Prefill,
                                PrefillDone, Ready, Receiver, Rejected, RejectReason, Reserve,
                                Reserved, Sampling, Sender, Shutdown, Stats, Tokens)
-from pd_local.sampling import SamplingParams
+from pd_local.engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +320,7 @@ def serve(ctx: DistContext) -> None:
     """Rank 0: wait for the workers, serve HTTP until stopped, shut the workers down."""
     import uvicorn
 
-    from pd_local.server import ServerSettings, create_app
+    from pd_local.api.server import ServerSettings, create_app
     from pd_local.tokenizer import Tokenizer
 
     cfg = ctx.cfg

@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 
-from pd_local.engine import Engine, EngineConfig
-from pd_local.openai_request import GenerationRequest, RequestError, parse_request
-from pd_local.textstream import TextStream
+from pd_local.engine.engine import Engine, EngineConfig
+from pd_local.api.openai_request import GenerationRequest, RequestError, parse_request
+from pd_local.api.textstream import TextStream
 from pd_local.tokenizer import Tokenizer
 
-log = logging.getLogger("pd_local.generate")
+log = logging.getLogger("pd_local.cli.generate")
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -85,7 +85,7 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[generate] %(message)s", stream=sys.stderr)
     if args.model is None:
-        from pd_local.weights_cli import ensure_default_model
+        from pd_local.cli.weights import ensure_default_model
 
         model_dir = ensure_default_model()
     else:

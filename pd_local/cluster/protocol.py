@@ -40,7 +40,7 @@ from typing import Any, ClassVar, Union
 import torch
 import torch.distributed as dist
 
-from pd_local.dist import Link
+from pd_local.cluster.dist import Link
 
 log = logging.getLogger(__name__)
 

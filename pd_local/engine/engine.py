@@ -17,11 +17,12 @@ from dataclasses import dataclass
 
 import torch
 
-from pd_local.kv_cache import BlockAllocator, PagedKVCache, slots_for
+from pd_local.engine.kv_cache import BlockAllocator, slots_for
+from pd_local.model.kv_cache import PagedKVCache
 from pd_local.model.attention import AttentionMetadata, write_kv
 from pd_local.model.llama import LayerKVHook, LlamaForCausalLM
-from pd_local.sampling import SamplingParams, sample
-from pd_local.scheduler import Scheduler, SchedulerOutput, Sequence
+from pd_local.engine.sampling import SamplingParams, sample
+from pd_local.engine.scheduler import Scheduler, SchedulerOutput, Sequence
 
 log = logging.getLogger(__name__)
 

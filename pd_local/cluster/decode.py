@@ -30,16 +30,16 @@ from collections.abc import Callable
 import torch
 
 from pd_local.config import ServeConfig
-from pd_local.dist import DistContext, Role
-from pd_local.engine import Engine, EngineConfig, TokenEvent
+from pd_local.cluster.dist import DistContext, Role
+from pd_local.engine.engine import Engine, EngineConfig, TokenEvent
 from pd_local.model.config import ModelConfig
 from pd_local.model.weights import load_model
-from pd_local.protocol import (Abort, Fatal, FinishReason, Heartbeater, Inbox, ProtocolError,
+from pd_local.cluster.protocol import (Abort, Fatal, FinishReason, Heartbeater, Inbox, ProtocolError,
                                Ready, Receiver, Rejected, RejectReason, Reserve, Reserved, Sender,
                                Shutdown, Stats, TokenEntry, Tokens, TransferRecord)
-from pd_local.sampling import SamplingParams
+from pd_local.engine.sampling import SamplingParams
 from pd_local.tokenizer import Tokenizer
-from pd_local.transfer import KVReceiver, KVShape, LayerKV, PromptHidden, StagingDone
+from pd_local.cluster.transfer import KVReceiver, KVShape, LayerKV, PromptHidden, StagingDone
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import bisect
 from collections import Counter
 
-from pd_local.backend import BackendStats
+from pd_local.api.backend import BackendStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 

@@ -41,9 +41,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from pd_local.dist import KVLink, Link
+from pd_local.cluster.dist import KVLink, Link
 from pd_local.model.config import ModelConfig
-from pd_local.protocol import (DType, Heartbeat, Inbox, KVEntry, KVHeader, LinkDown,
+from pd_local.cluster.protocol import (DType, Heartbeat, Inbox, KVEntry, KVHeader, LinkDown,
                                ProtocolError, Sender, Shutdown, TransferMode, TransferRecord,
                                recv_message)
 
