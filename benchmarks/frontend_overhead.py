@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from servers import stop_server  # noqa: E402
 from ttft_pd_vs_colocated import TOPOLOGIES, one_request, start  # noqa: E402
 
-from pd_local.engine.engine import Engine, EngineConfig  # noqa: E402
+from pd_local.config import EngineConfig  # noqa: E402
+from pd_local.engine.engine import Engine  # noqa: E402
 from pd_local.model.weights import load_model  # noqa: E402
 from pd_local.engine.sampling import SamplingParams  # noqa: E402
 

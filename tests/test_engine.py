@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pd_local.engine.engine import Engine, EngineConfig, prefill_hidden
+from pd_local.config import EngineConfig
+from pd_local.engine.engine import Engine, prefill_hidden
 from pd_local.engine.sampling import SamplingParams, sample
 from tests.tiny_models import hf_tiny, ours_from_hf, random_prompts
 

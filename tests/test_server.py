@@ -16,7 +16,7 @@ from typing import Iterator
 import httpx
 import pytest
 
-from pd_local.engine.engine import EngineConfig
+from pd_local.config import EngineConfig
 from tests.server_utils import inprocess_server, metric_values, serving, wait_healthy
 
 pytestmark = pytest.mark.slow
