@@ -3,7 +3,8 @@
 | module | owns | never does |
 |---|---|---|
 | `dist.py` | ranks -> roles, every process group, created in one fixed order on every rank | |
-| `protocol.py` | typed cross-rank messages packed into int64 tensors; the `Sender`/`Receiver`/`Heartbeater` channel | pickle |
+| `messages.py` | every typed cross-rank message and its int64 wire codec | pickle |
+| `channel.py` | one control link over a 2-rank gloo group: `Sender`, `Receiver` thread -> `Inbox`, `Heartbeater` | poll a gloo receive |
 | `transfer.py` | KV + hidden-state sender/receiver, header before payload | |
 | `router.py` | rank 0: the `api.backend.Backend` over the workers; routing; starts the HTTP app | block the asyncio loop |
 | `prefill.py` | a prefill rank's loop: batch prompts, stream each layer's KV to its decode rank | keep KV |

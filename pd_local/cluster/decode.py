@@ -33,9 +33,10 @@ from pd_local.cluster.dist import DistContext, Role
 from pd_local.engine.engine import Engine, TokenEvent
 from pd_local.model.config import ModelConfig
 from pd_local.model.weights import load_model
-from pd_local.cluster.protocol import (Abort, Fatal, FinishReason, Heartbeater, Inbox, ProtocolError,
-                               Ready, Receiver, Rejected, RejectReason, Reserve, Reserved, Sender,
-                               Shutdown, Stats, TokenEntry, Tokens, TransferRecord)
+from pd_local.cluster.channel import Heartbeater, Inbox, Receiver, Sender
+from pd_local.cluster.messages import (Abort, Fatal, FinishReason, ProtocolError, Ready,
+                                       RejectReason, Rejected, Reserve, Reserved, Shutdown, Stats,
+                                       TokenEntry, Tokens, TransferRecord)
 from pd_local.engine.sampling import SamplingParams
 from pd_local.tokenizer import Tokenizer
 from pd_local.cluster.transfer import KVReceiver, KVShape, LayerKV, PromptHidden, StagingDone

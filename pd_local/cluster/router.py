@@ -32,9 +32,10 @@ from dataclasses import dataclass, field
 
 from pd_local.api.backend import BackendStats, RankStats, RequestOutput, Timeline
 from pd_local.cluster.dist import DistContext, Role
-from pd_local.cluster.protocol import (Abort, Fatal, FinishReason, Heartbeater, Inbox, LinkDown, Prefill,
-                               PrefillDone, Ready, Receiver, Rejected, RejectReason, Reserve,
-                               Reserved, Sampling, Sender, Shutdown, Stats, Tokens)
+from pd_local.cluster.channel import Heartbeater, Inbox, LinkDown, Receiver, Sender
+from pd_local.cluster.messages import (Abort, Fatal, FinishReason, Prefill, PrefillDone, Ready,
+                                       RejectReason, Rejected, Reserve, Reserved, Sampling,
+                                       Shutdown, Stats, Tokens)
 from pd_local.engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)

@@ -43,9 +43,9 @@ import torch.distributed as dist
 
 from pd_local.cluster.dist import KVLink, Link
 from pd_local.model.config import ModelConfig
-from pd_local.cluster.protocol import (DType, Heartbeat, Inbox, KVEntry, KVHeader, LinkDown,
-                               ProtocolError, Sender, Shutdown, TransferMode, TransferRecord,
-                               recv_message)
+from pd_local.cluster.channel import Inbox, LinkDown, Sender, recv_message
+from pd_local.cluster.messages import (DType, Heartbeat, KVEntry, KVHeader, ProtocolError, Shutdown,
+                                       TransferMode, TransferRecord)
 
 log = logging.getLogger(__name__)
 
