@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 import servers  # benchmarks/servers.py (pd_vs_colocated.py puts benchmarks/ on sys.path)
 from pd_local.loadtest.client import RequestOptions
@@ -247,7 +248,8 @@ def run_study(st: Settings, topologies: list[str], log_dir: Path, one_at_a_time:
     saturated: set[str] = set()
     runs: list[Run] = []
     try:
-        for i, step in enumerate(steps, 1):
+        # The bar shows on a terminal only; say() writes above it (tqdm.write).
+        for i, step in enumerate(tqdm(steps, desc="study", unit="step", disable=None), 1):
             if step.phase == "sweep" and step.topology in saturated:
                 continue
             if step.topology not in servers:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
+from tqdm import tqdm
+
 from pd_local.loadtest.runner import RunResult
 from pd_local.loadtest.workloads import WorkloadConfig
 
@@ -26,7 +28,8 @@ TEMPLATE_TOKENS = 64  # chat template + default system prompt, generously (SmolL
 
 
 def say(msg: str) -> None:
-    print(f"[study {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    """A progress line on stderr, written above the study's tqdm bar when one is shown."""
+    tqdm.write(f"[study {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr)
 
 
 # ---- settings -----------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -286,7 +287,9 @@ def read_tensors(
     t0 = time.monotonic()
     total = len(reader.tensors)
     log_every = log_every or max(1, total // 4)
-    for i, t in enumerate(reader.tensors, start=1):
+    # A bar only on a terminal (disable=None: off when stderr is not a TTY); the log lines stay.
+    bar = tqdm(reader.tensors, desc="dequantise", unit="tensor", disable=None, leave=False)
+    for i, t in enumerate(bar, start=1):
         name = _hf_name(t.name)
         if name is None:
             raise WeightsError(f"{path}: GGUF tensor {t.name!r} has no Hugging Face Llama equivalent")
