@@ -17,6 +17,11 @@ Two llama.cpp conventions are undone here (see DESIGN.md, "The default model"):
 
 Every failure a user can cause (missing, truncated or non-GGUF file, an architecture or tokenizer
 we do not convert) raises `WeightsError` naming the problem and the path.
+
+Longer than ~400 lines on purpose: the file is one conversion pipeline (header -> config ->
+tensors -> tokenizer -> files -> verification) over one reader, and each step's checks name
+fields the other steps read; the tokenizer part (~120 lines) is the candidate to move out if it
+grows.
 """
 
 from __future__ import annotations
