@@ -461,7 +461,7 @@ def convert_gguf(
     """Convert a llama GGUF into a HF directory at `out_dir` (created; must be empty or absent).
 
     Writes the files listed in the module docstring, then re-reads them with `verify_hf_dir`.
-    Not atomic by itself: callers that need an all-or-nothing directory (weights_cli) convert
+    Not atomic by itself: callers that need an all-or-nothing directory (cli/weights.py) convert
     into a temporary directory and rename it. Returns `out_dir`.
     """
     from safetensors.torch import save_file
