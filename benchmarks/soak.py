@@ -36,7 +36,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from servers import REPO, start_server, stop_server  # noqa: E402
 
-from pd_local.serve_cli import descendants  # noqa: E402
+from pd_local.cli.serve import descendants  # noqa: E402
 
 TOPOLOGIES = {"1p1d": ["--prefill", "1", "--decode", "1"],
               "2p2d": ["--prefill", "2", "--decode", "2"]}

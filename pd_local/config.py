@@ -9,6 +9,10 @@ Two kinds of checks:
   testable with no weights and no torch.distributed.
 - `check_world`: the config fits the world torchrun started (rank count, CUDA devices, the model
   directory); called at start-up on every rank, before `init_process_group`.
+
+Longer than ~400 lines on purpose: the tree, its TOML loader, the flags that override it and the
+start-up checks are one contract (every TOML key, flag and error message names the same field);
+split apart, a new key would need edits in several files that must agree.
 """
 
 from __future__ import annotations
@@ -109,20 +113,34 @@ class TopologyConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Per worker rank. Exactly one of kv_cache_gb (CPU or CUDA) / gpu_memory_fraction (CUDA)."""
+    """One engine's settings: the `[engine]` table, and the object `Engine` takes as it is.
+
+    The same class serves a worker rank (from the TOML), `pd-local generate` (from its flags),
+    the tests and the benchmarks, so every value is checked here once, with the TOML name.
+
+    KV memory: exactly one of kv_cache_gb (CPU or CUDA) / gpu_memory_fraction (CUDA: that share
+    of the free memory); `build_config` fills in the device's default when a file sets neither.
+    `num_blocks` (code only, not a TOML key) sizes the cache exactly and then needs neither.
+    `max_model_len=None` (code only; TOML has no null) means the model's max_position_embeddings;
+    the engine caps it there and at the cache's size in any case.
+    """
 
     block_size: int = 16
     kv_cache_gb: float | None = None
     gpu_memory_fraction: float | None = None
     max_num_seqs: int = 64
     max_prefill_tokens: int = 2048
-    max_model_len: int = 2048
+    max_model_len: int | None = 2048
+    # Not a TOML key (`_known` leaves it out): tests and benchmarks that need exact accounting.
+    num_blocks: int | None = field(default=None, metadata={"toml": False})
 
     def __post_init__(self) -> None:
         _int("engine.block_size", self.block_size, minimum=1, maximum=1024)
         if self.block_size & (self.block_size - 1):
             raise ConfigError(f"engine.block_size must be a power of two, got {self.block_size}")
-        if (self.kv_cache_gb is None) == (self.gpu_memory_fraction is None):
+        both = self.kv_cache_gb is not None and self.gpu_memory_fraction is not None
+        neither = self.kv_cache_gb is None and self.gpu_memory_fraction is None
+        if both or (neither and self.num_blocks is None):
             raise ConfigError(
                 "engine: set exactly one of kv_cache_gb and gpu_memory_fraction "
                 f"(got kv_cache_gb={self.kv_cache_gb}, "
@@ -134,7 +152,10 @@ class EngineConfig:
             _positive_float("engine.gpu_memory_fraction", self.gpu_memory_fraction, maximum=1.0)
         _int("engine.max_num_seqs", self.max_num_seqs, minimum=1)
         _int("engine.max_prefill_tokens", self.max_prefill_tokens, minimum=1)
-        _int("engine.max_model_len", self.max_model_len, minimum=1)
+        if self.max_model_len is not None:
+            _int("engine.max_model_len", self.max_model_len, minimum=1)
+        if self.num_blocks is not None:
+            _int("engine.num_blocks", self.num_blocks, minimum=1)
 
 
 @dataclass(frozen=True)
@@ -241,7 +262,8 @@ _SECTIONS: dict[str, type] = {
 
 
 def _known(cls: type) -> list[str]:
-    return [f.name for f in fields(cls)]
+    """The keys a TOML table (or --set) may give: the fields not marked `toml: False`."""
+    return [f.name for f in fields(cls) if f.metadata.get("toml", True)]
 
 
 def _check_keys(where: str, raw: Mapping[str, Any], cls: type) -> None:
@@ -435,7 +457,8 @@ def check_model_dir(cfg: ServeConfig) -> ModelConfig:
         model = ModelConfig.from_dir(path)
     except ModelConfigError as e:
         raise ConfigError(f"model {path}: {e}") from None
-    if cfg.engine.max_model_len > model.max_position_embeddings:
+    max_len = cfg.engine.max_model_len
+    if max_len is not None and max_len > model.max_position_embeddings:
         raise ConfigError(
             f"engine.max_model_len = {cfg.engine.max_model_len} exceeds the model's "
             f"max_position_embeddings = {model.max_position_embeddings} ({path})"

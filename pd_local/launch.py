@@ -1,6 +1,6 @@
 """The torchrun rank entry point: `python -m pd_local.launch --config configs/X.toml [flags]`.
 
-Every rank parses the same flags into the same ServeConfig, joins the world (dist.py), and runs
+Every rank parses the same flags into the same ServeConfig, joins the world (cluster/dist.py), and runs
 its role's loop: rank 0 the router + front-end, then prefill / decode / colocated workers. Each
 role module exposes `run(ctx: DistContext) -> None`.
 
@@ -27,15 +27,15 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from pd_local.config import ConfigError, add_config_args, check_model_dir, config_from_args
-from pd_local.shutdown import RankFailure, WorkerSignals, exit_now, install
+from pd_local.cluster.shutdown import RankFailure, WorkerSignals, exit_now, install
 
 log = logging.getLogger("pd_local.launch")
 
 ROLE_MODULES: dict[str, str] = {
-    "frontend": "pd_local.router",
-    "prefill": "pd_local.prefill",
-    "decode": "pd_local.decode",
-    "colocated": "pd_local.decode",
+    "frontend": "pd_local.cluster.router",
+    "prefill": "pd_local.cluster.prefill",
+    "decode": "pd_local.cluster.decode",
+    "colocated": "pd_local.cluster.decode",
 }
 
 
@@ -82,7 +82,7 @@ def _main(argv: list[str]) -> None:
     else:
         install(WorkerSignals(rank, cfg.server.shutdown_grace_s + 2 * cfg.timeouts.group_s))
 
-    from pd_local.dist import init_distributed  # torch import: after the cheap checks
+    from pd_local.cluster.dist import init_distributed  # torch import: after the cheap checks
 
     ctx = init_distributed(cfg)
     module = importlib.import_module(ROLE_MODULES[ctx.role.value])

@@ -18,10 +18,11 @@ import httpx
 import torch
 import uvicorn
 
-from pd_local.backend import InProcessBackend
-from pd_local.engine import Engine, EngineConfig
+from pd_local.api.backend import InProcessBackend
+from pd_local.config import EngineConfig
+from pd_local.engine.engine import Engine
 from pd_local.model.weights import load_model
-from pd_local.server import ServerSettings, create_app
+from pd_local.api.server import ServerSettings, create_app
 from pd_local.tokenizer import Tokenizer
 from tests.dist_scripts.harness import REPO, env_for, kill_tagged, new_tag, tagged_pids
 

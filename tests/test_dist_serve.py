@@ -53,9 +53,10 @@ def requests_params() -> list[dict]:
 
 def reference_texts(model_dir: Path, dtype: torch.dtype = torch.bfloat16) -> list[str]:
     """What one in-process Engine (all prompts in flight together) produces."""
-    from pd_local.engine import Engine, EngineConfig
+    from pd_local.config import EngineConfig
+    from pd_local.engine.engine import Engine
     from pd_local.model.weights import load_model
-    from pd_local.sampling import SamplingParams
+    from pd_local.engine.sampling import SamplingParams
     from pd_local.tokenizer import Tokenizer
 
     model, _ = load_model(model_dir, dtype)

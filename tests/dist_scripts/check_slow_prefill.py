@@ -17,8 +17,8 @@ import asyncio
 import sys
 import time
 
-import pd_local.decode
-import pd_local.prefill
+import pd_local.cluster.decode
+import pd_local.cluster.prefill
 from common import say, start
 from pd_local.dist import Role
 from pd_local.launch import run_guarded
@@ -49,7 +49,7 @@ async def submit_all(router) -> list:
 def main() -> None:
     ctx, _ = start(sys.argv[1:])
     group_s = ctx.cfg.timeouts.group_s
-    real = pd_local.prefill.prefill_hidden
+    real = pd_local.cluster.prefill.prefill_hidden
 
     def slow_prefill(model, prompts, device, on_layer_kv=None):
         time.sleep(1.5 * group_s)
@@ -59,9 +59,9 @@ def main() -> None:
             on_layer_kv(layer, k, v)
         return real(model, prompts, device, on_layer_kv=slow_layer)
 
-    pd_local.prefill.prefill_hidden = slow_prefill
+    pd_local.cluster.prefill.prefill_hidden = slow_prefill
     if ctx.role is Role.FRONTEND:
-        from pd_local.router import Router
+        from pd_local.cluster.router import Router
 
         router = Router(ctx)
         assert router.ready.wait(timeout=60), "the workers never became ready"
@@ -76,7 +76,8 @@ def main() -> None:
         assert router.clean_shutdown, router.error
         say(ctx, f"ok: {len(results)} requests in {took:.1f} s, group timeout {group_s} s")
     else:
-        (pd_local.prefill if ctx.role is Role.PREFILL else pd_local.decode).run(ctx)
+        (pd_local.cluster.prefill if ctx.role is Role.PREFILL
+         else pd_local.cluster.decode).run(ctx)
         say(ctx, "ok")
     ctx.close()
 

@@ -31,13 +31,14 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pd_local.backend import BackendStats, RankStats, RequestOutput, Timeline
-from pd_local.dist import DistContext, Role
-from pd_local.protocol import (Abort, Fatal, FinishReason, Heartbeater, Inbox, LinkDown, Prefill,
-                               PrefillDone, Ready, Receiver, Rejected, RejectReason, Reserve,
-                               Reserved, Sampling, Sender, Shutdown, Stats, Tokens)
-from pd_local.sampling import SamplingParams
-from pd_local.shutdown import RankFailure
+from pd_local.api.backend import BackendStats, RankStats, RequestOutput, Timeline
+from pd_local.cluster.dist import DistContext, Role
+from pd_local.cluster.channel import Heartbeater, Inbox, LinkDown, Receiver, Sender
+from pd_local.cluster.messages import (Abort, Fatal, FinishReason, Prefill, PrefillDone, Ready,
+                                       RejectReason, Rejected, Reserve, Reserved, Sampling,
+                                       Shutdown, Stats, Tokens)
+from pd_local.cluster.shutdown import RankFailure
+from pd_local.engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -343,8 +344,8 @@ def serve(ctx: DistContext) -> None:
     failure answers 503 for a moment, then raises RankFailure (exit 1, one log line)."""
     import uvicorn
 
-    from pd_local.server import ServerSettings, create_app
-    from pd_local.shutdown import Stopper, install
+    from pd_local.api.server import ServerSettings, create_app
+    from pd_local.cluster.shutdown import Stopper, install
     from pd_local.tokenizer import Tokenizer
 
     cfg = ctx.cfg

@@ -27,10 +27,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from pd_local.backend import Backend, RequestOutput
-from pd_local.metrics import Metrics
-from pd_local.openai_request import GenerationRequest, RequestError, parse_request
-from pd_local.textstream import TextStream
+from pd_local.api.backend import Backend, RequestOutput
+from pd_local.api.metrics import Metrics
+from pd_local.api.openai_request import GenerationRequest, RequestError, parse_request
+from pd_local.api.textstream import TextStream
 from pd_local.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)

@@ -26,8 +26,8 @@ from pd_local.config import (API_KEY_ENV, DEFAULT_MODEL, ConfigError, ServeConfi
 def fetch_default_model(cfg: ServeConfig) -> None:
     """The default model is fetched and converted on first use (README: `pd-local serve` on a
     fresh checkout just works); any other missing directory is the user's mistake."""
-    from pd_local.weights_cli import DEFAULT_MODEL as NAME
-    from pd_local.weights_cli import WeightsError, fetch
+    from pd_local.cli.weights import DEFAULT_MODEL as NAME
+    from pd_local.cli.weights import WeightsError, fetch
 
     print(f"pd-local serve: {cfg.model} not found; fetching {NAME}", file=sys.stderr)
     try:

@@ -23,15 +23,15 @@ from collections.abc import Callable
 
 import torch
 
-from pd_local.dist import DistContext
-from pd_local.engine import prefill_hidden
+from pd_local.cluster.dist import DistContext
+from pd_local.engine.engine import prefill_hidden
 from pd_local.model.config import ModelConfig
 from pd_local.model.llama import LlamaForCausalLM
 from pd_local.model.weights import load_model
-from pd_local.protocol import (Abort, Fatal, Heartbeater, Inbox, KVEntry, Prefill, PrefillDone,
-                               ProtocolError, Ready, Receiver, Sender, Shutdown, Stats,
-                               TransferMode)
-from pd_local.transfer import KVSender, KVShape
+from pd_local.cluster.channel import Heartbeater, Inbox, Receiver, Sender
+from pd_local.cluster.messages import (Abort, Fatal, KVEntry, Prefill, PrefillDone, ProtocolError,
+                                       Ready, Shutdown, Stats, TransferMode)
+from pd_local.cluster.transfer import KVSender, KVShape
 
 log = logging.getLogger(__name__)
 

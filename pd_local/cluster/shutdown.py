@@ -14,7 +14,7 @@ after a failure. The rules, also in docs/architecture.md ("Stopping"):
   FAILURE_LINGER_S, so clients and health checks see why, then exits 1; torchrun stops the rest.
 
 `pd-local serve` runs torchrun in a session of its own and turns its own SIGINT / SIGTERM /
-SIGHUP into one SIGTERM to rank 0 (cli: serve_cli.supervise), so a terminal's Ctrl-C reaches
+SIGHUP into one SIGTERM to rank 0 (cli/serve.py: `supervise`), so a terminal's Ctrl-C reaches
 neither torchrun's agent (which would forward it to every rank and exit non-zero) nor the ranks.
 """
 

@@ -43,11 +43,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from pd_local.dist import KVLink, Link
+from pd_local.cluster.dist import KVLink, Link
 from pd_local.model.config import ModelConfig
-from pd_local.protocol import (DType, Heartbeat, Inbox, KVEntry, KVHeader, LinkDown,
-                               ProtocolError, Sender, Shutdown, TransferMode, TransferRecord,
-                               recv_message)
+from pd_local.cluster.channel import Inbox, LinkDown, Sender, recv_message
+from pd_local.cluster.messages import (DType, Heartbeat, KVEntry, KVHeader, ProtocolError, Shutdown,
+                                       TransferMode, TransferRecord)
 
 log = logging.getLogger(__name__)
 
