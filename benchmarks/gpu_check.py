@@ -40,10 +40,11 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pd_local.engine import Engine, EngineConfig, prefill_hidden  # noqa: E402
+from pd_local.config import EngineConfig  # noqa: E402
+from pd_local.engine.engine import Engine, prefill_hidden  # noqa: E402
 from pd_local.model.config import ModelConfig  # noqa: E402
 from pd_local.model.llama import LlamaForCausalLM  # noqa: E402
-from pd_local.sampling import SamplingParams  # noqa: E402
+from pd_local.engine.sampling import SamplingParams  # noqa: E402
 
 DEV = torch.device("cuda")
 LLAMA_1B = dict(architecture="LlamaForCausalLM", vocab_size=128256, hidden_size=2048,

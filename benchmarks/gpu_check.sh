@@ -5,9 +5,9 @@
 # paged decode kernel alone, same-GPU KV transfer). Results: $OUT/gpu_check.json (+ logs), and a table.
 #
 # The device machine reaches no package registry: wheels it lacks (starlette, uvicorn,
-# sse-starlette) and SmolLM2's tokenizer files travel in the git-ignored .whl/ folder
-# (README, "Checking on a GPU", says how to fill it). Extra arguments go to gpu_check.py
-# (e.g. --skip parity).
+# sse-starlette, prometheus_client) and SmolLM2's tokenizer files travel in the git-ignored
+# .whl/ folder (README, "Checking on a GPU", says how to fill it). Extra arguments go to
+# gpu_check.py (e.g. --skip parity).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-out}"

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from pd_local.config import ConfigError, load_config
-from pd_local.engine import Engine, EngineConfig
+from pd_local.config import EngineConfig
+from pd_local.engine.engine import Engine
 from pd_local.model.attention import AttentionMetadata
 from pd_local.model.cuda_graphs import (
     DecodeBatch,
@@ -19,7 +20,7 @@ from pd_local.model.cuda_graphs import (
     graph_buckets,
     pick_bucket,
 )
-from pd_local.sampling import SamplingParams
+from pd_local.engine.sampling import SamplingParams
 from tests.tiny_models import random_prompts, tiny_model
 
 
@@ -97,7 +98,7 @@ def _engine(max_num_seqs: int, graphs: bool) -> Engine:
 def test_runner_step_equals_eager_step_and_touches_only_real_slots_and_the_sink() -> None:
     model = tiny_model()
     cfg = model.config
-    from pd_local.kv_cache import PagedKVCache
+    from pd_local.model.kv_cache import PagedKVCache
 
     def cache() -> PagedKVCache:
         c = PagedKVCache(cfg.num_layers, 24, 4, cfg.num_kv_heads, cfg.head_dim, torch.float32, "cpu")
@@ -149,7 +150,7 @@ def test_config_cuda_graphs() -> None:
 def test_replayed_graphs_equal_the_eager_model_on_cuda() -> None:
     """Capture, then replay three batches (buckets 1, 4, 16) with new contexts each time: the
     static buffers are refilled and the logits match the eager forward."""
-    from pd_local.kv_cache import PagedKVCache
+    from pd_local.model.kv_cache import PagedKVCache
 
     model = tiny_model().to("cuda")
     cfg = model.config

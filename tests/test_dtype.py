@@ -12,16 +12,17 @@ import pytest
 import torch
 from starlette.testclient import TestClient
 
-from pd_local.backend import InProcessBackend
+from pd_local.api.backend import InProcessBackend
 from pd_local.config import ConfigError, load_config
-from pd_local.engine import Engine, EngineConfig
+from pd_local.config import EngineConfig
+from pd_local.engine.engine import Engine
 from pd_local.model.dtype import (
     cpu_has_native_bf16,
     read_cpu_flags,
     resolve_dtype,
     resolve_dtype_name,
 )
-from pd_local.server import ServerSettings, create_app
+from pd_local.api.server import ServerSettings, create_app
 from pd_local.tokenizer import Tokenizer
 from tests.helpers import make_byte_fallback_tokenizer_dir
 from tests.tiny_models import tiny_model

@@ -42,10 +42,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from pd_local.cluster.channel import Inbox, Sender
+from pd_local.cluster.dist import DistContext, KVLink, device_for_rank
 from pd_local.cluster.ipc import KVTransport, SharedTensor, pack_bytes, pair_transport, unpack_bytes
-from pd_local.dist import DistContext, KVLink, device_for_rank
-from pd_local.protocol import Inbox, KVEntry, KVHeader, Sender, TransferMode, TransferRecord
-from pd_local.transfer import (KVReceiver, KVSender, KVShape, LayerKV, PromptHidden, StagingDone,
+from pd_local.cluster.messages import KVEntry, KVHeader, TransferMode, TransferRecord
+from pd_local.cluster.transfer import (KVReceiver, KVSender, KVShape, LayerKV, PromptHidden, StagingDone,
                                TransferStat)
 
 log = logging.getLogger(__name__)

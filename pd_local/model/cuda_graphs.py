@@ -25,15 +25,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from pd_local.model.attention import AttentionMetadata
+from pd_local.model.kv_cache import PagedKVCache
 from pd_local.model.llama import LlamaForCausalLM
-
-if TYPE_CHECKING:  # annotations only: the cache's module moves with the package layout
-    from pd_local.kv_cache import PagedKVCache
 
 log = logging.getLogger(__name__)
 

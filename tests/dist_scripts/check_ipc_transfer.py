@@ -18,11 +18,12 @@ import torch.distributed as dist
 from check_transfer import BATCHES, kv_of, same_bits
 from common import say, start
 
+from pd_local.cluster.channel import Inbox, Sender
+from pd_local.cluster.dist import Role
 from pd_local.cluster.ipc_transfer import IpcKVReceiver, IpcKVSender
-from pd_local.dist import Role
+from pd_local.cluster.messages import KVEntry, TransferMode
+from pd_local.cluster.transfer import KVShape, LayerKV, PromptHidden, StagingDone
 from pd_local.launch import run_guarded
-from pd_local.protocol import Inbox, KVEntry, Sender, TransferMode
-from pd_local.transfer import KVShape, LayerKV, PromptHidden, StagingDone
 
 CPU = torch.device("cpu")
 

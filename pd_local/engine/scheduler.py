@@ -15,8 +15,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 
-from pd_local.kv_cache import BlockAllocator, blocks_for
-from pd_local.sampling import SamplingParams
+from pd_local.engine.kv_cache import BlockAllocator, blocks_for
+from pd_local.engine.sampling import SamplingParams
 
 
 class SeqStatus(Enum):

@@ -23,16 +23,17 @@ from collections.abc import Callable
 
 import torch
 
-from pd_local.dist import DistContext
-from pd_local.engine import prefill_hidden
+from pd_local.cluster.dist import DistContext
+from pd_local.engine.engine import prefill_hidden
 from pd_local.model.config import ModelConfig
+from pd_local.model.dtype import resolve_dtype
 from pd_local.model.llama import LlamaForCausalLM
 from pd_local.model.weights import load_model
-from pd_local.protocol import (Abort, Fatal, Heartbeater, Inbox, KVEntry, Prefill, PrefillDone,
-                               ProtocolError, Ready, Receiver, Sender, Shutdown, Stats,
-                               TransferMode)
+from pd_local.cluster.channel import Heartbeater, Inbox, Receiver, Sender
+from pd_local.cluster.messages import (Abort, Fatal, KVEntry, Prefill, PrefillDone, ProtocolError,
+                                       Ready, Shutdown, Stats, TransferMode)
 from pd_local.cluster.ipc_transfer import kv_sender
-from pd_local.transfer import KVShape
+from pd_local.cluster.transfer import KVShape
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +144,6 @@ class PrefillLoop:
 def run(ctx: DistContext) -> None:
     """Entry point for a prefill rank (launch.py)."""
     cfg = ctx.cfg
-    from pd_local.model.dtype import resolve_dtype
-
     dtype = resolve_dtype(cfg.dtype, cfg.device)  # "auto": same answer on every rank (one machine)
     loop = PrefillLoop(ctx, KVShape.of(ModelConfig.from_dir(cfg.model), dtype))
     loop.run(lambda: load_model(cfg.model, dtype, ctx.device)[0])

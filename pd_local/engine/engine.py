@@ -17,39 +17,15 @@ from dataclasses import dataclass
 
 import torch
 
-from pd_local.kv_cache import BlockAllocator, PagedKVCache, slots_for
+from pd_local.config import EngineConfig
+from pd_local.engine.kv_cache import BlockAllocator, slots_for
+from pd_local.model.kv_cache import PagedKVCache
 from pd_local.model.attention import AttentionMetadata, host_to_device, write_kv
 from pd_local.model.llama import LayerKVHook, LlamaForCausalLM
-from pd_local.sampling import SamplingParams, sample
-from pd_local.scheduler import Scheduler, SchedulerOutput, Sequence
+from pd_local.engine.sampling import SamplingParams, sample
+from pd_local.engine.scheduler import Scheduler, SchedulerOutput, Sequence
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    block_size: int = 16
-    kv_cache_gb: float | None = 1.0  # None on CUDA: use gpu_memory_fraction of free memory
-    gpu_memory_fraction: float = 0.85
-    num_blocks: int | None = None  # overrides the memory budget (tests, exact accounting)
-    max_num_seqs: int = 64
-    max_prefill_tokens: int = 4096
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
-    cuda_graphs: bool = True  # decode through per-batch-size CUDA graphs (CUDA only)
-
-    def __post_init__(self) -> None:
-        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
-        if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
-            raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
-        if not (0.0 < self.gpu_memory_fraction <= 1.0):
-            raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
-        if self.num_blocks is not None and self.num_blocks <= 0:
-            raise ValueError(f"num_blocks must be > 0, got {self.num_blocks}")
-        if self.max_num_seqs <= 0:
-            raise ValueError(f"max_num_seqs must be > 0, got {self.max_num_seqs}")
-        if self.max_prefill_tokens <= 0:
-            raise ValueError(f"max_prefill_tokens must be > 0, got {self.max_prefill_tokens}")
 
 
 @dataclass(frozen=True)
@@ -126,13 +102,19 @@ class Engine:
         )
 
     def _blocks_from_budget(self, per_block: int) -> int:
-        if self.device.type == "cuda" and self.cfg.kv_cache_gb is None:
-            free, _total = torch.cuda.mem_get_info(self.device)
-            budget = int(free * self.cfg.gpu_memory_fraction)
-            source = f"{self.cfg.gpu_memory_fraction:.0%} of {free / 1e9:.1f} GB free on {self.device}"
-        else:
-            budget = int((self.cfg.kv_cache_gb or 1.0) * 1e9)
+        fraction = self.cfg.gpu_memory_fraction
+        if self.cfg.kv_cache_gb is not None:
+            budget = int(self.cfg.kv_cache_gb * 1e9)
             source = f"kv_cache_gb={self.cfg.kv_cache_gb}"
+        elif self.device.type == "cuda" and fraction is not None:
+            free, _total = torch.cuda.mem_get_info(self.device)
+            budget = int(free * fraction)
+            source = f"{fraction:.0%} of {free / 1e9:.1f} GB free on {self.device}"
+        else:
+            raise ValueError(
+                f"engine.gpu_memory_fraction={fraction} applies to CUDA only; on {self.device} "
+                "set engine.kv_cache_gb or num_blocks"
+            )
         blocks = budget // per_block
         if blocks < 1:
             raise ValueError(f"KV budget ({source}) is smaller than one block ({per_block} bytes)")
