@@ -20,9 +20,9 @@ import time
 import pd_local.cluster.decode
 import pd_local.cluster.prefill
 from common import say, start
-from pd_local.dist import Role
+from pd_local.cluster.dist import Role
+from pd_local.engine.sampling import SamplingParams
 from pd_local.launch import run_guarded
-from pd_local.sampling import SamplingParams
 
 PROMPTS = [[1 + (5 * i + j) % 300 for j in range(8 + 13 * i)] for i in range(4)]
 MAX_TOKENS = 4
