@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from servers import REPO, start_server, stop_server  # noqa: E402
@@ -124,12 +125,14 @@ def rank_rss_mb(server_pid: int) -> dict[int, float]:
 
 
 def metric(url: str, name: str) -> dict[str, float]:
+    """{label string like '{rank="2",role="decode"}' or '': value} of one family of /metrics."""
     text = httpx.get(f"{url}/metrics", timeout=10, trust_env=False).text
     out = {}
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            key, _, val = line.rpartition(" ")
-            out[key[len(name):]] = float(val)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                out[f"{{{labels}}}" if labels else ""] = sample.value
     return out
 
 
