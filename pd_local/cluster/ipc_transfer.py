@@ -18,6 +18,9 @@ The staging slot is one flat buffer [L, 2, T, kv_heads, head_dim] + [R, hidden] 
 receiver's staging layout), owned by the prefill rank and grown (and announced again) when a
 transfer needs more. It is reused only after the ack, so the sender never overwrites what the
 receiver has not copied. Both directions use the pair's gloo data group: small int64 tensors.
+Liveness (docs/architecture.md): the receiver is a KVReceiver, so its header thread reads the
+header link without pause and its data thread waits only on a transfer whose header has arrived;
+the header leaves once the slot is filled, so none of those waits spans a prefill's compute.
 
 Memory: on CUDA the slot is shared by CUDA IPC (`ipc.SharedTensor`) and ordered by an
 interprocess event; 1P1D on one GPU then moves KV with two device copies instead of device ->
