@@ -186,9 +186,9 @@ async def stream_tokens(c: httpx.AsyncClient, url: str, max_tokens: int,
 def test_sigterm_drains_in_flight_requests_then_every_rank_exits_0(tiny_dir: Path) -> None:
     """SIGTERM to `pd-local serve` (systemd, docker stop): 503 for new requests, in-flight ones
     finish within the grace period, the rest are aborted with a message naming it, and every
-    rank exits 0 with no traceback and nothing left. One decode slot (max_num_seqs=1): a short
-    request holds it when the signal comes and finishes within the grace; 40 long ones queue
-    behind it (15,200 tokens: more than any CPU decodes in the grace), so they are aborted."""
+    rank exits 0 with no traceback and nothing left. One decode slot (max_num_seqs=1): 40 long
+    requests queue behind a short one (15,200 tokens: more than any CPU decodes in the grace),
+    so some finish within the grace and the rest are aborted at its end."""
     grace = 10.0
     with serving(tiny_dir, "--prefill", "1", "--decode", "1", "--set", "engine.max_num_seqs=1",
                  "--set", f"server.shutdown_grace_s={grace}") as s:
@@ -199,9 +199,10 @@ def test_sigterm_drains_in_flight_requests_then_every_rank_exits_0(tiny_dir: Pat
                 short = asyncio.create_task(stream_tokens(c, s.url, 40, started))
                 await started.wait()
                 queued = [asyncio.create_task(stream_tokens(c, s.url, 380)) for _ in range(40)]
+                # Until the 40 are admitted (the short one may have finished meanwhile).
                 while (await asyncio.to_thread(metric_values, s.url,
-                                               "pd_local_requests_in_flight")).get("") != 41:
-                    await asyncio.sleep(0.05)  # until all 41 are admitted
+                                               "pd_local_requests_in_flight")).get("", 0) < 40:
+                    await asyncio.sleep(0.05)
                 s.proc.send_signal(signal.SIGTERM)
                 health = await asyncio.to_thread(first_non_200_health, s.url, 10)
                 late = await c.post(f"{s.url}/v1/completions",
@@ -213,10 +214,12 @@ def test_sigterm_drains_in_flight_requests_then_every_rank_exits_0(tiny_dir: Pat
         assert late.status_code == 503, late.text
         assert "the server is shutting down" in late.json()["error"]["message"]
         assert short == (40, "length", None), short
-        # Each queued one finished in the grace or was aborted at its end, with the reason.
-        aborted = [r for r in queued if r[2] is not None]
-        assert aborted and all("grace period" in e for _, _, e in aborted), queued
-        assert all(r[1] == "length" for r in queued if r[2] is None), queued
+        # Each queued one finished (some within the grace) or was aborted at its end, with the
+        # reason; one that was not admitted before the signal got 503.
+        finished = [r for r in queued if r == (380, "length", None)]
+        aborted = [r for r in queued if r[2] is not None and "grace period" in r[2]]
+        assert finished and aborted, queued
+        assert all(r in finished or r in aborted or r[2] == "HTTP 503" for r in queued), queued
         rc, out = s.wait(timeout=60)
         assert rc == 0, out[-4000:]
         assert time.monotonic() - t0 < grace + 30, out[-4000:]

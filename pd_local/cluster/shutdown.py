@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 FAILURE_LINGER_S = 2.0  # rank 0 answers 503 this long after a failure before exiting
+ABORT_DELIVERY_S = 10.0  # at most this long for aborted responses to go out after the grace
 
 
 class RankFailure(RuntimeError):
@@ -103,16 +104,22 @@ class Stopper:
         threading.Thread(target=self._drain, name="drain", daemon=True).start()
 
     def _drain(self) -> None:
-        deadline = time.monotonic() + self.grace_s
-        while self.in_flight() > 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        self._wait_in_flight(self.grace_s)
         left = self.in_flight()
         if left:
             log.warning("grace period over: aborting %d requests still in flight", left)
             self.router.abort_all(  # type: ignore[attr-defined]
                 f"the server is shutting down: not finished within the "
                 f"{self.grace_s:g} s grace period")
+            # Let the aborted responses reach their clients (error event, [DONE]) before the
+            # HTTP server stops: it cuts any response still open a few seconds into its stop.
+            self._wait_in_flight(ABORT_DELIVERY_S)
         self.should_exit()
+
+    def _wait_in_flight(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while self.in_flight() > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def on_failure(self) -> None:
         """The router failed (a rank died, a link broke): 503 for a while, then exit 1."""
