@@ -58,6 +58,7 @@ def engine_config(cfg: ServeConfig) -> EngineConfig:
         max_num_seqs=e.max_num_seqs,
         max_prefill_tokens=e.max_prefill_tokens,
         max_model_len=e.max_model_len,
+        batch_invariant=e.batch_invariant,
     )
 
 
