@@ -144,4 +144,5 @@ def run(ctx: DistContext) -> None:
     cfg = ctx.cfg
     dtype = getattr(torch, cfg.dtype)
     loop = PrefillLoop(ctx, KVShape.of(ModelConfig.from_dir(cfg.model), dtype))
-    loop.run(lambda: load_model(cfg.model, dtype, ctx.device)[0].set_batch_invariant(cfg.engine.batch_invariant))
+    exact = cfg.engine.batch_invariant
+    loop.run(lambda: load_model(cfg.model, dtype, ctx.device)[0].set_batch_invariant(exact))
