@@ -25,6 +25,10 @@ from pd_local.engine.sampling import SamplingParams
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = time.perf_counter
+
+
 def timed_pair(fa, fb, repeats: int) -> tuple[float, float]:
     """Best wall time of fa() and of fb() over `repeats` interleaved rounds, after a warm-up of
     each: interleaving exposes both to the same background load, and the minimum is the run the
@@ -34,15 +38,15 @@ def timed_pair(fa, fb, repeats: int) -> tuple[float, float]:
     ta, tb = [], []
     for _ in range(repeats):
         for fn, acc in ((fa, ta), (fb, tb)):
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            acc.append(time.perf_counter() - t0)
+            acc.append(clock() - t0)
     return min(ta), min(tb)
 
 
-def ours_run(model, prompt: list[int], batch: int, new_tokens: int) -> None:
+def ours_run(model, prompt: list[int], batch: int, new_tokens: int, invariant: bool = True) -> None:
     eng = Engine(model, EngineConfig(num_blocks=batch * ((len(prompt) + new_tokens) // 16 + 2), max_num_seqs=batch,
-                                     max_prefill_tokens=len(prompt) * batch))
+                                     max_prefill_tokens=len(prompt) * batch, batch_invariant=invariant))
     eng.generate([prompt] * batch, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
 
 
@@ -51,6 +55,25 @@ def hf_run(hf, prompt: list[int], batch: int, new_tokens: int) -> None:
     with torch.inference_mode():
         hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                     min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+
+
+def cpu_kind() -> dict:
+    """What decides our kernels' speed on this CPU: model name and the SIMD / bf16 flags."""
+    info = {"model": platform.processor() or platform.machine(), "flags": []}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    for line in text.splitlines():
+        key, _, val = line.partition(":")
+        if key.strip() == "model name":
+            info["model"] = val.strip()
+        elif key.strip() == "flags":
+            wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni")
+            info["flags"] = [f for f in val.split() if f in wanted]
+            break
+    info["cores"] = len([ln for ln in text.splitlines() if ln.startswith("processor")])
+    return info
 
 
 def main() -> int:
@@ -63,9 +86,16 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--inexact-batches", default="1",
+                    help="also time these decode batches with engine.batch_invariant = false")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="cpu: this process's CPU time, for a machine shared with other jobs "
+                         "(time spent descheduled is not counted; memory contention still is)")
     ap.add_argument("--out", default="benchmarks/results/engine_vs_transformers.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    global clock
+    clock = CLOCKS[args.clock]
     if args.model is None:
         from pd_local.cli.weights import ensure_default_model
 
@@ -97,11 +127,20 @@ def main() -> int:
         d_ours, d_hf = full_ours - pre_ours, full_hf - pre_hf
         rows.append({"case": f"decode batch {b}", "unit": "tok/s",
                      "ours": b * (n - 1) / d_ours, "transformers": b * (n - 1) / d_hf})
+        if str(b) in args.inexact_batches.split(","):
+            log(f"decode batch {b}, batch_invariant = false ...")
+            full_ours, full_hf = timed_pair(lambda: ours_run(ours, prompt, b, n, False),
+                                            lambda: hf_run(hf, prompt, b, n), args.repeats)
+            pre_ours, pre_hf = timed_pair(lambda: ours_run(ours, prompt, b, 1, False),
+                                          lambda: hf_run(hf, prompt, b, 1), args.repeats)
+            rows.append({"case": f"decode batch {b}, batch_invariant=false", "unit": "tok/s",
+                         "ours": b * (n - 1) / (full_ours - pre_ours),
+                         "transformers": b * (n - 1) / (full_hf - pre_hf)})
     for r in rows:
         r["ratio"] = r["ours"] / r["transformers"]
     result = {
-        "model": args.model, "dtype": args.dtype, "threads": args.threads,
-        "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+        "model": args.model, "dtype": args.dtype, "threads": args.threads, "clock": args.clock,
+        "torch": torch.__version__, "machine": platform.processor() or platform.machine(), "cpu": cpu_kind(),
         "new_tokens": n, "decode_prompt_len": len(prompt), "rows": rows,
     }
     print("\n| case | ours tok/s | transformers tok/s | ratio |\n|---|---|---|---|")

@@ -134,10 +134,15 @@ class EngineConfig:
     max_model_len: int | None = 2048
     # CUDA only: decode steps replay per-batch-size CUDA graphs (ignored on CPU).
     cuda_graphs: bool = True
+    # false: drop the padding that makes a request's logits independent of its batch (CPU only;
+    # ~2x faster batch-1 decode on AVX2, but greedy tokens may then differ across topologies)
+    batch_invariant: bool = True
     # Not a TOML key (`_known` leaves it out): tests and benchmarks that need exact accounting.
     num_blocks: int | None = field(default=None, metadata={"toml": False})
 
     def __post_init__(self) -> None:
+        if not isinstance(self.batch_invariant, bool):
+            raise ConfigError(f"engine.batch_invariant must be true or false, got {self.batch_invariant!r}")
         _int("engine.block_size", self.block_size, minimum=1, maximum=1024)
         if self.block_size & (self.block_size - 1):
             raise ConfigError(f"engine.block_size must be a power of two, got {self.block_size}")

@@ -115,6 +115,7 @@ def write(tmp_path: Path, text: str) -> Path:
      "engine.gpu_memory_fraction must be <= 1.0, got 1.5"),
     ("[engine]\nmax_num_seqs = 0", "engine.max_num_seqs must be >= 1, got 0"),
     ("[engine]\nnum_blocks = 64", r"unknown key 'engine.num_blocks' \(known: block_size"),
+    ("[engine]\nbatch_invariant = 'no'", "engine.batch_invariant must be true or false, got 'no'"),
     ("[server]\nport = 70000", "server.port must be <= 65535, got 70000"),
     ("[server]\nport = true", "server.port must be an integer, got True"),
     ("[server]\napi_key = ''", "server.api_key must be a non-empty string"),

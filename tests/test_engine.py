@@ -215,3 +215,23 @@ def test_logits_are_bit_identical_alone_and_in_any_batch(dtype: torch.dtype, mon
         runs.append(torch.stack(seen[:12]))
     for k, r in enumerate(runs[1:], start=1):
         assert torch.equal(r, runs[0]), f"logits changed with {k} other requests in the batch"
+
+
+def test_batch_invariant_false_is_plain_linear_and_still_greedy_at_batch_1(pair) -> None:
+    """engine.batch_invariant = false reaches every linear and lm_head (no padding: an fp32 row
+    alone takes F.linear's M = 1 kernel, as transformers does), and an Engine with the default
+    turns exactness back on for the shared model."""
+    import torch.nn.functional as F
+
+    from pd_local.model.layers import Linear, linear
+
+    hf, ours = pair
+    x, w = torch.randn(1, 64), torch.randn(96, 64)
+    assert torch.equal(linear(x, w, invariant=False), F.linear(x, w))
+    prompt = random_prompts([19], seed=3)[0]
+    eng = engine(ours, batch_invariant=False)
+    linears = [m for m in ours.modules() if isinstance(m, Linear)]
+    assert linears and not ours.batch_invariant and not any(m.batch_invariant for m in linears)
+    assert eng.generate([prompt], GREEDY)[0][0] == hf_greedy(hf, prompt, 24)
+    engine(ours)
+    assert ours.batch_invariant and all(m.batch_invariant for m in linears)

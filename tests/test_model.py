@@ -96,6 +96,22 @@ def test_rows_do_not_depend_on_batch_size_fp32() -> None:
         assert torch.equal(linear(x[:m], w), full[:m]), f"rows differ at batch {m}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_padding_rule_holds_at_real_shapes_on_this_cpu(dtype: torch.dtype) -> None:
+    """The padding thresholds in layers.linear were measured on one CPU's BLAS; this checks them
+    on the CPU running the tests, at SmolLM2-135M's projection and lm_head shapes (BLAS picks
+    kernels by shape, so tiny test models alone would not catch a miss)."""
+    from pd_local.model.layers import linear
+
+    g = torch.Generator().manual_seed(0)
+    for out_f, in_f in [(960, 576), (3072, 576), (576, 1536), (49152, 576)]:
+        w = torch.randn(out_f, in_f, generator=g).to(dtype)
+        x = torch.randn(64, in_f, generator=g).to(dtype)
+        full = linear(x, w)
+        for m in (1, 2, 3, 4, 5, 7, 8, 11, 12, 16, 33):
+            assert torch.equal(linear(x[:m], w), full[:m]), f"{out_f}x{in_f}: rows differ at batch {m}"
+
+
 def test_unsupported_architecture_is_named() -> None:
     with pytest.raises(ModelConfigError, match="GPT2LMHeadModel.*supported: LlamaForCausalLM"):
         ModelConfig.from_dict({"architectures": ["GPT2LMHeadModel"], "hidden_size": 8,

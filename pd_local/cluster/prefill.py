@@ -146,4 +146,5 @@ def run(ctx: DistContext) -> None:
     cfg = ctx.cfg
     dtype = resolve_dtype(cfg.dtype, cfg.device)  # "auto": same answer on every rank (one machine)
     loop = PrefillLoop(ctx, KVShape.of(ModelConfig.from_dir(cfg.model), dtype))
-    loop.run(lambda: load_model(cfg.model, dtype, ctx.device)[0])
+    exact = cfg.engine.batch_invariant
+    loop.run(lambda: load_model(cfg.model, dtype, ctx.device)[0].set_batch_invariant(exact))

@@ -67,7 +67,7 @@ class Engine:
         stop_token_ids: frozenset[int] | set[int] = frozenset(),
         device: torch.device | str = "cpu",
     ) -> None:
-        self.model = model
+        self.model = model.set_batch_invariant(cfg.batch_invariant)
         self.cfg = cfg
         self.device = torch.device(device)
         self.stop_token_ids = frozenset(stop_token_ids)

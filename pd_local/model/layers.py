@@ -7,6 +7,13 @@ the batch has M in {1,2,3,5,6,7,9,10,11} rows than with 4, 8 or >= 12 rows; a bf
 (oneDNN) takes a gemv path at M = 1 that rounds differently (1 bf16 ulp, on real activations)
 from M >= 2. `linear` pads those batches with zero rows; the cost is nil for a weight-bandwidth
 bound small-M matmul. GPUs make no such promise (cuBLAS picks kernels by shape): see docs.
+
+Not nil everywhere: on a 2-core AMD EPYC (AVX2, no AVX-512) MKL's gemv at M = 1 is ~3x faster
+than its gemm at M = 4 (lm_head: 16 vs 52 ms per call, fp32, 1 thread), so the padding makes a
+batch-1 decode step ~2x slower there. On that CPU rows agree for every M >= 4 (M in 5..11 need no
+padding, the rule below pads them anyway: it holds on both CPUs). `invariant=False`
+(engine.batch_invariant = false) drops the padding: faster at batch 1, but a request's logits
+then depend on its batch's size, so greedy tokens may differ across topologies.
 """
 
 from __future__ import annotations
@@ -20,11 +27,14 @@ from torch import nn
 from pd_local.model.config import ModelConfig
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear over x [M, in] -> [M, out] whose rows do not depend on M (see module docstring)."""
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, invariant: bool = True
+) -> torch.Tensor:
+    """F.linear over x [M, in] -> [M, out]; with `invariant` its rows do not depend on M (see
+    module docstring), without it this is plain F.linear."""
     m = x.shape[0]
     pad = 0
-    if x.device.type == "cpu" and m < 12:
+    if invariant and x.device.type == "cpu" and m < 12:
         if x.dtype == torch.float32 and m % 4:
             pad = 4 - m % 4
         elif x.dtype == torch.bfloat16 and m == 1:
@@ -36,7 +46,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class Linear(nn.Module):
-    """nn.Linear's parameters (HF names `weight`, `bias`) with the batch-invariant forward."""
+    """nn.Linear's parameters (HF names `weight`, `bias`) with the batch-invariant forward
+    (`batch_invariant = False` on an instance: plain F.linear)."""
+
+    batch_invariant: bool = True
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
@@ -44,7 +57,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.batch_invariant)
 
 
 def concat_linears(*parts: Linear) -> Linear:

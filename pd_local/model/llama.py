@@ -167,6 +167,17 @@ class LlamaForCausalLM(nn.Module):
             layer.mlp.fuse()
         return self
 
+    batch_invariant: bool = True
+
+    def set_batch_invariant(self, on: bool) -> LlamaForCausalLM:
+        """Exact batch invariance of every linear and lm_head (default on; see layers.linear
+        for what it costs and where). Off: a request's logits may depend on its batch."""
+        self.batch_invariant = on
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.batch_invariant = on
+        return self
+
     @property
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
@@ -194,4 +205,4 @@ class LlamaForCausalLM(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] in fp32."""
-        return linear(hidden, self.lm_head_weight).float()
+        return linear(hidden, self.lm_head_weight, invariant=self.batch_invariant).float()
