@@ -20,6 +20,7 @@ import torch
 from pd_local.kv_cache import BlockAllocator, PagedKVCache, slots_for
 from pd_local.model.attention import AttentionMetadata, write_kv
 from pd_local.model.llama import LayerKVHook, LlamaForCausalLM
+from pd_local.prefill_queue import POLICIES
 from pd_local.sampling import SamplingParams, sample
 from pd_local.scheduler import Scheduler, SchedulerOutput, Sequence
 
@@ -33,8 +34,13 @@ class EngineConfig:
     gpu_memory_fraction: float = 0.85
     num_blocks: int | None = None  # overrides the memory budget (tests, exact accounting)
     max_num_seqs: int = 64
-    max_prefill_tokens: int = 4096
+    # Prompt tokens prefilled per step (all chunks together); decode rows come on top, one per
+    # running sequence. With chunked_prefill a longer prompt is split across steps, which bounds
+    # every step; without, prompts run whole (a longer one alone). See DEFAULT_PREFILL_TOKENS.
+    max_prefill_tokens: int = 512
     max_model_len: int | None = None  # None: the model's max_position_embeddings
+    chunked_prefill: bool = True
+    prefill_policy: str = "fcfs"  # "fcfs" | "srpf" (shortest remaining first, aged): prefill_queue.py
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -49,6 +55,8 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be > 0, got {self.max_num_seqs}")
         if self.max_prefill_tokens <= 0:
             raise ValueError(f"max_prefill_tokens must be > 0, got {self.max_prefill_tokens}")
+        if self.prefill_policy not in POLICIES:
+            raise ValueError(f"prefill_policy must be one of {POLICIES}, got {self.prefill_policy!r}")
 
 
 @dataclass(frozen=True)
@@ -107,7 +115,8 @@ class Engine:
             mc.num_layers, num_blocks, cfg.block_size, mc.num_kv_heads, mc.head_dim, self.dtype, self.device
         )
         self.allocator = BlockAllocator(num_blocks)
-        self.scheduler = Scheduler(self.allocator, cfg.block_size, cfg.max_num_seqs, cfg.max_prefill_tokens)
+        self.scheduler = Scheduler(self.allocator, cfg.block_size, cfg.max_num_seqs, cfg.max_prefill_tokens,
+                                   cfg.chunked_prefill, cfg.prefill_policy)
         log.info(
             "KV cache: %d blocks x %d tokens = %d tokens (%.2f GB, %s, %d B/token); max_model_len %d",
             num_blocks, cfg.block_size, num_blocks * cfg.block_size,
@@ -143,7 +152,7 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.scheduler.waiting) + len(self.scheduler.reserved)
+        return self.scheduler.queue.num_unadmitted() + len(self.scheduler.reserved)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -177,13 +186,18 @@ class Engine:
         """Pre-allocate the prompt's blocks; False (nothing held) when there is no room now."""
         return self.scheduler.try_reserve(self._new_sequence(req_id, prompt_ids, params))
 
-    def write_prompt_kv(self, req_id: int, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Land one layer of a reserved request's prompt KV. k, v [T, kv_heads, head_dim]."""
+    def write_prompt_kv(
+        self, req_id: int, layer: int, k: torch.Tensor, v: torch.Tensor, start: int = 0
+    ) -> None:
+        """Land one layer of a reserved request's prompt KV for positions [start, start + T):
+        k, v [T, kv_heads, head_dim]. Chunks may land in any order; add_prefilled trusts that
+        every position of every layer has landed."""
         seq = self.scheduler.reserved[req_id]
         n = len(seq.prompt_ids)
-        if k.shape[0] != n:
-            raise ValueError(f"request {req_id}: got KV for {k.shape[0]} tokens, prompt has {n}")
-        slots = torch.tensor(slots_for(seq.block_ids, 0, n, self.cfg.block_size), device=self.device)
+        if k.shape[0] == 0 or start < 0 or start + k.shape[0] > n:
+            raise ValueError(f"request {req_id}: got KV for {k.shape[0]} tokens at {start}, prompt has {n}")
+        slots = torch.tensor(slots_for(seq.block_ids, start, start + k.shape[0], self.cfg.block_size),
+                             device=self.device)
         write_kv(self.kv_cache.k[layer], self.kv_cache.v[layer],
                  k.to(self.device, self.dtype), v.to(self.device, self.dtype), slots)
 
@@ -197,32 +211,44 @@ class Engine:
     # -- the step --------------------------------------------------------------------------
 
     def step(self) -> list[TokenEvent]:
-        """Run one scheduled batch (a prefill or a decode step); one event per sequence."""
+        """Run one scheduled step (decode rows of the running sequences plus prefill chunks);
+        one event per sequence that got a token."""
         out = self.scheduler.schedule()
-        if out is None or not out.seqs:
+        if out.is_empty:
             return []
-        logits = self._run_prefill(out) if out.is_prefill else self._run_decode(out)
-        return self._append_tokens(out.seqs, logits)
+        logits = self._run(out)
+        self.scheduler.advance(out)
+        return self._append_tokens(out.sampled, logits) if out.sampled else []
 
-    def _run_prefill(self, out: SchedulerOutput) -> torch.Tensor:
+    def _run(self, out: SchedulerOutput) -> torch.Tensor:
+        """One fused forward over [decode rows, prefill chunk rows]; logits [len(out.sampled), V]."""
         bs = self.cfg.block_size
-        slots = [s for seq in out.seqs for s in slots_for(seq.block_ids, 0, seq.num_tokens, bs)]
-        hidden = prefill_hidden(
-            self.model, [seq.all_ids for seq in out.seqs], self.device, self.kv_cache, slots
-        )
-        return self.model.compute_logits(hidden)
-
-    def _run_decode(self, out: SchedulerOutput) -> torch.Tensor:
-        bs = self.cfg.block_size
-        seqs = out.seqs
-        ctx = [seq.num_tokens for seq in seqs]
-        slots = [seq.block_ids[(n - 1) // bs] * bs + (n - 1) % bs for seq, n in zip(seqs, ctx)]
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        for seq in out.decode:
+            n = seq.num_tokens
+            ids.append(seq.last_token)
+            pos.append(n - 1)
+            slots.append(seq.block_ids[(n - 1) // bs] * bs + (n - 1) % bs)
+        rows = list(range(len(out.decode)))  # hidden rows that get sampled, in out.sampled order
+        for c in out.prefill:
+            ids += c.seq.all_ids[c.start:c.end]
+            pos += range(c.start, c.end)
+            slots += slots_for(c.seq.block_ids, c.start, c.end, bs)
+            if c.is_last:
+                rows.append(len(ids) - 1)
         dev = self.device
-        meta = AttentionMetadata.decode([seq.block_ids for seq in seqs], ctx, slots, bs, dev)
-        ids = torch.tensor([seq.last_token for seq in seqs], dtype=torch.long, device=dev)  # [B]
-        pos = torch.tensor([n - 1 for n in ctx], dtype=torch.long, device=dev)  # [B]
-        hidden = self.model(ids, pos, meta, self.kv_cache)  # [B, hidden]
-        return self.model.compute_logits(hidden)
+        meta = AttentionMetadata.mixed(
+            [seq.block_ids for seq in out.decode], [seq.num_tokens for seq in out.decode],
+            [c.end - c.start for c in out.prefill], [c.start for c in out.prefill],
+            [slots_for(c.seq.block_ids, 0, c.start, bs) for c in out.prefill], slots, bs, dev,
+        )
+        hidden = self.model(torch.tensor(ids, dtype=torch.long, device=dev),
+                            torch.tensor(pos, dtype=torch.long, device=dev), meta, self.kv_cache)  # [T, hidden]
+        if not rows:
+            return hidden.new_zeros(0, self.model.config.vocab_size, dtype=torch.float32)  # [0, V]
+        return self.model.compute_logits(hidden[torch.tensor(rows, device=dev)])  # [S, V]
 
     def _append_tokens(self, seqs: list[Sequence], logits: torch.Tensor) -> list[TokenEvent]:
         tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
