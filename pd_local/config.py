@@ -32,6 +32,7 @@ DTYPES: tuple[str, ...] = ("bfloat16", "float32")
 DEVICES: tuple[str, ...] = ("cpu", "cuda")
 TRANSFER_MODES: tuple[str, ...] = ("layerwise", "whole")
 ROUTING_POLICIES: tuple[str, ...] = ("load", "round_robin")
+PREFILL_POLICIES: tuple[str, ...] = ("fcfs", "srpf")  # pd_local.prefill_queue.POLICIES
 # Applied when a config sets neither kv_cache_gb nor gpu_memory_fraction.
 DEFAULT_KV_CACHE_GB = 1.0
 DEFAULT_GPU_MEMORY_FRACTION = 0.85
@@ -113,8 +114,12 @@ class EngineConfig:
     kv_cache_gb: float | None = None
     gpu_memory_fraction: float | None = None
     max_num_seqs: int = 64
-    max_prefill_tokens: int = 2048
+    # Prompt tokens per forward: per engine step (all chunks together; decode rows ride on top)
+    # and per prefill-rank batch. With chunked_prefill a longer prompt is split across steps.
+    max_prefill_tokens: int = 256
     max_model_len: int = 2048
+    chunked_prefill: bool = True
+    prefill_policy: str = "fcfs"  # "fcfs" | "srpf": which waiting prompts get the budget
 
     def __post_init__(self) -> None:
         _int("engine.block_size", self.block_size, minimum=1, maximum=1024)
@@ -132,6 +137,9 @@ class EngineConfig:
             _positive_float("engine.gpu_memory_fraction", self.gpu_memory_fraction, maximum=1.0)
         _int("engine.max_num_seqs", self.max_num_seqs, minimum=1)
         _int("engine.max_prefill_tokens", self.max_prefill_tokens, minimum=1)
+        if not isinstance(self.chunked_prefill, bool):
+            raise ConfigError(f"engine.chunked_prefill must be true or false, got {self.chunked_prefill!r}")
+        _choice("engine.prefill_policy", self.prefill_policy, PREFILL_POLICIES)
         _int("engine.max_model_len", self.max_model_len, minimum=1)
 
 

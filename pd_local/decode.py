@@ -58,6 +58,8 @@ def engine_config(cfg: ServeConfig) -> EngineConfig:
         max_num_seqs=e.max_num_seqs,
         max_prefill_tokens=e.max_prefill_tokens,
         max_model_len=e.max_model_len,
+        chunked_prefill=e.chunked_prefill,
+        prefill_policy=e.prefill_policy,
     )
 
 

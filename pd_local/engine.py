@@ -36,8 +36,11 @@ class EngineConfig:
     max_num_seqs: int = 64
     # Prompt tokens prefilled per step (all chunks together); decode rows come on top, one per
     # running sequence. With chunked_prefill a longer prompt is split across steps, which bounds
-    # every step; without, prompts run whole (a longer one alone). See DEFAULT_PREFILL_TOKENS.
-    max_prefill_tokens: int = 512
+    # every step; without, prompts run whole (a longer one alone). 256: on the 2-core AVX2 dev
+    # CPU (SmolLM2 fp32, 1 thread) prefill costs 7.6/5.6/4.9/3.8/3.8/4.5 ms per token at
+    # 32/64/128/256/512/1024 tokens, so 256 is the smallest step that loses no throughput
+    # per token, and bounds a step to ~1 s there.
+    max_prefill_tokens: int = 256
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     chunked_prefill: bool = True
     prefill_policy: str = "fcfs"  # "fcfs" | "srpf" (shortest remaining first, aged): prefill_queue.py
