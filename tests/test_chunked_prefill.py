@@ -264,8 +264,11 @@ def test_queue_budget_unchunked_and_errors() -> None:
         PrefillQueue(10, policy="lifo")
     with pytest.raises(ValueError, match="budget must be > 0"):
         PrefillQueue(0)
+    chunked.add("x", 3)
     with pytest.raises(ValueError, match="already queued"):
-        chunked.add("x", 3) or chunked.add("x", 3)
+        chunked.add("x", 3)
+    with pytest.raises(ValueError, match="needs >= 1 token"):
+        chunked.add("y", 0)
 
 
 # -- SmolLM2 ---------------------------------------------------------------------------------
