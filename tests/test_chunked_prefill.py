@@ -283,7 +283,8 @@ def test_smollm2_tokens_are_identical_for_every_chunk_size(which: str, request) 
     dtype = torch.float32 if which == "f32" else torch.bfloat16
     tok = Tokenizer.from_dir(path)
     prompts = [tok.encode_chat([{"role": "user", "content": "Why is the sky blue? Explain it to a child, "
-                                 "then to a physicist, in two short paragraphs."}]),
+                                 "then to a physicist, in two short paragraphs. Mention Rayleigh "
+                                 "scattering, the colour of sunsets and why the sky is not violet."}]),
                tok.encode_chat([{"role": "user", "content": "hi"}])]
     assert len(prompts[0]) > QUERY_TILE
     model, _ = load_model(path, dtype)
