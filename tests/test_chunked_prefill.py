@@ -11,7 +11,7 @@ import torch
 
 import pd_local.engine as engine_mod
 from pd_local.engine import Engine, EngineConfig
-from pd_local.kv_cache import PagedKVCache, slots_for
+from pd_local.kv_cache import slots_for
 from pd_local.model.attention import QUERY_TILE, AttentionMetadata, prefill_attention, write_kv
 from pd_local.prefill_queue import PrefillQueue
 from pd_local.prefiller import ChunkedPrefiller
