@@ -26,9 +26,10 @@ import torch
 import torch.nn.functional as F
 
 import pd_local.model.llama as llama_mod
-from pd_local.engine import Engine, EngineConfig
+from pd_local.config import EngineConfig
+from pd_local.engine.engine import Engine
 from pd_local.model.weights import load_model
-from pd_local.sampling import SamplingParams
+from pd_local.engine.sampling import SamplingParams
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 CONFIGS = {  # name -> (max_prefill_tokens, chunked_prefill, prefill_policy)

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from pd_local.engine import Engine, EngineConfig
+from pd_local.config import EngineConfig
+from pd_local.engine.engine import Engine
 from pd_local.model.weights import load_model
-from pd_local.sampling import SamplingParams
+from pd_local.engine.sampling import SamplingParams
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -66,7 +67,7 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.model is None:
-        from pd_local.weights_cli import ensure_default_model
+        from pd_local.cli.weights import ensure_default_model
 
         args.model = str(ensure_default_model())
     from transformers import AutoModelForCausalLM

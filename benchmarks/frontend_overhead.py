@@ -28,9 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from servers import stop_server  # noqa: E402
 from ttft_pd_vs_colocated import TOPOLOGIES, one_request, start  # noqa: E402
 
-from pd_local.engine import Engine, EngineConfig  # noqa: E402
+from pd_local.config import EngineConfig  # noqa: E402
+from pd_local.engine.engine import Engine  # noqa: E402
 from pd_local.model.weights import load_model  # noqa: E402
-from pd_local.sampling import SamplingParams  # noqa: E402
+from pd_local.engine.sampling import SamplingParams  # noqa: E402
 
 
 def offline_ttft_ms(model_dir: str, prompt: list[int], repeats: int) -> float:
@@ -84,7 +85,7 @@ def main() -> int:
     ap.add_argument("--load", type=int, default=32, help="concurrent decoding streams for the /health test")
     ap.add_argument("--out", default="benchmarks/results/frontend_overhead.json")
     args = ap.parse_args()
-    from pd_local.weights_cli import ensure_default_model
+    from pd_local.cli.weights import ensure_default_model
 
     model_dir = str(ensure_default_model())
     prompt = [100 + (i * 37) % 40000 for i in range(args.prompt_len)]

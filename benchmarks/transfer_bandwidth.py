@@ -7,10 +7,10 @@ Re-launches itself under torchrun (3 ranks, 1P1D: rank 0 idles, rank 1 sends, ra
 and, in the same run, measures:
 
 - control latency: one-way time of an 8-word tensor (ping-pong / 2) on a gloo control link, and
-  of a framed channel message (protocol.Sender / recv_message) against a length-prefixed one
+  of a framed channel message (channel.Sender / recv_message) against a length-prefixed one
   (a size send, then the payload), at a short and a long message;
 - raw bandwidth: one contiguous tensor of the transfer's size on the data link;
-- effective bandwidth of transfer.py, layerwise (61 tensors: K and V per layer, then hidden)
+- effective bandwidth of cluster/transfer.py, layerwise (61 tensors: K and V per layer, then hidden)
   and whole (2 tensors), counting KV + hidden bytes, from KVSender.start() until the receiver
   has handed the last item to its inbox (acknowledged on the default group, as in the raw case);
 - the same two with a stand-in compute (an MLP-sized matmul) after each layer, as on a prefill
@@ -58,11 +58,11 @@ def run_rank(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from pd_local.config import load_config
-    from pd_local.dist import init_distributed
+    from pd_local.cluster.dist import init_distributed
     from pd_local.launch import setup_logging
-    from pd_local.protocol import (FRAME_WORDS, Inbox, KVEntry, Prefill, Sender, TransferMode,
-                                   pack, recv_message, unpack)
-    from pd_local.transfer import KVReceiver, KVSender, KVShape, StagingDone
+    from pd_local.cluster.channel import FRAME_WORDS, Inbox, Sender, recv_message
+    from pd_local.cluster.messages import KVEntry, Prefill, TransferMode, pack, unpack
+    from pd_local.cluster.transfer import KVReceiver, KVSender, KVShape, StagingDone
 
     setup_logging(os.environ.get("RANK", "?"))
     cfg = load_config(None, {"device": args.device, "timeouts.group_s": 120})

@@ -10,11 +10,11 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("pd_local.serve_cli", "launch the server (torchrun: front-end + prefill/decode ranks)"),
-    "generate": ("pd_local.generate", "offline batch generation from a JSONL file"),
-    "weights": ("pd_local.weights_cli", "fetch the default model or convert a GGUF file"),
+    "serve": ("pd_local.cli.serve", "launch the server (torchrun: front-end + prefill/decode ranks)"),
+    "generate": ("pd_local.cli.generate", "offline batch generation from a JSONL file"),
+    "weights": ("pd_local.cli.weights", "fetch the default model or convert a GGUF file"),
     "bench": ("pd_local.loadtest.cli", "load-test any OpenAI-compatible endpoint"),
-    "chat": ("pd_local.chat_cli", "interactive streaming chat against a running server"),
+    "chat": ("pd_local.cli.chat", "interactive streaming chat against a running server"),
 }
 
 

@@ -9,6 +9,10 @@ Two kinds of checks:
   testable with no weights and no torch.distributed.
 - `check_world`: the config fits the world torchrun started (rank count, CUDA devices, the model
   directory); called at start-up on every rank, before `init_process_group`.
+
+Longer than ~400 lines on purpose: the tree, its TOML loader, the flags that override it and the
+start-up checks are one contract (every TOML key, flag and error message names the same field);
+split apart, a new key would need edits in several files that must agree.
 """
 
 from __future__ import annotations
@@ -28,11 +32,12 @@ DEFAULT_MODEL = "weights/smollm2-135m-instruct"
 # `pd-local serve --api-key` hands the key to the ranks here, not on their (world-readable)
 # command lines.
 API_KEY_ENV = "PD_LOCAL_API_KEY"
-DTYPES: tuple[str, ...] = ("bfloat16", "float32")
+# "auto": bfloat16 on CUDA and on CPUs with native bf16, float32 otherwise (model/dtype.py).
+DTYPES: tuple[str, ...] = ("auto", "bfloat16", "float32")
 DEVICES: tuple[str, ...] = ("cpu", "cuda")
 TRANSFER_MODES: tuple[str, ...] = ("layerwise", "whole")
 ROUTING_POLICIES: tuple[str, ...] = ("load", "round_robin")
-PREFILL_POLICIES: tuple[str, ...] = ("fcfs", "srpf")  # pd_local.prefill_queue.POLICIES
+PREFILL_POLICIES: tuple[str, ...] = ("fcfs", "srpf")  # pd_local.engine.prefill_queue.POLICIES
 # Applied when a config sets neither kv_cache_gb nor gpu_memory_fraction.
 DEFAULT_KV_CACHE_GB = 1.0
 DEFAULT_GPU_MEMORY_FRACTION = 0.85
@@ -52,11 +57,13 @@ def _int(name: str, value: Any, minimum: int | None = None, maximum: int | None 
         raise ConfigError(f"{name} must be <= {maximum}, got {value}")
 
 
-def _positive_float(name: str, value: Any, maximum: float | None = None) -> None:
+def _positive_float(name: str, value: Any, maximum: float | None = None,
+                    allow_zero: bool = False) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise ConfigError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name} must be a finite number > 0, got {value}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, "
+                          f"got {value}")
     if maximum is not None and value > maximum:
         raise ConfigError(f"{name} must be <= {maximum}, got {value}")
 
@@ -108,24 +115,44 @@ class TopologyConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Per worker rank. Exactly one of kv_cache_gb (CPU or CUDA) / gpu_memory_fraction (CUDA)."""
+    """One engine's settings: the `[engine]` table, and the object `Engine` takes as it is.
+
+    The same class serves a worker rank (from the TOML), `pd-local generate` (from its flags),
+    the tests and the benchmarks, so every value is checked here once, with the TOML name.
+
+    KV memory: exactly one of kv_cache_gb (CPU or CUDA) / gpu_memory_fraction (CUDA: that share
+    of the free memory); `build_config` fills in the device's default when a file sets neither.
+    `num_blocks` (code only, not a TOML key) sizes the cache exactly and then needs neither.
+    `max_model_len=None` (code only; TOML has no null) means the model's max_position_embeddings;
+    the engine caps it there and at the cache's size in any case.
+    """
 
     block_size: int = 16
     kv_cache_gb: float | None = None
     gpu_memory_fraction: float | None = None
     max_num_seqs: int = 64
     # Prompt tokens per forward: per engine step (all chunks together; decode rows ride on top)
-    # and per prefill-rank batch. With chunked_prefill a longer prompt is split across steps.
+    # and per prefill-rank batch. With chunked_prefill a longer prompt is split across steps,
+    # which bounds every step; without, prompts run whole (a longer one alone). 256: on the
+    # 2-core AVX2 dev CPU (SmolLM2 fp32, 1 thread) prefill costs 7.6/5.6/4.9/3.8/3.8/4.5 ms per
+    # token at 32/64/128/256/512/1024 tokens, so 256 is the smallest step that loses no
+    # throughput per token, and bounds a step to ~1 s there.
     max_prefill_tokens: int = 256
-    max_model_len: int = 2048
+    max_model_len: int | None = 2048
     chunked_prefill: bool = True
     prefill_policy: str = "fcfs"  # "fcfs" | "srpf": which waiting prompts get the budget
+    # CUDA only: decode steps replay per-batch-size CUDA graphs (ignored on CPU).
+    cuda_graphs: bool = True
+    # Not a TOML key (`_known` leaves it out): tests and benchmarks that need exact accounting.
+    num_blocks: int | None = field(default=None, metadata={"toml": False})
 
     def __post_init__(self) -> None:
         _int("engine.block_size", self.block_size, minimum=1, maximum=1024)
         if self.block_size & (self.block_size - 1):
             raise ConfigError(f"engine.block_size must be a power of two, got {self.block_size}")
-        if (self.kv_cache_gb is None) == (self.gpu_memory_fraction is None):
+        both = self.kv_cache_gb is not None and self.gpu_memory_fraction is not None
+        neither = self.kv_cache_gb is None and self.gpu_memory_fraction is None
+        if both or (neither and self.num_blocks is None):
             raise ConfigError(
                 "engine: set exactly one of kv_cache_gb and gpu_memory_fraction "
                 f"(got kv_cache_gb={self.kv_cache_gb}, "
@@ -138,9 +165,15 @@ class EngineConfig:
         _int("engine.max_num_seqs", self.max_num_seqs, minimum=1)
         _int("engine.max_prefill_tokens", self.max_prefill_tokens, minimum=1)
         if not isinstance(self.chunked_prefill, bool):
-            raise ConfigError(f"engine.chunked_prefill must be true or false, got {self.chunked_prefill!r}")
+            raise ConfigError(
+                f"engine.chunked_prefill must be true or false, got {self.chunked_prefill!r}")
         _choice("engine.prefill_policy", self.prefill_policy, PREFILL_POLICIES)
-        _int("engine.max_model_len", self.max_model_len, minimum=1)
+        if self.max_model_len is not None:
+            _int("engine.max_model_len", self.max_model_len, minimum=1)
+        if self.num_blocks is not None:
+            _int("engine.num_blocks", self.num_blocks, minimum=1)
+        if not isinstance(self.cuda_graphs, bool):
+            raise ConfigError(f"engine.cuda_graphs must be true or false, got {self.cuda_graphs!r}")
 
 
 @dataclass(frozen=True)
@@ -150,6 +183,9 @@ class ServerConfig:
     api_key: str | None = None
     max_queue: int = 256
     cors_origins: tuple[str, ...] = ()
+    # SIGTERM / Ctrl-C: new requests get 503 while those in flight have this long to finish;
+    # the rest are then aborted and every rank stops in order (docs/architecture.md, Stopping).
+    shutdown_grace_s: float = 5.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -161,6 +197,7 @@ class ServerConfig:
                 f"got {self.api_key!r}"
             )
         _int("server.max_queue", self.max_queue, minimum=1)
+        _positive_float("server.shutdown_grace_s", self.shutdown_grace_s, allow_zero=True)
         if not isinstance(self.cors_origins, tuple) or not all(
             isinstance(o, str) and o for o in self.cors_origins
         ):
@@ -194,7 +231,7 @@ class TimeoutConfig:
 @dataclass(frozen=True)
 class ServeConfig:
     model: str = DEFAULT_MODEL
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     device: str = "cpu"
     # "layerwise": each layer's KV leaves as soon as it exists; "whole": one tensor after prefill.
     transfer: str = "layerwise"
@@ -202,6 +239,9 @@ class ServeConfig:
     # CUDA only: let worker ranks share GPUs (NCCL refuses two ranks of one communicator on one
     # GPU), moving the KV through host memory over gloo instead of NCCL.
     share_device: bool = False
+    # CUDA only: a (prefill, decode) pair on one GPU moves KV through CUDA IPC (a device copy
+    # into a shared slot); false: through host memory over gloo.
+    kv_ipc: bool = True
     topology: TopologyConfig = field(default_factory=lambda: TopologyConfig(prefill=1, decode=1))
     engine: EngineConfig = field(
         default_factory=lambda: EngineConfig(kv_cache_gb=DEFAULT_KV_CACHE_GB)
@@ -218,6 +258,8 @@ class ServeConfig:
         _choice("routing", self.routing, ROUTING_POLICIES)
         if not isinstance(self.share_device, bool):
             raise ConfigError(f"share_device must be true or false, got {self.share_device!r}")
+        if not isinstance(self.kv_ipc, bool):
+            raise ConfigError(f"kv_ipc must be true or false, got {self.kv_ipc!r}")
         if self.device == "cpu" and self.engine.gpu_memory_fraction is not None:
             raise ConfigError(
                 "engine.gpu_memory_fraction applies to device = 'cuda' only; "
@@ -243,7 +285,8 @@ _SECTIONS: dict[str, type] = {
 
 
 def _known(cls: type) -> list[str]:
-    return [f.name for f in fields(cls)]
+    """The keys a TOML table (or --set) may give: the fields not marked `toml: False`."""
+    return [f.name for f in fields(cls) if f.metadata.get("toml", True)]
 
 
 def _check_keys(where: str, raw: Mapping[str, Any], cls: type) -> None:
@@ -437,7 +480,8 @@ def check_model_dir(cfg: ServeConfig) -> ModelConfig:
         model = ModelConfig.from_dir(path)
     except ModelConfigError as e:
         raise ConfigError(f"model {path}: {e}") from None
-    if cfg.engine.max_model_len > model.max_position_embeddings:
+    max_len = cfg.engine.max_model_len
+    if max_len is not None and max_len > model.max_position_embeddings:
         raise ConfigError(
             f"engine.max_model_len = {cfg.engine.max_model_len} exceeds the model's "
             f"max_position_embeddings = {model.max_position_embeddings} ({path})"

@@ -1,14 +1,17 @@
 """The torchrun rank entry point: `python -m pd_local.launch --config configs/X.toml [flags]`.
 
-Every rank parses the same flags into the same ServeConfig, joins the world (dist.py), and runs
+Every rank parses the same flags into the same ServeConfig, joins the world (cluster/dist.py), and runs
 its role's loop: rank 0 the router + front-end, then prefill / decode / colocated workers. Each
 role module exposes `run(ctx: DistContext) -> None`.
 
 Failure policy (DESIGN.md): a rank that hits an error logs it and leaves with `os._exit(1)`.
 Not `sys.exit`: interpreter shutdown would destroy process groups while daemon receiver threads
-sit in gloo receives from a dead peer, which can block until the group timeout or for ever. No
-SIGTERM handler is installed: a rank whose main thread is blocked in gloo cannot run a Python
-handler, so torchrun's SIGTERM must keep its default action (die at once).
+sit in gloo receives from a dead peer, which can block until the group timeout or for ever.
+
+Signals (shutdown.py): workers log a stop signal once and wait for rank 0's orderly Shutdown;
+rank 0 drains and stops the world. A rank's main thread never blocks in gloo for long (it waits
+on its inbox, a Python lock, which a signal interrupts), so the handlers run promptly; a second
+signal exits at once.
 """
 
 from __future__ import annotations
@@ -17,20 +20,22 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable
 from typing import NoReturn
 
 from pd_local.config import ConfigError, add_config_args, check_model_dir, config_from_args
+from pd_local.cluster.shutdown import RankFailure, WorkerSignals, exit_now, install
 
 log = logging.getLogger("pd_local.launch")
 
 ROLE_MODULES: dict[str, str] = {
-    "frontend": "pd_local.router",
-    "prefill": "pd_local.prefill",
-    "decode": "pd_local.decode",
-    "colocated": "pd_local.decode",
+    "frontend": "pd_local.cluster.router",
+    "prefill": "pd_local.cluster.prefill",
+    "decode": "pd_local.cluster.decode",
+    "colocated": "pd_local.cluster.decode",
 }
 
 
@@ -52,7 +57,7 @@ def run_guarded(main: Callable[[], object]) -> NoReturn:
     code = 0
     try:
         main()
-    except ConfigError as e:
+    except (ConfigError, RankFailure) as e:
         log.error("%s", e)
         code = 1
     except BaseException:  # noqa: BLE001 - includes KeyboardInterrupt: leave the same way
@@ -71,8 +76,13 @@ def _main(argv: list[str]) -> None:
     setup_logging(os.environ.get("RANK", "?"))
     cfg = config_from_args(parser.parse_args(argv))
     check_model_dir(cfg)  # every rank refuses alike, before any group exists
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:  # until the router's own stop logic takes over (router.serve)
+        install(lambda sig: exit_now(f"rank 0: {signal.Signals(sig).name} before serving"))
+    else:
+        install(WorkerSignals(rank, cfg.server.shutdown_grace_s + 2 * cfg.timeouts.group_s))
 
-    from pd_local.dist import init_distributed  # torch import: after the cheap checks
+    from pd_local.cluster.dist import init_distributed  # torch import: after the cheap checks
 
     ctx = init_distributed(cfg)
     module = importlib.import_module(ROLE_MODULES[ctx.role.value])

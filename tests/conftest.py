@@ -16,7 +16,7 @@ import pytest
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The default model's HF directory (bfloat16), fetched + converted if missing."""
-    from pd_local.weights_cli import ensure_default_model
+    from pd_local.cli.weights import ensure_default_model
 
     return ensure_default_model()
 
@@ -24,7 +24,7 @@ def smollm2_dir() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_gguf(smollm2_dir: Path) -> Path:
     """The SmolLM2 GGUF the default model was converted from (kept by `fetch`)."""
-    from pd_local.weights_cli import ensure_gguf
+    from pd_local.cli.weights import ensure_gguf
 
     return ensure_gguf()
 
@@ -32,6 +32,6 @@ def smollm2_gguf(smollm2_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_f32_dir(smollm2_gguf: Path) -> Path:
     """A float32 conversion of the same GGUF, cached as weights/smollm2-135m-instruct-f32."""
-    from pd_local.weights_cli import ensure_converted
+    from pd_local.cli.weights import ensure_converted
 
     return ensure_converted(smollm2_gguf, smollm2_gguf.parent.parent / "smollm2-135m-instruct-f32", "float32")

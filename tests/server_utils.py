@@ -18,10 +18,11 @@ import httpx
 import torch
 import uvicorn
 
-from pd_local.backend import InProcessBackend
-from pd_local.engine import Engine, EngineConfig
+from pd_local.api.backend import InProcessBackend
+from pd_local.config import EngineConfig
+from pd_local.engine.engine import Engine
 from pd_local.model.weights import load_model
-from pd_local.server import ServerSettings, create_app
+from pd_local.api.server import ServerSettings, create_app
 from pd_local.tokenizer import Tokenizer
 from tests.dist_scripts.harness import REPO, env_for, kill_tagged, new_tag, tagged_pids
 
@@ -56,9 +57,13 @@ def inprocess_server(model_dir: Path, engine_cfg: EngineConfig | None = None, **
         thread.join(timeout=30)
 
 
-def wait_healthy(url: str, timeout: float = 120.0) -> None:
+def wait_healthy(url: str, timeout: float = 600.0, proc: subprocess.Popen | None = None) -> None:
+    """Until /health answers 200. Generous (a slow CPU loads slowly) but fails at once when
+    `proc`, the server's process, has exited: a dead server is never waited for."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server exited ({proc.returncode}) before it was healthy")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return
@@ -82,7 +87,7 @@ def metric_values(url: str, name: str, headers: dict[str, str] | None = None) ->
 @dataclass
 class Served:
     url: str
-    proc: subprocess.Popen  # `pd-local serve`, which became torchrun (execv)
+    proc: subprocess.Popen  # `pd-local serve`, torchrun's supervisor, in a session of its own
     tag: str
 
     def rank_pid(self, rank: int) -> int:
@@ -117,13 +122,21 @@ def serving(model_dir: Path, *flags: str) -> Iterator[Served]:
     port = free_port()
     cmd = [sys.executable, "-m", "pd_local", "serve", "--model", str(model_dir),
            "--port", str(port), "--set", "engine.max_model_len=512",
-           "--set", "engine.kv_cache_gb=0.05", "--set", "timeouts.group_s=20", *flags]
+           "--set", "engine.kv_cache_gb=0.05", "--set", "timeouts.group_s=20",
+           # pinned: the parity references are bf16; "auto" would differ between CPU kinds
+           "--dtype", "bfloat16", *flags]
     tag = new_tag()
+    # A session of its own, as a terminal would start it: a test can send its process group
+    # a Ctrl-C (os.killpg) without hitting pytest.
     proc = subprocess.Popen(cmd, cwd=REPO, env=env_for(tag), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     served = Served(f"http://127.0.0.1:{port}", proc, tag)
     try:
-        wait_healthy(served.url, timeout=120)  # /health needs no key
+        try:
+            wait_healthy(served.url, proc=proc)  # /health needs no key
+        except RuntimeError as e:
+            kill_tagged(tag)
+            pytest.fail(f"{e}:\n{proc.communicate()[0][-4000:]}")
         yield served
     finally:
         kill_tagged(tag)

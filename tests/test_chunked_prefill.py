@@ -9,14 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import pd_local.engine as engine_mod
-from pd_local.engine import Engine, EngineConfig
-from pd_local.kv_cache import slots_for
+import pd_local.engine.engine as engine_mod
+from pd_local.config import EngineConfig
+from pd_local.engine.engine import Engine
+from pd_local.engine.kv_cache import slots_for
 from pd_local.model.attention import QUERY_TILE, AttentionMetadata, prefill_attention, write_kv
-from pd_local.prefill_queue import PrefillQueue
-from pd_local.prefiller import ChunkedPrefiller
-from pd_local.sampling import SamplingParams
-from pd_local.scheduler import SeqStatus
+from pd_local.engine.prefill_queue import PrefillQueue
+from pd_local.engine.prefiller import ChunkedPrefiller
+from pd_local.engine.sampling import SamplingParams
+from pd_local.engine.scheduler import SeqStatus
 from tests.tiny_models import random_prompts, tiny_model
 
 # block_size 4: these cross block boundaries at every offset, and 70/130 cross QUERY_TILE (64)

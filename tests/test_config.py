@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pd_local.config import (ConfigError, ServeConfig, add_config_args, check_model_dir,
-                             check_world, config_from_args, load_config)
+from pd_local.config import (ConfigError, EngineConfig, ServeConfig, add_config_args,
+                             check_model_dir, check_world, config_from_args, load_config)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -99,7 +99,7 @@ def write(tmp_path: Path, text: str) -> Path:
     ("dtyp = 'bfloat16'", r"unknown key 'dtyp' \(known: model, dtype"),
     ("[engine]\nblok_size = 16", r"unknown key 'engine.blok_size' \(known: block_size"),
     ("[servr]\nport = 1", "unknown key 'servr'"),
-    ("dtype = 'fp16'", "dtype must be one of bfloat16, float32; got 'fp16'"),
+    ("dtype = 'fp16'", "dtype must be one of auto, bfloat16, float32; got 'fp16'"),
     ("device = 'tpu'", "device must be one of cpu, cuda; got 'tpu'"),
     ("transfer = 'chunked'", "transfer must be one of layerwise, whole; got 'chunked'"),
     ("routing = 'random'", "routing must be one of load, round_robin; got 'random'"),
@@ -116,6 +116,7 @@ def write(tmp_path: Path, text: str) -> Path:
     ("[engine]\nmax_num_seqs = 0", "engine.max_num_seqs must be >= 1, got 0"),
     ("[engine]\nchunked_prefill = 1", "engine.chunked_prefill must be true or false, got 1"),
     ("[engine]\nprefill_policy = 'sjf'", "engine.prefill_policy must be one of"),
+    ("[engine]\nnum_blocks = 64", r"unknown key 'engine.num_blocks' \(known: block_size"),
     ("[server]\nport = 70000", "server.port must be <= 65535, got 70000"),
     ("[server]\nport = true", "server.port must be an integer, got True"),
     ("[server]\napi_key = ''", "server.api_key must be a non-empty string"),
@@ -124,6 +125,8 @@ def write(tmp_path: Path, text: str) -> Path:
     ("[timeouts]\ngroup_s = 0", "timeouts.group_s must be a finite number > 0, got 0"),
     ("engine = 3", r"engine must be a table \(\[engine\]\), got 3"),
     ("share_device = true", "share_device = true applies to device = 'cuda' only"),
+    ("[engine]\ncuda_graphs = 1", "engine.cuda_graphs must be true or false, got 1"),
+    ("kv_ipc = 'yes'", "kv_ipc must be true or false, got 'yes'"),
     ("model = = 1", "not valid TOML"),
 ])
 def test_file_errors(tmp_path: Path, text: str, match: str) -> None:
@@ -180,3 +183,17 @@ def test_model_dir(tmp_path: Path) -> None:
         json.dumps({**model, "architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(ConfigError, match="GPT2LMHeadModel.* is not supported"):
         check_model_dir(parse("--model", str(tmp_path)))
+
+
+def test_one_engine_config_from_toml_and_from_code() -> None:
+    """The [engine] table builds the very class the engine takes; code builds it the same way,
+    with the same field-named errors, plus the code-only num_blocks and max_model_len=None."""
+    assert type(load_config(CONFIGS / "cpu-1p1d.toml").engine) is EngineConfig
+    assert EngineConfig(num_blocks=64).num_blocks == 64  # exact size: no memory budget needed
+    assert EngineConfig(kv_cache_gb=0.1, max_model_len=None).max_model_len is None
+    with pytest.raises(ConfigError, match="exactly one of kv_cache_gb and gpu_memory_fraction"):
+        EngineConfig()
+    with pytest.raises(ConfigError, match="engine.num_blocks must be >= 1, got 0"):
+        EngineConfig(num_blocks=0)
+    with pytest.raises(ConfigError, match="engine.max_model_len must be an integer, got 1.5"):
+        EngineConfig(kv_cache_gb=1.0, max_model_len=1.5)  # type: ignore[arg-type]

@@ -13,7 +13,7 @@ import torch
 
 from tests.dist_scripts.harness import Run, kill_tagged, new_tag, spawn_ranks, torchrun
 from pd_local.config import TopologyConfig
-from pd_local.dist import Role, Topology, device_for_rank
+from pd_local.cluster.dist import Role, Topology, device_for_rank
 
 
 def test_topology_disaggregated() -> None:

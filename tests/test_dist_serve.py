@@ -11,6 +11,7 @@ behind real HTTP, on a tiny random Llama with SmolLM2's tokenizer so a world sta
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -52,9 +53,10 @@ def requests_params() -> list[dict]:
 
 def reference_texts(model_dir: Path, dtype: torch.dtype = torch.bfloat16) -> list[str]:
     """What one in-process Engine (all prompts in flight together) produces."""
-    from pd_local.engine import Engine, EngineConfig
+    from pd_local.config import EngineConfig
+    from pd_local.engine.engine import Engine
     from pd_local.model.weights import load_model
-    from pd_local.sampling import SamplingParams
+    from pd_local.engine.sampling import SamplingParams
     from pd_local.tokenizer import Tokenizer
 
     model, _ = load_model(model_dir, dtype)
@@ -125,14 +127,127 @@ def test_serve_matches_engine_frees_blocks_and_stops_cleanly(tiny_dir: Path,
         assert s.leftover() == []
 
 
+def first_non_200_health(url: str, timeout: float) -> httpx.Response:
+    """Polls /health every 20 ms; a refused connection fails the test (it must say 503)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = httpx.get(f"{url}/health", timeout=5)
+        if r.status_code != 200 or time.monotonic() > deadline:
+            return r
+        time.sleep(0.02)
+
+
 def test_dead_decode_rank_takes_the_server_down(tiny_dir: Path) -> None:
     with serving(tiny_dir, "--prefill", "1", "--decode", "1") as s:
         assert asyncio.run(complete_all(s.url))
         t0 = time.monotonic()
         os.kill(s.rank_pid(2), signal.SIGKILL)
+        # From the failure on, /health and new requests answer 503 naming it (no refused
+        # connection, no hang), and then the whole tree exits non-zero.
+        health = first_non_200_health(s.url, timeout=30)
+        assert health.status_code == 503, health.text
+        assert "router failed" in health.json()["detail"], health.text
+        r = httpx.post(f"{s.url}/v1/completions", json={"prompt": "hi", "max_tokens": 2},
+                       timeout=10)
+        assert r.status_code == 503 and r.headers["retry-after"], r.text
+        assert r.json()["error"]["message"].startswith("server unavailable: router failed")
         rc, out = s.wait(timeout=90)
-        assert rc != 0 and time.monotonic() - t0 < 60, (rc, out[-3000:])
+        assert rc != 0 and time.monotonic() - t0 < 30, (rc, out[-3000:])
         assert "router failed" in out or "LinkDown" in out, out[-3000:]
+        assert s.leftover() == []
+
+
+async def stream_tokens(c: httpx.AsyncClient, url: str, max_tokens: int,
+                        started: asyncio.Event | None = None
+                        ) -> tuple[int, str | None, str | None]:
+    """(tokens streamed, finish_reason, error message or 'HTTP <status>') of one streaming
+    completion; `started` is set at its first token."""
+    body = {"prompt": PROMPTS[3], "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
+            "temperature": 0}
+    n, finish, error = 0, None, None
+    async with c.stream("POST", f"{url}/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            return 0, None, f"HTTP {r.status_code}"
+        async for line in r.aiter_lines():
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[5:])
+            if "error" in event:
+                error = event["error"]["message"]
+                continue
+            for choice in event["choices"]:
+                n += bool(choice["text"])
+                finish = choice["finish_reason"] or finish
+            if n and started is not None:
+                started.set()
+    return n, finish, error
+
+
+def test_sigterm_drains_in_flight_requests_then_every_rank_exits_0(tiny_dir: Path) -> None:
+    """SIGTERM to `pd-local serve` (systemd, docker stop): 503 for new requests, in-flight ones
+    finish within the grace period, the rest are aborted with a message naming it, and every
+    rank exits 0 with no traceback and nothing left. One decode slot (max_num_seqs=1): a short
+    request holds it when the signal comes and finishes within the grace; 40 long ones queue
+    behind it (15,200 tokens: more than any CPU decodes in the grace), so they are aborted."""
+    grace = 10.0
+    with serving(tiny_dir, "--prefill", "1", "--decode", "1", "--set", "engine.max_num_seqs=1",
+                 "--set", f"server.shutdown_grace_s={grace}") as s:
+        async def scenario() -> tuple[tuple, list, httpx.Response, httpx.Response]:
+            limits = httpx.Limits(max_connections=64)
+            async with httpx.AsyncClient(timeout=120, limits=limits) as c:
+                started = asyncio.Event()
+                short = asyncio.create_task(stream_tokens(c, s.url, 40, started))
+                await started.wait()
+                queued = [asyncio.create_task(stream_tokens(c, s.url, 380)) for _ in range(40)]
+                while (await asyncio.to_thread(metric_values, s.url,
+                                               "pd_local_requests_in_flight")).get("") != 41:
+                    await asyncio.sleep(0.05)  # until all 41 are admitted
+                s.proc.send_signal(signal.SIGTERM)
+                health = await asyncio.to_thread(first_non_200_health, s.url, 10)
+                late = await c.post(f"{s.url}/v1/completions",
+                                    json={"prompt": "hi", "max_tokens": 2})
+                return await short, await asyncio.gather(*queued), health, late
+        t0 = time.monotonic()
+        short, queued, health, late = asyncio.run(scenario())
+        assert health.status_code == 503 and "shutting down" in health.json()["detail"]
+        assert late.status_code == 503, late.text
+        assert "the server is shutting down" in late.json()["error"]["message"]
+        assert short == (40, "length", None), short
+        # Each queued one finished in the grace or was aborted at its end, with the reason.
+        aborted = [r for r in queued if r[2] is not None]
+        assert aborted and all("grace period" in e for _, _, e in aborted), queued
+        assert all(r[1] == "length" for r in queued if r[2] is None), queued
+        rc, out = s.wait(timeout=60)
+        assert rc == 0, out[-4000:]
+        assert time.monotonic() - t0 < grace + 30, out[-4000:]
+        assert "Traceback" not in out and "all workers shut down" in out, out[-4000:]
+        assert s.leftover() == []
+
+
+@pytest.mark.parametrize("flags", [["--prefill", "1", "--decode", "1"], ["--colocated", "1"]],
+                         ids=["1P1D", "colocated-1"])
+def test_ctrl_c_stops_every_rank_cleanly(tiny_dir: Path, flags: list[str]) -> None:
+    """Ctrl-C in a terminal = SIGINT to the foreground process group: exit 0, no traceback, at
+    most one line per rank about it (plus the supervisor's)."""
+    world = 3 if "--prefill" in flags else 2
+    with serving(tiny_dir, *flags) as s:
+        assert asyncio.run(complete_all(s.url))
+        os.killpg(s.proc.pid, signal.SIGINT)
+        rc, out = s.wait(timeout=60)
+        assert rc == 0, out[-4000:]
+        assert "Traceback" not in out, out[-4000:]
+        assert 1 <= len([ln for ln in out.splitlines() if "SIGINT" in ln]) <= world + 1, out
+        assert s.leftover() == []
+
+
+def test_a_second_ctrl_c_kills_every_rank_at_once(tiny_dir: Path) -> None:
+    with serving(tiny_dir, "--prefill", "1", "--decode", "1") as s:
+        os.killpg(s.proc.pid, signal.SIGINT)
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        os.killpg(s.proc.pid, signal.SIGINT)
+        rc, out = s.wait(timeout=30)
+        assert time.monotonic() - t0 < 5 and "killing every rank now" in out, out[-4000:]
         assert s.leftover() == []
 
 
@@ -156,6 +271,23 @@ def test_workers_loading_longer_than_the_group_timeout(tiny_dir: Path, flags: li
                     "--set", "timeouts.group_s=2", *flags], timeout=120)
     assert run.rc == 0, run.output[-4000:]
     assert len(run.lines("RESULT")) == world and run.leftover == []
+
+
+@pytest.mark.parametrize("flags", [
+    ["--prefill", "1", "--decode", "2"],
+    ["--prefill", "1", "--decode", "1", "--transfer", "whole"],
+], ids=["1P2D-layerwise", "1P1D-whole"])
+def test_a_prefill_longer_than_the_group_timeout_completes(tiny_dir: Path,
+                                                            flags: list[str]) -> None:
+    """Issue 9's regression test: a 3-group-timeout prefill (a sleep hook) must neither kill a
+    link nor make rank 0 declare the busy prefill rank dead."""
+    world = 1 + int(flags[1]) + int(flags[3])
+    run = torchrun("check_slow_prefill.py", world,
+                   ["--model", str(tiny_dir), "--set", "engine.max_model_len=512",
+                    "--set", "timeouts.group_s=2", *flags], timeout=120)
+    assert run.rc == 0, run.output[-4000:]
+    assert len(run.lines("RESULT")) == world and run.leftover == []
+    assert " ERROR" not in run.output, run.output[-4000:]  # no link went down, no rank failed
 
 
 def run_cli(*argv: str) -> subprocess.CompletedProcess:
@@ -240,6 +372,53 @@ def test_aborts_in_every_phase_return_every_block(tiny_dir: Path, flags: list[st
         assert metric_values(s.url, "pd_local_requests_in_flight")[""] == 0
         # the server is still serving correctly afterwards
         assert asyncio.run(complete_all(s.url)) == reference_texts(tiny_dir)
+
+
+async def storm(url: str, n: int, seed: int) -> list[int]:
+    """n streaming clients at once, each gone after 1-20 chunks (or at its end); returns the
+    chunks each saw. A vanished client is a closed connection, nothing more polite."""
+    import random
+
+    rng = random.Random(seed)
+
+    async def one(c: httpx.AsyncClient, prompt: list[int], leave_after: int) -> int:
+        body = {"prompt": prompt, "max_tokens": 200, "ignore_eos": True, "stream": True}
+        seen = 0
+        async with c.stream("POST", f"{url}/v1/completions", json=body) as r:
+            assert r.status_code == 200, await r.aread()
+            async for line in r.aiter_lines():
+                seen += line.startswith("data:")
+                if seen >= leave_after:
+                    break
+        return seen
+
+    limits = httpx.Limits(max_connections=n + 5)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as c:
+        return await asyncio.gather(*[one(c, PROMPTS[rng.randrange(len(PROMPTS))],
+                                          rng.randint(1, 20)) for _ in range(n)])
+
+
+@pytest.mark.parametrize("flags", [["--prefill", "1", "--decode", "1"],
+                                   ["--prefill", "2", "--decode", "2"]], ids=["1P1D", "2P2D"])
+def test_storms_of_vanishing_clients_leave_the_server_healthy_and_every_block_free(
+        tiny_dir: Path, flags: list[str]) -> None:
+    """3 storms of 50 streaming clients that vanish after 1-20 chunks, on a KV cache of ~100
+    blocks (0.0006 GB here), so reservations queue: after each, /health is 200, nothing is in
+    flight or queued, and every decode rank has all its blocks back."""
+    with serving(tiny_dir, *flags, "--set", "engine.kv_cache_gb=0.0006") as s:
+        total = metric_values(s.url, "pd_local_kv_blocks_total")
+        assert all(v < 200 for k, v in total.items() if 'role="prefill"' not in k), total
+        for i in range(3):
+            seen = asyncio.run(storm(s.url, 50, seed=i))
+            assert all(n >= 1 for n in seen), seen
+            assert httpx.get(f"{s.url}/health", timeout=5).status_code == 200
+            blocks = wait_blocks_free(s.url, timeout=60)
+            assert blocks and all(free == total for free, total in blocks.values()), (i, blocks)
+            assert metric_values(s.url, "pd_local_requests_in_flight")[""] == 0
+            for name in ("pd_local_running_requests", "pd_local_queue_depth"):
+                assert set(metric_values(s.url, name).values()) == {0.0}, (i, name)
+        disconnects = metric_values(s.url, "pd_local_client_disconnects_total")[""]
+        assert disconnects >= 100, disconnects  # most of the 150 left before their end
 
 
 def test_queued_reservations_are_admitted_when_a_step_frees_room(tiny_dir: Path) -> None:

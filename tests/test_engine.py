@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pd_local.engine import Engine, EngineConfig, prefill_hidden
-from pd_local.sampling import SamplingParams, sample
+from pd_local.config import EngineConfig
+from pd_local.engine.engine import Engine, prefill_hidden
+from pd_local.engine.sampling import SamplingParams, sample
 from tests.tiny_models import hf_tiny, ours_from_hf, random_prompts
 
 LENGTHS = [5, 17, 33, 1, 60, 8, 16, 40, 3, 25]
@@ -196,7 +197,7 @@ def test_kv_budget_sizes_the_cache(pair) -> None:
 def test_logits_are_bit_identical_alone_and_in_any_batch(dtype: torch.dtype, monkeypatch) -> None:
     """The root of topology invariance: a request's logits at every step do not depend on what
     shares its batch (sizes 1..6 here, mixed lengths so decode groups and paddings differ)."""
-    import pd_local.engine as engine_mod
+    import pd_local.engine.engine as engine_mod
 
     ours = ours_from_hf(hf_tiny("llama"), dtype)
     seen: list[torch.Tensor] = []

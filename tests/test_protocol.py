@@ -1,4 +1,4 @@
-"""protocol.py without processes: every message round-trips through an int64 tensor, floats
+"""cluster/messages.py without processes: every message round-trips through an int64 tensor, floats
 bit-exact, and malformed tensors fail with a message that says what is wrong."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pd_local.protocol import (
-    MAGIC, Abort, DType, Fatal, FinishReason, Heartbeat, Kind, KVEntry, KVHeader, MESSAGE_TYPES,
-    PrefillDone, Prefill, ProtocolError, Ready, Rejected, RejectReason, Reserve, Reserved, Sampling,
-    Shutdown, Stats, TokenEntry, Tokens, TransferMode, TransferRecord, decode, encode, pack,
-    unpack, float_to_word, word_to_float,
-)
+from pd_local.cluster.messages import (MAGIC, MESSAGE_TYPES, Abort, DType, Fatal, FinishReason,
+                                       Heartbeat, KVEntry, KVHeader, Kind, Prefill, PrefillDone,
+                                       ProtocolError, Ready, RejectReason, Rejected, Reserve,
+                                       Reserved, Sampling, Shutdown, Stats, TokenEntry, Tokens,
+                                       TransferMode, TransferRecord, decode, encode, float_to_word,
+                                       pack, unpack, word_to_float)
 
 i64 = st.integers(min_value=-(1 << 63), max_value=(1 << 63) - 1)
 ids = st.integers(min_value=0, max_value=(1 << 62))

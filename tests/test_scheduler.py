@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pd_local.kv_cache import BlockAllocator
-from pd_local.sampling import SamplingParams
-from pd_local.scheduler import Scheduler, Sequence, SeqStatus
+from pd_local.engine.kv_cache import BlockAllocator
+from pd_local.engine.sampling import SamplingParams
+from pd_local.engine.scheduler import Scheduler, Sequence, SeqStatus
 
 
 def make(num_blocks: int = 16, block_size: int = 4, max_num_seqs: int = 8, budget: int = 64,

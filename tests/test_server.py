@@ -16,7 +16,7 @@ from typing import Iterator
 import httpx
 import pytest
 
-from pd_local.engine import EngineConfig
+from pd_local.config import EngineConfig
 from tests.server_utils import inprocess_server, metric_values, serving, wait_healthy
 
 pytestmark = pytest.mark.slow
@@ -98,10 +98,10 @@ def test_streaming_chat_wire_format(url: str) -> None:
 def test_greedy_text_matches_offline_generate(url: str, smollm2_dir: Path) -> None:
     import torch
 
-    from pd_local.engine import Engine
-    from pd_local.generate import run_batch
+    from pd_local.engine.engine import Engine
+    from pd_local.cli.generate import run_batch
     from pd_local.model.weights import load_model
-    from pd_local.openai_request import parse_request
+    from pd_local.api.openai_request import parse_request
     from pd_local.tokenizer import Tokenizer
 
     bodies = [
@@ -259,7 +259,7 @@ def test_chat_cli_streams_and_keeps_history(url: str) -> None:
     import argparse
     import io
 
-    from pd_local.chat_cli import run
+    from pd_local.cli.chat import run
 
     args = argparse.Namespace(url=url, model=None, system="Answer in one short sentence.", max_tokens=24,
                               temperature=0.0, seed=None, api_key=None, timings=True)
@@ -273,7 +273,7 @@ def test_chat_cli_reports_an_unreachable_server() -> None:
     import argparse
     import io
 
-    from pd_local.chat_cli import run
+    from pd_local.cli.chat import run
     from tests.server_utils import free_port
 
     args = argparse.Namespace(url=f"http://127.0.0.1:{free_port()}", model=None, system=None, max_tokens=8,

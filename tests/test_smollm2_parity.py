@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pd_local.engine import Engine, EngineConfig
+from pd_local.config import EngineConfig
+from pd_local.engine.engine import Engine
 from pd_local.model.weights import load_model
-from pd_local.sampling import SamplingParams
+from pd_local.engine.sampling import SamplingParams
 from pd_local.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow

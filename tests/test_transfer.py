@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tests.dist_scripts.harness import torchrun
-from pd_local.protocol import DType, KVEntry, ProtocolError, TransferMode
-from pd_local.transfer import KVShape
+from pd_local.cluster.messages import DType, KVEntry, ProtocolError, TransferMode
+from pd_local.cluster.transfer import KVShape
 
 SHAPE = KVShape(num_layers=30, num_kv_heads=3, head_dim=64, hidden_size=576, dtype=torch.bfloat16)
 

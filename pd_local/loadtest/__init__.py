@@ -6,11 +6,13 @@ Modules, each with one concern:
 - `sse`: a byte-level Server-Sent Events decoder.
 - `client`: one streamed request -> one `RequestResult` (TTFT, per-token gaps, errors).
 - `runner`: the asyncio driver (arrival schedule, concurrency cap, warm-up, progress).
+- `progress`: the progress bar on stderr.
 - `metrics`: pure functions: percentiles, run summary, SLO goodput, attainment interpolation.
 - `report`: result JSON (vLLM `bench serve` field names) and the stdout table.
 - `plots`: optional PNGs (matplotlib, imported only when asked for).
 - `sweep`: rate sweeps over several targets, SLO attainment and goodput ratio.
 - `cli`: argument parsing; `main(argv) -> int` for `pd-local bench`.
 
-Nothing here imports torch: the tool must run on a machine that only has the client extras.
+Nothing here imports torch, nor anything of pd_local outside `loadtest/`: the tool must run on a
+machine that only has the client extras.
 """

@@ -1,6 +1,8 @@
-"""A one-line progress bar on stderr, for people watching a terminal.
+"""A one-line progress bar on stderr, for people watching a terminal, drawn by `tqdm`.
 
-Silent unless enabled and the stream is a TTY, so logs and CI output stay clean.
+Silent unless enabled and the stream is a TTY, so logs and CI output stay clean. tqdm does the
+terminal work (redraw in place, blanking what a shorter line leaves behind, locking against
+concurrent writers); this module only says what the line reads.
 """
 
 from __future__ import annotations
@@ -9,9 +11,13 @@ import sys
 import time
 from typing import TextIO
 
+from tqdm import tqdm
+
+_CHARSET = "-#"  # tqdm's bar characters: empty, full (no partial blocks)
+
 
 class ProgressBar:
-    """Redrawn in place with `\\r`; at most every `min_interval` seconds unless forced.
+    """Redrawn at most every `min_interval` seconds unless forced.
 
     With `total` known the bar shows requests done / total; with only `duration` it shows time
     elapsed / duration. Callers: `done()` per finished request, `tick()` periodically,
@@ -30,6 +36,9 @@ class ProgressBar:
         self.failed = 0
         self.t0 = time.monotonic()
         self._last_draw = 0.0
+        n, bar_total, fmt = self._meter(0.0)
+        self._bar = tqdm(total=bar_total, initial=n, file=self.stream, disable=not self.enabled,
+                         bar_format=fmt, ascii=_CHARSET, mininterval=min_interval, leave=True)
 
     def done(self, success: bool) -> None:
         if success:
@@ -45,31 +54,28 @@ class ProgressBar:
         if not force and now - self._last_draw < self.min_interval:
             return
         self._last_draw = now
-        self.stream.write("\r" + self.render(now - self.t0))
-        self.stream.flush()
+        n, bar_total, fmt = self._meter(now - self.t0)
+        self._bar.total, self._bar.n, self._bar.bar_format = bar_total, n, fmt
+        self._bar.refresh()
+
+    def _meter(self, elapsed: float) -> tuple[float, float, str]:
+        """(tqdm's n, its total, its bar_format) for the state after `elapsed` seconds."""
+        done = self.ok + self.failed
+        fail = f"  failed {self.failed}" if self.failed else ""
+        bar = f"[{{bar:{self.width}}}]"
+        if self.total:
+            return done, self.total, f"{bar} {{n}}/{{total}}{fail}  {{elapsed_s:.1f}}s"
+        if self.duration:
+            return (min(elapsed, self.duration), self.duration,
+                    f"{bar} {done} done{fail}  {{elapsed_s:.1f}}/{self.duration:g}s")
+        return 0, 1, f"{bar} {done} done{fail}  {{elapsed_s:.1f}}s"
 
     def render(self, elapsed: float) -> str:
         """The bar's text for `elapsed` seconds (pure, for tests)."""
-        n = self.ok + self.failed
-        if self.total:
-            frac = n / self.total
-            where = f"{n}/{self.total}"
-        elif self.duration:
-            frac = elapsed / self.duration
-            where = f"{n} done"
-        else:
-            frac = 0.0
-            where = f"{n} done"
-        frac = min(max(frac, 0.0), 1.0)
-        filled = int(round(frac * self.width))
-        bar = "#" * filled + "-" * (self.width - filled)
-        clock = f"{elapsed:.1f}s" if not self.duration else f"{elapsed:.1f}/{self.duration:g}s"
-        fail = f"  failed {self.failed}" if self.failed else ""
-        return f"[{bar}] {where}{fail}  {clock}"
+        n, bar_total, fmt = self._meter(elapsed)
+        return tqdm.format_meter(n, bar_total, elapsed, bar_format=fmt, ascii=_CHARSET)
 
     def close(self) -> None:
-        if not self.enabled:
-            return
-        self.tick(force=True)
-        self.stream.write("\n")
-        self.stream.flush()
+        if self.enabled:
+            self.tick(force=True)
+        self._bar.close()

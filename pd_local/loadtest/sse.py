@@ -5,6 +5,13 @@ the caller can timestamp an event with the arrival of the bytes that finished it
 LF, CRLF or CR (a CRLF split across two chunks is one line end); comment lines (`:`, e.g.
 sse-starlette's pings) and the `id`/`retry` fields are ignored; multi-line `data` is joined with
 LF, as the SSE specification says.
+
+Why not httpx-sse: it was tried (0.4.3) and is worse at this job. It drops an event the stream
+was cut in the middle of (`data: tail` with no blank line: the load tester must still see it);
+it only decodes a whole response (`EventSource.aiter_sse`), so feeding chunks and timestamping
+each event by the arrival of its last bytes would need its private `_decoders` module; it holds
+a line whose CR ends a chunk until the next chunk arrives, delaying that event's timestamp; and
+it refuses any response whose Content-Type is not text/event-stream.
 """
 
 from __future__ import annotations

@@ -1,1 +1,18 @@
-"""Model code: plain nn.Modules with no knowledge of ranks or requests."""
+"""Model code: plain nn.Modules with Hugging Face parameter names and no knowledge of ranks,
+requests or schedulers.
+
+| module | owns | never does |
+|---|---|---|
+| `config.py` | `ModelConfig` from a HF `config.json`; refuses unsupported architectures | touch tensors |
+| `llama.py` | `LlamaForCausalLM` (Llama, Mistral, Qwen2, Qwen3) | know ranks, requests or schedulers |
+| `layers.py` | linear, RMSNorm, rotary embedding | |
+| `attention.py` | `AttentionMetadata`; prefill-chunk attention over [cached prefix + chunk] in position-aligned query tiles (one-shot = no prefix), paged decode attention (Triton on CUDA), `write_kv` | allocate blocks |
+| `triton_attention.py` | the CUDA paged decode kernel (Triton; imported on CUDA only) | gather K/V into a copy |
+| `cuda_graphs.py` | decode CUDA graphs: buckets, static padded inputs, capture and replay | let a padding row touch a block a request owns |
+| `dtype.py` | `dtype = "auto"` -> bfloat16 / float32 from the device and the CPU's flags | change once resolved |
+| `kv_cache.py` | `PagedKVCache`: the per-layer K/V tensors attention reads and writes | decide which blocks a sequence gets |
+| `weights.py` | load a HF directory (single or sharded safetensors, memory-mapped) into the model | pickle |
+| `gguf.py` | GGUF -> HF directory conversion (dequantise, undo llama.cpp's Q/K permutation, tokenizer) | |
+
+The bottom layer: imports nothing from `pd_local` outside `model/`.
+"""

@@ -18,6 +18,17 @@ import torch
 import torch.nn.functional as F
 
 
+def host_to_device(values: list[int] | list[list[int]], device: torch.device | str) -> torch.Tensor:
+    """int64 tensor of `values` on `device`. On CUDA through pinned memory with a non-blocking
+    copy: a copy from pageable memory makes the host wait until the GPU has drained the work
+    queued before it, which would cost a host sync per tensor per step."""
+    t = torch.tensor(values, dtype=torch.long)
+    device = torch.device(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t if device.type == "cpu" else t.to(device)
+
+
 @dataclass(frozen=True)
 class AttentionMetadata:
     """What attention needs to know about the batch. Build with `prefill()`, `decode()` or
@@ -38,8 +49,8 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
     context_lens: torch.Tensor | None = None
-    # decode: rows grouped by their own block count, (num_blocks, row indices [g]); see
-    # paged_decode_attention for why
+    # decode on CPU: rows grouped by their own block count, (num_blocks, row indices [g]); see
+    # paged_decode_attention for why. Empty on CUDA, and for a padded CUDA-graph batch.
     decode_groups: tuple[tuple[int, torch.Tensor], ...] = ()
     num_decode: int = 0
     prefix_lens: tuple[int, ...] = ()  # empty: every chunk starts at position 0
@@ -104,14 +115,15 @@ class AttentionMetadata:
         if block_tables:
             width = max(len(t) for t in block_tables)
             padded = [t + [0] * (width - len(t)) for t in block_tables]  # pad entries are masked
-            tables = torch.tensor(padded, dtype=torch.long, device=dev)  # [B, width]
-            ctx = torch.tensor(context_lens, dtype=torch.long, device=dev)  # [B]
-            for row, n in enumerate(context_lens):
-                groups.setdefault((n + block_size - 1) // block_size, []).append(row)
+            tables = host_to_device(padded, dev)  # [B, width]
+            ctx = host_to_device(context_lens, dev)  # [B]
+            if torch.device(dev).type == "cpu":  # CUDA: the Triton kernel needs no groups
+                for row, n in enumerate(context_lens):
+                    groups.setdefault((n + block_size - 1) // block_size, []).append(row)
         return cls(
             is_prefill=not block_tables,
             seq_lens=tuple(chunk_lens),
-            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=dev),  # [T]
+            slot_mapping=host_to_device(slot_mapping, dev),  # [T]
             block_tables=tables,
             context_lens=ctx,
             decode_groups=tuple(
@@ -119,9 +131,7 @@ class AttentionMetadata:
             ),
             num_decode=len(block_tables),
             prefix_lens=tuple(prefix_lens),
-            prefix_slots=tuple(
-                torch.tensor(s, dtype=torch.long, device=dev) if s else None for s in prefix_slots
-            ),
+            prefix_slots=tuple(host_to_device(s, dev) if s else None for s in prefix_slots),
         )
 
 
@@ -240,6 +250,14 @@ def paged_decode_attention(
     changes a row's result by ~2e-5. So rows are grouped by block count and each group runs one
     batched attention. Query heads are grouped per KV head so K/V are never repeated (GQA).
     """
+    if q.device.type == "cuda":
+        # Triton reads K/V through the block table (no gather) and loops over each row's own
+        # context: batch-invariant without groups, so CUDA metadata carries none.
+        from pd_local.model.triton_attention import paged_decode_attention_triton
+
+        return paged_decode_attention_triton(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
+    if not meta.decode_groups:  # a padded CUDA-graph batch run eagerly: one group, full width
+        return _decode_group(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
     if len(meta.decode_groups) == 1:
         nblk, _ = meta.decode_groups[0]
         return _decode_group(q, k_cache, v_cache, meta.block_tables[:, :nblk], meta.context_lens, scale)

@@ -17,6 +17,11 @@ Two llama.cpp conventions are undone here (see DESIGN.md, "The default model"):
 
 Every failure a user can cause (missing, truncated or non-GGUF file, an architecture or tokenizer
 we do not convert) raises `WeightsError` naming the problem and the path.
+
+Longer than ~400 lines on purpose: the file is one conversion pipeline (header -> config ->
+tensors -> tokenizer -> files -> verification) over one reader, and each step's checks name
+fields the other steps read; the tokenizer part (~120 lines) is the candidate to move out if it
+grows.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -286,7 +292,9 @@ def read_tensors(
     t0 = time.monotonic()
     total = len(reader.tensors)
     log_every = log_every or max(1, total // 4)
-    for i, t in enumerate(reader.tensors, start=1):
+    # A bar only on a terminal (disable=None: off when stderr is not a TTY); the log lines stay.
+    bar = tqdm(reader.tensors, desc="dequantise", unit="tensor", disable=None, leave=False)
+    for i, t in enumerate(bar, start=1):
         name = _hf_name(t.name)
         if name is None:
             raise WeightsError(f"{path}: GGUF tensor {t.name!r} has no Hugging Face Llama equivalent")
@@ -453,7 +461,7 @@ def convert_gguf(
     """Convert a llama GGUF into a HF directory at `out_dir` (created; must be empty or absent).
 
     Writes the files listed in the module docstring, then re-reads them with `verify_hf_dir`.
-    Not atomic by itself: callers that need an all-or-nothing directory (weights_cli) convert
+    Not atomic by itself: callers that need an all-or-nothing directory (cli/weights.py) convert
     into a temporary directory and rename it. Returns `out_dir`.
     """
     from safetensors.torch import save_file

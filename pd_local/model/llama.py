@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pd_local.kv_cache import PagedKVCache
+from pd_local.model.kv_cache import PagedKVCache
 from pd_local.model.attention import (
     AttentionMetadata,
     paged_decode_attention,

@@ -17,8 +17,9 @@ import time
 
 from common import say, start
 from pd_local.launch import run_guarded
-from pd_local.protocol import (FRAME_WORDS, Abort, FinishReason, Heartbeater, Inbox, LinkDown,
-                               Prefill, Receiver, Reserve, Sampling, Sender, TokenEntry, Tokens)
+from pd_local.cluster.channel import FRAME_WORDS, Heartbeater, Inbox, LinkDown, Receiver, Sender
+from pd_local.cluster.messages import (Abort, FinishReason, Prefill, Reserve, Sampling, TokenEntry,
+                                       Tokens)
 
 N = 600
 

@@ -20,10 +20,11 @@ import sys
 import torch
 
 from common import say, start
-from pd_local.dist import Role
+from pd_local.cluster.dist import Role
 from pd_local.launch import run_guarded
-from pd_local.protocol import Heartbeater, Inbox, KVEntry, Receiver, Sender, TransferMode
-from pd_local.transfer import KVReceiver, KVSender, KVShape
+from pd_local.cluster.channel import Heartbeater, Inbox, Receiver, Sender
+from pd_local.cluster.messages import KVEntry, TransferMode
+from pd_local.cluster.transfer import KVReceiver, KVSender, KVShape
 
 SHAPE = KVShape(num_layers=8, num_kv_heads=3, head_dim=64, hidden_size=576, dtype=torch.bfloat16)
 

@@ -9,8 +9,9 @@ import torch
 import torch.distributed as dist
 
 from common import say, start
-from pd_local.dist import Role
-from pd_local.protocol import Abort, Inbox, Receiver, Sender, Shutdown
+from pd_local.cluster.dist import Role
+from pd_local.cluster.channel import Inbox, Receiver, Sender
+from pd_local.cluster.messages import Abort, Shutdown
 
 
 def expected_keys(ctx) -> dict[str, set]:

@@ -1,5 +1,5 @@
 """`torchrun --max-restarts 1`: attempt 0 fails on rank 1 after the groups exist; attempt 1 must
-join afresh (dist.py's per-attempt store prefix) and pass. Prints 'RESULT rank R: attempt A ok'.
+join afresh (cluster/dist.py's per-attempt store prefix) and pass. Prints 'RESULT rank R: attempt A ok'.
 
 Run with `--prefill 1 --decode 1` under torchrun --max-restarts=1.
 """

@@ -11,10 +11,10 @@ from __future__ import annotations
 import sys
 import time
 
-import pd_local.decode
-import pd_local.prefill
+import pd_local.cluster.decode
+import pd_local.cluster.prefill
 from common import say, start
-from pd_local.dist import Role
+from pd_local.cluster.dist import Role
 from pd_local.launch import run_guarded
 from pd_local.model.weights import load_model
 
@@ -26,9 +26,9 @@ def main() -> None:
         time.sleep(3 * ctx.cfg.timeouts.group_s)
         return load_model(*args, **kwargs)
 
-    pd_local.decode.load_model = pd_local.prefill.load_model = slow_load
+    pd_local.cluster.decode.load_model = pd_local.cluster.prefill.load_model = slow_load
     if ctx.role is Role.FRONTEND:
-        from pd_local.router import Router
+        from pd_local.cluster.router import Router
 
         router = Router(ctx)
         assert router.ready.wait(timeout=60), "the workers never became ready"
@@ -36,9 +36,9 @@ def main() -> None:
         router.shutdown()
         assert router.clean_shutdown, router.error
     elif ctx.role is Role.PREFILL:
-        pd_local.prefill.run(ctx)
+        pd_local.cluster.prefill.run(ctx)
     else:
-        pd_local.decode.run(ctx)
+        pd_local.cluster.decode.run(ctx)
     say(ctx, "up")
     ctx.close()
 

@@ -20,10 +20,11 @@ import torch
 import torch.distributed as dist
 
 from common import say, start
-from pd_local.dist import Role
+from pd_local.cluster.dist import Role
 from pd_local.launch import run_guarded
-from pd_local.protocol import Inbox, KVEntry, Sender, TransferMode
-from pd_local.transfer import KVReceiver, KVSender, KVShape, LayerKV, PromptHidden, StagingDone
+from pd_local.cluster.channel import Inbox, Sender
+from pd_local.cluster.messages import KVEntry, TransferMode
+from pd_local.cluster.transfer import KVReceiver, KVSender, KVShape, LayerKV, PromptHidden, StagingDone
 
 # (req_id, num_tokens, decode rank) per batch; batch order = send order.
 BATCHES = [

@@ -28,14 +28,17 @@ import dataclasses
 import itertools
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pd_local.backend import BackendStats, RankStats, RequestOutput, Timeline
-from pd_local.dist import DistContext, Role
-from pd_local.protocol import (Abort, Fatal, FinishReason, Heartbeater, Inbox, LinkDown, Prefill,
-                               PrefillDone, Ready, Receiver, Rejected, RejectReason, Reserve,
-                               Reserved, Sampling, Sender, Shutdown, Stats, Tokens)
-from pd_local.sampling import SamplingParams
+from pd_local.api.backend import BackendStats, RankStats, RequestOutput, Timeline
+from pd_local.cluster.dist import DistContext, Role
+from pd_local.cluster.channel import Heartbeater, Inbox, LinkDown, Receiver, Sender
+from pd_local.cluster.messages import (Abort, Fatal, FinishReason, Prefill, PrefillDone, Ready,
+                                       RejectReason, Rejected, Reserve, Reserved, Sampling,
+                                       Shutdown, Stats, Tokens)
+from pd_local.cluster.shutdown import RankFailure
+from pd_local.engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +114,7 @@ class Router:
         self.ready = threading.Event()  # every worker said Ready (or the router failed)
         self.stopped = threading.Event()  # the router thread ended
         self.error: str | None = None
+        self.stopping: str | None = None  # why new requests are refused while stopping
         self.clean_shutdown = False
         self.on_fatal = lambda: None  # set by serve(): stop the HTTP server
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -135,6 +139,8 @@ class Router:
     def healthy(self) -> tuple[bool, str]:
         if self.error is not None:
             return False, self.error
+        if self.stopping is not None:
+            return False, self.stopping
         if not self.ready.is_set():
             return False, "waiting for the workers to load the model"
         workers = len(self.decode) + len(self.prefill)
@@ -144,6 +150,15 @@ class Router:
         ranks = [RankStats(r.rank, r.role, r.free_blocks, r.total_blocks, r.running, r.waiting)
                  for r in (*self.prefill.values(), *self.decode.values())]
         return dataclasses.replace(self.kv, ranks=ranks)
+
+    def begin_stop(self, why: str) -> None:
+        """From now on the server is unavailable (503, `why`); requests in flight go on."""
+        self.stopping = why
+
+    def abort_all(self, why: str) -> None:
+        """Finish every request still in flight with an error `why` (freeing its blocks on every
+        rank); the end of a stop's grace period."""
+        self.inbox.put(LOCAL, ("abort_all", why))
 
     def shutdown(self) -> None:
         """Shut every worker down in order and wait (bounded) for the router thread to end."""
@@ -200,14 +215,20 @@ class Router:
             self.to_decode[req.decode].send(Reserve(req.req_id, req.prompt_ids, req.sampling))
         elif kind == "abort":
             req = self.requests.get(arg)  # type: ignore[arg-type]
-            if req is None:
-                return  # finished already (or never known): nothing holds it
-            self.to_decode[req.decode].send(Abort(req.req_id))
-            if req.prefill is not None and not req.prefill_done:
-                self.to_prefill[req.prefill].send(Abort(req.req_id))
-            self._finish(req, "abort")
+            if req is not None:  # None: finished already (or never known), nothing holds it
+                self._abort(req, "abort")
+        elif kind == "abort_all":
+            for req in list(self.requests.values()):
+                self._abort(req, "error", error=str(arg))
         else:
             raise ValueError(f"unknown router command {kind!r}")
+
+    def _abort(self, req: _Request, reason: str, error: str | None = None) -> None:
+        """Abort on every rank holding the request (each frees its part once), then finish it."""
+        self.to_decode[req.decode].send(Abort(req.req_id))
+        if req.prefill is not None and not req.prefill_done:
+            self.to_prefill[req.prefill].send(Abort(req.req_id))
+        self._finish(req, reason, error=error)
 
     def _message(self, peer: int, msg: object) -> None:
         if isinstance(msg, Tokens):
@@ -317,36 +338,59 @@ class Router:
 
 
 def serve(ctx: DistContext) -> None:
-    """Rank 0: wait for the workers, serve HTTP until stopped, shut the workers down."""
+    """Rank 0: wait for the workers, serve HTTP until stopped, shut the workers down.
+
+    Stops (shutdown.py): a signal drains and stops every rank in order (returns: exit 0); a
+    failure answers 503 for a moment, then raises RankFailure (exit 1, one log line)."""
     import uvicorn
 
-    from pd_local.server import ServerSettings, create_app
+    from pd_local.api.server import ServerSettings, create_app
+    from pd_local.cluster.shutdown import Stopper, install
     from pd_local.tokenizer import Tokenizer
 
     cfg = ctx.cfg
     router = Router(ctx)
+    stopper = Stopper(router, cfg.server.shutdown_grace_s)
+    install(stopper.on_signal)
     tokenizer = Tokenizer.from_dir(cfg.model)
     log.info("waiting for %d workers to load %s", len(ctx.topology.worker_ranks), cfg.model)
-    router.ready.wait()
-    if router.error is not None:
-        raise RuntimeError(router.error)
-    settings = ServerSettings(model_name=cfg.model_path.name, api_key=cfg.server.api_key,
-                              max_queue=cfg.server.max_queue,
-                              cors_origins=cfg.server.cors_origins)
-    app = create_app(router, tokenizer, settings)
-    server = uvicorn.Server(uvicorn.Config(app, host=cfg.server.host, port=cfg.server.port,
-                                           log_level="info", timeout_graceful_shutdown=5))
-    router.on_fatal = lambda: setattr(server, "should_exit", True)
-    log.info("serving %s (%s) on http://%s:%d", cfg.model, cfg.topology.label, cfg.server.host,
-             cfg.server.port)
-    try:
-        server.run()  # the app's lifespan calls router.shutdown() on the way out
-    except KeyboardInterrupt:
-        # uvicorn re-raises the SIGINT it handled once it has shut down: the normal way out.
+    while not router.ready.wait(timeout=0.2) and not stopper.requested.is_set():
         pass
+    if router.error is None and not stopper.requested.is_set():
+        from pd_local.model.dtype import read_cpu_flags, resolve_dtype_name
+
+        # The workers resolved "auto" on this same machine from the same inputs: the same answer.
+        dtype, why = resolve_dtype_name(cfg.dtype, cfg.device, read_cpu_flags())
+        log.info("workers compute in %s (%s)", dtype, why)
+        settings = ServerSettings(model_name=cfg.model_path.name, api_key=cfg.server.api_key,
+                                  max_queue=cfg.server.max_queue,
+                                  cors_origins=cfg.server.cors_origins, dtype=dtype)
+        app = create_app(router, tokenizer, settings)
+        server = _uvicorn_server(uvicorn.Config(app, host=cfg.server.host, port=cfg.server.port,
+                                                log_level="info", timeout_graceful_shutdown=5),
+                                 stopper.on_signal)
+        stopper.in_flight = lambda: app.state.pd.in_flight
+        stopper.should_exit = lambda: setattr(server, "should_exit", True)
+        router.on_fatal = stopper.on_failure
+        log.info("serving %s (%s) on http://%s:%d", cfg.model, cfg.topology.label,
+                 cfg.server.host, cfg.server.port)
+        server.run()  # the app's lifespan calls router.shutdown() on the way out
     router.shutdown()  # no-op when the lifespan did it; covers a server that never started
     if not router.clean_shutdown:
-        raise RuntimeError(router.error or "the workers did not shut down cleanly")
+        raise RankFailure(router.error or "the workers did not shut down cleanly")
+
+
+def _uvicorn_server(config: object, on_signal: Callable[[int], None]) -> object:
+    """uvicorn's Server with its signal handling replaced by `on_signal`: uvicorn's own stops
+    accepting at once (clients would see refused connections, not 503) and afterwards re-raises
+    the signal, so SIGTERM killed the rank (-15) instead of it exiting 0."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: object) -> None:
+            on_signal(sig)
+
+    return Server(config)
 
 
 def run(ctx: DistContext) -> None:

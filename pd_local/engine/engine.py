@@ -21,49 +21,15 @@ from dataclasses import dataclass
 
 import torch
 
-from pd_local.kv_cache import BlockAllocator, PagedKVCache, slots_for
-from pd_local.model.attention import AttentionMetadata, write_kv
+from pd_local.config import EngineConfig
+from pd_local.engine.kv_cache import BlockAllocator, slots_for
+from pd_local.model.kv_cache import PagedKVCache
+from pd_local.model.attention import AttentionMetadata, host_to_device, write_kv
 from pd_local.model.llama import LayerKVHook, LlamaForCausalLM
-from pd_local.prefill_queue import POLICIES
-from pd_local.sampling import SamplingParams, sample
-from pd_local.scheduler import Scheduler, SchedulerOutput, Sequence
+from pd_local.engine.sampling import SamplingParams, sample
+from pd_local.engine.scheduler import Scheduler, SchedulerOutput, Sequence
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    block_size: int = 16
-    kv_cache_gb: float | None = 1.0  # None on CUDA: use gpu_memory_fraction of free memory
-    gpu_memory_fraction: float = 0.85
-    num_blocks: int | None = None  # overrides the memory budget (tests, exact accounting)
-    max_num_seqs: int = 64
-    # Prompt tokens prefilled per step (all chunks together); decode rows come on top, one per
-    # running sequence. With chunked_prefill a longer prompt is split across steps, which bounds
-    # every step; without, prompts run whole (a longer one alone). 256: on the 2-core AVX2 dev
-    # CPU (SmolLM2 fp32, 1 thread) prefill costs 7.6/5.6/4.9/3.8/3.8/4.5 ms per token at
-    # 32/64/128/256/512/1024 tokens, so 256 is the smallest step that loses no throughput
-    # per token, and bounds a step to ~1 s there.
-    max_prefill_tokens: int = 256
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
-    chunked_prefill: bool = True
-    prefill_policy: str = "fcfs"  # "fcfs" | "srpf" (shortest remaining first, aged): prefill_queue.py
-
-    def __post_init__(self) -> None:
-        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
-        if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
-            raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
-        if not (0.0 < self.gpu_memory_fraction <= 1.0):
-            raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
-        if self.num_blocks is not None and self.num_blocks <= 0:
-            raise ValueError(f"num_blocks must be > 0, got {self.num_blocks}")
-        if self.max_num_seqs <= 0:
-            raise ValueError(f"max_num_seqs must be > 0, got {self.max_num_seqs}")
-        if self.max_prefill_tokens <= 0:
-            raise ValueError(f"max_prefill_tokens must be > 0, got {self.max_prefill_tokens}")
-        if self.prefill_policy not in POLICIES:
-            raise ValueError(f"prefill_policy must be one of {POLICIES}, got {self.prefill_policy!r}")
 
 
 @dataclass(frozen=True)
@@ -86,14 +52,14 @@ def prefill_hidden(
     position, [B, hidden]. The K/V of every layer go to kv_cache (at slot_mapping) and/or to
     on_layer_kv; a prefill rank passes only the hook and keeps nothing."""
     lens = [len(p) for p in prompts]
-    ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)  # [T]
-    pos = torch.tensor([i for n in lens for i in range(n)], dtype=torch.long, device=device)  # [T]
+    ids = host_to_device([t for p in prompts for t in p], device)  # [T]
+    pos = host_to_device([i for n in lens for i in range(n)], device)  # [T]
     slots = None
     if slot_mapping is not None:
-        slots = torch.tensor(slot_mapping, dtype=torch.long, device=device)  # [T]
+        slots = host_to_device(slot_mapping, device)  # [T]
     meta = AttentionMetadata.prefill(lens, slots)
     hidden = model(ids, pos, meta, kv_cache, on_layer_kv)  # [T, hidden]
-    last = torch.tensor(meta.cu_seqlens[1:], device=device) - 1  # [B]
+    last = host_to_device(meta.cu_seqlens[1:], device) - 1  # [B]
     return hidden[last]
 
 
@@ -118,12 +84,22 @@ class Engine:
         num_blocks = cfg.num_blocks or self._blocks_from_budget(per_block)
         # A sequence alone must always fit, or preemption could never make room for it.
         self.max_model_len = min(self.max_model_len, num_blocks * cfg.block_size)
-        self.kv_cache = PagedKVCache(
-            mc.num_layers, num_blocks, cfg.block_size, mc.num_kv_heads, mc.head_dim, self.dtype, self.device
+        use_graphs = cfg.cuda_graphs and self.device.type == "cuda"
+        self.kv_cache = PagedKVCache(  # with graphs, one block more: their padding rows' sink
+            mc.num_layers, num_blocks + use_graphs, cfg.block_size, mc.num_kv_heads, mc.head_dim,
+            self.dtype, self.device,
         )
         self.allocator = BlockAllocator(num_blocks)
         self.scheduler = Scheduler(self.allocator, cfg.block_size, cfg.max_num_seqs, cfg.max_prefill_tokens,
                                    cfg.chunked_prefill, cfg.prefill_policy)
+        self.graphs = None
+        if use_graphs:
+            from pd_local.model.cuda_graphs import DecodeGraphRunner
+
+            width = -(-self.max_model_len // cfg.block_size)
+            self.graphs = DecodeGraphRunner(model, self.kv_cache, cfg.max_num_seqs, width,
+                                            sink_block=num_blocks, device=self.device)
+            self.graphs.capture()
         log.info(
             "KV cache: %d blocks x %d tokens = %d tokens (%.2f GB, %s, %d B/token); max_model_len %d",
             num_blocks, cfg.block_size, num_blocks * cfg.block_size,
@@ -131,13 +107,19 @@ class Engine:
         )
 
     def _blocks_from_budget(self, per_block: int) -> int:
-        if self.device.type == "cuda" and self.cfg.kv_cache_gb is None:
-            free, _total = torch.cuda.mem_get_info(self.device)
-            budget = int(free * self.cfg.gpu_memory_fraction)
-            source = f"{self.cfg.gpu_memory_fraction:.0%} of {free / 1e9:.1f} GB free on {self.device}"
-        else:
-            budget = int((self.cfg.kv_cache_gb or 1.0) * 1e9)
+        fraction = self.cfg.gpu_memory_fraction
+        if self.cfg.kv_cache_gb is not None:
+            budget = int(self.cfg.kv_cache_gb * 1e9)
             source = f"kv_cache_gb={self.cfg.kv_cache_gb}"
+        elif self.device.type == "cuda" and fraction is not None:
+            free, _total = torch.cuda.mem_get_info(self.device)
+            budget = int(free * fraction)
+            source = f"{fraction:.0%} of {free / 1e9:.1f} GB free on {self.device}"
+        else:
+            raise ValueError(
+                f"engine.gpu_memory_fraction={fraction} applies to CUDA only; on {self.device} "
+                "set engine.kv_cache_gb or num_blocks"
+            )
         blocks = budget // per_block
         if blocks < 1:
             raise ValueError(f"KV budget ({source}) is smaller than one block ({per_block} bytes)")
@@ -203,8 +185,8 @@ class Engine:
         n = len(seq.prompt_ids)
         if k.shape[0] == 0 or start < 0 or start + k.shape[0] > n:
             raise ValueError(f"request {req_id}: got KV for {k.shape[0]} tokens at {start}, prompt has {n}")
-        slots = torch.tensor(slots_for(seq.block_ids, start, start + k.shape[0], self.cfg.block_size),
-                             device=self.device)
+        slots = host_to_device(slots_for(seq.block_ids, start, start + k.shape[0], self.cfg.block_size),
+                               self.device)
         write_kv(self.kv_cache.k[layer], self.kv_cache.v[layer],
                  k.to(self.device, self.dtype), v.to(self.device, self.dtype), slots)
 
@@ -246,16 +228,24 @@ class Engine:
             if c.is_last:
                 rows.append(len(ids) - 1)
         dev = self.device
+        if not out.prefill and self.graphs is not None:  # pure decode on CUDA: replay a graph
+            from pd_local.model.cuda_graphs import DecodeBatch
+
+            batch = DecodeBatch(ids, pos, slots, [seq.block_ids for seq in out.decode],
+                                [seq.num_tokens for seq in out.decode])
+            logits = self.graphs.run(batch)  # None beyond the largest bucket: eager below
+            if logits is not None:
+                return logits
+        # a step with prefill chunks (or past the largest graph) runs eagerly
         meta = AttentionMetadata.mixed(
             [seq.block_ids for seq in out.decode], [seq.num_tokens for seq in out.decode],
             [c.end - c.start for c in out.prefill], [c.start for c in out.prefill],
             [slots_for(c.seq.block_ids, 0, c.start, bs) for c in out.prefill], slots, bs, dev,
         )
-        hidden = self.model(torch.tensor(ids, dtype=torch.long, device=dev),
-                            torch.tensor(pos, dtype=torch.long, device=dev), meta, self.kv_cache)  # [T, hidden]
+        hidden = self.model(host_to_device(ids, dev), host_to_device(pos, dev), meta, self.kv_cache)  # [T, hidden]
         if not rows:
             return hidden.new_zeros(0, self.model.config.vocab_size, dtype=torch.float32)  # [0, V]
-        return self.model.compute_logits(hidden[torch.tensor(rows, device=dev)])  # [S, V]
+        return self.model.compute_logits(hidden[host_to_device(rows, dev)])  # [S, V]
 
     def _append_tokens(self, seqs: list[Sequence], logits: torch.Tensor) -> list[TokenEvent]:
         tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])

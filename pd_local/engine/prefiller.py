@@ -23,10 +23,11 @@ from dataclasses import dataclass
 
 import torch
 
-from pd_local.kv_cache import BlockAllocator, PagedKVCache, blocks_for, slots_for
-from pd_local.model.attention import AttentionMetadata
+from pd_local.engine.kv_cache import BlockAllocator, blocks_for, slots_for
+from pd_local.engine.prefill_queue import Chunk, PrefillJob, PrefillQueue
+from pd_local.model.attention import AttentionMetadata, host_to_device
+from pd_local.model.kv_cache import PagedKVCache
 from pd_local.model.llama import LayerKVHook, LlamaForCausalLM
-from pd_local.prefill_queue import Chunk, PrefillJob, PrefillQueue
 
 
 @dataclass(frozen=True)
@@ -109,11 +110,10 @@ class ChunkedPrefiller:
             [], [], [c.end - c.start for c in chunks], [c.start for c in chunks],
             [slots_for(self.blocks[c.req_id], 0, c.start, bs) for c in chunks], slots, bs, dev,
         )
-        hidden = self.model(torch.tensor(ids, dtype=torch.long, device=dev),
-                            torch.tensor(pos, dtype=torch.long, device=dev), meta, self.kv_cache,
+        hidden = self.model(host_to_device(ids, dev), host_to_device(pos, dev), meta, self.kv_cache,
                             on_layer_kv)  # [T, hidden]
         last = [c.row + c.end - c.start - 1 for c in chunks if c.is_last]
         for job in self.queue.advance([c.planned for c in chunks]):
             del self.prompts[job.key]
             self.allocator.free(self.blocks.pop(job.key))
-        return hidden[torch.tensor(last, dtype=torch.long, device=dev)]
+        return hidden[host_to_device(last, dev)]

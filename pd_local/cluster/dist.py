@@ -30,8 +30,9 @@ rank per GPU (NVIDIA/nccl#231, #418; #103: "no longer possible ... since NCCL 2.
 on one GPU in *different* communicators are fine. So with `share_device = true` worker ranks are
 spread over the visible GPUs round-robin, and only a (P, D) pair whose two ranks land on the same
 GPU gets a gloo data group: its KV goes device -> host -> gloo -> host -> device (the `Link.device`
-of that data link is the CPU; transfer.py copies). Pairs on different GPUs keep NCCL. CUDA IPC
-(cudaIpcGetMemHandle) would avoid the two host copies for same-GPU pairs; not done yet.
+of that data link is the CPU; transfer.py copies). Pairs on different GPUs keep NCCL. With
+`kv_ipc = true` (the default) a same-GPU pair's payload skips the host instead: a device copy
+into a CUDA IPC slot, only small control tensors on that gloo group (ipc_transfer.py).
 """
 
 from __future__ import annotations

@@ -54,14 +54,19 @@ def sample(
 ) -> list[int]:
     """logits [B, V] fp32 -> one token id per row.
 
-    Greedy rows take one batched argmax (a single host sync); sampled rows are processed one at a
-    time with their own generator, which is what makes seeded sampling batch-independent.
+    Greedy rows take one batched argmax (a single host sync); sampled rows come to the host in
+    one copy and are processed one at a time with their own generator, which is what makes
+    seeded sampling batch-independent.
     """
     out = logits.argmax(dim=-1).tolist()
-    for i, (p, g) in enumerate(zip(params, generators)):
-        if p.greedy:
-            continue
-        row = logits[i].float().cpu() / p.temperature  # [V]
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if not sampled:
+        return out
+    # one device-to-host copy for every sampled row, not one (and one sync) per row
+    rows = logits.index_select(0, torch.tensor(sampled, device=logits.device)).float().cpu()  # [S, V]
+    for j, i in enumerate(sampled):
+        p, g = params[i], generators[i]
+        row = rows[j] / p.temperature  # [V]
         if p.top_k and p.top_k < row.shape[0]:
             kth = torch.topk(row, p.top_k).values[-1]
             row = row.masked_fill(row < kth, float("-inf"))

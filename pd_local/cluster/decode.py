@@ -27,19 +27,19 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-import torch
-
-from pd_local.config import ServeConfig
-from pd_local.dist import DistContext, Role
-from pd_local.engine import Engine, EngineConfig, TokenEvent
+from pd_local.cluster.dist import DistContext, Role
+from pd_local.engine.engine import Engine, TokenEvent
 from pd_local.model.config import ModelConfig
+from pd_local.model.dtype import resolve_dtype
 from pd_local.model.weights import load_model
-from pd_local.protocol import (Abort, Fatal, FinishReason, Heartbeater, Inbox, ProtocolError,
-                               Ready, Receiver, Rejected, RejectReason, Reserve, Reserved, Sender,
-                               Shutdown, Stats, TokenEntry, Tokens, TransferRecord)
-from pd_local.sampling import SamplingParams
+from pd_local.cluster.channel import Heartbeater, Inbox, Receiver, Sender
+from pd_local.cluster.messages import (Abort, Fatal, FinishReason, ProtocolError, Ready,
+                                       RejectReason, Rejected, Reserve, Reserved, Shutdown, Stats,
+                                       TokenEntry, Tokens, TransferRecord)
+from pd_local.engine.sampling import SamplingParams
 from pd_local.tokenizer import Tokenizer
-from pd_local.transfer import KVReceiver, KVShape, LayerKV, PromptHidden, StagingDone
+from pd_local.cluster.ipc_transfer import kv_receiver
+from pd_local.cluster.transfer import KVShape, LayerKV, PromptHidden, StagingDone
 
 log = logging.getLogger(__name__)
 
@@ -47,20 +47,6 @@ FINISH_CODES: dict[str | None, FinishReason] = {
     None: FinishReason.NONE, "stop": FinishReason.STOP, "length": FinishReason.LENGTH,
     "abort": FinishReason.ABORT, "error": FinishReason.ERROR,
 }
-
-
-def engine_config(cfg: ServeConfig) -> EngineConfig:
-    e = cfg.engine
-    return EngineConfig(
-        block_size=e.block_size,
-        kv_cache_gb=e.kv_cache_gb,
-        gpu_memory_fraction=e.gpu_memory_fraction or 0.85,  # unused when kv_cache_gb is set
-        max_num_seqs=e.max_num_seqs,
-        max_prefill_tokens=e.max_prefill_tokens,
-        max_model_len=e.max_model_len,
-        chunked_prefill=e.chunked_prefill,
-        prefill_policy=e.prefill_policy,
-    )
 
 
 def token_entry(ev: TokenEvent) -> TokenEntry:
@@ -79,7 +65,7 @@ class DecodeLoop:
         self.inbox = Inbox()
         self.receiver = Receiver(ctx.links.to_decode[me], self.inbox)
         self.to_router = Sender(ctx.links.from_decode[me])
-        self.kv_receivers = [KVReceiver(pair, self.inbox, shape, out_device=ctx.device)
+        self.kv_receivers = [kv_receiver(ctx, pair, self.inbox, shape)  # CUDA IPC: same GPU
                              for pair in ctx.links.kv.values()]
         self.heartbeat = Heartbeater([self.to_router], ctx.cfg.timeouts.heartbeat_s, self.inbox)
         self.engine: Engine  # built by run()
@@ -214,13 +200,13 @@ class DecodeLoop:
 def run(ctx: DistContext) -> None:
     """Entry point for a decode or colocated rank (launch.py)."""
     cfg = ctx.cfg
-    dtype = getattr(torch, cfg.dtype)
+    dtype = resolve_dtype(cfg.dtype, cfg.device)  # "auto": same answer on every rank (one machine)
     loop = DecodeLoop(ctx, KVShape.of(ModelConfig.from_dir(cfg.model), dtype))
 
     def make_engine() -> Engine:
         model, _ = load_model(cfg.model, dtype, ctx.device)
         tokenizer = Tokenizer.from_dir(cfg.model)
-        return Engine(model, engine_config(cfg), stop_token_ids=tokenizer.stop_token_ids,
+        return Engine(model, cfg.engine, stop_token_ids=tokenizer.stop_token_ids,
                       device=ctx.device)
 
     loop.run(make_engine)

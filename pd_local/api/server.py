@@ -27,10 +27,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from pd_local.backend import Backend, RequestOutput
-from pd_local.metrics import Metrics
-from pd_local.openai_request import GenerationRequest, RequestError, parse_request
-from pd_local.textstream import TextStream
+from pd_local.api.backend import Backend, RequestOutput
+from pd_local.api.metrics import Metrics
+from pd_local.api.openai_request import GenerationRequest, RequestError, parse_request
+from pd_local.api.textstream import TextStream
 from pd_local.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ class ServerSettings:
     retry_after_s: int = 1
     cors_origins: tuple[str, ...] = ()
     disconnect_poll_s: float = 0.25  # non-streaming requests check the client this often
+    dtype: str | None = None  # what the workers compute in ("auto" resolved), for /v1/models
 
 
 def error_response(err: RequestError, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -105,6 +106,12 @@ class App:
     async def _generate(self, request: Request, kind: str) -> Response:
         try:
             self._check_auth(request)
+            ok, why = self.backend.healthy()
+            if not ok:
+                # A failed rank or a stop in progress: say so at once (load balancers retry
+                # elsewhere on 503), rather than queueing work that can never run.
+                raise RequestError(f"server unavailable: {why}", code="unavailable",
+                                   status=503, type="server_error")
             body = await self._read_json(request)
             req = parse_request(body, kind, self.tokenizer, self.backend.max_model_len,  # type: ignore[arg-type]
                                 (self.settings.model_name,))
@@ -115,9 +122,12 @@ class App:
                     code="rate_limit_exceeded", status=429, type="rate_limit_error",
                 )
         except RequestError as e:
-            if e.status != 429:
+            if e.status == 503:
+                self.metrics.count_request("rejected")
+            elif e.status != 429:
                 self.metrics.count_request("invalid")
-            headers = {"Retry-After": str(self.settings.retry_after_s)} if e.status == 429 else None
+            retry = e.status in (429, 503)
+            headers = {"Retry-After": str(self.settings.retry_after_s)} if retry else None
             return error_response(e, headers)
         req_id = next(self._ids)
         self.in_flight += 1
@@ -139,6 +149,7 @@ class App:
         return JSONResponse({"object": "list", "data": [{
             "id": self.settings.model_name, "object": "model", "created": 0, "owned_by": "pd_local",
             "max_model_len": self.backend.max_model_len,
+            "pd_local": {"dtype": self.settings.dtype},
         }]})
 
     async def health(self, request: Request) -> Response:

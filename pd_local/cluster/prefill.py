@@ -23,15 +23,17 @@ from collections.abc import Callable
 
 import torch
 
-from pd_local.dist import DistContext
-from pd_local.engine import prefill_hidden
+from pd_local.cluster.dist import DistContext
+from pd_local.engine.engine import prefill_hidden
 from pd_local.model.config import ModelConfig
+from pd_local.model.dtype import resolve_dtype
 from pd_local.model.llama import LlamaForCausalLM
 from pd_local.model.weights import load_model
-from pd_local.protocol import (Abort, Fatal, Heartbeater, Inbox, KVEntry, Prefill, PrefillDone,
-                               ProtocolError, Ready, Receiver, Sender, Shutdown, Stats,
-                               TransferMode)
-from pd_local.transfer import KVSender, KVShape
+from pd_local.cluster.channel import Heartbeater, Inbox, Receiver, Sender
+from pd_local.cluster.messages import (Abort, Fatal, KVEntry, Prefill, PrefillDone, ProtocolError,
+                                       Ready, Shutdown, Stats, TransferMode)
+from pd_local.cluster.ipc_transfer import kv_sender
+from pd_local.cluster.transfer import KVShape
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ class PrefillLoop:
         self.receiver = Receiver(ctx.links.to_prefill[me], self.inbox)
         self.to_router = Sender(ctx.links.from_prefill[me])
         mode = TransferMode[cfg.transfer.upper()]
-        self.kv = {d: KVSender(pair, Sender(pair.header), shape, mode)
+        self.kv = {d: kv_sender(ctx, pair, shape, mode)  # CUDA IPC for a same-GPU pair
                    for (_, d), pair in ctx.links.kv.items()}
         self.heartbeat = Heartbeater([self.to_router, *(s.header for s in self.kv.values())],
                                      cfg.timeouts.heartbeat_s, self.inbox)
@@ -142,6 +144,6 @@ class PrefillLoop:
 def run(ctx: DistContext) -> None:
     """Entry point for a prefill rank (launch.py)."""
     cfg = ctx.cfg
-    dtype = getattr(torch, cfg.dtype)
+    dtype = resolve_dtype(cfg.dtype, cfg.device)  # "auto": same answer on every rank (one machine)
     loop = PrefillLoop(ctx, KVShape.of(ModelConfig.from_dir(cfg.model), dtype))
     loop.run(lambda: load_model(cfg.model, dtype, ctx.device)[0])

@@ -1,7 +1,7 @@
 """The contract between the HTTP front-end and whatever generates tokens.
 
 Two implementations: `InProcessBackend` (an Engine in a thread of this process) and the router
-on rank 0 of a torchrun launch (`pd_local.router`). The server only ever sees this interface.
+on rank 0 of a torchrun launch (`pd_local.cluster.router`). The server only ever sees this interface.
 
 Threading contract: `submit` and `abort` are called from the asyncio loop and never block.
 Outputs are delivered into the request's `asyncio.Queue` through `loop.call_soon_threadsafe`, so
@@ -19,9 +19,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from pd_local.engine import Engine
-from pd_local.sampling import SamplingParams
-from pd_local.scheduler import SeqStatus
+from pd_local.engine.engine import Engine
+from pd_local.engine.sampling import SamplingParams
+from pd_local.engine.scheduler import SeqStatus
 
 PREFILL_STATES = (SeqStatus.WAITING, SeqStatus.PREFILLING)  # a request whose prefill is not done
 

@@ -1,5 +1,4 @@
-"""Typed cross-rank messages, packed into 1-D int64 CPU tensors (no pickle), and the channel
-that carries them over a 2-rank gloo group.
+"""Typed cross-rank messages, packed into 1-D int64 CPU tensors (no pickle).
 
 Wire format of one message: word 0 = MAGIC | kind, then the kind's fixed fields, then its
 variable-length lists, each as a length word followed by the items. Floats travel as the int64
@@ -7,19 +6,9 @@ view of their IEEE-754 float64 bits, so they arrive bit-exact (NaN payloads and 
 Booleans and enums are words; an optional int is a presence word then the value. Timestamps are
 time.monotonic(): CLOCK_MONOTONIC is system-wide on Linux, so ranks of one host share it.
 
-Channel framing: every message goes as one fixed-size frame of FRAME_WORDS int64 words (word 0
-= the message's length in words), plus, only when it does not fit, a second send with the
-remainder. A gloo send costs ~40 us one-way whatever its size up to a few KB (measured by
-`benchmarks/transfer_bandwidth.py`: 64 B and 4 KB within noise), so one fixed 2 KB frame saves a
-whole send against length-prefixing (a size send, then the payload) for every message but long
-prompts, where the two cost the same.
-
-Receiving: gloo receives cannot be polled (`irecv().is_completed()` stays False until `wait()`),
-so each incoming link gets a `Receiver` thread doing blocking receives into an `Inbox` that the
-rank loop polls without blocking. The thread exits after a Shutdown, or on a link error (peer
-dead, group timeout), after putting a `LinkDown` marker that makes the loop's next poll raise.
-Idle links are kept alive by a `Heartbeater`: a gloo receive that waits longer than the group
-timeout fails and breaks its group for good, however healthy the peer.
+Longer than ~400 lines on purpose: every cross-rank message type and the field-driven codec
+that defines its wire form are one contract, read together (a field's annotation is the rule
+that encodes it). The channel that carries them is `channel.py`.
 """
 
 from __future__ import annotations
@@ -27,22 +16,13 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
-import logging
-import queue
 import struct
-import threading
-import time
 import typing
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Union
 
 import torch
-import torch.distributed as dist
-
-from pd_local.dist import Link
-
-log = logging.getLogger(__name__)
 
 MAGIC = 0x5044 << 16  # "PD" in the high bits of word 0: a stray tensor is not read as a message
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
@@ -467,173 +447,3 @@ def unpack(t: torch.Tensor) -> Message:
     if t.dtype != torch.int64 or t.dim() != 1:
         raise ProtocolError(f"a message is a 1-D int64 tensor, got {t.dtype} {list(t.shape)}")
     return decode(t.tolist())
-
-
-# --- channel over a 2-rank gloo group -----------------------------------------------------------
-
-# 256 words = 2 KB: a Tokens message for 60 running sequences or a ~240-token prompt fits in one
-# frame. gloo costs ~45 us per send up to a few KB, so a bigger frame only adds copy time.
-FRAME_WORDS = 256
-MAX_MESSAGE_WORDS = 1 << 26  # 512 MB: anything longer is a corrupt length word
-
-
-class LinkDown(RuntimeError):
-    """A link broke (peer dead, group timeout, garbage on the wire). Raised by Inbox.poll/get."""
-
-
-@dataclass(frozen=True)
-class _Marker:
-    error: LinkDown
-
-
-class Inbox:
-    """Where a rank's receiver threads put (peer rank, item); the rank loop takes them out.
-
-    Items are protocol messages, or whatever a transfer receiver hands over (transfer.py). A
-    link error arrives as a marker and is raised, in order, by poll/get: a loop never waits on
-    a link that is gone.
-    """
-
-    def __init__(self) -> None:
-        self._q: queue.Queue[tuple[int, object]] = queue.Queue()
-
-    def put(self, peer: int, item: object) -> None:
-        self._q.put((peer, item))
-
-    def fail(self, peer: int, error: LinkDown) -> None:
-        self._q.put((peer, _Marker(error)))
-
-    def get(self, timeout: float | None = None) -> tuple[int, object] | None:
-        """Next (peer, item); None after `timeout` seconds (0: do not wait) with nothing."""
-        try:
-            peer, item = self._q.get(block=timeout != 0, timeout=timeout or None)
-        except queue.Empty:
-            return None
-        if isinstance(item, _Marker):
-            raise item.error
-        return peer, item
-
-    def poll(self) -> tuple[int, object] | None:
-        return self.get(timeout=0)
-
-
-class Sender:
-    """The sending end of a control link. Thread-safe: the rank loop and the Heartbeater share
-    it, and a frame and its remainder must not interleave with another message."""
-
-    def __init__(self, link: Link, frame_words: int = FRAME_WORDS) -> None:
-        if not link.is_sender:
-            raise ValueError(f"link {link.name}: rank {link.rank} is not its sender")
-        self.link = link
-        self.frame_words = frame_words
-        self._lock = threading.Lock()
-        self._last = time.monotonic()
-        self._closed = False
-
-    def send(self, msg: Message) -> None:
-        words = encode(msg)
-        n = len(words)
-        frame = torch.zeros(self.frame_words, dtype=torch.int64)
-        head = min(n, self.frame_words - 1)
-        frame[0] = n
-        frame[1:1 + head] = torch.tensor(words[:head], dtype=torch.int64)
-        rest = torch.tensor(words[head:], dtype=torch.int64) if n > head else None
-        with self._lock:
-            if self._closed:
-                raise LinkDown(f"link {self.link.name}: send of {type(msg).__name__} after "
-                               "Shutdown")
-            dist.send(frame, self.link.dst, group=self.link.group)
-            if rest is not None:
-                dist.send(rest, self.link.dst, group=self.link.group)
-            self._last = time.monotonic()
-            if isinstance(msg, Shutdown):
-                self._closed = True
-
-    def close(self) -> None:
-        """Send Shutdown (the receiver thread exits after it); idempotent."""
-        if not self._closed:
-            self.send(Shutdown())
-
-    def heartbeat_if_idle(self, idle_s: float) -> None:
-        with self._lock:
-            due = not self._closed and time.monotonic() - self._last >= idle_s
-        if due:
-            try:
-                self.send(Heartbeat())
-            except LinkDown:
-                pass  # closed in between: nothing left to keep alive
-
-
-def recv_message(link: Link, frame_words: int = FRAME_WORDS) -> Message:
-    """Blocking receive of one message on `link` (the receiving end)."""
-    frame = torch.empty(frame_words, dtype=torch.int64)
-    dist.recv(frame, link.src, group=link.group)
-    n, first = int(frame[0]), int(frame[1])
-    if not 0 < n <= MAX_MESSAGE_WORDS or first & ~0xFFFF != MAGIC:
-        raise ProtocolError(f"link {link.name}: frame does not start a message (length word "
-                            f"{n}, word 1 = {first:#x})")
-    head = min(n, frame_words - 1)
-    words = frame[1:1 + head]
-    if n > head:
-        rest = torch.empty(n - head, dtype=torch.int64)
-        dist.recv(rest, link.src, group=link.group)
-        words = torch.cat([words, rest])
-    return unpack(words)
-
-
-class Receiver:
-    """A daemon thread doing blocking receives on one link into an Inbox.
-
-    Heartbeats are dropped; everything else is put as (peer, message). The thread exits after
-    forwarding a Shutdown, or after putting a LinkDown marker when the receive fails. A daemon
-    thread, so a process exiting on an error is never held by a receive that cannot return.
-    """
-
-    def __init__(self, link: Link, inbox: Inbox, frame_words: int = FRAME_WORDS) -> None:
-        if link.is_sender:
-            raise ValueError(f"link {link.name}: rank {link.rank} is its sender, not receiver")
-        self.link, self.inbox, self.frame_words = link, inbox, frame_words
-        self.thread = threading.Thread(target=self._run, name=f"recv {link.name}", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        peer = self.link.src
-        while True:
-            try:
-                msg = recv_message(self.link, self.frame_words)
-            except Exception as e:  # gloo raises RuntimeError subclasses; ProtocolError too
-                log.error("link %s down: %s", self.link.name, e)
-                self.inbox.fail(peer, LinkDown(f"link {self.link.name} (from rank {peer}): {e}"))
-                return
-            if isinstance(msg, Heartbeat):
-                continue
-            self.inbox.put(peer, msg)
-            if isinstance(msg, Shutdown):
-                return
-
-
-class Heartbeater:
-    """One daemon thread per rank sending a Heartbeat on each of its senders that has been idle
-    for `interval` seconds. A send error is reported to `inbox` as LinkDown."""
-
-    def __init__(self, senders: Iterable[Sender], interval: float, inbox: Inbox) -> None:
-        self.senders = list(senders)
-        self.interval = interval
-        self.inbox = inbox
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        # Wake twice per interval so no link goes longer than ~1.5 intervals without traffic.
-        while not self._stop.wait(self.interval / 2):
-            for s in self.senders:
-                try:
-                    s.heartbeat_if_idle(self.interval)
-                except Exception as e:
-                    self.inbox.fail(s.link.dst, LinkDown(f"heartbeat on {s.link.name}: {e}"))
-                    return
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.thread.join()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pd_local.sampling import SamplingParams
+from pd_local.engine.sampling import SamplingParams
 from pd_local.tokenizer import Tokenizer
 
 MAX_STOP_STRINGS = 4

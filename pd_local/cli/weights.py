@@ -82,7 +82,7 @@ KNOWN_MODELS: dict[str, WheelModel] = {
 
 def repo_root() -> Path | None:
     """The checkout this pd_local was imported from (holds pyproject.toml), or None if installed."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # pd_local/cli/weights.py -> the checkout
     return root if (root / "pyproject.toml").is_file() and (root / "pd_local").is_dir() else None
 
 

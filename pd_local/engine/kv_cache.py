@@ -1,15 +1,16 @@
-"""Paged KV cache: a pure-Python block allocator and the cache tensors it indexes.
+"""Paged KV cache bookkeeping: a pure-Python block allocator and the slot arithmetic.
+
+The tensors the block ids index (`PagedKVCache`) live in `pd_local.model.kv_cache`, next to the
+attention that reads and writes them.
 
 Ownership contract: every block id handed out by `BlockAllocator.allocate` is returned by exactly
 one `free` call. A double free or a free of a block never handed out raises at once (it is a bug
-that would otherwise corrupt another request's KV silently). No torch.distributed in here.
+that would otherwise corrupt another request's KV silently). No torch in here.
 """
 
 from __future__ import annotations
 
 import logging
-
-import torch
 
 log = logging.getLogger(__name__)
 
@@ -60,30 +61,3 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
 def slots_for(block_ids: list[int], start: int, end: int, block_size: int) -> list[int]:
     """Flat cache slots of positions [start, end) of a sequence with block table block_ids."""
     return [block_ids[p // block_size] * block_size + p % block_size for p in range(start, end)]
-
-
-class PagedKVCache:
-    """Per layer K and V tensors [num_blocks, block_size, num_kv_heads, head_dim]."""
-
-    def __init__(
-        self,
-        num_layers: int,
-        num_blocks: int,
-        block_size: int,
-        num_kv_heads: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device | str,
-    ) -> None:
-        self.num_blocks = num_blocks
-        self.block_size = block_size
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-
-    @staticmethod
-    def bytes_per_block(
-        num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
-    ) -> int:
-        elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * num_layers * block_size * num_kv_heads * head_dim * elem

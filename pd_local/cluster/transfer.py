@@ -5,6 +5,7 @@ One transfer carries one prefill batch's requests for one decode rank. On the wi
 in this order on both ends (header on the pair's gloo header link, tensors on its data link):
 
     KVHeader(entries=[(req_id, num_tokens), ...], shapes, dtype, mode)
+               (layerwise: sent once layer 0 is computed; whole: once all layers are)
     layerwise: for layer in 0..L-1:  K [T, kv_heads, head_dim], V [T, kv_heads, head_dim]
     whole:     KV [L, 2, T, kv_heads, head_dim]            (one tensor, sent after prefill)
     then:      hidden [R, hidden_size]   (final-normed hidden state of each prompt's last token)
@@ -33,6 +34,7 @@ an event before taking host timestamps or handing tensors to another thread.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -41,11 +43,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from pd_local.dist import KVLink, Link
+from pd_local.cluster.dist import KVLink, Link
 from pd_local.model.config import ModelConfig
-from pd_local.protocol import (DType, Heartbeat, Inbox, KVEntry, KVHeader, LinkDown,
-                               ProtocolError, Sender, Shutdown, TransferMode, TransferRecord,
-                               recv_message)
+from pd_local.cluster.channel import Inbox, LinkDown, Sender, recv_message
+from pd_local.cluster.messages import (DType, Heartbeat, KVEntry, KVHeader, ProtocolError, Shutdown,
+                                       TransferMode, TransferRecord)
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +89,7 @@ class TransferStat:
     req_ids: tuple[int, ...]
     num_bytes: int
     # sender: start() -> all sends done; receiver: header -> hidden landed. Layerwise, both
-    # include the prefill compute the sends overlap (the header goes before layer 0).
+    # include the prefill compute the sends overlap (the header goes with layer 0).
     seconds: float
     wait_s: float  # time spent blocked at the end (sender: in finish(); receiver: 0)
     t_end: float  # time.monotonic() at completion
@@ -142,9 +144,7 @@ class KVSender:
         self._entries, self._layers_done, self._bytes = entries, 0, 0
         self._t0 = time.perf_counter()
         num_tokens = sum(e.num_tokens for e in entries)
-        if self.mode is TransferMode.LAYERWISE:
-            self.header.send(self.shape.header(entries, self.mode))
-        else:
+        if self.mode is TransferMode.WHOLE:
             s = self.shape
             # [L, 2, T, kv_heads, head_dim]: filled layer by layer, sent once in hidden(). The
             # storage is kept for the next transfer (grow-only): re-allocating tens of MB per
@@ -177,6 +177,12 @@ class KVSender:
             self._whole[layer, 0].copy_(k)
             self._whole[layer, 1].copy_(v)
         else:
+            if layer == 0:
+                # The header goes with the first layer, not at start(): the receiver posts its
+                # receives on the header's arrival, and each of its waits then spans one
+                # layer's compute, never the embedding or anything before it (liveness rule 3
+                # in docs/architecture.md).
+                self.header.send(self.shape.header(self._entries, self.mode))
             self._isend(k)
             self._isend(v)
         self._layers_done += 1
@@ -247,7 +253,10 @@ class KVReceiver:
     same layout for both modes (layerwise receives each layer's K and V into their slices). Up
     to POOL buffers handed back by StagingDone.release are kept for reuse.
 
-    Exits quietly on a Shutdown on the header link; on any error it puts a LinkDown marker.
+    Two threads: one reads the header link without pause (heartbeats included), one lands the
+    transfers those headers announce on the data link, in order. Both exit quietly after a
+    Shutdown on the header link (the data thread once the transfers before it have landed); on
+    any error a LinkDown marker goes to the inbox.
     `stats` lists every completed transfer (appended by the thread; read it after it stops or
     accept a racy snapshot).
     """
@@ -263,27 +272,45 @@ class KVReceiver:
         self.stats: list[TransferStat] = []
         self._pool: list[torch.Tensor] = []
         self._pool_lock = threading.Lock()  # the thread takes, the consumer gives back
+        # Headers, in arrival order, from the header thread to the data thread; None = Shutdown.
+        self._headers: queue.Queue[KVHeader | None] = queue.Queue()
+        self.header_thread = threading.Thread(target=self._read_headers, daemon=True,
+                                              name=f"kv header {pair.header.name}")
         self.thread = threading.Thread(target=self._run, name=f"kv {pair.data.name}",
                                        daemon=True)
+        self.header_thread.start()
         self.thread.start()
 
-    def _run(self) -> None:
+    def _fail(self, e: Exception) -> None:
         peer = self.pair.prefill
+        log.error("kv link %s down: %s", self.pair.data.name, e)
+        self.inbox.fail(peer, LinkDown(f"kv link {self.pair.data.name} (from rank {peer}): {e}"))
+
+    def _read_headers(self) -> None:
+        """Reads the header link without pause, also while a transfer is landing: the sender's
+        heartbeats on it must never wait for a transfer to end (a gloo send is a rendezvous)."""
         try:
             while True:
                 msg = recv_message(self.pair.header)
                 if isinstance(msg, Heartbeat):
                     continue
                 if isinstance(msg, Shutdown):
+                    self._headers.put(None)
                     return
                 if not isinstance(msg, KVHeader):
                     raise ProtocolError(f"expected KVHeader, got {type(msg).__name__}")
                 self.shape.check(msg)
-                self._receive(msg)
+                self._headers.put(msg)
         except Exception as e:
-            log.error("kv link %s down: %s", self.pair.data.name, e)
-            self.inbox.fail(peer, LinkDown(f"kv link {self.pair.data.name} (from rank {peer}): "
-                                           f"{e}"))
+            self._fail(e)
+            self._headers.put(None)
+
+    def _run(self) -> None:
+        try:
+            while (h := self._headers.get()) is not None:
+                self._receive(h)
+        except Exception as e:
+            self._fail(e)
 
     def _take(self, numel: int) -> torch.Tensor:
         with self._pool_lock:

@@ -19,9 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from pd_local.kv_cache import BlockAllocator, blocks_for
-from pd_local.prefill_queue import Chunk, PrefillJob, PrefillQueue
-from pd_local.sampling import SamplingParams
+from pd_local.engine.kv_cache import BlockAllocator, blocks_for
+from pd_local.engine.prefill_queue import Chunk, PrefillJob, PrefillQueue
+from pd_local.engine.sampling import SamplingParams
 
 
 class SeqStatus(Enum):

@@ -1,0 +1,13 @@
+"""The HTTP front-end: OpenAI-compatible routes over any `Backend`.
+
+| module | owns | never does |
+|---|---|---|
+| `server.py` | Starlette app (OpenAI routes, SSE, health, metrics) | block the event loop |
+| `backend.py` | the `Backend` contract the app talks to, and `InProcessBackend` (one engine in this process) | know about ranks |
+| `openai_request.py` | OpenAI request validation -> `GenerationRequest` (shared with `pd-local generate`) | tokenize twice |
+| `textstream.py` | token ids -> text deltas with stop strings | |
+| `metrics.py` | the Prometheus `/metrics` exposition | |
+
+Imports `engine` and the shared `tokenizer`; never `cluster` or `cli` (the torchrun backend,
+`cluster.router`, plugs in through `Backend`).
+"""

@@ -1,0 +1,109 @@
+"""The front-end's Prometheus metrics, through `prometheus_client`.
+
+Each `Metrics` owns its own `CollectorRegistry` (never the process-global one), so several apps
+in one process (the tests start many) do not collide on metric names. Request counters and
+latency histograms are updated by the front-end as requests end; the per-rank gauges and the KV
+transfer counters are read from a `BackendStats` snapshot at scrape time (`render`). Only the
+asyncio loop touches these objects.
+
+Metric names and labels are the ones `docs/api.md` lists; every request outcome is exported
+from the start (at 0), so a dashboard never sees a series appear.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from pd_local.api.backend import BackendStats
+
+# The `_created` series prometheus_client adds to every counter and histogram by default carry
+# nothing a scrape of this server needs, and /metrics never had them. (Process-wide switch.)
+prometheus_client.disable_created_metrics()
+
+# Seconds. TTFT runs from ~10 ms (a short prompt, idle server) to tens of seconds (queued behind
+# long prompts on CPU); inter-token gaps from ~5 ms to a stall of seconds; one scale serves both.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+OUTCOMES = ("stop", "length", "abort", "error", "invalid", "rejected")
+RANK_GAUGES = (
+    ("pd_local_kv_blocks_free", "Free KV blocks on a rank.", "free_blocks"),
+    ("pd_local_kv_blocks_total", "Total KV blocks on a rank.", "total_blocks"),
+    ("pd_local_running_requests", "Requests in a rank's running batch.", "running"),
+    ("pd_local_queue_depth", "Requests queued on a rank (waiting for prefill or a reservation).",
+     "waiting"),
+)
+
+
+class _SnapshotCollector(Collector):
+    """Metrics whose values live in the backend (read from the last `BackendStats`)."""
+
+    def __init__(self) -> None:
+        self.stats = BackendStats(ranks=[])
+        self.in_flight = 0
+
+    def collect(self) -> Iterator[Metric]:
+        g = GaugeMetricFamily("pd_local_requests_in_flight",
+                              "Requests admitted by the front-end and not finished.")
+        g.add_metric([], self.in_flight)
+        yield g
+        for name, help_text, attr in RANK_GAUGES:
+            g = GaugeMetricFamily(name, help_text, labels=["rank", "role"])
+            for r in self.stats.ranks:
+                g.add_metric([str(r.rank), r.role], getattr(r, attr))
+            yield g
+        s = self.stats
+        for name, help_text, value in (
+            ("pd_local_kv_transfer_bytes", "KV + hidden-state bytes moved prefill -> decode.",
+             s.kv_bytes_transferred),
+            ("pd_local_kv_transfer_seconds", "Time spent in those transfers.", s.kv_transfer_seconds),
+            ("pd_local_kv_transfers", "Completed KV transfers.", s.kv_transfers),
+        ):
+            yield CounterMetricFamily(name, help_text, value=value)  # exported as NAME_total
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "pd_local_requests", "Requests by outcome (stop, length, abort, error, invalid, rejected).",
+            ["outcome"], registry=self.registry)
+        for outcome in OUTCOMES:
+            self.requests.labels(outcome=outcome)
+        self.disconnects = Counter("pd_local_client_disconnects",
+                                   "Requests whose client went away before the end.",
+                                   registry=self.registry)
+        self._snapshot = _SnapshotCollector()
+        self.registry.register(self._snapshot)
+        self.ttft = Histogram("pd_local_time_to_first_token_seconds",
+                              "Time from request arrival to its first token.",
+                              buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.itl = Histogram("pd_local_inter_token_latency_seconds",
+                             "Gap between consecutive token outputs of a request.",
+                             buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.e2e = Histogram("pd_local_e2e_request_latency_seconds",
+                             "Time from request arrival to its end.",
+                             buckets=LATENCY_BUCKETS, registry=self.registry)
+
+    def count_request(self, outcome: str) -> None:
+        self.requests.labels(outcome=outcome).inc()
+
+    def count_disconnect(self) -> None:
+        self.disconnects.inc()
+
+    def observe_ttft(self, s: float) -> None:
+        self.ttft.observe(s)
+
+    def observe_itl(self, s: float) -> None:
+        self.itl.observe(s)
+
+    def observe_e2e(self, s: float) -> None:
+        self.e2e.observe(s)
+
+    def render(self, stats: BackendStats, in_flight: int) -> str:
+        """The text exposition (format 0.0.4) of everything, with the backend's state as of now."""
+        self._snapshot.stats, self._snapshot.in_flight = stats, in_flight
+        return prometheus_client.generate_latest(self.registry).decode()

@@ -1,0 +1,186 @@
+"""`pd-local serve`: check the config, then exec torchrun with one process per rank.
+
+    pd-local serve [--config configs/cpu-1p1d.toml] [--model DIR] [--dtype auto|bfloat16|float32]
+                   [--prefill P --decode D | --colocated N] [--device cpu|cuda] [...]
+
+torchrun gets --nproc-per-node = 1 + workers and runs `python -m pd_local.launch` with the same
+flags on every rank, so every rank builds the same ServeConfig (the API key travels in the
+environment instead). This process stays as torchrun's supervisor for clean signals
+(`supervise`). Mistakes that need no ranks (a bad config, a missing model directory, too
+few GPUs) are refused here, before anything starts; the default model is fetched if missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+
+from pd_local.config import (API_KEY_ENV, DEFAULT_MODEL, ConfigError, ServeConfig,
+                             add_config_args, check_model_dir, check_world, config_from_args,
+                             to_argv)
+
+
+def fetch_default_model(cfg: ServeConfig) -> None:
+    """The default model is fetched and converted on first use (README: `pd-local serve` on a
+    fresh checkout just works); any other missing directory is the user's mistake."""
+    from pd_local.cli.weights import DEFAULT_MODEL as NAME
+    from pd_local.cli.weights import WeightsError, fetch
+
+    print(f"pd-local serve: {cfg.model} not found; fetching {NAME}", file=sys.stderr)
+    try:
+        fetch(NAME, cfg.model_path.parent, dtype=None)
+    except WeightsError as e:
+        raise ConfigError(f"could not fetch the default model into {cfg.model_path}: {e}") from e
+
+
+def torchrun_command(cfg: ServeConfig, args: argparse.Namespace) -> list[str]:
+    """The torchrun command line for `cfg` (built from `args`)."""
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        "--standalone",  # a free rendezvous port on localhost
+        f"--nproc-per-node={cfg.topology.world_size}",
+        f"--max-restarts={args.max_restarts}",
+        "--module", "pd_local.launch", *to_argv(args.config, args),
+    ]
+
+
+def _without_api_key(argv: list[str]) -> list[str]:
+    """argv less `--api-key KEY` / `--api-key=KEY`."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--api-key":
+            skip = True
+        elif not a.startswith("--api-key="):
+            out.append(a)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    if _without_api_key(argv) != argv:
+        # This process lives as long as the server (it supervises torchrun): take the key off
+        # its world-readable command line by running again with the key in the environment.
+        key = next((a.split("=", 1)[1] for a in argv if a.startswith("--api-key=")), None)
+        if key is None:
+            i = argv.index("--api-key")
+            key = argv[i + 1] if i + 1 < len(argv) else ""
+        if key:
+            os.environ[API_KEY_ENV] = key
+            os.execv(sys.executable, [sys.executable, "-m", "pd_local", "serve",
+                                      *_without_api_key(argv)])
+    parser = argparse.ArgumentParser(prog="pd-local serve", description=__doc__.split("\n\n")[0])
+    add_config_args(parser)
+    parser.add_argument("--max-restarts", type=int, default=0,
+                        help="torchrun restarts of the whole world after a rank fails")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check everything, print the torchrun command, start nothing")
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        if cfg.model == DEFAULT_MODEL and not cfg.model_path.is_dir():
+            fetch_default_model(cfg)
+        check_model_dir(cfg)
+        cuda_count = 0
+        if cfg.device == "cuda":
+            import torch
+
+            cuda_count = torch.cuda.device_count()
+        check_world(cfg, cfg.topology.world_size, cuda_count)
+    except ConfigError as e:
+        print(f"pd-local serve: {e}", file=sys.stderr)
+        return 2
+    cmd = torchrun_command(cfg, args)
+    print(f"pd-local serve: {cfg.topology.label} on {cfg.device}, {cfg.topology.world_size} "
+          f"ranks: {' '.join(cmd)}", file=sys.stderr)
+    if args.dry_run:
+        return 0
+    if cfg.server.api_key is not None:
+        os.environ[API_KEY_ENV] = cfg.server.api_key
+    return supervise(cmd)
+
+
+def children(pid: int) -> list[int]:
+    """Pids whose parent is `pid` (Linux /proc)."""
+    out = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
+            out.append(int(entry.name))
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        kids = children(todo.pop())
+        out += kids
+        todo += kids
+    return out
+
+
+def _rank0(torchrun_pid: int) -> int | None:
+    """Rank 0's pid: the child of torchrun's agent whose environment says RANK=0."""
+    for pid in children(torchrun_pid):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if b"RANK=0" in f.read().split(b"\0"):
+                    return pid
+        except OSError:
+            continue
+    return None
+
+
+def _die_with_parent() -> None:
+    """In the torchrun child: SIGTERM it if `pd-local serve` dies (even by SIGKILL), so a
+    killed supervisor never leaves a server running (Linux prctl; elsewhere nothing)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
+def supervise(cmd: list[str]) -> int:
+    """Run torchrun in a session of its own and stop it the way operators expect (shutdown.py).
+
+    SIGINT (Ctrl-C: the terminal sends it to our process group only, not to torchrun's),
+    SIGTERM (systemd, docker stop, Kubernetes) and SIGHUP become one SIGTERM to rank 0, which
+    drains and stops every rank in order: torchrun, and so this command, exits 0. A second
+    signal kills the whole tree at once. Returns torchrun's exit code (128 + N for signal N).
+    """
+    proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent)
+    received: list[int] = []
+
+    def on_signal(sig: int, frame: object) -> None:
+        received.append(sig)
+        name = signal.Signals(sig).name
+        if len(received) > 1:
+            print(f"pd-local serve: {name} again: killing every rank now", file=sys.stderr,
+                  flush=True)
+            for pid in [*descendants(proc.pid), proc.pid]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            return
+        rank0 = _rank0(proc.pid)
+        print(f"pd-local serve: {name}: stopping (Ctrl-C again to kill at once)",
+              file=sys.stderr, flush=True)
+        # Before the ranks exist, torchrun's agent is the one to stop.
+        os.kill(rank0 if rank0 is not None else proc.pid, signal.SIGTERM)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    rc = proc.wait()
+    return 128 - rc if rc < 0 else rc

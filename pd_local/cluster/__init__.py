@@ -1,0 +1,20 @@
+"""The torchrun world: ranks -> roles, the wire between them, and the three rank loops.
+
+| module | owns | never does |
+|---|---|---|
+| `dist.py` | ranks -> roles, every process group, created in one fixed order on every rank | |
+| `messages.py` | every typed cross-rank message and its int64 wire codec | pickle |
+| `channel.py` | one control link over a 2-rank gloo group: `Sender`, `Receiver` thread -> `Inbox`, `Heartbeater` (a thread per link) | poll a gloo receive; heartbeat one link from another's thread |
+| `transfer.py` | KV + hidden-state sender/receiver, header before payload; the header link read without pause | wait on data whose header has not arrived |
+| `ipc.py` | the KV transport per (prefill, decode) device pair; CUDA IPC handles as int64 tensors | pickle |
+| `ipc_transfer.py` | KV through a shared staging slot for a same-GPU pair (CUDA IPC; /dev/shm on CPU) | reuse a slot before the receiver's ack |
+| `router.py` | rank 0: the `api.backend.Backend` over the workers; routing; starts the HTTP app | block the asyncio loop |
+| `prefill.py` | a prefill rank's loop: batch prompts, stream each layer's KV to its decode rank | keep KV |
+| `decode.py` | a decode (or colocated) rank's loop: reserve, receive KV, sample, decode | compute a prompt's KV it was sent |
+| `shutdown.py` | how ranks stop: rank 0's drain on a signal, workers' signal policy, 503 after a failure | stop a worker on its own signal |
+
+The entry point that starts a rank is `pd_local.launch` (kept at the top, beside `__main__`,
+because it is what torchrun runs). Imports `engine`, `model`, the shared `config` and
+`tokenizer`, and `api` (the router implements `api.backend.Backend` and starts `api.server`'s app
+on rank 0); `api` never imports `cluster`. Never imports `cli`.
+"""

@@ -1,0 +1,122 @@
+"""How ranks stop: on a signal (SIGTERM from systemd / docker / Kubernetes, Ctrl-C, SIGHUP) and
+after a failure. The rules, also in docs/architecture.md ("Stopping"):
+
+- Rank 0 owns the stop. On its first signal it drains: /health and new requests answer 503
+  ("the server is shutting down"), requests in flight get `server.shutdown_grace_s` to finish,
+  the rest are aborted (every rank frees their blocks), then the router shuts the workers down
+  in order (prefill ranks close their KV links first) and every rank exits 0. One log line per
+  signal, no traceback. A second signal exits at once.
+- A worker never stops itself on a signal: a signal that reaches it (torchrun forwards its own
+  to every rank) is logged once, and the worker goes on until rank 0's Shutdown arrives. If
+  none comes within grace + 2 group timeouts (say the signal was sent to this worker alone),
+  it exits 1 by itself. A second signal exits at once.
+- After a rank failed (a dead link, a worker's Fatal) rank 0 answers 503 naming the failure for
+  FAILURE_LINGER_S, so clients and health checks see why, then exits 1; torchrun stops the rest.
+
+`pd-local serve` runs torchrun in a session of its own and turns its own SIGINT / SIGTERM /
+SIGHUP into one SIGTERM to rank 0 (cli/serve.py: `supervise`), so a terminal's Ctrl-C reaches
+neither torchrun's agent (which would forward it to every rank and exit non-zero) nor the ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+FAILURE_LINGER_S = 2.0  # rank 0 answers 503 this long after a failure before exiting
+
+
+class RankFailure(RuntimeError):
+    """A failure already explained in the log: the rank exits 1 with one line, no traceback."""
+
+
+def exit_now(why: str, code: int = 1) -> None:
+    """Leave at once without unwinding (daemon threads may sit in gloo calls; launch.py)."""
+    log.warning("%s: exiting now", why)
+    logging.shutdown()
+    os._exit(code)
+
+
+def install(handler: Callable[[int], None]) -> None:
+    """Route every stop signal to `handler(signum)` (main thread only)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda signum, frame: handler(signum))
+
+
+class WorkerSignals:
+    """A worker's signal policy (module docstring): log once, wait for rank 0, fall back."""
+
+    def __init__(self, rank: int, fallback_s: float) -> None:
+        self.rank, self.fallback_s = rank, fallback_s
+        self.received = 0
+
+    def __call__(self, sig: int) -> None:
+        name = signal.Signals(sig).name
+        self.received += 1
+        if self.received > 1:
+            exit_now(f"rank {self.rank}: {name} again")
+        log.warning("%s: waiting for rank 0 to stop this rank (or exiting by itself in %.0f s)",
+                    name, self.fallback_s)
+        timer = threading.Timer(self.fallback_s, exit_now,
+                                args=(f"rank {self.rank}: rank 0 never stopped this rank",))
+        timer.daemon = True
+        timer.start()
+
+
+class Stopper:
+    """Rank 0's stop: a drain on the first signal, failure handling, exit on the second.
+
+    `in_flight()` counts requests admitted and not finished (the HTTP app's count);
+    `should_exit()` asks the HTTP server to stop (it then closes, and its lifespan shuts the
+    router and the workers down). Both are set once the server exists; a signal before that
+    (workers still loading) only records the request, which serve() checks.
+    """
+
+    def __init__(self, router: object, grace_s: float) -> None:
+        self.router = router
+        self.grace_s = grace_s
+        self.signals = 0
+        self.requested = threading.Event()
+        self.in_flight: Callable[[], int] = lambda: 0
+        self.should_exit: Callable[[], None] = lambda: None
+
+    def on_signal(self, sig: int) -> None:
+        """Runs in the main thread (a signal handler): never blocks."""
+        name = signal.Signals(sig).name
+        self.signals += 1
+        if self.signals > 1:
+            exit_now(f"rank 0: {name} again")
+        self.requested.set()
+        if self.router.error is not None:  # type: ignore[attr-defined]
+            log.warning("%s: stopping after the failure above", name)
+            return  # the failure's own linger ends the process
+        log.warning("%s: stopping: new requests get 503; %d in flight get %.1f s to finish",
+                    name, self.in_flight(), self.grace_s)
+        self.router.begin_stop(f"the server is shutting down ({name})")  # type: ignore[attr-defined]
+        threading.Thread(target=self._drain, name="drain", daemon=True).start()
+
+    def _drain(self) -> None:
+        deadline = time.monotonic() + self.grace_s
+        while self.in_flight() > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = self.in_flight()
+        if left:
+            log.warning("grace period over: aborting %d requests still in flight", left)
+            self.router.abort_all(  # type: ignore[attr-defined]
+                f"the server is shutting down: not finished within the "
+                f"{self.grace_s:g} s grace period")
+        self.should_exit()
+
+    def on_failure(self) -> None:
+        """The router failed (a rank died, a link broke): 503 for a while, then exit 1."""
+        def linger() -> None:
+            time.sleep(FAILURE_LINGER_S)
+            self.should_exit()
+        threading.Thread(target=linger, name="failure linger", daemon=True).start()

@@ -1,0 +1,37 @@
+"""The paged KV cache tensors that attention reads and writes (blocks are handed out by
+`pd_local.engine.kv_cache.BlockAllocator`; the model only takes the tensors as an argument).
+
+A token at position p of a sequence with block table `bt` lives at slot
+`bt[p // block_size] * block_size + p % block_size` (`engine.kv_cache.slots_for`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class PagedKVCache:
+    """Per layer K and V tensors [num_blocks, block_size, num_kv_heads, head_dim]."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    @staticmethod
+    def bytes_per_block(
+        num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * elem

@@ -1,0 +1,83 @@
+"""The package layout is the architecture: arrows point down, nothing below imports above.
+
+cli -> api / cluster -> engine -> model. `config` and `tokenizer` are shared (they import only
+`model`); `launch` and `__main__` are entry points; `loadtest` imports nothing else of pd_local.
+`cluster` may import `api` (the router implements `api.backend.Backend`), never the reverse.
+Every import counts, including the ones inside functions.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent / "pd_local"
+
+# What each part of the package may import from pd_local (besides itself).
+ALLOWED: dict[str, set[str]] = {
+    "model": set(),
+    "config": {"model"},
+    "tokenizer": set(),
+    "engine": {"model", "config"},
+    "api": {"engine", "model", "config", "tokenizer"},
+    "cluster": {"api", "engine", "model", "config", "tokenizer"},
+    "cli": {"api", "cluster", "engine", "model", "config", "tokenizer", "loadtest"},
+    "launch": {"cluster", "config"},
+    "__main__": set(),  # imports its sub-commands by name, lazily
+    "__init__": set(),
+    "loadtest": set(),
+}
+
+
+def _part(module: str) -> str:
+    """'pd_local.engine.scheduler' -> 'engine'; 'pd_local.config' -> 'config'."""
+    return module.split(".")[1]
+
+
+def _imports(path: Path) -> list[str]:
+    names: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.append(node.module)
+            if node.module == "pd_local":  # `from pd_local import x`
+                names += [f"pd_local.{a.name}" for a in node.names]
+    return [n for n in names if n.startswith("pd_local.")]
+
+
+SOURCES = sorted(ROOT.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_module_imports_a_layer_above(path: Path) -> None:
+    rel = path.relative_to(ROOT)
+    part = rel.parts[0].removesuffix(".py")
+    bad = [m for m in _imports(path) if _part(m) != part and _part(m) not in ALLOWED[part]]
+    assert not bad, f"pd_local/{rel} ({part}) imports {bad}; {part} may import only {sorted(ALLOWED[part])}"
+
+
+def test_top_level_shows_the_roles() -> None:
+    top = sorted(p.name for p in ROOT.iterdir() if not p.name.startswith("__pycache__"))
+    assert top == ["__init__.py", "__main__.py", "api", "cli", "cluster", "config.py", "engine",
+                   "launch.py", "loadtest", "model", "tokenizer.py"]
+
+
+@pytest.mark.parametrize("package", ["api", "cli", "cluster", "engine", "loadtest", "model"])
+def test_every_package_says_what_it_owns(package: str) -> None:
+    doc = ast.get_docstring(ast.parse((ROOT / package / "__init__.py").read_text()))
+    assert doc and len(doc.splitlines()) >= 3, f"pd_local/{package}/__init__.py needs a docstring"
+    for module in sorted((ROOT / package).glob("*.py")):
+        if module.name != "__init__.py":
+            assert f"`{module.stem}" in doc, f"pd_local/{package}/__init__.py does not list {module.name}"
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_long_files_say_why(path: Path) -> None:
+    """Files stay under ~400 lines; a longer one says why in its docstring (STYLE.md)."""
+    lines = len(path.read_text().splitlines())
+    if lines > 420:
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        assert "400 lines" in doc, f"pd_local/{path.relative_to(ROOT)}: {lines} lines, no reason given"

@@ -1,0 +1,53 @@
+"""api/metrics.py: the /metrics exposition parses as Prometheus text, keeps the documented names
+and labels, and two apps in one process keep separate registries."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from pd_local.api.backend import BackendStats, RankStats
+from pd_local.api.metrics import Metrics
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def test_names_labels_and_values() -> None:
+    m = Metrics()
+    m.count_request("stop")
+    m.count_request("stop")
+    m.count_disconnect()
+    m.observe_ttft(0.02)
+    m.observe_itl(0.3)
+    m.observe_e2e(7.0)
+    stats = BackendStats([RankStats(1, "prefill", 0, 0, 0, 2), RankStats(2, "decode", 10, 64, 3, 1)],
+                         kv_bytes_transferred=4096, kv_transfer_seconds=0.25, kv_transfers=2)
+    s = samples(m.render(stats, in_flight=3))
+    assert s[("pd_local_requests_total", (("outcome", "stop"),))] == 2
+    for outcome in ("length", "abort", "error", "invalid", "rejected"):  # exported from the start
+        assert s[("pd_local_requests_total", (("outcome", outcome),))] == 0
+    assert s[("pd_local_client_disconnects_total", ())] == 1
+    assert s[("pd_local_requests_in_flight", ())] == 3
+    assert s[("pd_local_kv_blocks_free", (("rank", "2"), ("role", "decode")))] == 10
+    assert s[("pd_local_kv_blocks_total", (("rank", "2"), ("role", "decode")))] == 64
+    assert s[("pd_local_running_requests", (("rank", "2"), ("role", "decode")))] == 3
+    assert s[("pd_local_queue_depth", (("rank", "1"), ("role", "prefill")))] == 2
+    assert s[("pd_local_kv_transfer_bytes_total", ())] == 4096
+    assert s[("pd_local_kv_transfer_seconds_total", ())] == 0.25
+    assert s[("pd_local_kv_transfers_total", ())] == 2
+    ttft = "pd_local_time_to_first_token_seconds"
+    assert s[(f"{ttft}_bucket", (("le", "0.01"),))] == 0
+    assert s[(f"{ttft}_bucket", (("le", "0.025"),))] == 1
+    assert s[(f"{ttft}_count", ())] == 1 and s[(f"{ttft}_sum", ())] == 0.02
+    assert s[("pd_local_inter_token_latency_seconds_bucket", (("le", "0.25"),))] == 0
+    assert s[("pd_local_e2e_request_latency_seconds_bucket", (("le", "+Inf"),))] == 1
+    assert not any(name.endswith("_created") for name, _ in s)
+
+
+def test_two_apps_in_one_process_do_not_share_counts() -> None:
+    a, b = Metrics(), Metrics()  # the global registry would refuse the second (duplicate names)
+    a.count_request("error")
+    assert samples(a.render(BackendStats(), 0))[("pd_local_requests_total", (("outcome", "error"),))] == 1
+    assert samples(b.render(BackendStats(), 0))[("pd_local_requests_total", (("outcome", "error"),))] == 0
