@@ -19,6 +19,7 @@ Not thread-safe: one rank loop owns it. No torch.distributed here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -82,11 +83,26 @@ class ChunkedPrefiller:
     def has_pending(self) -> bool:
         return bool(self.queue)
 
-    def plan(self) -> list[PlannedChunk]:
-        """This step's chunks (empty when nothing is queued or nothing fits in the cache)."""
+    @property
+    def num_pending(self) -> int:
+        """Prompts queued or part-prefilled."""
+        return len(self.queue)
+
+    @property
+    def pending_tokens(self) -> int:
+        """Prompt tokens still to prefill."""
+        return sum(j.remaining for j in self.queue.jobs.values())
+
+    def plan(self, key: Callable[[int], int] | None = None) -> list[PlannedChunk]:
+        """This step's chunks (empty when nothing is queued or nothing fits in the cache), in
+        the order of `key(req_id)` (stable; default the policy's) and rows assigned in that
+        order: a prefill rank orders by destination so each one's rows are contiguous."""
+        planned = self.queue.plan(admit=self._admit)
+        if key is not None:
+            planned = sorted(planned, key=lambda c: key(c.job.key))
         out: list[PlannedChunk] = []
         row = 0
-        for c in self.queue.plan(admit=self._admit):
+        for c in planned:
             out.append(PlannedChunk(c.job.key, c.start, c.end, row, c.is_last, c))
             row += c.num_tokens
         return out
