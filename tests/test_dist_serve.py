@@ -127,6 +127,22 @@ def test_serve_matches_engine_frees_blocks_and_stops_cleanly(tiny_dir: Path,
         assert s.leftover() == []
 
 
+@pytest.mark.parametrize("flags", [[], ["--transfer", "whole"]], ids=["layerwise", "whole"])
+def test_1p1d_prefill_rank_in_16_token_chunks_matches_engine(tiny_dir: Path,
+                                                             flags: list[str]) -> None:
+    """The prefill rank chunks every prompt (5..140 tokens) into steps of 16 tokens: the KV
+    reaches the decode rank chunk by chunk over ~9 transfers per long prompt, and the tokens
+    are still exactly the in-process engine's (which prefills in chunks of 256)."""
+    want = reference_texts(tiny_dir)
+    with serving(tiny_dir, "--prefill", "1", "--decode", "1", *flags,
+                 "--set", "engine.max_prefill_tokens=16") as s:
+        assert asyncio.run(complete_all(s.url)) == want
+        transfers = metric_values(s.url, "pd_local_kv_transfers_total")
+        assert list(transfers.values()) == [len(PROMPTS)]  # one record per prompt, not per chunk
+        blocks = wait_blocks_free(s.url)
+        assert blocks and all(free == total for free, total in blocks.values()), blocks
+
+
 def first_non_200_health(url: str, timeout: float) -> httpx.Response:
     """Polls /health every 20 ms; a refused connection fails the test (it must say 503)."""
     deadline = time.monotonic() + timeout

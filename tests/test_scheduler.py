@@ -13,8 +13,9 @@ from pd_local.engine.sampling import SamplingParams
 from pd_local.engine.scheduler import Scheduler, Sequence, SeqStatus
 
 
-def make(num_blocks: int = 16, block_size: int = 4, max_num_seqs: int = 8, budget: int = 64) -> Scheduler:
-    return Scheduler(BlockAllocator(num_blocks), block_size, max_num_seqs, budget)
+def make(num_blocks: int = 16, block_size: int = 4, max_num_seqs: int = 8, budget: int = 64,
+         chunked: bool = True) -> Scheduler:
+    return Scheduler(BlockAllocator(num_blocks), block_size, max_num_seqs, budget, chunked)
 
 
 def seq(i: int, n: int) -> Sequence:
@@ -22,13 +23,14 @@ def seq(i: int, n: int) -> Sequence:
 
 
 def test_prefill_respects_token_budget_but_runs_a_long_prompt_alone() -> None:
-    s = make(num_blocks=64, budget=10)
+    s = make(num_blocks=64, budget=10, chunked=False)
     for i, n in enumerate([30, 4, 4, 4]):
         s.add(seq(i, n))
     first = s.schedule()
-    assert first.is_prefill and [q.req_id for q in first.seqs] == [0]
+    assert [(c.seq.req_id, c.start, c.end) for c in first.prefill] == [(0, 0, 30)]
+    s.advance(first)
     second = s.schedule()
-    assert [q.req_id for q in second.seqs] == [1, 2]  # 4 + 4 <= 10 < 12
+    assert [c.seq.req_id for c in second.prefill] == [1, 2]  # 4 + 4 <= 10 < 12
 
 
 def test_admission_waits_for_blocks() -> None:
@@ -36,7 +38,7 @@ def test_admission_waits_for_blocks() -> None:
     s.add(seq(0, 12))  # 3 blocks
     s.add(seq(1, 8))  # 2 blocks: only 1 left
     out = s.schedule()
-    assert [q.req_id for q in out.seqs] == [0]
+    assert [c.seq.req_id for c in out.prefill] == [0]
     assert [q.req_id for q in s.waiting] == [1]
 
 
@@ -44,13 +46,13 @@ def test_decode_preempts_newest_and_frees_its_blocks() -> None:
     s = make(num_blocks=4, block_size=4)
     s.add(seq(0, 8))
     s.add(seq(1, 8))
-    s.schedule()  # both prefilled: all 4 blocks used
+    s.advance(s.schedule())  # both prefilled: all 4 blocks used
     for q in s.running:
         q.output_ids.append(5)  # 9 tokens: each needs a third block
     out = s.schedule()
-    assert not out.is_prefill
+    assert not out.prefill
     assert [q.req_id for q in out.preempted] == [1]
-    assert [q.req_id for q in out.seqs] == [0]
+    assert [q.req_id for q in out.decode] == [0]
     assert s.waiting[0].req_id == 1 and s.waiting[0].block_ids == []
     assert len(s.running[0].block_ids) == 3 and s.allocator.num_free == 1
 
@@ -58,7 +60,7 @@ def test_decode_preempts_newest_and_frees_its_blocks() -> None:
 def test_abort_in_every_state_frees_exactly_once() -> None:
     s = make(num_blocks=16)
     s.add(seq(0, 8))
-    s.schedule()  # 0 running
+    s.advance(s.schedule())  # 0 running
     assert s.try_reserve(seq(2, 8))  # 2 reserved
     s.add(seq(1, 4))  # 1 waiting
     assert not s.try_reserve(seq(3, 4)), "reservations must not overtake waiting work"
@@ -96,9 +98,10 @@ def test_random_workloads_finish_and_return_every_block(lengths: list[int], seed
     aborted = set(rng.sample(range(len(lengths)), k=len(lengths) // 4))
     for _ in range(2000):
         out = s.schedule()
-        if out is None:
+        s.advance(out)
+        if out.is_empty and not s.has_unfinished():
             break
-        for q in list(out.seqs):
+        for q in out.sampled:
             q.output_ids.append(7)
             if q.req_id in aborted or len(q.output_ids) >= target[q.req_id]:
                 s.finish(q, "length")

@@ -198,7 +198,7 @@ def test_smollm2_logits_match_transformers(smollm2_f32_dir: Path) -> None:
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     ids = Tokenizer.from_dir(smollm2_f32_dir).encode_chat([{"role": "user", "content": "Name a color."}])
     t = len(ids)
-    hidden = model(torch.tensor(ids), torch.arange(t), AttentionMetadata(is_prefill=True, seq_lens=(t,)))
+    hidden = model(torch.tensor(ids), torch.arange(t), AttentionMetadata.prefill([t]))
     ours = model.compute_logits(hidden)  # [T, vocab]
     hf = AutoModelForCausalLM.from_pretrained(smollm2_f32_dir, dtype=torch.float32).eval()
     with torch.no_grad():

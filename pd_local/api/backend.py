@@ -21,6 +21,9 @@ from typing import Protocol
 
 from pd_local.engine.engine import Engine
 from pd_local.engine.sampling import SamplingParams
+from pd_local.engine.scheduler import SeqStatus
+
+PREFILL_STATES = (SeqStatus.WAITING, SeqStatus.PREFILLING)  # a request whose prefill is not done
 
 log = logging.getLogger(__name__)
 
@@ -193,15 +196,21 @@ class InProcessBackend:
                     pass
                 if not self.engine.has_unfinished():
                     continue
-                pending_prefill = {s.req_id for s in self.engine.scheduler.waiting}
+                sched = self.engine.scheduler
+                # queued or part-prefilled (chunked prefill spans steps; the first mark sticks)
+                pending_prefill = {r for r, s in sched.by_id.items() if s.status in PREFILL_STATES}
                 t0 = time.monotonic()
                 events = self.engine.step()
                 t1 = time.monotonic()
+                for r in pending_prefill:
+                    s = sched.by_id.get(r)
+                    tl = self._timelines.get(r)
+                    if tl is not None and (s is None or s.status is not SeqStatus.WAITING):
+                        tl.mark("prefill_start", t0)
                 for ev in events:
                     tl = self._timelines.get(ev.req_id)
                     if tl is not None:
                         if ev.req_id in pending_prefill:
-                            tl.mark("prefill_start", t0)
                             tl.mark("prefill_end", t1)
                         tl.mark("first_token", t1)
                     if ev.finished:

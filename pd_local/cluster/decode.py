@@ -5,8 +5,10 @@ Disaggregated (DESIGN.md "One request", steps 3, 5, 6):
   blocks are held) as soon as the engine has room, and the router hears Reserved. A request
   that cannot be reserved waits here: that is the back-pressure that keeps prefill ranks from
   computing KV with nowhere to go. One that can never be (bad ids, too long) is Rejected.
-- LayerKV items (from the KV receiver threads) -> `engine.write_prompt_kv`; the PromptHidden
-  that ends a request's transfer -> `engine.add_prefilled`, which samples its first token.
+- LayerKV items (from the KV receiver threads) -> `engine.write_prompt_kv` at the item's start
+  (a prefill rank that chunks sends a prompt's KV over several transfers, chunk by chunk, into
+  the blocks reserved for all of it); the PromptHidden that comes after the prompt's last chunk
+  -> `engine.add_prefilled`, which samples its first token.
 - every loop turn with running sequences -> one `engine.step()`; every token of the turn goes
   to the router in one Tokens message, with this rank's load.
 Colocated: Reserve -> `engine.add_request` (this rank prefills it too); no KV links.
@@ -118,7 +120,7 @@ class DecodeLoop:
         engine = self.engine
         if isinstance(msg, LayerKV):
             if msg.req_id in engine.scheduler.reserved:
-                engine.write_prompt_kv(msg.req_id, msg.layer, msg.k, msg.v)
+                engine.write_prompt_kv(msg.req_id, msg.layer, msg.k, msg.v, start=msg.start)
         elif isinstance(msg, PromptHidden):
             if msg.req_id in engine.scheduler.reserved:
                 self.entries.append(token_entry(engine.add_prefilled(msg.req_id, msg.hidden)))

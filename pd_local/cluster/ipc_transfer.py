@@ -48,9 +48,9 @@ import torch.distributed as dist
 from pd_local.cluster.channel import Inbox, Sender
 from pd_local.cluster.dist import DistContext, KVLink, device_for_rank
 from pd_local.cluster.ipc import KVTransport, SharedTensor, pack_bytes, pair_transport, unpack_bytes
-from pd_local.cluster.messages import KVEntry, KVHeader, TransferMode, TransferRecord
-from pd_local.cluster.transfer import (KVReceiver, KVSender, KVShape, LayerKV, PromptHidden, StagingDone,
-                               TransferStat)
+from pd_local.cluster.messages import KVEntry, KVHeader, TransferMode
+from pd_local.cluster.transfer import (KVReceiver, KVSender, KVShape, StagingDone, TransferStat,
+                                       hand_over_hidden, hand_over_layer)
 
 log = logging.getLogger(__name__)
 
@@ -125,14 +125,15 @@ class IpcKVSender:
         s = self.shape
         t = sum(e.num_tokens for e in entries)
         kv_numel = s.num_layers * 2 * t * s.num_kv_heads * s.head_dim
-        need = kv_numel + len(entries) * s.hidden_size
+        n_hidden = sum(e.is_last for e in entries)  # rows of hidden: entries that end a prompt
+        need = kv_numel + n_hidden * s.hidden_size
         if self._slot is None or self._slot.flat.numel() < need:
             self._drop_slot()
             self._slot = _new_slot(int(need * GROW), s.dtype, self.device)
             self._announce = True
         flat = self._slot.flat
         self._kv = flat[:kv_numel].view(s.num_layers, 2, t, s.num_kv_heads, s.head_dim)
-        self._hidden = flat[kv_numel:need].view(len(entries), s.hidden_size)
+        self._hidden = flat[kv_numel:need].view(n_hidden, s.hidden_size)
         self._entries, self._layers_done, self._sent = entries, 0, False
         self._t0 = time.perf_counter()
 
@@ -152,7 +153,8 @@ class IpcKVSender:
         self._layers_done += 1
 
     def hidden(self, hidden: torch.Tensor) -> None:
-        """hidden: [R, hidden_size]; then the transfer is announced to the receiver."""
+        """hidden: [R, hidden_size] (R = entries with is_last, maybe 0); then the transfer is
+        announced to the receiver."""
         if self._entries is None or self._layers_done != self.shape.num_layers:
             raise RuntimeError(f"pair {self.pair.data.name}: hidden() after {self._layers_done} "
                                f"of {self.shape.num_layers} layers")
@@ -231,7 +233,7 @@ class IpcKVReceiver(KVReceiver):
             self._shared, self._event = _open_slot(words.tolist(), self._device)
         if self._shared is None:
             raise RuntimeError(f"pair {data.name}: a transfer before any slot was announced")
-        total, n_req = h.num_tokens, len(h.entries)
+        total, n_req = h.num_tokens, h.num_hidden
         kv_numel = s.num_layers * 2 * total * s.num_kv_heads * s.head_dim
         need = kv_numel + n_req * s.hidden_size
         flat = self._take(need)
@@ -247,23 +249,13 @@ class IpcKVReceiver(KVReceiver):
         dist.send(torch.ones(1, dtype=torch.int64), data.src, group=data.group)  # the ack
         kv = flat[:kv_numel].view(s.num_layers, 2, total, s.num_kv_heads, s.head_dim)
         hidden = flat[kv_numel:need].view(n_req, s.hidden_size)
-        bounds, start = [], 0
-        for e in h.entries:
-            bounds.append((e.req_id, start, start + e.num_tokens))
-            start += e.num_tokens
         for layer in range(s.num_layers):
-            k, v = kv[layer, 0], kv[layer, 1]  # [T, kv_heads, head_dim]
-            for req_id, a, b in bounds:
-                self.inbox.put(peer, LayerKV(req_id, layer, k[a:b], v[a:b]))
+            hand_over_layer(self.inbox, peer, h, layer, kv[layer, 0], kv[layer, 1])
         seconds, t_end = time.perf_counter() - t0, time.monotonic()
-        per_hidden = s.hidden_size * s.dtype.itemsize
-        for i, (req_id, a, b) in enumerate(bounds):
-            nbytes = (b - a) * s.bytes_per_token + per_hidden
-            self.inbox.put(peer, PromptHidden(req_id, hidden[i],
-                                              TransferRecord(req_id, nbytes, seconds, t_end)))
+        hand_over_hidden(self.inbox, peer, h, s, hidden, seconds, t_end)
         self.inbox.put(peer, StagingDone(lambda: self._give_back(flat)))
-        self.stats.append(TransferStat(tuple(r for r, _, _ in bounds),
-                                       total * s.bytes_per_token + n_req * per_hidden,
+        self.stats.append(TransferStat(tuple(e.req_id for e in h.entries),
+                                       total * s.bytes_per_token + n_req * s.hidden_size * s.dtype.itemsize,
                                        seconds, 0.0, t_end))
 
 

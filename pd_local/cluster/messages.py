@@ -275,17 +275,24 @@ class Abort:
 
 @dataclass(frozen=True)
 class KVEntry:
+    """One request's share of a transfer: prompt positions [start, start + num_tokens). A prompt
+    prefilled in chunks goes as several entries over several transfers (one per prefill step);
+    `is_last` marks the one that completes it, and only those carry a hidden state."""
+
     req_id: int
     num_tokens: int
+    start: int = 0
+    is_last: bool = True
 
 
 @dataclass(frozen=True)
 class KVHeader:
     """Prefill -> decode on the pair's header link: describes the next transfer on its data link.
 
-    One header covers every request of one prefill batch that goes to this decode rank (the
-    entries, in payload order), so a batch costs one header, and the per-layer payload is one K
-    and one V tensor of [sum(num_tokens), num_kv_heads, head_dim] that the receiver splits.
+    One header covers every request (or prompt chunk) of one prefill step that goes to this
+    decode rank (the entries, in payload order), so a step costs one header, and the per-layer
+    payload is one K and one V tensor of [sum(num_tokens), num_kv_heads, head_dim] that the
+    receiver splits; the hidden tensor has `num_hidden` rows.
     (DESIGN.md's per-request header would interleave layers of different requests on one link.)
     """
 
@@ -301,6 +308,11 @@ class KVHeader:
     @property
     def num_tokens(self) -> int:
         return sum(e.num_tokens for e in self.entries)
+
+    @property
+    def num_hidden(self) -> int:
+        """Rows of the transfer's hidden tensor: one per entry that completes its prompt."""
+        return sum(e.is_last for e in self.entries)
 
 
 @dataclass(frozen=True)
@@ -352,12 +364,13 @@ class Rejected:
 
 @dataclass(frozen=True)
 class PrefillDone:
-    """Prefill -> router after a batch's KV sends all completed (nothing of it is left here)."""
+    """Prefill -> router after the KV sends of these requests' prompts all completed (nothing of
+    them is left here; chunked: sent after the step that sent their last chunks)."""
 
     KIND: ClassVar[Kind] = Kind.PREFILL_DONE
     req_ids: tuple[int, ...]
     num_tokens: int
-    t_start: float  # time.monotonic() when the batch's compute started
+    t_start: float  # time.monotonic() when the batch's (chunked: the first chunk's) compute started
     t_end: float  # ... and ended (the sends may still have been completing)
 
 

@@ -11,6 +11,18 @@ lm_head and owns no blocks.
 
 Abort: a pending request is dropped; one in the batch being computed finishes its transfer
 (never cut) and the decode rank discards it.
+
+Chunked (engine.chunked_prefill, the default): a `ChunkedPrefiller` keeps the KV of the prompts
+in progress in a small cache of its own, and each step prefills at most max_prefill_tokens of
+prompt chunks (policy engine.prefill_policy), so a long prompt no longer holds up the short
+ones behind it for its whole prefill. A step is one transfer per destination, exactly as a
+batch above: its header lists each chunk as KVEntry(req_id, num_tokens, start, is_last) and
+goes with layer 0, so no wait on either end spans more than one layer of one step. Only chunks
+that end their prompt have a hidden state; the decode rank lands every chunk at its start into
+the blocks it reserved for the whole prompt. The router hears PrefillDone for a request once
+the step that sent its last chunk has finished its sends. An Abort mid-prompt drops the prompt
+and frees its blocks here (`ChunkedPrefiller.abort`); chunks already sent are discarded by the
+decode rank, which no longer holds the request.
 """
 
 from __future__ import annotations
@@ -25,6 +37,8 @@ import torch
 
 from pd_local.cluster.dist import DistContext
 from pd_local.engine.engine import prefill_hidden
+from pd_local.engine.kv_cache import blocks_for
+from pd_local.engine.prefiller import ChunkedPrefiller
 from pd_local.model.config import ModelConfig
 from pd_local.model.dtype import resolve_dtype
 from pd_local.model.llama import LlamaForCausalLM
@@ -55,28 +69,37 @@ class PrefillLoop:
                                      cfg.timeouts.heartbeat_s, self.inbox)
         self.pending: deque[Prefill] = deque()
         self.model: LlamaForCausalLM  # loaded by run()
+        self.prefiller: ChunkedPrefiller | None = None  # engine.chunked_prefill: built by run()
+        self.dest: dict[int, int] = {}  # chunked: req_id -> decode rank, until its last chunk
+        self.started: dict[int, float] = {}  # chunked: req_id -> its first chunk's step start
 
     def run(self, make_model: Callable[[], LlamaForCausalLM]) -> None:
         """Load the model, then serve until the router's Shutdown. Any error: tell the router
         (Fatal), then raise."""
         try:
             self.model = make_model()
+            if self.ctx.cfg.engine.chunked_prefill:
+                self.prefiller = self._make_prefiller()
             self.to_router.send(Ready(0, 0))
             while True:
-                item = self.inbox.get(timeout=0 if self.pending else None)
+                item = self.inbox.get(timeout=0 if self._has_work() else None)
                 while item is not None:
                     msg = item[1]
                     if isinstance(msg, Shutdown):
                         self._shutdown()
                         return
                     if isinstance(msg, Prefill):
-                        self.pending.append(msg)
+                        self._add(msg)
                     elif isinstance(msg, Abort):
-                        self.pending = deque(p for p in self.pending if p.req_id != msg.req_id)
+                        self._abort(msg.req_id)
                     else:
                         raise ProtocolError(f"prefill rank {self.ctx.rank}: unexpected {msg!r}")
                     item = self.inbox.poll()
-                if self.pending:
+                if self.prefiller is not None and self.prefiller.has_pending():
+                    self._run_step()
+                    self.to_router.send(Stats(0, 0, 0, self.prefiller.num_pending,
+                                              self.prefiller.pending_tokens))
+                elif self.pending:
                     self._run_batch(self._next_batch())
                     self.to_router.send(Stats(0, 0, 0, len(self.pending),
                                               sum(len(p.prompt_ids) for p in self.pending)))
@@ -86,6 +109,75 @@ class PrefillLoop:
             except Exception:
                 pass
             raise
+
+    def _has_work(self) -> bool:
+        return bool(self.pending) or (self.prefiller is not None and self.prefiller.has_pending())
+
+    def _make_prefiller(self) -> ChunkedPrefiller:
+        """The chunked prefiller's cache holds only prompts in progress (a queued prompt waits
+        for room): 2 longest prompts + one step's tokens, never less than one longest prompt,
+        so every prompt a decode rank can accept fits."""
+        e, mc = self.ctx.cfg.engine, self.model.config
+        longest = min(e.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        blocks = blocks_for(2 * longest + e.max_prefill_tokens, e.block_size)
+        return ChunkedPrefiller(self.model, blocks, e.block_size, e.max_prefill_tokens,
+                                e.prefill_policy, device=self.ctx.device)
+
+    def _add(self, msg: Prefill) -> None:
+        if msg.decode_rank not in self.kv:
+            raise ProtocolError(f"Prefill for decode rank {msg.decode_rank}: no KV link from "
+                                f"rank {self.ctx.rank} (links: {sorted(self.kv)})")
+        if self.prefiller is None:
+            self.pending.append(msg)
+            return
+        self.prefiller.add(msg.req_id, list(msg.prompt_ids))
+        self.dest[msg.req_id] = msg.decode_rank
+
+    def _abort(self, req_id: int) -> None:
+        """Drop a pending request; chunked, also one part-prefilled (its blocks here are freed)."""
+        self.pending = deque(p for p in self.pending if p.req_id != req_id)
+        if self.prefiller is not None and self.prefiller.abort(req_id):
+            del self.dest[req_id]
+            self.started.pop(req_id, None)
+
+    def _run_step(self) -> None:
+        """One chunked step: plan, announce per destination, forward (each layer's K/V goes out
+        as it is computed), hidden states of the prompts it completes, wait for the sends."""
+        t0 = time.monotonic()
+        chunks = self.prefiller.plan(key=self.dest.__getitem__)  # grouped by destination
+        if not chunks:
+            raise RuntimeError(f"prefill rank {self.ctx.rank}: prompts pending, none planned")
+        tokens: dict[int, tuple[int, int]] = {}  # destination -> its rows of the step
+        rows: dict[int, tuple[int, int]] = {}  # destination -> its rows of the returned hidden
+        row = 0
+        for d, group in itertools.groupby(chunks, key=lambda c: self.dest[c.req_id]):
+            group = list(group)
+            first, last = group[0], group[-1]
+            tokens[d] = (first.row, last.row + last.end - last.start)
+            n_last = sum(c.is_last for c in group)
+            rows[d] = (row, row + n_last)
+            row += n_last
+            self.kv[d].start([KVEntry(c.req_id, c.end - c.start, c.start, c.is_last)
+                              for c in group])
+            for c in group:
+                self.started.setdefault(c.req_id, t0)
+
+        def on_layer_kv(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+            # k, v: [T, kv_heads, head_dim] for the whole step; slices are contiguous views.
+            for d, (a, b) in tokens.items():
+                self.kv[d].layer(layer, k[a:b], v[a:b])
+
+        hidden = self.prefiller.run(chunks, on_layer_kv)  # [R, hidden]: the completed prompts
+        t_computed = time.monotonic()
+        for d, (a, b) in rows.items():
+            self.kv[d].hidden(hidden[a:b])
+        for d in rows:
+            self.kv[d].finish()
+        for c in chunks:
+            if c.is_last:
+                del self.dest[c.req_id]
+                self.to_router.send(PrefillDone((c.req_id,), c.end, self.started.pop(c.req_id),
+                                                t_computed))
 
     def _next_batch(self) -> list[Prefill]:
         e = self.ctx.cfg.engine

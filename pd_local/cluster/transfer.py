@@ -4,22 +4,25 @@
 One transfer carries one prefill batch's requests for one decode rank. On the wire, per pair and
 in this order on both ends (header on the pair's gloo header link, tensors on its data link):
 
-    KVHeader(entries=[(req_id, num_tokens), ...], shapes, dtype, mode)
+    KVHeader(entries=[(req_id, num_tokens, start, is_last), ...], shapes, dtype, mode)
                (layerwise: sent once layer 0 is computed; whole: once all layers are)
     layerwise: for layer in 0..L-1:  K [T, kv_heads, head_dim], V [T, kv_heads, head_dim]
     whole:     KV [L, 2, T, kv_heads, head_dim]            (one tensor, sent after prefill)
-    then:      hidden [R, hidden_size]   (final-normed hidden state of each prompt's last token)
+    then:      hidden [R, hidden_size]   (final-normed hidden state of each prompt's last token;
+               not sent when R = 0)
 
 T = sum of the entries' num_tokens (the requests' tokens concatenated in entry order), R = number
-of entries; every tensor is contiguous and in the model dtype. bf16 goes over gloo as is (gloo
+of entries with is_last (a chunked prefill sends a prompt as entries of several transfers, each
+for positions [start, start + num_tokens); only its last has a hidden state); every tensor is
+contiguous and in the model dtype. bf16 goes over gloo as is (gloo
 p2p supports bfloat16 in torch >= 2.x: measured bit-exact here, no int16 view needed).
 
 Layerwise, the sender isends layer l's K and V as soon as they exist and returns at once, so
 the sends overlap layer l+1's compute; `finish()` waits every send before the batch counts as
 sent (only then may the prefill rank drop the tensors). The receiver posts every receive of a
 transfer as soon as its header arrives and hands each layer to the decode loop as it lands
-(`LayerKV` per request, views into the staging tensors), then `PromptHidden` per request, then
-one `StagingDone`. The decode loop scatters them into its paged blocks (engine.write_prompt_kv)
+(`LayerKV` per entry, views into the staging tensors, with the entry's start), then
+`PromptHidden` per entry that completes its prompt, then one `StagingDone`. The decode loop scatters them into its paged blocks (engine.write_prompt_kv)
 and hands the staging back with `StagingDone.release()`.
 
 Aborts: a transfer is never cut. The receiver completes every receive it posted and hands the
@@ -78,8 +81,9 @@ class KVShape:
         ours = self.header(h.entries, h.mode)
         if h != ours:
             raise ProtocolError(f"KV header {h} does not match this rank's model {ours}")
-        if not h.entries or any(e.num_tokens < 1 for e in h.entries):
-            raise ProtocolError(f"KV header needs >= 1 entry with >= 1 token each: {h.entries}")
+        if not h.entries or any(e.num_tokens < 1 or e.start < 0 for e in h.entries):
+            raise ProtocolError(f"KV header needs >= 1 entry with >= 1 token each, starting at "
+                                f">= 0: {h.entries}")
 
 
 @dataclass(frozen=True)
@@ -188,11 +192,12 @@ class KVSender:
         self._layers_done += 1
 
     def hidden(self, hidden: torch.Tensor) -> None:
-        """hidden: [R, hidden_size], the last prompt position of each entry, in entry order."""
+        """hidden: [R, hidden_size], the last prompt position of each entry with is_last, in
+        entry order (R may be 0: called all the same, it ends the transfer's sends)."""
         if self._entries is None or self._layers_done != self.shape.num_layers:
             raise RuntimeError(f"pair {self.data.name}: hidden() after {self._layers_done} of "
                                f"{self.shape.num_layers} layers")
-        want = (len(self._entries), self.shape.hidden_size)
+        want = (sum(e.is_last for e in self._entries), self.shape.hidden_size)
         if tuple(hidden.shape) != want or hidden.dtype != self.shape.dtype:
             raise ValueError(f"pair {self.data.name}: hidden {list(hidden.shape)} "
                              f"{hidden.dtype}; expected {list(want)} {self.shape.dtype}")
@@ -200,11 +205,12 @@ class KVSender:
             self.header.send(self.shape.header(self._entries, self.mode))
             self._isend(self._whole)
             self._whole = None
-        self._isend(hidden)
+        if want[0]:
+            self._isend(hidden)
 
     def finish(self) -> TransferStat:
         """Wait until every send of the transfer completed; then the tensors are released."""
-        if self._entries is None or self._whole is not None or not self._works:
+        if self._entries is None or self._whole is not None or self._layers_done != self.shape.num_layers:
             raise RuntimeError(f"pair {self.data.name}: finish() before hidden()")
         t_wait = time.perf_counter()
         _wait_all(self._works, self.data.device)
@@ -217,12 +223,39 @@ class KVSender:
 
 @dataclass(frozen=True)
 class LayerKV:
-    """One layer of one request's prompt KV, handed to the decode loop."""
+    """One layer of one request's prompt KV (positions [start, start + num_tokens)), handed to
+    the decode loop."""
 
     req_id: int
     layer: int
     k: torch.Tensor  # [num_tokens, kv_heads, head_dim], a view into the transfer's staging
     v: torch.Tensor  # [num_tokens, kv_heads, head_dim]
+    start: int = 0
+
+
+def hand_over_layer(inbox: Inbox, peer: int, h: KVHeader, layer: int, k: torch.Tensor,
+                    v: torch.Tensor) -> None:
+    """One landed layer of a transfer as LayerKV items, one per entry: k, v [T, kv_heads, head_dim]."""
+    a = 0
+    for e in h.entries:
+        b = a + e.num_tokens
+        inbox.put(peer, LayerKV(e.req_id, layer, k[a:b], v[a:b], e.start))
+        a = b
+
+
+def hand_over_hidden(inbox: Inbox, peer: int, h: KVHeader, shape: KVShape, hidden: torch.Tensor,
+                     seconds: float, t_end: float) -> None:
+    """PromptHidden per entry with is_last, after every LayerKV of the transfer: hidden
+    [R, hidden_size]. A prompt's TransferRecord counts the bytes of all its chunks (they all
+    come over this one pair); `seconds` is this transfer's."""
+    per_hidden = shape.hidden_size * shape.dtype.itemsize
+    row = 0
+    for e in h.entries:
+        if e.is_last:
+            nbytes = (e.start + e.num_tokens) * shape.bytes_per_token + per_hidden
+            inbox.put(peer, PromptHidden(e.req_id, hidden[row],
+                                         TransferRecord(e.req_id, nbytes, seconds, t_end)))
+            row += 1
 
 
 @dataclass(frozen=True)
@@ -333,11 +366,7 @@ class KVReceiver:
     def _receive(self, h: KVHeader) -> None:
         t0 = time.perf_counter()
         s, peer, dev = self.shape, self.pair.prefill, self.pair.data.device
-        total, n_req = h.num_tokens, len(h.entries)
-        bounds, start = [], 0
-        for e in h.entries:
-            bounds.append((e.req_id, start, start + e.num_tokens))
-            start += e.num_tokens
+        total, n_req = h.num_tokens, h.num_hidden
         kv_numel = s.num_layers * 2 * total * s.num_kv_heads * s.head_dim
         flat = self._take(kv_numel + n_req * s.hidden_size)
         kv = flat[:kv_numel].view(s.num_layers, 2, total, s.num_kv_heads, s.head_dim)
@@ -348,24 +377,18 @@ class KVReceiver:
                            for i in range(s.num_layers)]
         else:
             whole_work = self._irecv(kv)
-        hidden_work = self._irecv(hidden)
+        hidden_works = [self._irecv(hidden)] if n_req else []  # none when no prompt ends here
         for layer in range(s.num_layers):
             if h.mode is TransferMode.LAYERWISE:
                 _wait_all(layer_works[layer], dev)
             elif layer == 0:
                 _wait_all([whole_work], dev)
             k, v = self._out(kv[layer, 0]), self._out(kv[layer, 1])  # [T, kv_heads, head_dim]
-            for req_id, a, b in bounds:
-                self.inbox.put(peer, LayerKV(req_id, layer, k[a:b], v[a:b]))
-        _wait_all([hidden_work], dev)
-        hidden = self._out(hidden)
+            hand_over_layer(self.inbox, peer, h, layer, k, v)
+        _wait_all(hidden_works, dev)
         seconds, t_end = time.perf_counter() - t0, time.monotonic()
-        per_hidden = s.hidden_size * s.dtype.itemsize
-        for i, (req_id, a, b) in enumerate(bounds):
-            nbytes = (b - a) * s.bytes_per_token + per_hidden
-            self.inbox.put(peer, PromptHidden(req_id, hidden[i],
-                                              TransferRecord(req_id, nbytes, seconds, t_end)))
+        hand_over_hidden(self.inbox, peer, h, s, self._out(hidden), seconds, t_end)
         self.inbox.put(peer, StagingDone(lambda: self._give_back(flat)))
-        self.stats.append(TransferStat(tuple(r for r, _, _ in bounds),
-                                       total * s.bytes_per_token + n_req * per_hidden,
+        self.stats.append(TransferStat(tuple(e.req_id for e in h.entries),
+                                       total * s.bytes_per_token + n_req * s.hidden_size * s.dtype.itemsize,
                                        seconds, 0.0, t_end))

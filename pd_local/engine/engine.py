@@ -1,10 +1,14 @@
 """Engine: one process's model + paged KV cache + scheduler + sampler.
 
 Used three ways, always through the same sampling code:
-- colocated (offline `generate`, colocated ranks): `add_request` then `step()` until done;
-- decode rank in PD: `reserve` -> `write_prompt_kv` per layer -> `add_prefilled(hidden)` samples the
-  first token from the prefill rank's hidden state; then `step()` decodes it with the others;
-- prefill rank in PD: `prefill_hidden` over a batch of prompts, no cache, K/V handed to a hook.
+- colocated (offline `generate`, colocated ranks): `add_request` then `step()` until done; each
+  step is one fused forward of every running sequence's decode row plus prefill chunks (a long
+  prompt is prefilled over several steps, on top of the KV its earlier chunks cached);
+- decode rank in PD: `reserve` -> `write_prompt_kv` per layer (whole, or chunk by chunk with a
+  start offset) -> `add_prefilled(hidden)` samples the first token from the prefill rank's hidden
+  state; then `step()` decodes it with the others;
+- prefill rank in PD: `prefill_hidden` over a batch of prompts, no cache, K/V handed to a hook
+  (or, chunking, `prefiller.ChunkedPrefiller`, which keeps the KV of prompts in progress).
 
 Not thread-safe: one rank loop owns it. No torch.distributed here.
 """
@@ -86,7 +90,8 @@ class Engine:
             self.dtype, self.device,
         )
         self.allocator = BlockAllocator(num_blocks)
-        self.scheduler = Scheduler(self.allocator, cfg.block_size, cfg.max_num_seqs, cfg.max_prefill_tokens)
+        self.scheduler = Scheduler(self.allocator, cfg.block_size, cfg.max_num_seqs, cfg.max_prefill_tokens,
+                                   cfg.chunked_prefill, cfg.prefill_policy)
         self.graphs = None
         if use_graphs:
             from pd_local.model.cuda_graphs import DecodeGraphRunner
@@ -136,7 +141,7 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.scheduler.waiting) + len(self.scheduler.reserved)
+        return self.scheduler.queue.num_unadmitted() + len(self.scheduler.reserved)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -170,13 +175,18 @@ class Engine:
         """Pre-allocate the prompt's blocks; False (nothing held) when there is no room now."""
         return self.scheduler.try_reserve(self._new_sequence(req_id, prompt_ids, params))
 
-    def write_prompt_kv(self, req_id: int, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Land one layer of a reserved request's prompt KV. k, v [T, kv_heads, head_dim]."""
+    def write_prompt_kv(
+        self, req_id: int, layer: int, k: torch.Tensor, v: torch.Tensor, start: int = 0
+    ) -> None:
+        """Land one layer of a reserved request's prompt KV for positions [start, start + T):
+        k, v [T, kv_heads, head_dim]. Chunks may land in any order; add_prefilled trusts that
+        every position of every layer has landed."""
         seq = self.scheduler.reserved[req_id]
         n = len(seq.prompt_ids)
-        if k.shape[0] != n:
-            raise ValueError(f"request {req_id}: got KV for {k.shape[0]} tokens, prompt has {n}")
-        slots = host_to_device(slots_for(seq.block_ids, 0, n, self.cfg.block_size), self.device)
+        if k.shape[0] == 0 or start < 0 or start + k.shape[0] > n:
+            raise ValueError(f"request {req_id}: got KV for {k.shape[0]} tokens at {start}, prompt has {n}")
+        slots = host_to_device(slots_for(seq.block_ids, start, start + k.shape[0], self.cfg.block_size),
+                               self.device)
         write_kv(self.kv_cache.k[layer], self.kv_cache.v[layer],
                  k.to(self.device, self.dtype), v.to(self.device, self.dtype), slots)
 
@@ -190,40 +200,52 @@ class Engine:
     # -- the step --------------------------------------------------------------------------
 
     def step(self) -> list[TokenEvent]:
-        """Run one scheduled batch (a prefill or a decode step); one event per sequence."""
+        """Run one scheduled step (decode rows of the running sequences plus prefill chunks);
+        one event per sequence that got a token."""
         out = self.scheduler.schedule()
-        if out is None or not out.seqs:
+        if out.is_empty:
             return []
-        logits = self._run_prefill(out) if out.is_prefill else self._run_decode(out)
-        return self._append_tokens(out.seqs, logits)
+        logits = self._run(out)
+        self.scheduler.advance(out)
+        return self._append_tokens(out.sampled, logits) if out.sampled else []
 
-    def _run_prefill(self, out: SchedulerOutput) -> torch.Tensor:
+    def _run(self, out: SchedulerOutput) -> torch.Tensor:
+        """One fused forward over [decode rows, prefill chunk rows]; logits [len(out.sampled), V]."""
         bs = self.cfg.block_size
-        slots = [s for seq in out.seqs for s in slots_for(seq.block_ids, 0, seq.num_tokens, bs)]
-        hidden = prefill_hidden(
-            self.model, [seq.all_ids for seq in out.seqs], self.device, self.kv_cache, slots
-        )
-        return self.model.compute_logits(hidden)
-
-    def _run_decode(self, out: SchedulerOutput) -> torch.Tensor:
-        bs = self.cfg.block_size
-        seqs = out.seqs
-        ctx = [seq.num_tokens for seq in seqs]
-        slots = [seq.block_ids[(n - 1) // bs] * bs + (n - 1) % bs for seq, n in zip(seqs, ctx)]
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        for seq in out.decode:
+            n = seq.num_tokens
+            ids.append(seq.last_token)
+            pos.append(n - 1)
+            slots.append(seq.block_ids[(n - 1) // bs] * bs + (n - 1) % bs)
+        rows = list(range(len(out.decode)))  # hidden rows that get sampled, in out.sampled order
+        for c in out.prefill:
+            ids += c.seq.all_ids[c.start:c.end]
+            pos += range(c.start, c.end)
+            slots += slots_for(c.seq.block_ids, c.start, c.end, bs)
+            if c.is_last:
+                rows.append(len(ids) - 1)
         dev = self.device
-        if self.graphs is not None:
+        if not out.prefill and self.graphs is not None:  # pure decode on CUDA: replay a graph
             from pd_local.model.cuda_graphs import DecodeBatch
 
-            batch = DecodeBatch([seq.last_token for seq in seqs], [n - 1 for n in ctx], slots,
-                                [seq.block_ids for seq in seqs], ctx)
+            batch = DecodeBatch(ids, pos, slots, [seq.block_ids for seq in out.decode],
+                                [seq.num_tokens for seq in out.decode])
             logits = self.graphs.run(batch)  # None beyond the largest bucket: eager below
             if logits is not None:
                 return logits
-        meta = AttentionMetadata.decode([seq.block_ids for seq in seqs], ctx, slots, bs, dev)
-        ids = host_to_device([seq.last_token for seq in seqs], dev)  # [B]
-        pos = host_to_device([n - 1 for n in ctx], dev)  # [B]
-        hidden = self.model(ids, pos, meta, self.kv_cache)  # [B, hidden]
-        return self.model.compute_logits(hidden)
+        # a step with prefill chunks (or past the largest graph) runs eagerly
+        meta = AttentionMetadata.mixed(
+            [seq.block_ids for seq in out.decode], [seq.num_tokens for seq in out.decode],
+            [c.end - c.start for c in out.prefill], [c.start for c in out.prefill],
+            [slots_for(c.seq.block_ids, 0, c.start, bs) for c in out.prefill], slots, bs, dev,
+        )
+        hidden = self.model(host_to_device(ids, dev), host_to_device(pos, dev), meta, self.kv_cache)  # [T, hidden]
+        if not rows:
+            return hidden.new_zeros(0, self.model.config.vocab_size, dtype=torch.float32)  # [0, V]
+        return self.model.compute_logits(hidden[host_to_device(rows, dev)])  # [S, V]
 
     def _append_tokens(self, seqs: list[Sequence], logits: torch.Tensor) -> list[TokenEvent]:
         tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])

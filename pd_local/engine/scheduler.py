@@ -1,26 +1,32 @@
-"""Continuous-batching scheduler: pure Python, no tensors, no torch.distributed.
+"""Continuous-batching scheduler with chunked prefill: pure Python, no tensors, no torch.distributed.
 
-Each call to `schedule()` returns one `SchedulerOutput`: either a prefill batch (new or
-recomputed sequences, within a token budget, admitted only when their KV blocks are allocated) or
-a decode batch (every running sequence, each guaranteed a slot for the token it writes).
-Prefill goes first when it can, as in vLLM v0 / nano-vllm: it keeps the running batch full.
+Each call to `schedule()` returns one `SchedulerOutput`, a mixed step: one decode row for every
+running sequence (each guaranteed a slot for the token it writes) plus prefill chunks of waiting
+or partly prefilled sequences, at most `max_prefill_tokens` prompt tokens in all. A prompt longer
+than that is prefilled in chunks over several steps, on top of the KV its earlier chunks left in
+its blocks, so a long prompt costs the running streams a bounded extra per step instead of one
+long freeze. Which prompts get the budget is `PrefillQueue`'s policy (prefill_queue.py).
+A step thus processes at most max_prefill_tokens + max_num_seqs tokens.
 
-Block ownership: a sequence owns `block_ids` from admission (or `reserve`) until `finish`,
-`abort` or preemption, each of which frees them exactly once and empties the list.
+Block ownership: a sequence owns `block_ids` from admission (its first chunk; all of its prompt's
+blocks are allocated then) or `reserve` until `finish`, `abort` or preemption, each of which frees
+them exactly once and empties the list. A preempted sequence, prefilling or decoding, loses its
+KV and is prefilled again from its first token (recompute) with its old place in the queue.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 
 from pd_local.engine.kv_cache import BlockAllocator, blocks_for
+from pd_local.engine.prefill_queue import Chunk, PrefillJob, PrefillQueue
 from pd_local.engine.sampling import SamplingParams
 
 
 class SeqStatus(Enum):
-    WAITING = "waiting"  # queued for (re)prefill on this rank
+    WAITING = "waiting"  # queued for (re)prefill on this rank, no blocks yet
+    PREFILLING = "prefilling"  # blocks held, prefill chunks in progress
     RESERVED = "reserved"  # decode rank: blocks held, KV arriving from a prefill rank
     RUNNING = "running"
     FINISHED = "finished"
@@ -37,6 +43,7 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None
     num_preemptions: int = 0
+    arrival: int | None = None  # place in the prefill queue, kept across preemptions
 
     @property
     def num_tokens(self) -> int:
@@ -51,13 +58,42 @@ class Sequence:
         return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
 
 
+@dataclass(frozen=True)
+class PrefillChunk:
+    """Positions [start, end) of seq.all_ids, on top of the KV of [0, start) in its blocks."""
+
+    seq: Sequence
+    start: int
+    end: int
+    planned: Chunk  # the queue's record, for advance()
+
+    @property
+    def is_last(self) -> bool:
+        """Completes the prefill: the step samples the sequence's next token from its last row."""
+        return self.end == self.seq.num_tokens
+
+
 @dataclass
 class SchedulerOutput:
-    """The one object that goes from scheduler to model runner per step."""
+    """The one object that goes from scheduler to model runner per step: decode rows first,
+    then prefill chunks."""
 
-    is_prefill: bool
-    seqs: list[Sequence]
+    decode: list[Sequence]
+    prefill: list[PrefillChunk]
     preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def sampled(self) -> list[Sequence]:
+        """The sequences that get a token this step, in row order of the logits."""
+        return self.decode + [c.seq for c in self.prefill if c.is_last]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decode) + sum(c.end - c.start for c in self.prefill)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.decode and not self.prefill
 
 
 class Scheduler:
@@ -67,15 +103,22 @@ class Scheduler:
         block_size: int,
         max_num_seqs: int,
         max_prefill_tokens: int,
+        chunked_prefill: bool = True,
+        prefill_policy: str = "fcfs",
     ) -> None:
         self.allocator = allocator
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
-        self.max_prefill_tokens = max_prefill_tokens
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.queue = PrefillQueue(max_prefill_tokens, chunked_prefill, prefill_policy)
+        self.running: list[Sequence] = []  # hold blocks: PREFILLING and RUNNING, oldest first
         self.reserved: dict[int, Sequence] = {}
         self.by_id: dict[int, Sequence] = {}
+
+    @property
+    def waiting(self) -> list[Sequence]:
+        """Sequences queued without blocks, in arrival order."""
+        seqs = [self.by_id[j.key] for j in self.queue.jobs.values() if not j.admitted]
+        return sorted(seqs, key=lambda s: s.arrival or 0)
 
     # -- admission -------------------------------------------------------------------------
 
@@ -84,7 +127,7 @@ class Scheduler:
             raise ValueError(f"request id {seq.req_id} is already in the scheduler")
         seq.status = SeqStatus.WAITING
         self.by_id[seq.req_id] = seq
-        self.waiting.append(seq)
+        seq.arrival = self.queue.add(seq.req_id, seq.num_tokens, seq.arrival).arrival
 
     def try_reserve(self, seq: Sequence) -> bool:
         """Decode rank: hold the blocks for seq's prompt KV, which a prefill rank will send.
@@ -95,7 +138,7 @@ class Scheduler:
         """
         if seq.req_id in self.by_id:
             raise ValueError(f"request id {seq.req_id} is already in the scheduler")
-        if self.waiting or len(self.running) + len(self.reserved) >= self.max_num_seqs:
+        if self.queue.num_unadmitted() or len(self.running) + len(self.reserved) >= self.max_num_seqs:
             return False
         need = blocks_for(seq.num_tokens, self.block_size)
         if not self.allocator.can_allocate(need + len(self.running)):
@@ -115,48 +158,43 @@ class Scheduler:
 
     # -- scheduling ------------------------------------------------------------------------
 
-    def schedule(self) -> SchedulerOutput | None:
-        prefill = self._schedule_prefill()
-        if prefill:
-            return SchedulerOutput(is_prefill=True, seqs=prefill)
-        if not self.running:
-            return None
+    def schedule(self) -> SchedulerOutput:
+        """Plan one step. Decode slots are reserved first (preempting the newest sequences when
+        blocks run out), then prefill chunks fill the token budget with the blocks left."""
         preempted = self._reserve_decode_slots()
-        if not self.running:
-            return SchedulerOutput(is_prefill=False, seqs=[], preempted=preempted)
-        return SchedulerOutput(is_prefill=False, seqs=list(self.running), preempted=preempted)
+        decode = [s for s in self.running if s.status is SeqStatus.RUNNING]
+        chunks = self.queue.plan(admit=self._admit)
+        prefill = [PrefillChunk(self.by_id[c.job.key], c.start, c.end, c) for c in chunks]
+        return SchedulerOutput(decode, prefill, preempted)
 
-    def _schedule_prefill(self) -> list[Sequence]:
-        batch: list[Sequence] = []
-        tokens = 0
-        while self.waiting:
-            seq = self.waiting[0]
-            if len(self.running) + len(self.reserved) + len(batch) >= self.max_num_seqs:
-                break
-            # A prompt longer than the budget still runs, alone: otherwise it never would.
-            if batch and tokens + seq.num_tokens > self.max_prefill_tokens:
-                break
-            need = blocks_for(seq.num_tokens, self.block_size)
-            if not self.allocator.can_allocate(need):
-                break
-            seq.block_ids = self.allocator.allocate(need)
-            self.waiting.popleft()
-            batch.append(seq)
-            tokens += seq.num_tokens
-        for seq in batch:
-            seq.status = SeqStatus.RUNNING
-            self.running.append(seq)
-        return batch
+    def advance(self, out: SchedulerOutput) -> None:
+        """The step ran: its chunks' KV is in the blocks. A sequence whose prefill is complete
+        becomes RUNNING (the caller appends the token it sampled)."""
+        for job in self.queue.advance([c.planned for c in out.prefill]):
+            self.by_id[job.key].status = SeqStatus.RUNNING
+
+    def _admit(self, job: PrefillJob) -> bool:
+        """Before a sequence's first chunk: hold the blocks of all its tokens, if there is room."""
+        seq = self.by_id[job.key]
+        if len(self.running) + len(self.reserved) >= self.max_num_seqs:
+            return False
+        need = blocks_for(seq.num_tokens, self.block_size)
+        if not self.allocator.can_allocate(need):
+            return False
+        seq.block_ids = self.allocator.allocate(need)
+        seq.status = SeqStatus.PREFILLING
+        self.running.append(seq)
+        return True
 
     def _reserve_decode_slots(self) -> list[Sequence]:
-        """Give every running sequence a slot for position num_tokens - 1 (the token it feeds),
-        preempting the newest running sequences (recompute) when blocks run out."""
+        """Give every decoding sequence a slot for position num_tokens - 1 (the token it feeds),
+        preempting the newest sequences holding blocks (recompute) when blocks run out."""
         preempted: list[Sequence] = []
         i = 0
         while i < len(self.running):
             seq = self.running[i]
             need = blocks_for(seq.num_tokens, self.block_size) - len(seq.block_ids)
-            if need <= 0:
+            if seq.status is not SeqStatus.RUNNING or need <= 0:
                 i += 1
                 continue
             if self.allocator.can_allocate(need):
@@ -171,9 +209,10 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.allocator.free(seq.block_ids)
         seq.block_ids = []
+        self.queue.remove(seq.req_id)  # a prefilling victim loses its progress
         seq.status = SeqStatus.WAITING
         seq.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        self.queue.add(seq.req_id, seq.num_tokens, seq.arrival)  # all_ids, recomputed in chunks
 
     # -- completion ------------------------------------------------------------------------
 
@@ -187,11 +226,11 @@ class Scheduler:
         seq = self.by_id.get(req_id)
         if seq is None:
             return None
-        if seq.status is SeqStatus.WAITING:
-            self.waiting.remove(seq)
-        elif seq.status is SeqStatus.RESERVED:
+        if seq.status in (SeqStatus.WAITING, SeqStatus.PREFILLING):
+            self.queue.remove(req_id)
+        if seq.status is SeqStatus.RESERVED:
             del self.reserved[req_id]
-        elif seq.status is SeqStatus.RUNNING:
+        elif seq.status in (SeqStatus.RUNNING, SeqStatus.PREFILLING):
             self.running.remove(seq)
         self._release(seq, "abort")
         return seq
@@ -205,4 +244,4 @@ class Scheduler:
         del self.by_id[seq.req_id]
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running or self.reserved)
+        return bool(self.queue or self.running or self.reserved)

@@ -6,7 +6,7 @@ requests or schedulers.
 | `config.py` | `ModelConfig` from a HF `config.json`; refuses unsupported architectures | touch tensors |
 | `llama.py` | `LlamaForCausalLM` (Llama, Mistral, Qwen2, Qwen3) | know ranks, requests or schedulers |
 | `layers.py` | linear, RMSNorm, rotary embedding | |
-| `attention.py` | `AttentionMetadata`; prefill (varlen causal) and paged decode attention, `write_kv` | allocate blocks |
+| `attention.py` | `AttentionMetadata`; prefill-chunk attention over [cached prefix + chunk] in position-aligned query tiles (one-shot = no prefix), paged decode attention (Triton on CUDA), `write_kv` | allocate blocks |
 | `triton_attention.py` | the CUDA paged decode kernel (Triton; imported on CUDA only) | gather K/V into a copy |
 | `cuda_graphs.py` | decode CUDA graphs: buckets, static padded inputs, capture and replay | let a padding row touch a block a request owns |
 | `dtype.py` | `dtype = "auto"` -> bfloat16 / float32 from the device and the CPU's flags | change once resolved |

@@ -3,9 +3,11 @@
 The model never sees requests; it sees an `AttentionMetadata` built once per step by the engine
 (or a prefill rank) and passed explicitly through `forward`. No global context.
 
-Prefill attention reads only the K/V of the current call (we never prefill on top of a cached
-prefix: a preempted sequence is recomputed from its first token), so a prefill-only rank needs no
-paged cache at all. Decode attention reads every context token from the paged cache.
+Prefill attention runs chunks on top of a cached prefix: attention over [prefix + chunk] with the
+causal mask aligned bottom-right; one-shot prefill is the chunk = whole prompt (no prefix), which
+is why a prefill-only rank needs no paged cache. Decode attention reads every context token from
+the paged cache. Both are batch-invariant and prefill is also chunk-invariant (a row's result
+does not depend on how its prompt was split), bit for bit on CPU.
 """
 
 from __future__ import annotations
@@ -29,16 +31,20 @@ def host_to_device(values: list[int] | list[list[int]], device: torch.device | s
 
 @dataclass(frozen=True)
 class AttentionMetadata:
-    """What attention needs to know about the batch. Build with `prefill()` or `decode()`.
+    """What attention needs to know about the batch. Build with `prefill()`, `decode()` or
+    `mixed()`, once per step; every layer reuses it.
 
-    prefill: `seq_lens` are the lengths of the sequences laid end to end in the T tokens.
-    decode: one token per sequence; `block_tables` [B, max_blocks] and `context_lens` [B]
-    (context includes the token being decoded).
-    `slot_mapping` [T]: where each token's K/V goes in the paged cache (block * block_size +
-    offset); None means nothing is written (a prefill-only rank).
+    The T rows of a step are `num_decode` decode rows first, then prefill chunks laid end to end.
+    decode rows: one token each; `block_tables` [B, max_blocks] and `context_lens` [B] (context
+    includes the token being decoded).
+    prefill chunks: `seq_lens` are the chunk lengths; chunk i holds positions [prefix_lens[i],
+    prefix_lens[i] + seq_lens[i]) of its sequence, whose first prefix_lens[i] tokens' K/V are
+    already in the paged cache at `prefix_slots[i]` [prefix_lens[i]] (None where the prefix is 0).
+    `slot_mapping` [T]: where each row's K/V goes in the paged cache (block * block_size +
+    offset); None means nothing is written (a prefill-only rank without a cache).
     """
 
-    is_prefill: bool
+    is_prefill: bool  # no decode rows (kept for callers that only prefill)
     seq_lens: tuple[int, ...]
     slot_mapping: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
@@ -46,20 +52,36 @@ class AttentionMetadata:
     # decode on CPU: rows grouped by their own block count, (num_blocks, row indices [g]); see
     # paged_decode_attention for why. Empty on CUDA, and for a padded CUDA-graph batch.
     decode_groups: tuple[tuple[int, torch.Tensor], ...] = ()
+    num_decode: int = 0
+    prefix_lens: tuple[int, ...] = ()  # empty: every chunk starts at position 0
+    prefix_slots: tuple[torch.Tensor | None, ...] | None = None
 
     @property
     def cu_seqlens(self) -> list[int]:
-        """Start offsets of each sequence in the flattened batch, plus the total: len B + 1."""
+        """Start offsets of each prefill chunk among the prefill rows, plus their total: len B + 1."""
         out = [0]
         for n in self.seq_lens:
             out.append(out[-1] + n)
         return out
 
     @classmethod
-    def prefill(cls, seq_lens: list[int], slot_mapping: torch.Tensor | None = None) -> AttentionMetadata:
+    def prefill(
+        cls,
+        seq_lens: list[int],
+        slot_mapping: torch.Tensor | None = None,
+        prefix_lens: list[int] | None = None,
+        prefix_slots: list[torch.Tensor | None] | None = None,
+    ) -> AttentionMetadata:
+        """Prefill chunks only; prefix_lens/prefix_slots describe cached prefixes (default none)."""
         if not seq_lens or min(seq_lens) <= 0:
             raise ValueError(f"prefill needs at least one sequence of >= 1 token, got {seq_lens}")
-        return cls(is_prefill=True, seq_lens=tuple(seq_lens), slot_mapping=slot_mapping)
+        if prefix_lens is not None and len(prefix_lens) != len(seq_lens):
+            raise ValueError(f"{len(prefix_lens)} prefix lengths for {len(seq_lens)} chunks")
+        return cls(
+            is_prefill=True, seq_lens=tuple(seq_lens), slot_mapping=slot_mapping,
+            prefix_lens=tuple(prefix_lens or ()),
+            prefix_slots=tuple(prefix_slots) if prefix_slots is not None else None,
+        )
 
     @classmethod
     def decode(
@@ -70,22 +92,46 @@ class AttentionMetadata:
         block_size: int,
         device: torch.device | str = "cpu",
     ) -> AttentionMetadata:
-        """Build once per step (host lists -> device tensors); every layer reuses it."""
-        width = max(len(t) for t in block_tables)
-        padded = [t + [0] * (width - len(t)) for t in block_tables]  # pad entries are masked
+        """Decode rows only (host lists -> device tensors)."""
+        return cls.mixed(block_tables, context_lens, [], [], [], slot_mapping, block_size, device)
+
+    @classmethod
+    def mixed(
+        cls,
+        block_tables: list[list[int]],
+        context_lens: list[int],
+        chunk_lens: list[int],
+        prefix_lens: list[int],
+        prefix_slots: list[list[int]],
+        slot_mapping: list[int],
+        block_size: int,
+        device: torch.device | str = "cpu",
+    ) -> AttentionMetadata:
+        """Decode rows (block_tables, context_lens) then prefill chunks (chunk_lens on top of
+        prefix_lens cached tokens at prefix_slots); slot_mapping covers every row."""
+        dev = device
+        tables = ctx = None
         groups: dict[int, list[int]] = {}
-        if torch.device(device).type == "cpu":  # CUDA: the Triton kernel needs no groups
-            for row, n in enumerate(context_lens):
-                groups.setdefault((n + block_size - 1) // block_size, []).append(row)
+        if block_tables:
+            width = max(len(t) for t in block_tables)
+            padded = [t + [0] * (width - len(t)) for t in block_tables]  # pad entries are masked
+            tables = host_to_device(padded, dev)  # [B, width]
+            ctx = host_to_device(context_lens, dev)  # [B]
+            if torch.device(dev).type == "cpu":  # CUDA: the Triton kernel needs no groups
+                for row, n in enumerate(context_lens):
+                    groups.setdefault((n + block_size - 1) // block_size, []).append(row)
         return cls(
-            is_prefill=False,
-            seq_lens=(1,) * len(block_tables),
-            slot_mapping=host_to_device(slot_mapping, device),  # [B]
-            block_tables=host_to_device(padded, device),  # [B, width]
-            context_lens=host_to_device(context_lens, device),  # [B]
+            is_prefill=not block_tables,
+            seq_lens=tuple(chunk_lens),
+            slot_mapping=host_to_device(slot_mapping, dev),  # [T]
+            block_tables=tables,
+            context_lens=ctx,
             decode_groups=tuple(
-                (nblk, torch.tensor(rows, dtype=torch.long, device=device)) for nblk, rows in sorted(groups.items())
+                (nblk, torch.tensor(rows, dtype=torch.long, device=dev)) for nblk, rows in sorted(groups.items())
             ),
+            num_decode=len(block_tables),
+            prefix_lens=tuple(prefix_lens),
+            prefix_slots=tuple(host_to_device(s, dev) if s else None for s in prefix_slots),
         )
 
 
@@ -98,27 +144,99 @@ def write_kv(
     v_cache.view(nb * bs, h, d).index_copy_(0, slots, v)
 
 
-def prefill_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: tuple[int, ...], scale: float
-) -> torch.Tensor:
-    """Causal attention within each sequence. q [T, H, D], k/v [T, KV, D] -> [T, H, D].
+# Query rows are processed in tiles aligned to absolute positions [t*QUERY_TILE, (t+1)*QUERY_TILE)
+# and a tile attends over keys [0, (t+1)*QUERY_TILE): every matmul, softmax and reduction a row
+# takes part in has a shape that depends only on its position, never on where its prompt was cut
+# into chunks. 64 rows x G query heads per KV head make an M of 128-192 for the tiny models and
+# SmolLM2: large enough for an efficient GEMM, small enough that the padding of a partly filled
+# tile (at chunk edges) costs little.
+QUERY_TILE = 64
 
-    One SDPA call per sequence: no cross-sequence masking to get wrong, and a sequence's result
-    does not depend on its neighbours (batch invariance).
+
+def prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    meta: AttentionMetadata,
+    k_cache: torch.Tensor | None,
+    v_cache: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of prefill chunks over [cached prefix + chunk]. q [T, H, D], k/v [T, KV, D]
+    (the prefill rows only, laid end to end as meta.seq_lens) -> [T, H, D].
+
+    Chunk i holds positions [prefix_lens[i], prefix_lens[i] + seq_lens[i]) of its sequence; its
+    first prefix_lens[i] keys are read from the paged cache at meta.prefix_slots[i]. One-shot
+    prefill is the case prefix 0. Chunk invariance: a row's result is bit-identical however its
+    prompt was split (see QUERY_TILE); batch invariance: each chunk is computed on its own.
+    Computed in fp32 whatever the model dtype (as the CPU flash kernel accumulates).
     """
     out = torch.empty_like(q)
     start = 0
-    for n in seq_lens:
+    for i, n in enumerate(meta.seq_lens):
+        p0 = meta.prefix_lens[i] if meta.prefix_lens else 0
+        prefix = None
+        if p0:
+            if k_cache is None or v_cache is None or meta.prefix_slots is None:
+                raise ValueError("a chunk on top of a cached prefix needs the KV cache and prefix_slots")
+            slots = meta.prefix_slots[i]
+            nb, bs, kvh, d = k_cache.shape
+            prefix = (k_cache.view(nb * bs, kvh, d).index_select(0, slots),
+                      v_cache.view(nb * bs, kvh, d).index_select(0, slots))  # [p0, KV, D] each
         end = start + n
-        # 4-D [1, heads, n, D]: with 3-D inputs torch 2.13 falls back to the math kernel on CPU
-        # (measured 3x slower: bmm + softmax + mask materialised), with 4-D it takes flash.
-        qs = q[start:end].transpose(0, 1)[None]  # [1, H, n, D]
-        ks = k[start:end].transpose(0, 1)[None]  # [1, KV, n, D]
-        vs = v[start:end].transpose(0, 1)[None]
-        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
-        out[start:end] = o[0].transpose(0, 1)  # [n, H, D]
+        out[start:end] = _chunk_attention(q[start:end], k[start:end], v[start:end], prefix, p0, scale)
         start = end
     return out
+
+
+def _chunk_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix: tuple[torch.Tensor, torch.Tensor] | None,
+    p0: int,
+    scale: float,
+) -> torch.Tensor:
+    """Positions [p0, p0 + n): q [n, H, D], k/v [n, KV, D], prefix K/V [p0, KV, D] -> [n, H, D]."""
+    n, h, d = q.shape
+    kvh = k.shape[1]
+    tq = QUERY_TILE
+    first, last = p0 // tq, (p0 + n - 1) // tq
+    s_pad = (last + 1) * tq
+    # Keys [0, s_pad): prefix, chunk, then zeros (finite, so a 0 weight x value stays 0).
+    kk = q.new_zeros(1, kvh, s_pad, d)  # [1, KV, S_pad, D]
+    vv = q.new_zeros(1, kvh, s_pad, d)
+    if prefix is not None:
+        kk[0, :, :p0], vv[0, :, :p0] = prefix[0].transpose(0, 1), prefix[1].transpose(0, 1)
+    kk[0, :, p0:p0 + n], vv[0, :, p0:p0 + n] = k.transpose(0, 1), v.transpose(0, 1)
+    ntile = last - first + 1
+    off = p0 - first * tq
+    qq = q.new_zeros(1, h, ntile * tq, d)  # [1, H, ntile*TQ, D]: rows outside the chunk are 0
+    qq[0, :, off:off + n] = q.transpose(0, 1)
+    out = torch.empty_like(qq)
+    for j in range(ntile):
+        s = (first + j + 1) * tq
+        rows = slice(j * tq, (j + 1) * tq)
+        # [1, H, TQ, D] against [1, KV, S, D]; the mask is the causal one aligned bottom-right
+        # (SDPA's is_causal aligns top-left when the query is shorter than the keys).
+        out[:, :, rows] = F.scaled_dot_product_attention(
+            qq[:, :, rows], kk[:, :, :s], vv[:, :, :s], attn_mask=_tile_mask(s, q.device),
+            scale=scale, enable_gqa=True,
+        )
+    return out[0, :, off:off + n].transpose(0, 1)  # [n, H, D]
+
+
+_MASKS: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _tile_mask(s: int, device: torch.device) -> torch.Tensor:
+    """[TQ, s] bool, True where key j <= query (s - TQ + i); cached per (s, device)."""
+    key = (s, str(device))
+    m = _MASKS.get(key)
+    if m is None:
+        m = torch.ones(QUERY_TILE, s, dtype=torch.bool, device=device).tril(s - QUERY_TILE)
+        _MASKS[key] = m
+    return m
 
 
 def paged_decode_attention(

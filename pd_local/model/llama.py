@@ -82,13 +82,23 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if k_cache is not None and meta.slot_mapping is not None:
             write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-        if meta.is_prefill:
-            o = prefill_attention(q, k, v, meta.seq_lens, self.scale)  # [T, H, D]
+        nd = meta.num_decode  # decode rows first, then prefill chunks
+        if nd == t:
+            o = self._decode(q, k_cache, v_cache, meta)  # [T, H, D]
+        elif nd == 0:
+            o = prefill_attention(q, k, v, meta, k_cache, v_cache, self.scale)  # [T, H, D]
         else:
-            if k_cache is None:
-                raise ValueError("decode attention needs a KV cache")
-            o = paged_decode_attention(q, k_cache, v_cache, meta, self.scale)
+            o = torch.cat([self._decode(q[:nd], k_cache, v_cache, meta),
+                           prefill_attention(q[nd:], k[nd:], v[nd:], meta, k_cache, v_cache, self.scale)])
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim)), k, v
+
+
+    def _decode(
+        self, q: torch.Tensor, k_cache: torch.Tensor | None, v_cache: torch.Tensor | None, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        if k_cache is None or v_cache is None:
+            raise ValueError("decode attention needs a KV cache")
+        return paged_decode_attention(q, k_cache, v_cache, meta, self.scale)
 
 
 class MLP(nn.Module):

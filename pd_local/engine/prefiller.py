@@ -1,0 +1,135 @@
+"""Chunked prefill for a prefill-only rank: the model, a paged KV cache of its own, and a PrefillQueue.
+
+A prefill rank that chunks must keep the KV of every prompt whose prefill is in progress (the next
+chunk attends over it); it keeps nothing after a prompt's last chunk. Each step is two calls so
+that the rank can announce the transfers before computing:
+
+    chunks = prefiller.plan()                # which [start, end) of which prompts, which rows
+    hidden = prefiller.run(chunks, on_layer_kv)   # forward; K/V of every layer to the hook
+
+`on_layer_kv(layer, k, v)` gets the step's K/V [T, kv_heads, head_dim] (rows of chunk c are
+[c.row, c.row + c.end - c.start)); the decode rank lands them with
+`Engine.write_prompt_kv(req_id, layer, k_rows, v_rows, start=c.start)`. `run` returns the final
+hidden state of the last position of every chunk with `is_last`, in order: what
+`Engine.add_prefilled` samples the first token from. The prompt's blocks are freed in `run`, once
+its last chunk has computed (the hook has seen its K/V by then), or by `abort`, exactly once.
+
+Not thread-safe: one rank loop owns it. No torch.distributed here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from pd_local.engine.kv_cache import BlockAllocator, blocks_for, slots_for
+from pd_local.engine.prefill_queue import Chunk, PrefillJob, PrefillQueue
+from pd_local.model.attention import AttentionMetadata, host_to_device
+from pd_local.model.kv_cache import PagedKVCache
+from pd_local.model.llama import LayerKVHook, LlamaForCausalLM
+
+
+@dataclass(frozen=True)
+class PlannedChunk:
+    req_id: int
+    start: int  # positions [start, end) of the prompt
+    end: int
+    row: int  # first row of this chunk in the step's flattened batch
+    is_last: bool  # completes the prompt: run() returns its last hidden state
+    planned: Chunk
+
+
+class ChunkedPrefiller:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        num_blocks: int,
+        block_size: int = 16,
+        max_prefill_tokens: int = 256,
+        policy: str = "srpf",
+        max_passed_tokens: int = 4096,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        mc = model.config
+        self.model = model
+        self.device = torch.device(device)
+        self.block_size = block_size
+        dtype = model.model.embed_tokens.weight.dtype
+        self.kv_cache = PagedKVCache(mc.num_layers, num_blocks, block_size, mc.num_kv_heads, mc.head_dim,
+                                     dtype, self.device)
+        self.allocator = BlockAllocator(num_blocks)
+        self.queue = PrefillQueue(max_prefill_tokens, True, policy, max_passed_tokens)
+        self.prompts: dict[int, list[int]] = {}
+        self.blocks: dict[int, list[int]] = {}
+
+    def add(self, req_id: int, prompt_ids: list[int]) -> None:
+        need = blocks_for(len(prompt_ids), self.block_size)
+        if need > self.allocator.num_total:
+            raise ValueError(f"request {req_id}: {len(prompt_ids)} tokens need {need} blocks, "
+                             f"the prefill cache has {self.allocator.num_total}")
+        self.queue.add(req_id, len(prompt_ids))
+        self.prompts[req_id] = list(prompt_ids)
+
+    def abort(self, req_id: int) -> bool:
+        """Drop a queued or half-prefilled prompt and free its blocks; False if not here."""
+        if self.queue.remove(req_id) is None:
+            return False
+        del self.prompts[req_id]
+        self.allocator.free(self.blocks.pop(req_id, []))
+        return True
+
+    def has_pending(self) -> bool:
+        return bool(self.queue)
+
+    @property
+    def num_pending(self) -> int:
+        """Prompts queued or part-prefilled."""
+        return len(self.queue)
+
+    @property
+    def pending_tokens(self) -> int:
+        """Prompt tokens still to prefill."""
+        return sum(j.remaining for j in self.queue.jobs.values())
+
+    def plan(self, key: Callable[[int], int] | None = None) -> list[PlannedChunk]:
+        """This step's chunks (empty when nothing is queued or nothing fits in the cache), in
+        the order of `key(req_id)` (stable; default the policy's) and rows assigned in that
+        order: a prefill rank orders by destination so each one's rows are contiguous."""
+        planned = self.queue.plan(admit=self._admit)
+        if key is not None:
+            planned = sorted(planned, key=lambda c: key(c.job.key))
+        out: list[PlannedChunk] = []
+        row = 0
+        for c in planned:
+            out.append(PlannedChunk(c.job.key, c.start, c.end, row, c.is_last, c))
+            row += c.num_tokens
+        return out
+
+    def _admit(self, job: PrefillJob) -> bool:
+        need = blocks_for(job.num_tokens, self.block_size)
+        if not self.allocator.can_allocate(need):
+            return False
+        self.blocks[job.key] = self.allocator.allocate(need)
+        return True
+
+    def run(self, chunks: list[PlannedChunk], on_layer_kv: LayerKVHook | None = None) -> torch.Tensor:
+        """Forward the planned chunks; returns [number of is_last chunks, hidden]."""
+        if not chunks:
+            raise ValueError("run() needs at least one planned chunk")
+        bs, dev = self.block_size, self.device
+        ids = [t for c in chunks for t in self.prompts[c.req_id][c.start:c.end]]
+        pos = [p for c in chunks for p in range(c.start, c.end)]
+        slots = [s for c in chunks for s in slots_for(self.blocks[c.req_id], c.start, c.end, bs)]
+        meta = AttentionMetadata.mixed(
+            [], [], [c.end - c.start for c in chunks], [c.start for c in chunks],
+            [slots_for(self.blocks[c.req_id], 0, c.start, bs) for c in chunks], slots, bs, dev,
+        )
+        hidden = self.model(host_to_device(ids, dev), host_to_device(pos, dev), meta, self.kv_cache,
+                            on_layer_kv)  # [T, hidden]
+        last = [c.row + c.end - c.start - 1 for c in chunks if c.is_last]
+        for job in self.queue.advance([c.planned for c in chunks]):
+            del self.prompts[job.key]
+            self.allocator.free(self.blocks.pop(job.key))
+        return hidden[host_to_device(last, dev)]
