@@ -279,20 +279,21 @@ def _decode_group(
 ) -> torch.Tensor:
     """q [g, H, D]; tables [g, nblk] -> [g, H, D], attending over nblk * block_size slots.
 
-    One SDPA call over the gathered blocks, the padding past each row's context masked. Its
-    kernel reduces each (row, head) on its own, so a row's result does not depend on g (checked
-    bit for bit by tests/test_engine.py). Measured on the 2-core AVX2 CPU, fp32, 1 thread, 144
-    slots: 6x faster at g = 16 than matmul + softmax + matmul, which also needed K copied
-    contiguous (a matmul against a permuted K view took a BLAS path whose result depended on g).
+    matmul + softmax + matmul with K made contiguous: a matmul against a permuted K view takes a
+    BLAS path whose fp32 result depends on g (measured ~6e-6). One masked SDPA call per group was
+    tried (6x faster per layer at g = 16 on the 2-core AVX2 CPU) and kept rows equal alone vs
+    batched, but broke chunk invariance: tests/test_chunked_prefill.py's chunk-size-1 logits
+    differed. Reverted until that is understood.
     """
     b, h, d = q.shape
     _, bs, kvh, _ = k_cache.shape
     s = tables.shape[1] * bs
     flat = tables.reshape(-1)  # index_select: ~2x faster than advanced indexing k_cache[tables]
-    k = k_cache.index_select(0, flat).view(b, s, kvh, d).transpose(1, 2)  # [g, KV, S, D] view
-    v = v_cache.index_select(0, flat).view(b, s, kvh, d).transpose(1, 2)  # [g, KV, S, D] view
-    keep = torch.arange(s, device=q.device)[None, :] < context_lens[:, None]  # [g, S]
-    o = F.scaled_dot_product_attention(
-        q[:, :, None, :], k, v, attn_mask=keep[:, None, None, :], scale=scale, enable_gqa=True
-    )  # [g, H, 1, D]
-    return o.reshape(b, h, d)
+    k = k_cache.index_select(0, flat).view(b, s, kvh, d).transpose(1, 2).contiguous()  # [g, KV, S, D]
+    v = v_cache.index_select(0, flat).view(b, s, kvh, d).transpose(1, 2)  # [g, KV, S, D]
+    qg = q.view(b, kvh, h // kvh, d)  # [g, KV, G, D]
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [g, KV, G, S]
+    pad = torch.arange(s, device=q.device)[None, :] >= context_lens[:, None]  # [g, S]
+    scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+    probs = scores.softmax(dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).reshape(b, h, d)  # [g, KV, G, D] -> [g, H, D]
