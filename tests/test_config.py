@@ -119,6 +119,8 @@ def write(tmp_path: Path, text: str) -> Path:
     ("[engine]\nnum_blocks = 64", r"unknown key 'engine.num_blocks' \(known: block_size"),
     ("[engine]\nbatch_invariant = 'no'", "engine.batch_invariant must be true or false, got 'no'"),
     ("[server]\nport = 70000", "server.port must be <= 65535, got 70000"),
+    ("[server]\nshutdown_grace_s = -1", "server.shutdown_grace_s must be a finite number >= 0, got -1"),
+    ("[server]\nshutdown_grace_s = 'soon'", "server.shutdown_grace_s must be a number, got 'soon'"),
     ("[server]\nport = true", "server.port must be an integer, got True"),
     ("[server]\napi_key = ''", "server.api_key must be a non-empty string"),
     ("[server]\ncors_origins = 'http://a'", "server.cors_origins must be a list"),
