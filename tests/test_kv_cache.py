@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -68,3 +70,17 @@ def test_allocator_never_leaks(ops: list[tuple[str, int]]) -> None:
     for o in owners:
         a.free(o)
     assert a.num_free == a.num_total
+
+
+def test_block_hashes_chain_names_the_whole_prefix() -> None:
+    from pd_local.engine.kv_cache import block_hashes
+
+    a = block_hashes(list(range(40)), 16)
+    assert len(a) == 2  # the partial third block has no hash
+    b = block_hashes([99] + list(range(1, 40)), 16)
+    assert a[0] != b[0] and a[1] != b[1]  # block 1's tokens are equal, its prefix is not
+    c = block_hashes(list(range(32)) + [7] * 16, 16)
+    assert c[:2] == a[:2] and len(c) == 3
+    assert block_hashes(list(range(16)), 16, salt=b"bf16") != block_hashes(list(range(16)), 16)
+    with pytest.raises(struct.error):
+        block_hashes([2**70] * 16, 16)  # not an int64 token id

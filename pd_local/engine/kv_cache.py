@@ -10,7 +10,9 @@ that would otherwise corrupt another request's KV silently). No torch in here.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import struct
 
 log = logging.getLogger(__name__)
 
@@ -61,3 +63,18 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
 def slots_for(block_ids: list[int], start: int, end: int, block_size: int) -> list[int]:
     """Flat cache slots of positions [start, end) of a sequence with block table block_ids."""
     return [block_ids[p // block_size] * block_size + p % block_size for p in range(start, end)]
+
+
+def block_hashes(token_ids: list[int], block_size: int, salt: bytes = b"") -> list[bytes]:
+    """The prefix-cache identity of every full block of `token_ids`: a hash chain, so block i's
+    hash names the tokens of blocks 0..i (the same tokens in another context hash differently).
+    `salt` stands for whatever else changes KV (model, dtype). Deterministic across processes
+    (the router and every rank compute the same ids without talking). A trailing partial block
+    has no hash: only full blocks are ever shared."""
+    out: list[bytes] = []
+    h = hashlib.blake2b(salt, digest_size=16).digest()
+    for i in range(len(token_ids) // block_size):
+        block = token_ids[i * block_size:(i + 1) * block_size]
+        h = hashlib.blake2b(h + struct.pack(f"<{block_size}q", *block), digest_size=16).digest()
+        out.append(h)
+    return out
