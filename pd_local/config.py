@@ -146,6 +146,10 @@ class EngineConfig:
     # false: drop the padding that makes a request's logits independent of its batch (CPU only;
     # ~2x faster batch-1 decode on AVX2, but greedy tokens may then differ across topologies)
     batch_invariant: bool = True
+    # Keep the KV of full prompt blocks after a request ends and reuse it for any later prompt
+    # that starts with the same tokens (reference-counted blocks, LRU eviction when memory is
+    # needed). false: every prompt is prefilled from its first token, as before.
+    enable_prefix_caching: bool = True
     # Not a TOML key (`_known` leaves it out): tests and benchmarks that need exact accounting.
     num_blocks: int | None = field(default=None, metadata={"toml": False})
 
@@ -169,6 +173,9 @@ class EngineConfig:
             _positive_float("engine.gpu_memory_fraction", self.gpu_memory_fraction, maximum=1.0)
         _int("engine.max_num_seqs", self.max_num_seqs, minimum=1)
         _int("engine.max_prefill_tokens", self.max_prefill_tokens, minimum=1)
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ConfigError("engine.enable_prefix_caching must be true or false, "
+                              f"got {self.enable_prefix_caching!r}")
         if not isinstance(self.chunked_prefill, bool):
             raise ConfigError(
                 f"engine.chunked_prefill must be true or false, got {self.chunked_prefill!r}")

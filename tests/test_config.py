@@ -115,6 +115,7 @@ def write(tmp_path: Path, text: str) -> Path:
      "engine.gpu_memory_fraction must be <= 1.0, got 1.5"),
     ("[engine]\nmax_num_seqs = 0", "engine.max_num_seqs must be >= 1, got 0"),
     ("[engine]\nchunked_prefill = 1", "engine.chunked_prefill must be true or false, got 1"),
+    ("[engine]\nenable_prefix_caching = \"on\"", "engine.enable_prefix_caching must be true or false, got 'on'"),
     ("[engine]\nprefill_policy = 'sjf'", "engine.prefill_policy must be one of"),
     ("[engine]\nnum_blocks = 64", r"unknown key 'engine.num_blocks' \(known: block_size"),
     ("[engine]\nbatch_invariant = 'no'", "engine.batch_invariant must be true or false, got 'no'"),
