@@ -84,3 +84,116 @@ def test_block_hashes_chain_names_the_whole_prefix() -> None:
     assert block_hashes(list(range(16)), 16, salt=b"bf16") != block_hashes(list(range(16)), 16)
     with pytest.raises(struct.error):
         block_hashes([2**70] * 16, 16)  # not an int64 token id
+
+
+# -- prefix cache: reference counts, cached-unreferenced blocks, LRU eviction --------------------
+
+
+def test_a_freed_registered_block_is_cached_and_taken_again() -> None:
+    a = BlockAllocator(4, caching=True)
+    ids = a.allocate(3)
+    assert a.register(ids[0], b"h0") and a.register(ids[1], b"h1")
+    a.free(ids)
+    assert (a.num_free, a.num_cached, a.num_held) == (4, 2, 0)
+    assert a.num_cached_prefix([b"h0", b"h1", b"h2"]) == 2
+    got = a.take_cached([b"h0", b"h1", b"h2"])
+    assert got == ids[:2] and (a.num_cached, a.num_held) == (0, 2)
+    again = a.take_cached([b"h0"])  # a second holder of a held block
+    assert again == [ids[0]] and a.num_held == 2
+    a.free(again)
+    a.free(got)
+    assert (a.num_free, a.num_cached) == (4, 2)
+    a.check()
+
+
+def test_allocate_takes_empty_blocks_first_then_evicts_least_recently_freed() -> None:
+    a = BlockAllocator(4, caching=True)
+    x, y = a.allocate(1), a.allocate(1)
+    a.register(x[0], b"x")
+    a.register(y[0], b"y")
+    a.free(x)
+    a.free(y)  # y freed after x: x goes first
+    a.allocate(2)  # the two empty blocks; nothing evicted
+    assert a.num_cached_prefix([b"x"]) == 1 and a.num_evicted == 0
+    a.allocate(1)
+    assert a.num_cached_prefix([b"x"]) == 0 and a.num_cached_prefix([b"y"]) == 1
+    assert a.num_evicted == 1
+    a.check()
+
+
+def test_a_sequence_tail_is_evicted_before_its_head() -> None:
+    a = BlockAllocator(3, caching=True)
+    ids = a.allocate(3)
+    for i, h in zip(ids, (b"a", b"b", b"c")):
+        a.register(i, h)
+    a.free(ids)
+    a.allocate(1)
+    assert a.num_cached_prefix([b"a", b"b", b"c"]) == 2  # c (the tail) went first
+
+
+def test_held_blocks_are_never_evicted_and_out_of_blocks_counts_cached_as_free() -> None:
+    a = BlockAllocator(2, caching=True)
+    held = a.allocate(1)
+    a.register(held[0], b"keep")
+    with pytest.raises(OutOfBlocks, match="need 2 blocks, 1 of 2 free"):
+        a.allocate(2)
+    other = a.allocate(1)
+    assert other != held and a.num_cached_prefix([b"keep"]) == 1
+
+
+def test_register_rules() -> None:
+    a = BlockAllocator(3, caching=True)
+    x, y = a.allocate(2)
+    assert a.register(x, b"h")
+    assert not a.register(y, b"h")  # same content twice: the first copy stays the cached one
+    with pytest.raises(ValueError, match="already registered"):
+        a.register(x, b"other")
+    with pytest.raises(ValueError, match="registered but not held"):
+        a.register(2, b"z")
+    off = BlockAllocator(2)
+    b = off.allocate(1)
+    assert not off.register(b[0], b"h")  # caching off: nothing is ever kept
+    off.free(b)
+    assert off.num_cached == 0 and off.take_cached([b"h"]) == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["alloc", "take", "free", "register"]),
+                          st.integers(0, 5), st.integers(0, 7)), max_size=80))
+def test_prefix_cache_states_add_up_after_every_operation(ops: list[tuple[str, int, int]]) -> None:
+    """Random sequences of the engine's operations: free + cached + held == total at every step,
+    no block is written by two owners unless both took it as cached content, and a taken block
+    always carries the content it was registered with."""
+    a = BlockAllocator(12, caching=True)
+    owners: list[list[int]] = []
+    content: dict[int, bytes] = {}  # what a registered block holds (the test's model of the KV)
+    for op, n, h in ops:
+        key = bytes([h])
+        if op == "alloc":
+            if a.can_allocate(n):
+                ids = a.allocate(n)
+                for i in ids:
+                    content.pop(i, None)  # new content: the old one is gone
+                owners.append(ids)
+            else:
+                with pytest.raises(OutOfBlocks):
+                    a.allocate(n)
+        elif op == "take":
+            chain = [bytes([k]) for k in range(h, h + n)]
+            ids = a.take_cached(chain)
+            assert [content[i] for i in ids] == chain[:len(ids)]
+            owners.append(ids)
+        elif op == "register" and owners:
+            o = owners[n % len(owners)]
+            if o and o[0] not in content and a.register(o[0], key):
+                content[o[0]] = key
+        elif op == "free" and owners:
+            a.free(owners.pop(n % len(owners)))
+        a.check()
+        held = {b for o in owners for b in o}
+        assert a.num_held == len(held)
+        assert a.num_free + a.num_held == a.num_total  # free counts empty + cached
+    for o in owners:
+        a.free(o)
+    a.check()
+    assert a.num_free == a.num_total and a.num_held == 0

@@ -46,6 +46,8 @@ class RankStats:
     total_blocks: int
     running: int
     waiting: int
+    cached_blocks: int = 0  # free blocks whose KV the prefix cache keeps (part of free_blocks)
+    prefix_hit_tokens: int = 0  # prompt tokens served from the prefix cache since start
 
 
 @dataclass
@@ -142,7 +144,8 @@ class InProcessBackend:
     def stats(self) -> BackendStats:
         e = self.engine
         return BackendStats(ranks=[RankStats(0, "colocated", e.num_free_blocks, e.num_total_blocks,
-                                             e.num_running, e.num_waiting)])
+                                             e.num_running, e.num_waiting, e.num_cached_blocks,
+                                             e.prefix_hit_tokens)])
 
     def shutdown(self) -> None:
         self._stop.set()

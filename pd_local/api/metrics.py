@@ -35,6 +35,12 @@ RANK_GAUGES = (
     ("pd_local_running_requests", "Requests in a rank's running batch.", "running"),
     ("pd_local_queue_depth", "Requests queued on a rank (waiting for prefill or a reservation).",
      "waiting"),
+    ("pd_local_kv_blocks_cached", "Free KV blocks whose content the prefix cache keeps "
+     "(counted in pd_local_kv_blocks_free; a prefill rank: its own prefill cache).", "cached_blocks"),
+)
+RANK_COUNTERS = (
+    ("pd_local_prefix_cache_hit_tokens", "Prompt tokens whose KV came from a rank's prefix cache.",
+     "prefix_hit_tokens"),
 )
 
 
@@ -55,6 +61,11 @@ class _SnapshotCollector(Collector):
             for r in self.stats.ranks:
                 g.add_metric([str(r.rank), r.role], getattr(r, attr))
             yield g
+        for name, help_text, attr in RANK_COUNTERS:
+            c = CounterMetricFamily(name, help_text, labels=["rank", "role"])  # NAME_total
+            for r in self.stats.ranks:
+                c.add_metric([str(r.rank), r.role], getattr(r, attr))
+            yield c
         s = self.stats
         for name, help_text, value in (
             ("pd_local_kv_transfer_bytes", "KV + hidden-state bytes moved prefill -> decode.",

@@ -2,7 +2,9 @@
 
 Disaggregated (DESIGN.md "One request", steps 3, 5, 6):
 - Reserve -> the admission queue; in order, each is reserved (`engine.reserve`: its prompt's
-  blocks are held) as soon as the engine has room, and the router hears Reserved. A request
+  blocks are held, those of its longest cached prefix taken from the prefix cache) as soon as
+  the engine has room, and the router hears Reserved with the number of prompt tokens cached:
+  the prefill rank sends only the KV of the rest. A request
   that cannot be reserved waits here: that is the back-pressure that keeps prefill ranks from
   computing KV with nowhere to go. One that can never be (bad ids, too long) is Rejected.
 - LayerKV items (from the KV receiver threads) -> `engine.write_prompt_kv` at the item's start
@@ -167,7 +169,8 @@ class DecodeLoop:
             if not ok:
                 return
             self.admission.popleft()
-            self.to_router.send(Reserved(msg.req_id, time.monotonic()))
+            self.to_router.send(Reserved(msg.req_id, time.monotonic(),
+                                         self.engine.cached_tokens(msg.req_id)))
 
     def _load(self) -> tuple[int, int, int, int]:
         e = self.engine
@@ -178,12 +181,14 @@ class DecodeLoop:
         """One Tokens message per turn that produced tokens or transfers; otherwise Stats when
         the load changed (so the router routes on fresh numbers without polling)."""
         load = self._load()
+        cache = dict(cached_blocks=self.engine.num_cached_blocks,
+                     prefix_hit_tokens=self.engine.prefix_hit_tokens)
         if self.entries or self.transfers:
             self.to_router.send(Tokens(tuple(self.entries), *load, time.monotonic(),
-                                       tuple(self.transfers)))
+                                       tuple(self.transfers), **cache))
             self.entries, self.transfers = [], []
         elif load != self.last_load:
-            self.to_router.send(Stats(*load, queued_tokens=0))
+            self.to_router.send(Stats(*load, queued_tokens=0, **cache))
         self.last_load = load
 
     def _shutdown(self) -> None:

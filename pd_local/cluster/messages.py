@@ -263,6 +263,7 @@ class Prefill:
     req_id: int
     prompt_ids: tuple[int, ...]
     decode_rank: int
+    skip_tokens: int = 0  # the decode rank holds the KV of [0, skip_tokens) (its prefix cache)
 
 
 @dataclass(frozen=True)
@@ -346,6 +347,8 @@ class Tokens:
     waiting: int
     t: float  # time.monotonic() at the end of the step
     transfers: tuple[TransferRecord, ...] = ()
+    cached_blocks: int = 0  # free blocks whose KV the prefix cache keeps (part of free_blocks)
+    prefix_hit_tokens: int = 0  # prompt tokens served from the prefix cache since start
 
 
 @dataclass(frozen=True)
@@ -353,6 +356,7 @@ class Reserved:
     KIND: ClassVar[Kind] = Kind.RESERVED
     req_id: int
     t: float  # time.monotonic() when the blocks were reserved
+    cached_tokens: int = 0  # prompt tokens whose KV the decode rank's prefix cache supplied
 
 
 @dataclass(frozen=True)
@@ -384,6 +388,8 @@ class Stats:
     running: int
     waiting: int
     queued_tokens: int
+    cached_blocks: int = 0  # as in Tokens (a prefill rank: its own prefill cache)
+    prefix_hit_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from collections.abc import Callable
 import torch
 
 from pd_local.cluster.dist import DistContext
-from pd_local.engine.engine import prefill_hidden
+from pd_local.engine.engine import prefill_hidden, prefix_salt
 from pd_local.engine.kv_cache import blocks_for
 from pd_local.engine.prefiller import ChunkedPrefiller
 from pd_local.model.config import ModelConfig
@@ -98,7 +98,9 @@ class PrefillLoop:
                 if self.prefiller is not None and self.prefiller.has_pending():
                     self._run_step()
                     self.to_router.send(Stats(0, 0, 0, self.prefiller.num_pending,
-                                              self.prefiller.pending_tokens))
+                                              self.prefiller.pending_tokens,
+                                              self.prefiller.num_cached_blocks,
+                                              self.prefiller.prefix_hit_tokens))
                 elif self.pending:
                     self._run_batch(self._next_batch())
                     self.to_router.send(Stats(0, 0, 0, len(self.pending),
@@ -121,7 +123,9 @@ class PrefillLoop:
         longest = min(e.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         blocks = blocks_for(2 * longest + e.max_prefill_tokens, e.block_size)
         return ChunkedPrefiller(self.model, blocks, e.block_size, e.max_prefill_tokens,
-                                e.prefill_policy, device=self.ctx.device)
+                                e.prefill_policy, device=self.ctx.device,
+                                caching=e.enable_prefix_caching,
+                                prefix_salt=prefix_salt(self.model, self.model.model.embed_tokens.weight.dtype))
 
     def _add(self, msg: Prefill) -> None:
         if msg.decode_rank not in self.kv:
@@ -130,7 +134,7 @@ class PrefillLoop:
         if self.prefiller is None:
             self.pending.append(msg)
             return
-        self.prefiller.add(msg.req_id, list(msg.prompt_ids))
+        self.prefiller.add(msg.req_id, list(msg.prompt_ids), skip=msg.skip_tokens)
         self.dest[msg.req_id] = msg.decode_rank
 
     def _abort(self, req_id: int) -> None:
@@ -147,25 +151,28 @@ class PrefillLoop:
         chunks = self.prefiller.plan(key=self.dest.__getitem__)  # grouped by destination
         if not chunks:
             raise RuntimeError(f"prefill rank {self.ctx.rank}: prompts pending, none planned")
-        tokens: dict[int, tuple[int, int]] = {}  # destination -> its rows of the step
+        tokens: dict[int, list[tuple[int, int]]] = {}  # destination -> its rows of the step
         rows: dict[int, tuple[int, int]] = {}  # destination -> its rows of the returned hidden
         row = 0
         for d, group in itertools.groupby(chunks, key=lambda c: self.dest[c.req_id]):
             group = list(group)
-            first, last = group[0], group[-1]
-            tokens[d] = (first.row, last.row + last.end - last.start)
+            for c in group:
+                self.started.setdefault(c.req_id, t0)
+            # only the rows the destination lacks (its prefix cache holds [0, skip))
+            group = [c for c in group if c.send_rows[1] > c.send_rows[0]]
+            if not group:
+                continue
+            tokens[d] = [c.send_rows for c in group]
             n_last = sum(c.is_last for c in group)
             rows[d] = (row, row + n_last)
             row += n_last
-            self.kv[d].start([KVEntry(c.req_id, c.end - c.start, c.start, c.is_last)
+            self.kv[d].start([KVEntry(c.req_id, c.end - c.send_from, c.send_from, c.is_last)
                               for c in group])
-            for c in group:
-                self.started.setdefault(c.req_id, t0)
 
         def on_layer_kv(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-            # k, v: [T, kv_heads, head_dim] for the whole step; slices are contiguous views.
-            for d, (a, b) in tokens.items():
-                self.kv[d].layer(layer, k[a:b], v[a:b])
+            # k, v: [T, kv_heads, head_dim] for the whole step
+            for d, pieces in tokens.items():
+                self.kv[d].layer(layer, *rows_of(k, v, pieces))
 
         hidden = self.prefiller.run(chunks, on_layer_kv)  # [R, hidden]: the completed prompts
         t_computed = time.monotonic()
@@ -196,6 +203,7 @@ class PrefillLoop:
         t0 = time.monotonic()
         # destination -> (first token, end token) in the flattened batch; (first row, end row)
         tokens: dict[int, tuple[int, int]] = {}
+        pieces: dict[int, list[tuple[int, int]]] = {}  # destination -> its rows to send
         rows: dict[int, tuple[int, int]] = {}
         tok, row = 0, 0
         for d, group in itertools.groupby(batch, key=lambda p: p.decode_rank):
@@ -203,15 +211,19 @@ class PrefillLoop:
             if d not in self.kv:
                 raise ProtocolError(f"Prefill for decode rank {d}: no KV link from "
                                     f"rank {self.ctx.rank} (links: {sorted(self.kv)})")
-            n = sum(len(p.prompt_ids) for p in group)
-            tokens[d], rows[d] = (tok, tok + n), (row, row + len(group))
-            tok, row = tok + n, row + len(group)
-            self.kv[d].start([KVEntry(p.req_id, len(p.prompt_ids)) for p in group])
+            pieces[d] = []
+            for p in group:  # the decode rank's prefix cache holds [0, skip_tokens)
+                pieces[d].append((tok + p.skip_tokens, tok + len(p.prompt_ids)))
+                tok += len(p.prompt_ids)
+            rows[d] = (row, row + len(group))
+            row += len(group)
+            self.kv[d].start([KVEntry(p.req_id, len(p.prompt_ids) - p.skip_tokens, p.skip_tokens)
+                              for p in group])
 
         def on_layer_kv(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-            # k, v: [T, kv_heads, head_dim] for the whole batch; slices are contiguous views.
-            for d, (a, b) in tokens.items():
-                self.kv[d].layer(layer, k[a:b], v[a:b])
+            # k, v: [T, kv_heads, head_dim] for the whole batch
+            for d, ranges in pieces.items():
+                self.kv[d].layer(layer, *rows_of(k, v, ranges))
 
         hidden = prefill_hidden(self.model, [list(p.prompt_ids) for p in batch], self.ctx.device,
                                 on_layer_kv=on_layer_kv)  # [B, hidden]
@@ -231,6 +243,21 @@ class PrefillLoop:
             s.header.close()
         self.to_router.close()
         log.info("prefill rank %d: shut down", self.ctx.rank)
+
+
+def rows_of(k: torch.Tensor, v: torch.Tensor, ranges: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows [a, b) of each range, in order: a view when they are adjacent (the common case:
+    nothing cached, or one request per destination), else a copy."""
+    merged: list[tuple[int, int]] = []
+    for a, b in ranges:
+        if merged and merged[-1][1] == a:
+            merged[-1] = (merged[-1][0], b)
+        else:
+            merged.append((a, b))
+    if len(merged) == 1:
+        a, b = merged[0]
+        return k[a:b], v[a:b]
+    return (torch.cat([k[a:b] for a, b in merged]), torch.cat([v[a:b] for a, b in merged]))
 
 
 def run(ctx: DistContext) -> None:

@@ -65,6 +65,7 @@ class _Request:
     prefill: int | None = None
     prefill_done: bool = False
     first_token: bool = True
+    cached_tokens: int = 0  # the decode rank's prefix-cache hit (PD)
 
 
 @dataclass
@@ -79,12 +80,15 @@ class _Rank:
     waiting: int = 0
     unfinished: int = 0  # requests routed here and not finished (router's own count)
     queued_tokens: int = 0  # prefill ranks: prompt tokens sent and not yet PrefillDone
+    cached_blocks: int = 0  # the rank's prefix cache, as last reported
+    prefix_hit_tokens: int = 0
     max_model_len: int = 0
     ready: bool = False
 
     def update(self, load: Tokens | Stats) -> None:
         self.free_blocks, self.total_blocks = load.free_blocks, load.total_blocks
         self.running, self.waiting = load.running, load.waiting
+        self.cached_blocks, self.prefix_hit_tokens = load.cached_blocks, load.prefix_hit_tokens
 
 
 class Router:
@@ -147,7 +151,8 @@ class Router:
         return True, f"{workers} workers ({self.ctx.cfg.topology.label})"
 
     def stats(self) -> BackendStats:
-        ranks = [RankStats(r.rank, r.role, r.free_blocks, r.total_blocks, r.running, r.waiting)
+        ranks = [RankStats(r.rank, r.role, r.free_blocks, r.total_blocks, r.running, r.waiting,
+                           r.cached_blocks, r.prefix_hit_tokens)
                  for r in (*self.prefill.values(), *self.decode.values())]
         return dataclasses.replace(self.kv, ranks=ranks)
 
@@ -240,11 +245,13 @@ class Router:
             req.timeline.mark("reserved", msg.t)
             p = self._pick_prefill()
             req.prefill = p
-            n = len(req.prompt_ids)
+            req.cached_tokens = msg.cached_tokens
+            n = len(req.prompt_ids) - msg.cached_tokens  # at most this much to compute and send
             self.prefill[p].queued_tokens += n
             self.prefill[p].unfinished += 1
             self._prefill_tokens[req.req_id] = (p, n)
-            self.to_prefill[p].send(Prefill(req.req_id, req.prompt_ids, req.decode))
+            self.to_prefill[p].send(Prefill(req.req_id, req.prompt_ids, req.decode,
+                                            msg.cached_tokens))
         elif isinstance(msg, PrefillDone):
             for req_id in msg.req_ids:
                 p, n = self._prefill_tokens.pop(req_id)

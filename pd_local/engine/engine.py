@@ -63,6 +63,13 @@ def prefill_hidden(
     return hidden[last]
 
 
+def prefix_salt(model: LlamaForCausalLM, dtype: torch.dtype) -> bytes:
+    """What besides the tokens decides a block's KV: the model's shape and the dtype (blocks of
+    one engine always share both; the salt keeps ids from different engines apart)."""
+    mc = model.config
+    return f"{mc.num_layers}x{mc.hidden_size}/{mc.num_kv_heads}x{mc.head_dim}/{dtype}".encode()
+
+
 class Engine:
     def __init__(
         self,
@@ -89,9 +96,10 @@ class Engine:
             mc.num_layers, num_blocks + use_graphs, cfg.block_size, mc.num_kv_heads, mc.head_dim,
             self.dtype, self.device,
         )
-        self.allocator = BlockAllocator(num_blocks)
+        self.allocator = BlockAllocator(num_blocks, caching=cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.allocator, cfg.block_size, cfg.max_num_seqs, cfg.max_prefill_tokens,
-                                   cfg.chunked_prefill, cfg.prefill_policy)
+                                   cfg.chunked_prefill, cfg.prefill_policy,
+                                   prefix_salt=prefix_salt(model, self.dtype))
         self.graphs = None
         if use_graphs:
             from pd_local.model.cuda_graphs import DecodeGraphRunner
@@ -136,6 +144,16 @@ class Engine:
         return self.allocator.num_total
 
     @property
+    def num_cached_blocks(self) -> int:
+        """Free blocks whose KV the prefix cache keeps (they are part of num_free_blocks)."""
+        return self.allocator.num_cached
+
+    @property
+    def prefix_hit_tokens(self) -> int:
+        """Prompt tokens whose KV came from the prefix cache, since start."""
+        return self.scheduler.prefix_hit_tokens
+
+    @property
     def num_running(self) -> int:
         return len(self.scheduler.running)
 
@@ -172,8 +190,14 @@ class Engine:
     # -- PD decode-rank hooks --------------------------------------------------------------
 
     def reserve(self, req_id: int, prompt_ids: list[int], params: SamplingParams) -> bool:
-        """Pre-allocate the prompt's blocks; False (nothing held) when there is no room now."""
+        """Pre-allocate the prompt's blocks (the cached prefix's from the prefix cache); False
+        (nothing held) when there is no room now. `cached_tokens` says how much is cached."""
         return self.scheduler.try_reserve(self._new_sequence(req_id, prompt_ids, params))
+
+    def cached_tokens(self, req_id: int) -> int:
+        """A reserved request's prompt tokens [0, n) whose KV this rank already holds: a
+        prefill rank need send only the rest (write_prompt_kv refuses positions below n)."""
+        return self.scheduler.reserved[req_id].num_cached
 
     def write_prompt_kv(
         self, req_id: int, layer: int, k: torch.Tensor, v: torch.Tensor, start: int = 0
@@ -183,8 +207,9 @@ class Engine:
         every position of every layer has landed."""
         seq = self.scheduler.reserved[req_id]
         n = len(seq.prompt_ids)
-        if k.shape[0] == 0 or start < 0 or start + k.shape[0] > n:
-            raise ValueError(f"request {req_id}: got KV for {k.shape[0]} tokens at {start}, prompt has {n}")
+        if k.shape[0] == 0 or start < seq.num_cached or start + k.shape[0] > n:
+            raise ValueError(f"request {req_id}: got KV for {k.shape[0]} tokens at {start}, prompt has "
+                             f"{n} (the first {seq.num_cached} come from the prefix cache)")
         slots = host_to_device(slots_for(seq.block_ids, start, start + k.shape[0], self.cfg.block_size),
                                self.device)
         write_kv(self.kv_cache.k[layer], self.kv_cache.v[layer],

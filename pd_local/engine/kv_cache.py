@@ -1,11 +1,19 @@
-"""Paged KV cache bookkeeping: a pure-Python block allocator and the slot arithmetic.
+"""Paged KV cache bookkeeping: a pure-Python block allocator with an optional prefix cache,
+and the slot arithmetic.
 
 The tensors the block ids index (`PagedKVCache`) live in `pd_local.model.kv_cache`, next to the
 attention that reads and writes them.
 
-Ownership contract: every block id handed out by `BlockAllocator.allocate` is returned by exactly
-one `free` call. A double free or a free of a block never handed out raises at once (it is a bug
-that would otherwise corrupt another request's KV silently). No torch in here.
+Ownership contract: every reference to a block handed out by `allocate` or `take_cached` is
+returned by exactly one `free` call. A free of a block nobody holds raises at once (a double free
+is a bug that would otherwise corrupt another request's KV silently). No torch in here.
+
+Prefix cache (`caching=True`): a held block whose KV is final can be `register`ed under its
+`block_hashes` id. When its last holder frees it, it is not wiped but becomes cached: still
+free for `allocate` (which takes never-cached blocks first, then evicts the least recently freed
+cached ones), and until then `take_cached` hands it to any later prompt with the same prefix.
+Every block is in exactly one state: empty (free, no content), cached (free, content kept, in LRU
+order) or held (reference count >= 1, maybe with a hash too). `num_free` counts both free states.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import struct
+from collections import OrderedDict
 
 log = logging.getLogger(__name__)
 
@@ -24,35 +33,121 @@ class OutOfBlocks(RuntimeError):
 class BlockAllocator:
     """Hands out block ids 0..num_blocks-1; lowest ids first on a fresh allocator."""
 
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, caching: bool = False) -> None:
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be > 0, got {num_blocks}")
         self.num_total = num_blocks
-        self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # a stack: pop() gives 0 first
-        self._used: set[int] = set()
+        self.caching = caching
+        self._empty: list[int] = list(range(num_blocks - 1, -1, -1))  # a stack: pop() gives 0 first
+        self._cached: OrderedDict[int, None] = OrderedDict()  # free with content; oldest first
+        self._refs: dict[int, int] = {}  # held block -> number of holders
+        self._hash_of: dict[int, bytes] = {}  # cached or held block -> its content id
+        self._block_of: dict[bytes, int] = {}
+        self.num_evicted = 0
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks nobody holds: empty or cached (both can be allocated)."""
+        return len(self._empty) + len(self._cached)
+
+    @property
+    def num_cached(self) -> int:
+        """Free blocks whose content is kept for a later prefix hit."""
+        return len(self._cached)
+
+    @property
+    def num_held(self) -> int:
+        return len(self._refs)
 
     def can_allocate(self, n: int) -> bool:
-        return n <= len(self._free)
+        return n <= self.num_free
 
     def allocate(self, n: int) -> list[int]:
+        """n blocks for new content, each held once: empty ones first, then the least recently
+        freed cached ones (their content is forgotten)."""
         if n < 0:
             raise ValueError(f"cannot allocate {n} blocks")
-        if n > len(self._free):
-            raise OutOfBlocks(f"need {n} blocks, {len(self._free)} of {self.num_total} free")
-        ids = [self._free.pop() for _ in range(n)]
-        self._used.update(ids)
+        if n > self.num_free:
+            raise OutOfBlocks(f"need {n} blocks, {self.num_free} of {self.num_total} free")
+        ids = []
+        for _ in range(n):
+            if self._empty:
+                i = self._empty.pop()
+            else:
+                i, _ = self._cached.popitem(last=False)
+                del self._block_of[self._hash_of.pop(i)]
+                self.num_evicted += 1
+            self._refs[i] = 1
+            ids.append(i)
         return ids
 
     def free(self, ids: list[int]) -> None:
+        """Drop one reference to each block. A block nobody holds any more becomes empty, or
+        cached if it has a hash; a sequence's later blocks are evicted before its earlier ones
+        (they are only useful after them)."""
+        newly_cached = []
         for i in ids:
-            if i not in self._used:
+            refs = self._refs.get(i)
+            if refs is None:
                 raise ValueError(f"block {i} freed but not allocated (double free?)")
-            self._used.remove(i)
-            self._free.append(i)
+            if refs > 1:
+                self._refs[i] = refs - 1
+                continue
+            del self._refs[i]
+            if i in self._hash_of:
+                newly_cached.append(i)
+            else:
+                self._empty.append(i)
+        for i in reversed(newly_cached):
+            self._cached[i] = None
+
+    # -- prefix cache ------------------------------------------------------------------------
+
+    def register(self, block: int, block_hash: bytes) -> bool:
+        """Name a held block's (final) content. False, and nothing changes, when caching is off
+        or another block already holds that content (the first one stays the cached copy)."""
+        if block not in self._refs:
+            raise ValueError(f"block {block} registered but not held")
+        if not self.caching or block_hash in self._block_of:
+            return False
+        old = self._hash_of.get(block)
+        if old is not None:
+            raise ValueError(f"block {block} is already registered with other content")
+        self._hash_of[block] = block_hash
+        self._block_of[block_hash] = block
+        return True
+
+    def num_cached_prefix(self, hashes: list[bytes]) -> int:
+        """How many leading blocks of `hashes` have cached or held copies (nothing is taken)."""
+        n = 0
+        for h in hashes:
+            if h not in self._block_of:
+                break
+            n += 1
+        return n
+
+    def take_cached(self, hashes: list[bytes]) -> list[int]:
+        """Hold (one more reference each) the blocks of the longest cached prefix of `hashes`;
+        the caller frees them like allocated ones."""
+        ids = [self._block_of[h] for h in hashes[:self.num_cached_prefix(hashes)]]
+        for i in ids:
+            if i in self._cached:
+                del self._cached[i]
+                self._refs[i] = 1
+            else:
+                self._refs[i] += 1
+        return ids
+
+    def check(self) -> None:
+        """Assert the state invariant (tests and debugging): every block in exactly one state."""
+        empty, cached, held = set(self._empty), set(self._cached), set(self._refs)
+        assert len(empty) == len(self._empty), "a block is twice in the empty stack"
+        assert not (empty & cached or empty & held or cached & held), "a block in two states"
+        assert len(empty) + len(cached) + len(held) == self.num_total, "a block in no state"
+        assert all(r >= 1 for r in self._refs.values())
+        assert set(self._hash_of) <= cached | held and cached <= set(self._hash_of)
+        assert all(self._block_of[h] == b for b, h in self._hash_of.items())
+        assert len(self._block_of) == len(self._hash_of)
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:

@@ -17,7 +17,8 @@ Policies (`policy`):
 Contract: `plan()` only proposes; the caller runs the chunks and then calls `advance()` with them
 (or `remove()` for a job that was aborted or preempted). `admit(job)`, when given, is asked once
 before a job's first chunk (e.g. to allocate its KV blocks); a False stops the plan there, so a
-job that cannot get memory is not overtaken forever by smaller ones that can.
+job that cannot get memory is not overtaken forever by smaller ones that can. `admit` may set
+`job.num_computed` (tokens whose KV a prefix cache already holds): the first chunk starts there.
 """
 
 from __future__ import annotations
@@ -119,16 +120,13 @@ class PrefillQueue:
         for job in self.order():
             if left <= 0:
                 break
-            n = job.remaining
-            if n > left:
-                if self.chunked:
-                    n = left
-                elif chunks:
-                    break  # whole jobs only: this one waits for a step of its own
+            if not self.chunked and chunks and job.remaining > left:
+                break  # whole jobs only: this one waits for a step of its own
             if not job.admitted:
                 if admit is not None and not admit(job):
                     break
-                job.admitted = True
+                job.admitted = True  # admit may have moved num_computed on (a prefix-cache hit)
+            n = min(job.remaining, left) if self.chunked else job.remaining
             chunks.append(Chunk(job, job.num_computed, job.num_computed + n))
             left -= n
         return chunks

@@ -14,6 +14,14 @@ hidden state of the last position of every chunk with `is_last`, in order: what
 `Engine.add_prefilled` samples the first token from. The prompt's blocks are freed in `run`, once
 its last chunk has computed (the hook has seen its K/V by then), or by `abort`, exactly once.
 
+Prefix cache (`caching`): the full blocks a prompt's chunks compute are registered, so they
+outlive the prompt as cached blocks (evicted least recently used first when a new prompt needs
+room), and a later prompt starting with the same tokens begins its first chunk after them. A
+prompt added with `skip` (its destination already holds the KV of [0, skip)) never starts
+later than `skip`: every position the destination lacks is computed here, so its K/V can be
+sent. (When the destination holds more than this cache, the positions between are recomputed
+here but not sent.)
+
 Not thread-safe: one rank loop owns it. No torch.distributed here.
 """
 
@@ -24,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pd_local.engine.kv_cache import BlockAllocator, blocks_for, slots_for
+from pd_local.engine.kv_cache import BlockAllocator, block_hashes, blocks_for, slots_for
 from pd_local.engine.prefill_queue import Chunk, PrefillJob, PrefillQueue
 from pd_local.model.attention import AttentionMetadata, host_to_device
 from pd_local.model.kv_cache import PagedKVCache
@@ -39,6 +47,12 @@ class PlannedChunk:
     row: int  # first row of this chunk in the step's flattened batch
     is_last: bool  # completes the prompt: run() returns its last hidden state
     planned: Chunk
+    send_from: int = 0  # the destination lacks positions [send_from, end) of this chunk
+
+    @property
+    def send_rows(self) -> tuple[int, int]:
+        """Rows of the step whose K/V the destination needs (empty when it holds them all)."""
+        return self.row + min(self.send_from, self.end) - self.start, self.row + self.end - self.start
 
 
 class ChunkedPrefiller:
@@ -51,6 +65,8 @@ class ChunkedPrefiller:
         policy: str = "srpf",
         max_passed_tokens: int = 4096,
         device: torch.device | str = "cpu",
+        caching: bool = False,
+        prefix_salt: bytes = b"",
     ) -> None:
         mc = model.config
         self.model = model
@@ -59,26 +75,44 @@ class ChunkedPrefiller:
         dtype = model.model.embed_tokens.weight.dtype
         self.kv_cache = PagedKVCache(mc.num_layers, num_blocks, block_size, mc.num_kv_heads, mc.head_dim,
                                      dtype, self.device)
-        self.allocator = BlockAllocator(num_blocks)
+        self.allocator = BlockAllocator(num_blocks, caching=caching)
         self.queue = PrefillQueue(max_prefill_tokens, True, policy, max_passed_tokens)
+        self.prefix_salt = prefix_salt
         self.prompts: dict[int, list[int]] = {}
         self.blocks: dict[int, list[int]] = {}
+        self.skip: dict[int, int] = {}  # req_id -> tokens its destination holds already
+        self.hashes: dict[int, list[bytes]] = {}  # req_id -> its full blocks' ids (caching)
+        self.registered: dict[int, int] = {}  # req_id -> its blocks registered so far
+        self.prefix_hit_tokens = 0  # prompt tokens not computed thanks to the cache, since start
 
-    def add(self, req_id: int, prompt_ids: list[int]) -> None:
+    def add(self, req_id: int, prompt_ids: list[int], skip: int = 0) -> None:
+        """Queue a prompt; its destination holds the KV of [0, skip) already."""
+        if not 0 <= skip < len(prompt_ids):
+            raise ValueError(f"request {req_id}: skip {skip} outside [0, {len(prompt_ids)})")
         need = blocks_for(len(prompt_ids), self.block_size)
         if need > self.allocator.num_total:
             raise ValueError(f"request {req_id}: {len(prompt_ids)} tokens need {need} blocks, "
                              f"the prefill cache has {self.allocator.num_total}")
         self.queue.add(req_id, len(prompt_ids))
         self.prompts[req_id] = list(prompt_ids)
+        self.skip[req_id] = skip
 
     def abort(self, req_id: int) -> bool:
         """Drop a queued or half-prefilled prompt and free its blocks; False if not here."""
         if self.queue.remove(req_id) is None:
             return False
-        del self.prompts[req_id]
-        self.allocator.free(self.blocks.pop(req_id, []))
+        self._forget(req_id)
         return True
+
+    def _forget(self, req_id: int) -> None:
+        del self.prompts[req_id], self.skip[req_id]
+        self.hashes.pop(req_id, None)
+        self.registered.pop(req_id, None)
+        self.allocator.free(self.blocks.pop(req_id, []))
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return self.allocator.num_cached
 
     def has_pending(self) -> bool:
         return bool(self.queue)
@@ -103,16 +137,38 @@ class ChunkedPrefiller:
         out: list[PlannedChunk] = []
         row = 0
         for c in planned:
-            out.append(PlannedChunk(c.job.key, c.start, c.end, row, c.is_last, c))
+            out.append(PlannedChunk(c.job.key, c.start, c.end, row, c.is_last, c,
+                                    max(c.start, self.skip[c.job.key])))
             row += c.num_tokens
         return out
 
     def _admit(self, job: PrefillJob) -> bool:
-        need = blocks_for(job.num_tokens, self.block_size)
+        """Hold the blocks of the whole prompt, its cached prefix's first (at most up to the
+        destination's skip: what it lacks must be computed here to be sent)."""
+        bs, prompt = self.block_size, self.prompts[job.key]
+        cached: list[int] = []
+        if self.allocator.caching:
+            hashes = block_hashes(prompt, bs, self.prefix_salt)
+            usable = min((len(prompt) - 1) // bs, self.skip[job.key] // bs)
+            cached = self.allocator.take_cached(hashes[:usable])
+            self.hashes[job.key], self.registered[job.key] = hashes, len(cached)
+        need = blocks_for(job.num_tokens, bs) - len(cached)
         if not self.allocator.can_allocate(need):
+            self.allocator.free(cached)
             return False
-        self.blocks[job.key] = self.allocator.allocate(need)
+        self.blocks[job.key] = cached + self.allocator.allocate(need)
+        job.num_computed = len(cached) * bs
+        self.prefix_hit_tokens += job.num_computed
         return True
+
+    def _register(self, req_id: int, computed: int) -> None:
+        hashes = self.hashes.get(req_id)
+        if hashes is None:
+            return
+        last = min(computed // self.block_size, len(hashes))
+        for i in range(self.registered[req_id], last):
+            self.allocator.register(self.blocks[req_id][i], hashes[i])
+        self.registered[req_id] = max(self.registered[req_id], last)
 
     def run(self, chunks: list[PlannedChunk], on_layer_kv: LayerKVHook | None = None) -> torch.Tensor:
         """Forward the planned chunks; returns [number of is_last chunks, hidden]."""
@@ -129,7 +185,8 @@ class ChunkedPrefiller:
         hidden = self.model(host_to_device(ids, dev), host_to_device(pos, dev), meta, self.kv_cache,
                             on_layer_kv)  # [T, hidden]
         last = [c.row + c.end - c.start - 1 for c in chunks if c.is_last]
+        for c in chunks:
+            self._register(c.req_id, c.end)
         for job in self.queue.advance([c.planned for c in chunks]):
-            del self.prompts[job.key]
-            self.allocator.free(self.blocks.pop(job.key))
+            self._forget(job.key)
         return hidden[host_to_device(last, dev)]

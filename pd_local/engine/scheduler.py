@@ -8,6 +8,14 @@ its blocks, so a long prompt costs the running streams a bounded extra per step 
 long freeze. Which prompts get the budget is `PrefillQueue`'s policy (prefill_queue.py).
 A step thus processes at most max_prefill_tokens + max_num_seqs tokens.
 
+Prefix cache (the allocator's `caching`): at admission (or `try_reserve`) a sequence takes the
+cached blocks of the longest prefix of its tokens that the cache holds, at most all but its last
+token (whose row must be computed to sample from), and prefills only the rest. Only KV computed
+by a prefill is registered for reuse: the full blocks of the tokens being prefilled, as each
+chunk completes them (on a decode rank, the prompt's full blocks once its KV has landed). KV that
+decode steps computed is never cached: a decode row's attention reduces in another order than a
+prefill's, so reusing it would break the guarantee that output does not depend on the cache.
+
 Block ownership: a sequence owns `block_ids` from admission (its first chunk; all of its prompt's
 blocks are allocated then) or `reserve` until `finish`, `abort` or preemption, each of which frees
 them exactly once and empties the list. A preempted sequence, prefilling or decoding, loses its
@@ -19,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from pd_local.engine.kv_cache import BlockAllocator, blocks_for
+from pd_local.engine.kv_cache import BlockAllocator, block_hashes, blocks_for
 from pd_local.engine.prefill_queue import Chunk, PrefillJob, PrefillQueue
 from pd_local.engine.sampling import SamplingParams
 
@@ -44,6 +52,12 @@ class Sequence:
     finish_reason: str | None = None
     num_preemptions: int = 0
     arrival: int | None = None  # place in the prefill queue, kept across preemptions
+    # Prefix cache: tokens [0, num_cached) came with cached blocks at admission (or reserve);
+    # block_hashes name the full blocks of the tokens being prefilled; the first num_registered
+    # of them are in the cache (registered once their KV was computed by a prefill).
+    num_cached: int = 0
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_registered: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -105,8 +119,12 @@ class Scheduler:
         max_prefill_tokens: int,
         chunked_prefill: bool = True,
         prefill_policy: str = "fcfs",
+        prefix_salt: bytes = b"",
     ) -> None:
         self.allocator = allocator
+        self.prefix_salt = prefix_salt  # what else names KV content: model, dtype
+        self.prefix_hit_tokens = 0  # prompt tokens whose KV came from the cache, since start
+        self.prefix_query_tokens = 0  # prompt tokens admitted or reserved, since start
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.queue = PrefillQueue(max_prefill_tokens, chunked_prefill, prefill_policy)
@@ -140,10 +158,8 @@ class Scheduler:
             raise ValueError(f"request id {seq.req_id} is already in the scheduler")
         if self.queue.num_unadmitted() or len(self.running) + len(self.reserved) >= self.max_num_seqs:
             return False
-        need = blocks_for(seq.num_tokens, self.block_size)
-        if not self.allocator.can_allocate(need + len(self.running)):
+        if not self._take_blocks(seq, len(self.running)):
             return False
-        seq.block_ids = self.allocator.allocate(need)
         seq.status = SeqStatus.RESERVED
         self.reserved[seq.req_id] = seq
         self.by_id[seq.req_id] = seq
@@ -152,6 +168,7 @@ class Scheduler:
     def promote_reserved(self, req_id: int) -> Sequence:
         """Decode rank: the KV has landed; the sequence joins the running batch."""
         seq = self.reserved.pop(req_id)
+        self._register(seq, len(seq.prompt_ids))  # the prefill rank computed all of it
         seq.status = SeqStatus.RUNNING
         self.running.append(seq)
         return seq
@@ -170,6 +187,8 @@ class Scheduler:
     def advance(self, out: SchedulerOutput) -> None:
         """The step ran: its chunks' KV is in the blocks. A sequence whose prefill is complete
         becomes RUNNING (the caller appends the token it sampled)."""
+        for c in out.prefill:
+            self._register(c.seq, c.end)
         for job in self.queue.advance([c.planned for c in out.prefill]):
             self.by_id[job.key].status = SeqStatus.RUNNING
 
@@ -178,13 +197,39 @@ class Scheduler:
         seq = self.by_id[job.key]
         if len(self.running) + len(self.reserved) >= self.max_num_seqs:
             return False
-        need = blocks_for(seq.num_tokens, self.block_size)
-        if not self.allocator.can_allocate(need):
+        if not self._take_blocks(seq, 0):
             return False
-        seq.block_ids = self.allocator.allocate(need)
+        job.num_computed = seq.num_cached  # the first chunk starts after the cached prefix
         seq.status = SeqStatus.PREFILLING
         self.running.append(seq)
         return True
+
+    def _take_blocks(self, seq: Sequence, keep_free: int) -> bool:
+        """Hold the blocks of all of seq's tokens, the cached prefix's first, leaving at least
+        `keep_free` blocks free; False (nothing held) when they do not fit."""
+        bs = self.block_size
+        hashes: list[bytes] = []
+        cached: list[int] = []
+        if self.allocator.caching:
+            hashes = block_hashes(seq.all_ids, bs, self.prefix_salt)
+            cached = self.allocator.take_cached(hashes[:(seq.num_tokens - 1) // bs])
+        need = blocks_for(seq.num_tokens, bs) - len(cached)
+        if not self.allocator.can_allocate(need + keep_free):
+            self.allocator.free(cached)
+            return False
+        seq.block_ids = cached + self.allocator.allocate(need)
+        seq.block_hashes, seq.num_registered = hashes, len(cached)
+        seq.num_cached = len(cached) * bs
+        self.prefix_hit_tokens += seq.num_cached
+        self.prefix_query_tokens += seq.num_tokens
+        return True
+
+    def _register(self, seq: Sequence, computed: int) -> None:
+        """Tokens [0, computed) of seq's prefill have their KV: cache the full blocks."""
+        last = min(computed // self.block_size, len(seq.block_hashes))
+        for i in range(seq.num_registered, last):
+            self.allocator.register(seq.block_ids[i], seq.block_hashes[i])
+        seq.num_registered = max(seq.num_registered, last)
 
     def _reserve_decode_slots(self) -> list[Sequence]:
         """Give every decoding sequence a slot for position num_tokens - 1 (the token it feeds),
