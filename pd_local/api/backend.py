@@ -46,6 +46,8 @@ class RankStats:
     total_blocks: int
     running: int
     waiting: int
+    routed: int = 0  # requests the router sent to this rank, ever
+    routed_prefix_tokens: int = 0  # of their prompt tokens, those the router expected cached
 
 
 @dataclass

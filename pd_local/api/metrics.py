@@ -36,6 +36,12 @@ RANK_GAUGES = (
     ("pd_local_queue_depth", "Requests queued on a rank (waiting for prefill or a reservation).",
      "waiting"),
 )
+RANK_COUNTERS = (
+    ("pd_local_routed_requests", "Requests the router sent to a rank.", "routed"),
+    ("pd_local_routed_prefix_tokens", "Prompt tokens the router expected a rank to hold "
+     "cached when it routed a request there (routing = prefix; 0 otherwise).",
+     "routed_prefix_tokens"),
+)
 
 
 class _SnapshotCollector(Collector):
@@ -55,6 +61,11 @@ class _SnapshotCollector(Collector):
             for r in self.stats.ranks:
                 g.add_metric([str(r.rank), r.role], getattr(r, attr))
             yield g
+        for name, help_text, attr in RANK_COUNTERS:  # exported as NAME_total
+            c = CounterMetricFamily(name, help_text, labels=["rank", "role"])
+            for r in self.stats.ranks:
+                c.add_metric([str(r.rank), r.role], getattr(r, attr))
+            yield c
         s = self.stats
         for name, help_text, value in (
             ("pd_local_kv_transfer_bytes", "KV + hidden-state bytes moved prefill -> decode.",
