@@ -110,6 +110,8 @@ def test_multiturn_needs_the_chat_endpoint(capsys: pytest.CaptureFixture[str]) -
     rc = cli.main(["--workload", "multiturn", "--endpoint", "/v1/completions"])
     assert rc == 2
     assert "--workload multiturn sends message histories" in capsys.readouterr().err
+    assert cli.main(["--workload", "multiturn", "--think-time", "-1"]) == 2
+    assert "-1: must be a finite number >= 0" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from pd_local.loadtest.client import RequestOptions
-from pd_local.loadtest.conversation import make_conversations, per_turn, run_conversations
+from pd_local.loadtest.conversation import per_turn, run_multiturn
 from pd_local.loadtest.metrics import DEFAULT_PERCENTILES, parse_slo, summarize
 from pd_local.loadtest.progress import ProgressBar
 from pd_local.loadtest.report import format_table, json_number, result_json, write_json
@@ -318,29 +318,16 @@ def _run_once(args: argparse.Namespace, wl: WorkloadConfig, base_url: str, model
                                timeout=args.timeout, extra_body=args.extra_body),
         max_concurrency=args.max_concurrency, duration=args.duration)
     if wl.name == "multiturn":
-        return _run_multiturn(args, wl, opts, base_url, model, rate)
+        run = asyncio.run(run_multiturn(wl, opts, rate, args.burstiness, num, args.duration,
+                                        args.seed, args.warmup, not args.quiet))
+        summary = summarize(run.results, run.duration, args.slo, args.percentiles)
+        summary["per_turn"] = per_turn(run.results)
+        return _meta(args, wl, base_url, model, rate, len(run.results), run.results), summary, run
     progress = ProgressBar(num, args.duration, enabled=not args.quiet)
     run = asyncio.run(run_benchmark(schedule, opts, warmup_specs(wl, args.warmup, args.seed, chat),
                                     progress))
     summary = summarize(run.results, run.duration, args.slo, args.percentiles)
     return _meta(args, wl, base_url, model, rate, len(run.results)), summary, run
-
-
-def _run_multiturn(args: argparse.Namespace, wl: WorkloadConfig, opts: RunOptions,
-                   base_url: str, model: str, rate: float
-                   ) -> tuple[dict[str, Any], dict[str, Any], RunResult]:
-    """The multiturn workload (conversation.py): single-turn warm-up, then the conversations;
-    the summary adds `per_turn`."""
-    num = _num_prompts(args)
-    if args.warmup:
-        asyncio.run(run_benchmark([], opts, warmup_specs(wl, args.warmup, args.seed, True)))
-    convs = make_conversations(wl, rate, args.burstiness, num, args.duration, args.seed)
-    progress = ProgressBar(None if num is None else num * wl.turns, args.duration,
-                           enabled=not args.quiet)
-    run = asyncio.run(run_conversations(convs, opts, wl.think_time, progress))
-    summary = summarize(run.results, run.duration, args.slo, args.percentiles)
-    summary["per_turn"] = per_turn(run.results)
-    return _meta(args, wl, base_url, model, rate, len(run.results), run.results), summary, run
 
 
 def bench_main(argv: list[str]) -> int:

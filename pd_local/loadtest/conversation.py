@@ -28,9 +28,10 @@ import numpy as np
 
 from pd_local.loadtest.client import RequestResult, send_request
 from pd_local.loadtest.progress import ProgressBar
-from pd_local.loadtest.runner import RunOptions, RunResult, make_client
+from pd_local.loadtest.runner import RunOptions, RunResult, make_client, run_benchmark
 from pd_local.loadtest.workloads import (
     RequestSpec, WorkloadConfig, WorkloadError, arrival_offsets, random_words, spread,
+    warmup_specs,
 )
 
 @dataclass(frozen=True)
@@ -143,6 +144,18 @@ async def run_conversations(schedule: Iterable[ScheduledConversation], opts: Run
     for i, r in enumerate(results):
         r.index = i
     return RunResult(results, duration, started_at, t0)
+
+
+async def run_multiturn(cfg: WorkloadConfig, opts: RunOptions, rate: float, burstiness: float,
+                        num: int | None, duration: float | None, seed: int, warmup: int,
+                        show_progress: bool) -> RunResult:
+    """The CLI's multiturn run: `warmup` single-turn requests (untimed), then the conversations."""
+    if warmup:
+        await run_benchmark([], opts, warmup_specs(cfg, warmup, seed, True))
+    progress = ProgressBar(None if num is None else num * cfg.turns, duration,
+                           enabled=show_progress)
+    convs = make_conversations(cfg, rate, burstiness, num, duration, seed)
+    return await run_conversations(convs, opts, cfg.think_time, progress)
 
 
 def per_turn(results: Sequence[RequestResult]) -> list[dict[str, Any]]:
