@@ -19,7 +19,10 @@ reported as `texts_identical`). Any /metrics counter whose name mentions "prefix
 Ratios printed: turn2/turn1 TTFT and bytes per setting, and on/off for each figure. The
 issue's targets: turn-2 TTFT <= 0.4x turn 1, turn-2 bytes <= 0.25x turn 1, identical text.
 
-    python benchmarks/prefix_cache.py [--quick] [--repeats 3] [--out FILE]
+`--topologies 1p2d-load,1p2d-prefix` compares the routing policies the same way (with 2 decode
+ranks, `prefix` routing keeps a conversation where its KV is; the multiturn figures show it).
+
+    python benchmarks/prefix_cache.py [--quick] [--repeats 3] [--topologies ...] [--out FILE]
 """
 
 from __future__ import annotations
@@ -46,7 +49,11 @@ from pd_local.loadtest.conversation import (  # noqa: E402
 from pd_local.loadtest.runner import RunOptions, fetch_model, make_client  # noqa: E402
 from pd_local.loadtest.workloads import WorkloadConfig, random_words  # noqa: E402
 
-TOPOLOGIES = {"1p1d": ["--prefill", "1", "--decode", "1"], "colocated-1": ["--colocated", "1"]}
+TOPOLOGIES = {"1p1d": ["--prefill", "1", "--decode", "1"], "colocated-1": ["--colocated", "1"],
+              # not run by default: the routing policies compared (--topologies 1p2d-load,1p2d-prefix)
+              "1p2d-load": ["--prefill", "1", "--decode", "2", "--routing", "load"],
+              "1p2d-prefix": ["--prefill", "1", "--decode", "2", "--routing", "prefix"]}
+DEFAULT_TOPOLOGIES = "1p1d,colocated-1"
 BYTES = "pd_local_kv_transfer_bytes_total"
 F32 = REPO / "weights" / "smollm2-135m-instruct-f32"
 
@@ -204,7 +211,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run: 200-token system prompt, 1 repeat, 2 conversations of 2 "
                          "turns, 8 output tokens (checks the script end to end, not the cache)")
-    ap.add_argument("--topologies", default=",".join(TOPOLOGIES))
+    ap.add_argument("--topologies", default=DEFAULT_TOPOLOGIES,
+                    help=f"comma-separated, of {', '.join(TOPOLOGIES)} (default {DEFAULT_TOPOLOGIES})")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--system-len", type=int, default=1200)
     ap.add_argument("--user-len", type=int, default=40)
@@ -215,6 +223,9 @@ def main() -> int:
     ap.add_argument("--conv-rate", type=float, default=0.5, help="conversations started per s")
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/prefix_cache.json"))
     args = ap.parse_args()
+    unknown = [t for t in args.topologies.split(",") if t not in TOPOLOGIES]
+    if unknown:
+        ap.error(f"--topologies: unknown {', '.join(unknown)} (known: {', '.join(TOPOLOGIES)})")
     if args.quick:
         args.repeats, args.system_len, args.output_len = 1, 200, 8
         args.conversations, args.turns, args.user_len, args.think_time = 2, 2, 10, 0.1
