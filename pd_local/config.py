@@ -36,7 +36,7 @@ API_KEY_ENV = "PD_LOCAL_API_KEY"
 DTYPES: tuple[str, ...] = ("auto", "bfloat16", "float32")
 DEVICES: tuple[str, ...] = ("cpu", "cuda")
 TRANSFER_MODES: tuple[str, ...] = ("layerwise", "whole")
-ROUTING_POLICIES: tuple[str, ...] = ("load", "round_robin")
+ROUTING_POLICIES: tuple[str, ...] = ("load", "round_robin", "prefix")  # cluster/router.py
 PREFILL_POLICIES: tuple[str, ...] = ("fcfs", "srpf")  # pd_local.engine.prefill_queue.POLICIES
 # Applied when a config sets neither kv_cache_gb nor gpu_memory_fraction.
 DEFAULT_KV_CACHE_GB = 1.0

@@ -102,7 +102,7 @@ def write(tmp_path: Path, text: str) -> Path:
     ("dtype = 'fp16'", "dtype must be one of auto, bfloat16, float32; got 'fp16'"),
     ("device = 'tpu'", "device must be one of cpu, cuda; got 'tpu'"),
     ("transfer = 'chunked'", "transfer must be one of layerwise, whole; got 'chunked'"),
-    ("routing = 'random'", "routing must be one of load, round_robin; got 'random'"),
+    ("routing = 'random'", "routing must be one of load, round_robin, prefix; got 'random'"),
     ("[topology]\nprefill = 1\ndecode = 1\ncolocated = 2", "not both .*colocated=2"),
     ("[topology]\nprefill = 1", r"prefill >= 1 and decode >= 1.*decode=0"),
     ("[topology]\nprefill = -1\ndecode = 1", "topology.prefill must be >= 0, got -1"),

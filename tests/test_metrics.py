@@ -22,7 +22,7 @@ def test_names_labels_and_values() -> None:
     m.observe_ttft(0.02)
     m.observe_itl(0.3)
     m.observe_e2e(7.0)
-    stats = BackendStats([RankStats(1, "prefill", 0, 0, 0, 2, 5, 32), RankStats(2, "decode", 10, 64, 3, 1, 4, 96)],
+    stats = BackendStats([RankStats(1, "prefill", 0, 0, 0, 2, 5, 32), RankStats(2, "decode", 10, 64, 3, 1, 4, 96, routed=5, routed_prefix_tokens=96)],
                          kv_bytes_transferred=4096, kv_transfer_seconds=0.25, kv_transfers=2)
     s = samples(m.render(stats, in_flight=3))
     assert s[("pd_local_requests_total", (("outcome", "stop"),))] == 2
@@ -36,6 +36,9 @@ def test_names_labels_and_values() -> None:
     assert s[("pd_local_queue_depth", (("rank", "1"), ("role", "prefill")))] == 2
     assert s[("pd_local_kv_blocks_cached", (("rank", "2"), ("role", "decode")))] == 4
     assert s[("pd_local_prefix_cache_hit_tokens_total", (("rank", "1"), ("role", "prefill")))] == 32
+    assert s[("pd_local_routed_requests_total", (("rank", "2"), ("role", "decode")))] == 5
+    assert s[("pd_local_routed_prefix_tokens_total", (("rank", "2"), ("role", "decode")))] == 96
+    assert s[("pd_local_routed_requests_total", (("rank", "1"), ("role", "prefill")))] == 0
     assert s[("pd_local_kv_transfer_bytes_total", ())] == 4096
     assert s[("pd_local_kv_transfer_seconds_total", ())] == 0.25
     assert s[("pd_local_kv_transfers_total", ())] == 2

@@ -48,6 +48,8 @@ class RankStats:
     waiting: int
     cached_blocks: int = 0  # free blocks whose KV the prefix cache keeps (part of free_blocks)
     prefix_hit_tokens: int = 0  # prompt tokens served from the prefix cache since start
+    routed: int = 0  # requests the router sent to this rank, ever
+    routed_prefix_tokens: int = 0  # of their prompt tokens, those the router expected cached
 
 
 @dataclass

@@ -41,6 +41,10 @@ RANK_GAUGES = (
 RANK_COUNTERS = (
     ("pd_local_prefix_cache_hit_tokens", "Prompt tokens whose KV came from a rank's prefix cache.",
      "prefix_hit_tokens"),
+    ("pd_local_routed_requests", "Requests the router sent to a rank.", "routed"),
+    ("pd_local_routed_prefix_tokens", "Prompt tokens the router expected a rank to hold "
+     "cached when it routed a request there (routing = prefix; 0 otherwise).",
+     "routed_prefix_tokens"),
 )
 
 
@@ -61,8 +65,8 @@ class _SnapshotCollector(Collector):
             for r in self.stats.ranks:
                 g.add_metric([str(r.rank), r.role], getattr(r, attr))
             yield g
-        for name, help_text, attr in RANK_COUNTERS:
-            c = CounterMetricFamily(name, help_text, labels=["rank", "role"])  # NAME_total
+        for name, help_text, attr in RANK_COUNTERS:  # exported as NAME_total
+            c = CounterMetricFamily(name, help_text, labels=["rank", "role"])
             for r in self.stats.ranks:
                 c.add_metric([str(r.rank), r.role], getattr(r, attr))
             yield c

@@ -8,6 +8,7 @@
 | `transfer.py` | KV + hidden-state sender/receiver, header before payload; the header link read without pause | wait on data whose header has not arrived |
 | `ipc.py` | the KV transport per (prefill, decode) device pair; CUDA IPC handles as int64 tensors | pickle |
 | `ipc_transfer.py` | KV through a shared staging slot for a same-GPU pair (CUDA IPC; /dev/shm on CPU) | reuse a slot before the receiver's ack |
+| `prefix_index.py` | the router's shadow of each rank's prefix cache (LRU of block hashes) and the `prefix` routing rule; pure Python | ask a rank what it caches |
 | `router.py` | rank 0: the `api.backend.Backend` over the workers; routing; starts the HTTP app | block the asyncio loop |
 | `prefill.py` | a prefill rank's loop: batch prompts (or, chunked, steps of prompt chunks via `engine.prefiller`), stream each layer's KV to its decode rank | keep KV past a prompt's last chunk |
 | `decode.py` | a decode (or colocated) rank's loop: reserve, receive KV, sample, decode | compute a prompt's KV it was sent |

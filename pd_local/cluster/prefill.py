@@ -80,7 +80,8 @@ class PrefillLoop:
             self.model = make_model()
             if self.ctx.cfg.engine.chunked_prefill:
                 self.prefiller = self._make_prefiller()
-            self.to_router.send(Ready(0, 0))
+            # a chunking prefill rank reports its own cache (prefix routing sizes its index by it)
+            self.to_router.send(Ready(0, self.prefiller.allocator.num_total if self.prefiller else 0))
             while True:
                 item = self.inbox.get(timeout=0 if self._has_work() else None)
                 while item is not None:
@@ -97,9 +98,9 @@ class PrefillLoop:
                     item = self.inbox.poll()
                 if self.prefiller is not None and self.prefiller.has_pending():
                     self._run_step()
-                    self.to_router.send(Stats(0, 0, 0, self.prefiller.num_pending,
-                                              self.prefiller.pending_tokens,
-                                              self.prefiller.num_cached_blocks,
+                    a = self.prefiller.allocator
+                    self.to_router.send(Stats(a.num_free, a.num_total, 0, self.prefiller.num_pending,
+                                              self.prefiller.pending_tokens, a.num_cached,
                                               self.prefiller.prefix_hit_tokens))
                 elif self.pending:
                     self._run_batch(self._next_batch())

@@ -9,9 +9,13 @@ sends never touch the event loop, and outputs go back through `loop.call_soon_th
 One request, disaggregated (DESIGN.md): submit -> Reserve to the chosen decode rank ->
 Reserved -> Prefill(ids, decode rank) to the chosen prefill rank -> PrefillDone; the decode
 rank streams Tokens. Colocated: Reserve to the chosen replica, then Tokens.
-Routing ("load"): the decode rank with the fewest unfinished requests from this router, ties to
-the most free blocks it last reported; the prefill rank with the fewest queued prompt tokens.
-"round_robin": in turn.
+Routing (`routing`): "load": the decode rank with the fewest unfinished requests from this
+router, ties to the most free blocks it last reported; the prefill rank with the fewest queued
+prompt tokens. "round_robin": in turn. "prefix" (cache-aware, prefix_index.py): per rank, an LRU
+of the block hashes of the prompts sent there, as large as its KV cache. Decode: the rank holding
+the longest prefix unless its unfinished requests exceed the least loaded's by more than
+PREFIX_DECODE_MARGIN; ties and no hit: as "load". Prefill: the least work ahead of the prompt's
+end (queued tokens + prompt tokens not held), so no hit is "load".
 
 Abort (client gone, stop string): Abort to the decode rank, and to the prefill rank while its
 prefill is not known to be done; the request finishes at once with "abort". Later messages
@@ -19,6 +23,9 @@ about it are dropped. Each worker frees its part once (see decode.py / prefill.p
 
 A link failure or a worker's Fatal is fatal for the whole server: every request fails with the
 reason, /health turns unavailable, and the process exits non-zero (torchrun then stops the rest).
+
+Longer than ~400 lines on purpose: the routing policies read and update the same per-rank state
+as the message handlers, in the same thread; the prefix index itself is in prefix_index.py.
 """
 
 from __future__ import annotations
@@ -37,7 +44,9 @@ from pd_local.cluster.channel import Heartbeater, Inbox, LinkDown, Receiver, Sen
 from pd_local.cluster.messages import (Abort, Fatal, FinishReason, Prefill, PrefillDone, Ready,
                                        RejectReason, Rejected, Reserve, Reserved, Sampling,
                                        Shutdown, Stats, Tokens)
+from pd_local.cluster.prefix_index import Candidate, PrefixIndex, choose
 from pd_local.cluster.shutdown import RankFailure
+from pd_local.engine.kv_cache import block_hashes
 from pd_local.engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -52,6 +61,9 @@ REJECT_TEXT = {
     RejectReason.BAD_REQUEST: "the decode rank refused the request (prompt too long for its "
                               "context or token ids outside the vocabulary)",
 }
+# "prefix": a decode step at batch 16 costs ~2x batch 1 on CPU (DESIGN.md), so 4 more requests
+# slow a rank ~10%, worth a hit that saves the prompt's prefill (colocated) or KV transfer.
+PREFIX_DECODE_MARGIN = 4
 
 
 @dataclass
@@ -66,6 +78,7 @@ class _Request:
     prefill_done: bool = False
     first_token: bool = True
     cached_tokens: int = 0  # the decode rank's prefix-cache hit (PD)
+    hashes: list[bytes] = field(default_factory=list)  # full-block hashes ("prefix" routing)
 
 
 @dataclass
@@ -84,6 +97,9 @@ class _Rank:
     prefix_hit_tokens: int = 0
     max_model_len: int = 0
     ready: bool = False
+    routed: int = 0  # requests routed here, ever
+    routed_prefix_tokens: int = 0  # prompt tokens the index said this rank held when routed
+    index: PrefixIndex = field(default_factory=PrefixIndex)  # "prefix" routing only
 
     def update(self, load: Tokens | Stats) -> None:
         self.free_blocks, self.total_blocks = load.free_blocks, load.total_blocks
@@ -99,6 +115,7 @@ class Router:
         links, topo = ctx.links, ctx.topology
         self.colocated = topo.colocated
         self.policy = ctx.cfg.routing
+        self.block_size = ctx.cfg.engine.block_size
         self.inbox = Inbox()
         self.to_prefill = {p: Sender(link) for p, link in links.to_prefill.items()}
         self.to_decode = {d: Sender(link) for d, link in links.to_decode.items()}
@@ -152,7 +169,7 @@ class Router:
 
     def stats(self) -> BackendStats:
         ranks = [RankStats(r.rank, r.role, r.free_blocks, r.total_blocks, r.running, r.waiting,
-                           r.cached_blocks, r.prefix_hit_tokens)
+                           r.cached_blocks, r.prefix_hit_tokens, r.routed, r.routed_prefix_tokens)
                  for r in (*self.prefill.values(), *self.decode.values())]
         return dataclasses.replace(self.kv, ranks=ranks)
 
@@ -214,7 +231,9 @@ class Router:
     def _command(self, kind: str, arg: object) -> None:
         if kind == "submit":
             req: _Request = arg  # type: ignore[assignment]
-            req.decode = self._pick_decode()
+            if self.policy == "prefix":
+                req.hashes = block_hashes(list(req.prompt_ids), self.block_size)
+            req.decode = self._pick_decode(req)
             self.decode[req.decode].unfinished += 1
             self.requests[req.req_id] = req
             self.to_decode[req.decode].send(Reserve(req.req_id, req.prompt_ids, req.sampling))
@@ -243,7 +262,7 @@ class Router:
             if req is None:
                 return  # aborted meanwhile; the decode rank got the Abort after the Reserve
             req.timeline.mark("reserved", msg.t)
-            p = self._pick_prefill()
+            p = self._pick_prefill(req)
             req.prefill = p
             req.cached_tokens = msg.cached_tokens
             n = len(req.prompt_ids) - msg.cached_tokens  # at most this much to compute and send
@@ -272,7 +291,12 @@ class Router:
             r = self._rank(peer)
             r.ready, r.max_model_len, r.total_blocks = True, msg.max_model_len, msg.total_blocks
             r.free_blocks = msg.total_blocks
+            r.index.resize(msg.total_blocks)
             if all(x.ready for x in (*self.decode.values(), *self.prefill.values())):
+                # A prefill rank reporting no KV blocks: bound its index like a decode rank's.
+                for x in self.prefill.values():
+                    if x.total_blocks == 0:
+                        x.index.resize(max(d.total_blocks for d in self.decode.values()))
                 self.max_model_len = min(x.max_model_len for x in self.decode.values())
                 log.info("all %d workers ready; max_model_len %d",
                          len(self.decode) + len(self.prefill), self.max_model_len)
@@ -308,16 +332,40 @@ class Router:
     def _rank(self, rank: int) -> _Rank:
         return self.decode[rank] if rank in self.decode else self.prefill[rank]
 
-    def _pick_decode(self) -> int:
+    def _pick_decode(self, req: _Request) -> int:
         if self.policy == "round_robin":
-            return next(self._rr_decode)
-        return min(self.decode.values(),
-                   key=lambda r: (r.unfinished, -r.free_blocks, r.rank)).rank
+            rank, matched = next(self._rr_decode), 0
+        elif self.policy == "prefix":
+            rank, matched = choose([Candidate(r.rank, r.unfinished, r.index.match(req.hashes),
+                                              (-r.free_blocks,)) for r in self.decode.values()],
+                                   PREFIX_DECODE_MARGIN)
+        else:
+            rank = min(self.decode.values(),
+                       key=lambda r: (r.unfinished, -r.free_blocks, r.rank)).rank
+            matched = 0
+        return self._routed(self.decode[rank], req, matched)
 
-    def _pick_prefill(self) -> int:
+    def _pick_prefill(self, req: _Request) -> int:
         if self.policy == "round_robin":
-            return next(self._rr_prefill)
-        return min(self.prefill.values(), key=lambda r: (r.queued_tokens, r.rank)).rank
+            rank, matched = next(self._rr_prefill), 0
+        elif self.policy == "prefix":  # load: queued tokens + the prompt tokens the rank lacks
+            n, bs = len(req.prompt_ids), self.block_size
+            rank, matched = choose([Candidate(r.rank, r.queued_tokens + n - m * bs, m,
+                                              (r.queued_tokens,))
+                                    for r in self.prefill.values()
+                                    for m in [r.index.match(req.hashes)]], 0)
+        else:
+            rank = min(self.prefill.values(), key=lambda r: (r.queued_tokens, r.rank)).rank
+            matched = 0
+        return self._routed(self.prefill[rank], req, matched)
+
+    def _routed(self, r: _Rank, req: _Request, matched: int) -> int:
+        """Count the request on rank `r`; "prefix" records its blocks there (req.hashes is
+        empty under other policies)."""
+        r.routed += 1
+        r.routed_prefix_tokens += matched * self.block_size
+        r.index.insert(req.hashes)
+        return r.rank
 
     def _shutdown_workers(self) -> None:
         """Prefill ranks first (each closes its KV links), then decode ranks; each answers with

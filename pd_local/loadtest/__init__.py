@@ -3,6 +3,8 @@
 Modules, each with one concern:
 
 - `workloads`: what to send and when (random / jsonl / interference prompts, arrival times).
+- `conversation`: the multi-turn chat workload (histories carrying the streamed answers, think
+  time, its driver) and TTFT by turn.
 - `sse`: a byte-level Server-Sent Events decoder.
 - `client`: one streamed request -> one `RequestResult` (TTFT, per-token gaps, errors).
 - `runner`: the asyncio driver (arrival schedule, concurrency cap, warm-up, progress).

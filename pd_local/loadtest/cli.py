@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from pd_local.loadtest.client import RequestOptions
+from pd_local.loadtest.conversation import per_turn, run_multiturn
 from pd_local.loadtest.metrics import DEFAULT_PERCENTILES, parse_slo, summarize
 from pd_local.loadtest.progress import ProgressBar
 from pd_local.loadtest.report import format_table, json_number, result_json, write_json
@@ -80,6 +81,16 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not (math.isfinite(x) and x > 0):
         raise argparse.ArgumentTypeError(f"{text}: must be a positive finite number")
+    return x
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(x) and x >= 0):
+        raise argparse.ArgumentTypeError(f"{text}: must be a finite number >= 0")
     return x
 
 
@@ -171,7 +182,7 @@ def build_parser(sweep: bool) -> argparse.ArgumentParser:
     p.add_argument("--model", help="model name to send (default: first of GET /v1/models)")
     p.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
     g = p.add_argument_group("workload")
-    g.add_argument("--workload", choices=("random", "jsonl", "interference"),
+    g.add_argument("--workload", choices=("random", "jsonl", "interference", "multiturn"),
                    help="default: jsonl with --dataset, random otherwise")
     g.add_argument("--dataset", type=Path, metavar="FILE",
                    help="JSONL: {prompt | messages, output_len?} per line")
@@ -187,6 +198,14 @@ def build_parser(sweep: bool) -> argparse.ArgumentParser:
                    help="interference: long prompt's max_tokens (default 16)")
     g.add_argument("--long-every", type=_positive_float, default=5.0, metavar="T",
                    help="interference: a long prompt at T, 2T, ... seconds (default 5)")
+    g.add_argument("--turns", type=_positive_int, default=3,
+                   help="multiturn: turns per conversation (default 3)")
+    g.add_argument("--think-time", type=_nonneg_float, default=1.0, metavar="S",
+                   help="multiturn: seconds between an answer and the next turn (default 1)")
+    g.add_argument("--system-len", type=_nonneg_int, default=0,
+                   help="multiturn: system prompt length in words (~tokens; default 0, none)")
+    g.add_argument("--system-prompt", choices=("shared", "per-conversation"), default="shared",
+                   help="multiturn: one system prompt for all conversations (default) or one each")
     g.add_argument("--ignore-eos", action="store_true",
                    help="send ignore_eos: true so outputs are exactly max_tokens long")
     g.add_argument("--extra-body", type=_json_object, default={}, metavar="JSON",
@@ -232,6 +251,9 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace, rates: Sequence
             p.error(str(e))
     elif args.dataset is not None:
         p.error(f"--dataset is only read by --workload jsonl (got --workload {name})")
+    if name == "multiturn" and args.endpoint != ENDPOINTS[0]:
+        p.error("--workload multiturn sends message histories: use --endpoint "
+                "/v1/chat/completions")
     for rate in rates:
         if math.isinf(rate) and args.duration is not None and args.max_concurrency is None:
             p.error("--duration with --request-rate inf needs --max-concurrency "
@@ -241,7 +263,10 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace, rates: Sequence
     return WorkloadConfig(name=name, input_len=args.input_len, output_len=args.output_len,
                           range_ratio=args.range_ratio, dataset=args.dataset,
                           long_input_len=args.long_input_len,
-                          long_output_len=args.long_output_len, long_every=args.long_every)
+                          long_output_len=args.long_output_len, long_every=args.long_every,
+                          turns=args.turns, think_time=args.think_time,
+                          system_len=args.system_len,
+                          shared_system=args.system_prompt == "shared")
 
 
 def _num_prompts(args: argparse.Namespace) -> int | None:
@@ -251,7 +276,7 @@ def _num_prompts(args: argparse.Namespace) -> int | None:
 
 
 def _meta(args: argparse.Namespace, wl: WorkloadConfig, base_url: str, model: str,
-          rate: float, issued: int) -> dict[str, Any]:
+          rate: float, issued: int, run_results: Sequence[Any] = ()) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "endpoint_type": "openai-chat" if args.endpoint == ENDPOINTS[0] else "openai",
         "base_url": base_url, "endpoint": args.endpoint, "model_id": model,
@@ -268,6 +293,10 @@ def _meta(args: argparse.Namespace, wl: WorkloadConfig, base_url: str, model: st
     if wl.name == "interference":
         meta.update(long_input_len=wl.long_input_len, long_output_len=wl.long_output_len,
                     long_every=wl.long_every)
+    if wl.name == "multiturn":
+        meta.update(turns=wl.turns, think_time=wl.think_time, system_len=wl.system_len,
+                    system_prompt="shared" if wl.shared_system else "per-conversation",
+                    num_conversations=len({r.conversation for r in run_results}))
     return meta
 
 
@@ -288,6 +317,12 @@ def _run_once(args: argparse.Namespace, wl: WorkloadConfig, base_url: str, model
                                api_key=args.api_key, ignore_eos=args.ignore_eos,
                                timeout=args.timeout, extra_body=args.extra_body),
         max_concurrency=args.max_concurrency, duration=args.duration)
+    if wl.name == "multiturn":
+        run = asyncio.run(run_multiturn(wl, opts, rate, args.burstiness, num, args.duration,
+                                        args.seed, args.warmup, not args.quiet))
+        summary = summarize(run.results, run.duration, args.slo, args.percentiles)
+        summary["per_turn"] = per_turn(run.results)
+        return _meta(args, wl, base_url, model, rate, len(run.results), run.results), summary, run
     progress = ProgressBar(num, args.duration, enabled=not args.quiet)
     run = asyncio.run(run_benchmark(schedule, opts, warmup_specs(wl, args.warmup, args.seed, chat),
                                     progress))

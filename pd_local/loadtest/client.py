@@ -64,6 +64,9 @@ class RequestResult:
     itl: list[float] = field(default_factory=list)
     finish_reason: str | None = None
     server_timings: dict[str, float] = field(default_factory=dict)
+    text: str = ""  # the content streamed (what a multi-turn conversation carries forward)
+    conversation: int | None = None  # multi-turn workload: which conversation, and its turn
+    turn: int | None = None  # (1-based); None for single-request workloads
 
     @property
     def tpot(self) -> float | None:
@@ -210,7 +213,9 @@ class _Stream:
             choice = choices[0]
             if choice.get("finish_reason"):
                 self.res.finish_reason = str(choice["finish_reason"])
-            if _chunk_text(choice, self.chat):
+            text = _chunk_text(choice, self.chat)
+            if text:
+                self.res.text += text
                 n = 1
                 if ct is not None and ct > self._cum:
                     n = ct - self._cum

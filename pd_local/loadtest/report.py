@@ -36,6 +36,8 @@ def detailed_fields(run: RunResult) -> dict[str, list[Any]]:
         "chunk_tokens": [r.chunk_tokens for r in rs],
         "pd_local_timings_by_request": [r.server_timings for r in rs],
         "errors": [r.error for r in rs],
+        **({"conversations": [r.conversation for r in rs], "turns": [r.turn for r in rs]}
+           if any(r.turn is not None for r in rs) else {}),
     }
 
 
@@ -85,7 +87,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def format_table(meta: dict[str, Any], summary: dict[str, Any],
                  percentiles: Sequence[float]) -> str:
-    """The stdout report: counts, throughputs, SLO, latency table, server timings, errors."""
+    """The stdout report: counts, throughputs, SLO, latency table, TTFT by turn (multiturn),
+    server timings, errors."""
     def kv(key: str, value: Any) -> str:
         return f"{key + ':':<34} {value}"
 
@@ -114,6 +117,13 @@ def format_table(meta: dict[str, Any], summary: dict[str, Any],
         rows += _latency_rows(entry, percentiles, kind)
     lines += ["-" * 22 + " latency (ms) " + "-" * 24]
     lines += _table(["metric"] + stats, rows)
+    turns = summary.get("per_turn") or []
+    if turns:
+        lines += ["-" * 20 + " TTFT by turn (ms) " + "-" * 21]
+        lines += _table(["turn", "ok", "failed", "mean in", "mean", "p50", "p90"],
+                        [[str(t["turn"]), str(t["completed"]), str(t["failed"]),
+                          _fmt(t["mean_input_len"], 0), _fmt(t["mean_ttft_ms"]),
+                          _fmt(t["p50_ttft_ms"]), _fmt(t["p90_ttft_ms"])] for t in turns])
     timings = summary.get("pd_local_timings") or {}
     if timings:
         lines += ["-" * 16 + " server timings (pd_local) " + "-" * 17]

@@ -85,7 +85,7 @@ class Scheduled:
 class WorkloadConfig:
     """Options that define the requests (not the timing), validated by the CLI."""
 
-    name: str = "random"  # random | jsonl | interference
+    name: str = "random"  # random | jsonl | interference | multiturn
     input_len: int = 256
     output_len: int = 128
     range_ratio: float = 0.0
@@ -93,6 +93,13 @@ class WorkloadConfig:
     long_input_len: int = 4096
     long_output_len: int = 16
     long_every: float = 5.0
+    # multiturn (conversation.py): `turns` turns per conversation, `think_time` s between a
+    # turn's answer and the next turn, a system prompt of `system_len` words (0: none) shared by
+    # every conversation or one per conversation; `input_len` is each user message's length.
+    turns: int = 3
+    think_time: float = 1.0
+    system_len: int = 0
+    shared_system: bool = True
 
 
 def random_words(rng: np.random.Generator, n: int) -> str:
@@ -227,6 +234,9 @@ def make_schedule(cfg: WorkloadConfig, rate: float, burstiness: float, num: int 
         for t, is_long in events:
             spec = long_spec(rng_text, cfg) if is_long else random_spec(rng_text, cfg, KIND_SHORT)
             yield Scheduled(t, spec.for_endpoint(chat))
+    elif cfg.name == "multiturn":
+        raise WorkloadError("multiturn turns depend on earlier answers: schedule them with "
+                            "conversation.make_conversations")
     else:
         raise WorkloadError(f"unknown workload {cfg.name!r}")
 

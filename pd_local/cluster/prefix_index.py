@@ -1,0 +1,108 @@
+"""The router's shadow of the prefix caches: which full prompt blocks each worker probably holds,
+and the `prefix` routing rule built on it. Pure Python, no torch, no torch.distributed.
+
+The router never asks a rank what it caches. It remembers the block hashes
+(`engine.kv_cache.block_hashes`) of the prompts it sent to each rank, in an LRU bounded by that
+rank's KV block count, and assumes the rank still holds them. That is a guess, and it errs
+safely: a wrong guess costs a cache miss (the rank recomputes or is sent the KV), never a wrong
+answer, because each rank matches prompts against its own cache.
+
+Why hashes in prompt order, with the head most recent: a hash names its block *and every block
+before it* (a chain), so a prefix match is the run of leading hashes found, and a tail without
+its head is useless. `insert` therefore touches a prompt's blocks tail first, so the LRU evicts
+a prompt's tail before its head, as the engine's own cache evicts.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class PrefixIndex:
+    """An LRU set of block hashes for one rank, at most `capacity` entries.
+
+    `capacity` is the rank's KV block count (it cannot cache more blocks than it has); 0 keeps
+    nothing (a rank that has not said how many blocks it has yet)."""
+
+    def __init__(self, capacity: int = 0) -> None:
+        if capacity < 0:
+            raise ValueError(f"PrefixIndex capacity must be >= 0, got {capacity}")
+        self.capacity = capacity
+        self._lru: OrderedDict[bytes, None] = OrderedDict()  # oldest first
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def __contains__(self, h: bytes) -> bool:
+        return h in self._lru
+
+    def match(self, hashes: Sequence[bytes]) -> int:
+        """How many leading blocks of `hashes` (a prompt's chain) this rank holds. Read-only:
+        routing a request elsewhere must not refresh this rank's entries."""
+        n = 0
+        for h in hashes:
+            if h not in self._lru:
+                break
+            n += 1
+        return n
+
+    def insert(self, hashes: Sequence[bytes]) -> None:
+        """Record that the rank now holds `hashes` (a prompt it was sent): each becomes most
+        recently used, the head more recent than the tail; then evict the least recent entries
+        beyond `capacity`."""
+        for h in reversed(hashes):
+            self._lru[h] = None
+            self._lru.move_to_end(h)
+        self._evict()
+
+    def resize(self, capacity: int) -> None:
+        """Set the bound (when the rank reports its block count) and evict down to it."""
+        if capacity < 0:
+            raise ValueError(f"PrefixIndex capacity must be >= 0, got {capacity}")
+        self.capacity = capacity
+        self._evict()
+
+    def _evict(self) -> None:
+        while len(self._lru) > self.capacity:
+            self._lru.popitem(last=False)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One rank as the `prefix` rule sees it: `load` is the policy's load measure (decode:
+    unfinished requests; prefill: queued prompt tokens), `tie` orders equal loads (lower first),
+    `matched` the leading prompt blocks its index holds."""
+
+    rank: int
+    load: int
+    matched: int
+    tie: tuple[int, ...] = ()
+
+
+def choose(candidates: Sequence[Candidate], margin: int) -> tuple[int, int]:
+    """The `prefix` routing rule. Returns (rank, matched blocks on that rank).
+
+    1. The least-loaded rank is the one `load` routing would pick: min (load, tie, rank).
+    2. The best-prefix ranks are those with the most matched blocks; among them the least
+       loaded (same key). No rank matches anything: the least-loaded rank.
+    3. The best-prefix rank wins unless its load exceeds the least-loaded rank's by more than
+       `margin`; then the least-loaded rank wins (a cache hit is not worth any queue).
+    """
+    if not candidates:
+        raise ValueError("choose: no candidate ranks")
+    if margin < 0:
+        raise ValueError(f"choose: margin must be >= 0, got {margin}")
+
+    def key(c: Candidate) -> tuple[object, ...]:
+        return (c.load, c.tie, c.rank)
+
+    least = min(candidates, key=key)
+    top = max(c.matched for c in candidates)
+    if top == 0:
+        return least.rank, least.matched
+    best = min((c for c in candidates if c.matched == top), key=key)
+    if best.load - least.load > margin:
+        return least.rank, least.matched
+    return best.rank, best.matched
