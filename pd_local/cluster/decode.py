@@ -64,6 +64,7 @@ class DecodeLoop:
 
     def __init__(self, ctx: DistContext, shape: KVShape) -> None:
         self.ctx = ctx
+        self.shape = shape
         self.colocated = ctx.role is Role.COLOCATED
         me = ctx.rank
         self.inbox = Inbox()
@@ -125,8 +126,11 @@ class DecodeLoop:
                 engine.write_prompt_kv(msg.req_id, msg.layer, msg.k, msg.v, start=msg.start)
         elif isinstance(msg, PromptHidden):
             if msg.req_id in engine.scheduler.reserved:
+                # the receiver counts a prompt's positions [0, end); its cached prefix never came
+                cached = engine.cached_tokens(msg.req_id) * self.shape.bytes_per_token
                 self.entries.append(token_entry(engine.add_prefilled(msg.req_id, msg.hidden)))
-                self.transfers.append(msg.record)
+                self.transfers.append(dataclasses.replace(msg.record,
+                                                          num_bytes=msg.record.num_bytes - cached))
         elif isinstance(msg, StagingDone):
             msg.release()  # every item of that transfer was consumed (copied) above, in order
         elif isinstance(msg, Reserve):

@@ -246,8 +246,9 @@ def hand_over_layer(inbox: Inbox, peer: int, h: KVHeader, layer: int, k: torch.T
 def hand_over_hidden(inbox: Inbox, peer: int, h: KVHeader, shape: KVShape, hidden: torch.Tensor,
                      seconds: float, t_end: float) -> None:
     """PromptHidden per entry with is_last, after every LayerKV of the transfer: hidden
-    [R, hidden_size]. A prompt's TransferRecord counts the bytes of all its chunks (they all
-    come over this one pair); `seconds` is this transfer's."""
+    [R, hidden_size]. A prompt's TransferRecord counts the bytes of all its positions [0, end)
+    (its chunks all come over this one pair; the decode loop subtracts the prefix its cache
+    held, which was never sent); `seconds` is this transfer's."""
     per_hidden = shape.hidden_size * shape.dtype.itemsize
     row = 0
     for e in h.entries:
