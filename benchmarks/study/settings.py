@@ -93,7 +93,8 @@ def parse_args(argv: Sequence[str]) -> Cli:
     p.add_argument("--topologies", default=",".join(TOPOLOGIES),
                    help=f"comma list from {', '.join(TOPOLOGIES)} (default both)")
     p.add_argument("--model", help="model directory (default: the server's, SmolLM2-135M)")
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--dtype", default=None, choices=("auto", "bfloat16", "float32"),
+                   help="default: what the server's dtype = auto picks on this machine")
     g = p.add_argument_group("workload (lengths in tokens; chat template adds ~30)")
     g.add_argument("--short-input", type=int, default=64, help="short chat prompt (default 64)")
     g.add_argument("--short-output", type=int, default=96,
@@ -148,7 +149,7 @@ def parse_args(argv: Sequence[str]) -> Cli:
         except ValueError as e:
             p.error(f"--slo: {e}")
     rates = tuple(sorted({float(x) for x in a.sweep_rates.split(",") if x.strip()}))
-    st = Settings(a.model, a.dtype, a.short_input, a.short_output, a.range_ratio, a.long_input,
+    st = Settings(a.model, a.dtype or resolved_auto_dtype(), a.short_input, a.short_output, a.range_ratio, a.long_input,
                   a.long_output, a.long_every, a.rate, a.duration, rates, a.sweep_duration,
                   a.calib_repeats, a.attainment, a.ttft_factor, a.tpot_factor, slo, a.seed,
                   a.timeout)
@@ -172,3 +173,11 @@ class Run:
     rate: float | None
     run: RunResult
     cpu: dict[str, float]  # average cores used during the run (cpu_use)
+
+
+def resolved_auto_dtype() -> str:
+    """The dtype the server's "auto" picks here (bfloat16 with native CPU bf16, else float32),
+    named in the report so a reader knows what ran."""
+    from pd_local.model.dtype import read_cpu_flags, resolve_dtype_name
+
+    return resolve_dtype_name("auto", "cpu", read_cpu_flags())[0]
