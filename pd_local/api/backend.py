@@ -46,6 +46,9 @@ class RankStats:
     total_blocks: int
     running: int
     waiting: int
+    # Prefill ranks: prompt tokens the router has sent there and not yet seen prefilled or
+    # aborted (what "least queued prefill work" routing compares); 0 elsewhere.
+    queued_tokens: int = 0
 
 
 @dataclass

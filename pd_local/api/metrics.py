@@ -35,6 +35,9 @@ RANK_GAUGES = (
     ("pd_local_running_requests", "Requests in a rank's running batch.", "running"),
     ("pd_local_queue_depth", "Requests queued on a rank (waiting for prefill or a reservation).",
      "waiting"),
+    ("pd_local_prefill_queued_tokens", "Prompt tokens routed to a prefill rank and not yet "
+     "prefilled or aborted (the router's view, what its prefill routing compares).",
+     "queued_tokens"),
 )
 
 
