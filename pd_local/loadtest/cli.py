@@ -3,6 +3,9 @@
 Exit codes: 0 the run finished and at least one request succeeded; 1 the run could not start
 or finish usefully (model listing failed, every warm-up request failed, no request succeeded);
 2 bad arguments (argparse's convention), including --plot without matplotlib; 130 interrupted.
+
+Over 400 lines: every workload's flags, their types and their cross-checks, which read best
+side by side in one parser.
 """
 
 from __future__ import annotations
@@ -17,13 +20,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from pd_local.loadtest.client import RequestOptions
+from pd_local.loadtest.head_of_line import (HeadOfLineError, format_head_of_line,
+                                            head_of_line_report)
 from pd_local.loadtest.metrics import DEFAULT_PERCENTILES, parse_slo, summarize
 from pd_local.loadtest.progress import ProgressBar
 from pd_local.loadtest.report import format_table, json_number, result_json, write_json
 from pd_local.loadtest.runner import BenchError, RunOptions, RunResult, fetch_model, run_benchmark
 from pd_local.loadtest.sweep import SweepCollector, Target, parse_target, sweep_json, sweep_markdown
 from pd_local.loadtest.workloads import (
-    WorkloadConfig, WorkloadError, load_jsonl, make_schedule, warmup_specs,
+    WorkloadConfig, WorkloadError, head_of_line_count, load_jsonl, make_schedule, warmup_specs,
 )
 
 log = logging.getLogger(__name__)
@@ -71,6 +76,16 @@ def _nonneg_int(text: str) -> int:
     if n < 0:
         raise argparse.ArgumentTypeError(f"{text}: must be >= 0")
     return n
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(x) and x >= 0):
+        raise argparse.ArgumentTypeError(f"{text}: must be a finite number >= 0")
+    return x
 
 
 def _positive_float(text: str) -> float:
@@ -171,7 +186,7 @@ def build_parser(sweep: bool) -> argparse.ArgumentParser:
     p.add_argument("--model", help="model name to send (default: first of GET /v1/models)")
     p.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
     g = p.add_argument_group("workload")
-    g.add_argument("--workload", choices=("random", "jsonl", "interference"),
+    g.add_argument("--workload", choices=("random", "jsonl", "interference", "head_of_line"),
                    help="default: jsonl with --dataset, random otherwise")
     g.add_argument("--dataset", type=Path, metavar="FILE",
                    help="JSONL: {prompt | messages, output_len?} per line")
@@ -186,7 +201,20 @@ def build_parser(sweep: bool) -> argparse.ArgumentParser:
     g.add_argument("--long-output-len", type=_positive_int, default=16,
                    help="interference: long prompt's max_tokens (default 16)")
     g.add_argument("--long-every", type=_positive_float, default=5.0, metavar="T",
-                   help="interference: a long prompt at T, 2T, ... seconds (default 5)")
+                   help="interference: a long prompt at T, 2T, ... seconds; head_of_line: "
+                        "baseline chats at T, long prompts at 2T, 3T, ... (default 5)")
+    h = p.add_argument_group("head_of_line workload (docs/loadtest.md)")
+    h.add_argument("--streams", type=_nonneg_int, default=1,
+                   help="steady streams decoding from the start (default 1)")
+    h.add_argument("--stream-output-len", type=_positive_int, default=1024,
+                   help="each stream's max_tokens: must outlast the run (default 1024)")
+    h.add_argument("--num-longs", type=_positive_int, default=1,
+                   help="long prompts, one every --long-every seconds (default 1)")
+    h.add_argument("--shorts-per-long", type=_positive_int, default=3,
+                   help="short chats sent together behind each long prompt, and as the "
+                        "baseline (default 3)")
+    h.add_argument("--short-delay", type=_nonneg_float, default=0.3, metavar="S",
+                   help="seconds from a long prompt to its short chats (default 0.3)")
     g.add_argument("--ignore-eos", action="store_true",
                    help="send ignore_eos: true so outputs are exactly max_tokens long")
     g.add_argument("--extra-body", type=_json_object, default={}, metavar="JSON",
@@ -232,6 +260,16 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace, rates: Sequence
             p.error(str(e))
     elif args.dataset is not None:
         p.error(f"--dataset is only read by --workload jsonl (got --workload {name})")
+    if name == "head_of_line":
+        if args.num_prompts is not None or args.duration is not None:
+            p.error("--workload head_of_line sends a fixed schedule: --num-prompts and "
+                    "--duration do not apply (see --num-longs, --long-every)")
+        if args.range_ratio > 0:
+            p.error("--workload head_of_line compares short chats of equal length: "
+                    "--range-ratio must be 0")
+        if args.short_delay >= args.long_every:
+            p.error(f"--short-delay ({args.short_delay:g} s) must be shorter than "
+                    f"--long-every ({args.long_every:g} s)")
     for rate in rates:
         if math.isinf(rate) and args.duration is not None and args.max_concurrency is None:
             p.error("--duration with --request-rate inf needs --max-concurrency "
@@ -241,10 +279,15 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace, rates: Sequence
     return WorkloadConfig(name=name, input_len=args.input_len, output_len=args.output_len,
                           range_ratio=args.range_ratio, dataset=args.dataset,
                           long_input_len=args.long_input_len,
-                          long_output_len=args.long_output_len, long_every=args.long_every)
+                          long_output_len=args.long_output_len, long_every=args.long_every,
+                          streams=args.streams, stream_output_len=args.stream_output_len,
+                          num_longs=args.num_longs, shorts_per_long=args.shorts_per_long,
+                          short_delay=args.short_delay)
 
 
-def _num_prompts(args: argparse.Namespace) -> int | None:
+def _num_prompts(args: argparse.Namespace, wl: WorkloadConfig) -> int | None:
+    if wl.name == "head_of_line":
+        return head_of_line_count(wl)
     if args.num_prompts is None and args.duration is None:
         return DEFAULT_NUM_PROMPTS
     return args.num_prompts
@@ -265,9 +308,13 @@ def _meta(args: argparse.Namespace, wl: WorkloadConfig, base_url: str, model: st
         meta["dataset"] = str(wl.dataset)
     else:
         meta.update(input_len=wl.input_len, output_len=wl.output_len, range_ratio=wl.range_ratio)
-    if wl.name == "interference":
+    if wl.name in ("interference", "head_of_line"):
         meta.update(long_input_len=wl.long_input_len, long_output_len=wl.long_output_len,
                     long_every=wl.long_every)
+    if wl.name == "head_of_line":
+        meta.update(streams=wl.streams, stream_output_len=wl.stream_output_len,
+                    num_longs=wl.num_longs, shorts_per_long=wl.shorts_per_long,
+                    short_delay=wl.short_delay)
     return meta
 
 
@@ -281,7 +328,7 @@ def _run_once(args: argparse.Namespace, wl: WorkloadConfig, base_url: str, model
               rate: float) -> tuple[dict[str, Any], dict[str, Any], RunResult]:
     """One benchmark run; returns (meta, summary, run)."""
     chat = args.endpoint == ENDPOINTS[0]
-    num = _num_prompts(args)
+    num = _num_prompts(args, wl)
     schedule = make_schedule(wl, rate, args.burstiness, num, args.duration, args.seed, chat)
     opts = RunOptions(
         request=RequestOptions(url=base_url.rstrip("/") + args.endpoint, model=model, chat=chat,
@@ -312,8 +359,17 @@ def bench_main(argv: list[str]) -> int:
         print(f"pd-local bench: {e}", file=sys.stderr)
         return 1
     print(format_table(meta, summary, args.percentiles))
+    extra: dict[str, Any] = {}
+    if wl.name == "head_of_line":
+        try:
+            extra["head_of_line"] = head_of_line_report(run.results)
+        except HeadOfLineError as e:
+            print(f"pd-local bench: {e}", file=sys.stderr)
+            return 1
+        print(format_head_of_line(extra["head_of_line"]))
     if args.result_file is not None:
-        write_json(args.result_file, result_json(meta, summary, run, args.save_detailed))
+        write_json(args.result_file,
+                   {**result_json(meta, summary, run, args.save_detailed), **extra})
         print(f"result: {args.result_file}")
     if args.plot is not None:
         from pd_local.loadtest.plots import plot_run
@@ -330,6 +386,9 @@ def sweep_main(argv: list[str]) -> int:
     names = [t.name for t in args.target]
     if len(set(names)) != len(names):
         p.error(f"--target names must be unique (got {', '.join(names)})")
+    if args.workload == "head_of_line":
+        p.error("--workload head_of_line has fixed times, not rates: run it with `pd-local "
+                "bench` against each target")
     wl = _check(p, args, args.rates)
     if not args.no_plot:
         from pd_local.loadtest.plots import PlotUnavailable, require_matplotlib
