@@ -118,7 +118,7 @@ def test_end_to_end_on_a_tiny_model(tmp_path: Path, smollm2_dir: Path,
     out = tmp_path / "hol.json"
     with inprocess_server(model, model_name="tiny") as url:
         code = bench_main(["--base-url", url, "--workload", "head_of_line", "--streams", "1",
-                           "--stream-output-len", "120", "--long-every", "0.6",
+                           "--stream-output-len", "450", "--long-every", "0.6",
                            "--short-delay", "0.05", "--shorts-per-long", "2",
                            "--input-len", "8", "--output-len", "4", "--long-input-len", "300",
                            "--long-output-len", "2", "--ignore-eos", "--quiet",
@@ -135,3 +135,6 @@ def test_end_to_end_on_a_tiny_model(tmp_path: Path, smollm2_dir: Path,
     assert all(isinstance(w, float) for w in g["short_extra_wait_L"])
     assert len(g["stream_max_gap_L"]) == 1 and len(rep["baseline_ttft_s"]) == 2
     assert rep["stream_gaps_quiet"] > 10  # the stream decoded alone for 0.6 s
+    # the stream was still running when the rest had finished, and was ended by the client
+    kinds = r["per_kind"]["stream"]
+    assert kinds["completed"] == 1 and g["stream_max_gap_L"][0] is not None

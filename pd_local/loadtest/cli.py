@@ -207,7 +207,8 @@ def build_parser(sweep: bool) -> argparse.ArgumentParser:
     h.add_argument("--streams", type=_nonneg_int, default=1,
                    help="steady streams decoding from the start (default 1)")
     h.add_argument("--stream-output-len", type=_positive_int, default=1024,
-                   help="each stream's max_tokens: must outlast the run (default 1024)")
+                   help="each stream's max_tokens (default 1024); the streams are ended "
+                        "once every other request has finished, so this is only a cap")
     h.add_argument("--num-longs", type=_positive_int, default=1,
                    help="long prompts, one every --long-every seconds (default 1)")
     h.add_argument("--shorts-per-long", type=_positive_int, default=3,

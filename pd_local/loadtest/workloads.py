@@ -244,8 +244,9 @@ def make_schedule(cfg: WorkloadConfig, rate: float, burstiness: float, num: int 
 def head_of_line_schedule(cfg: WorkloadConfig, seed: int, chat: bool) -> Iterator[Scheduled]:
     """What a long prompt costs the requests around it. Fixed times (no rate, no --num-prompts):
 
-    - at 0: `streams` steady streams (short prompts, `stream_output_len` tokens each, which
-      must outlast the run: the report measures their gaps while each long prompt prefills);
+    - at 0: `streams` steady streams (short prompts, at most `stream_output_len` tokens each;
+      the runner ends them once every other request has finished, see runner.py; the report
+      measures their gaps while each long prompt prefills);
     - at `long_every`: the baseline, `shorts_per_long` short chats (`input_len`/`output_len`)
       at once, with no long prompt in flight;
     - at (k + 1) * `long_every`, k = 1..`num_longs`: a long prompt (`long_input_len`/
