@@ -34,14 +34,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: servers.py
 from servers import REPO, start_server, stop_server  # noqa: E402
 
-from pd_local.loadtest.client import RequestOptions  # noqa: E402
+from pd_local.loadtest.client import RequestOptions, RequestResult  # noqa: E402
 from pd_local.loadtest.head_of_line import head_of_line_report  # noqa: E402
 from pd_local.loadtest.runner import RunOptions, fetch_model, run_benchmark  # noqa: E402
 from pd_local.loadtest.workloads import (RequestSpec, WorkloadConfig,  # noqa: E402
                                          make_schedule, random_words)
 
 TOPOLOGIES = {"colocated-1": ["--colocated", "1"], "1P1D": ["--prefill", "1", "--decode", "1"]}
-FIGURES = ("max_short_extra_wait_L", "max_stream_gap_L", "itl_p99_ratio", "L_s")
+FIGURES = ("max_short_extra_wait_L", "max_stream_gap_L", "itl_p99_ratio",
+           "itl_p99_ratio_vs_baseline", "L_s")
 
 
 def provenance() -> dict[str, str]:
@@ -71,19 +72,39 @@ def warmup(seed: int, chat: bool) -> list[RequestSpec]:
     return [s.for_endpoint(chat) for s in specs]
 
 
+def report(results: list[RequestResult]) -> dict[str, Any]:
+    """The head_of_line report, plus L's median over the long prompts and the raw material
+    (every request's kind, send time and chunk times) that `rebuilt` reads back."""
+    rep = head_of_line_report(results)
+    rep["L_s"] = statistics.median(g["L_s"] for g in rep["groups"])
+    rep["requests"] = [{"kind": r.kind, "start": round(r.start, 4), "ok": r.success,
+                        "chunks": [round(t, 4) for t in r.chunk_times]} for r in results]
+    return rep
+
+
+def rebuilt(run: dict[str, Any]) -> dict[str, Any]:
+    """An earlier run's report recomputed by this code from its raw material (as it was, if it
+    has none)."""
+    if "requests" not in run:
+        return run
+    results = []
+    for i, q in enumerate(run["requests"]):
+        r = RequestResult(i, q["kind"], 0, 0, start=q["start"], success=q.get("ok", True),
+                          chunk_times=q["chunks"])
+        r.ttft = q["chunks"][0] if q["chunks"] else None
+        results.append(r)
+    keep = {k: run[k] for k in ("failed", "duration_s", "batch") if k in run}
+    return {**report(results), **keep}
+
+
 async def one_run(url: str, wl: WorkloadConfig, seed: int) -> dict[str, Any]:
     model = await fetch_model(url, None, 30.0)
     opts = RunOptions(request=RequestOptions(url=url + "/v1/chat/completions", model=model,
                                              chat=True, ignore_eos=True, timeout=300.0))
     run = await run_benchmark(make_schedule(wl, 1.0, 1.0, None, None, seed, True), opts,
                               warmup(seed, True))
-    failed = [r.error for r in run.results if not r.success]
-    rep = head_of_line_report(run.results)
-    rep["L_s"] = statistics.median(g["L_s"] for g in rep["groups"])
-    rep["failed"] = failed
-    # raw material for a closer look: every request's kind, send time and chunk times
-    rep["requests"] = [{"kind": r.kind, "start": round(r.start, 4),
-                        "chunks": [round(t, 4) for t in r.chunk_times]} for r in run.results]
+    rep = report(run.results)
+    rep["failed"] = [r.error for r in run.results if not r.success]
     rep["duration_s"] = run.duration
     return rep
 
@@ -104,9 +125,10 @@ def table(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
         return f"{s['median']:.2f} {unit} ({s['min']:.2f}-{s['max']:.2f})"
 
     head = ["config", "short chats' extra wait", "stream's largest gap",
-            "stream ITL p99 interfered/quiet", "L (s)", "runs"]
+            "stream ITL p99 interfered/quiet", "... /baseline window", "L (s)", "runs"]
     rows = [[name, cell(s["max_short_extra_wait_L"]), cell(s["max_stream_gap_L"]),
-             cell(s["itl_p99_ratio"], "x"), cell(s["L_s"], "s"), str(s["L_s"]["n"])]
+             cell(s["itl_p99_ratio"], "x"), cell(s["itl_p99_ratio_vs_baseline"], "x"),
+             cell(s["L_s"], "s"), str(s["L_s"]["n"])]
             for name, s in summary.items()]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
@@ -120,7 +142,8 @@ def main() -> int:
     ap.add_argument("--policies", default="fcfs,srpf")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--long-len", type=int, default=1700, help="words (1 token each) + template")
-    ap.add_argument("--every", type=float, default=4.0, help="T: baseline at T, long at 2T")
+    ap.add_argument("--every", type=float, default=10.0,
+                    help="T: baseline at T, long at 2T; T must exceed the baseline chats' E2E")
     ap.add_argument("--stream-output-len", type=int, default=1900,
                     help="a cap: the stream is ended once the rest has finished")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -149,7 +172,7 @@ def main() -> int:
             for kv in args.set:
                 flags += ["--set", kv]
             servers[name] = start_server(name, flags, args.log_dir / f"{topo}-{policy}.log")
-            runs[name] = list(earlier.get("runs", {}).get(name, []))
+            runs[name] = [rebuilt(r) for r in earlier.get("runs", {}).get(name, [])]
             print(f"[{time.monotonic() - t0:5.0f} s] up: {name}", file=sys.stderr, flush=True)
         names = list(servers)
         for rep in range(args.repeats):

@@ -74,6 +74,11 @@ def test_report_arithmetic_by_hand() -> None:
     assert rep["stream_gaps_interfered"] == 4
     assert rep["itl_p99_interfered_s"] == pytest.approx(np.percentile(interfered, 99))
     assert rep["itl_p99_ratio"] == pytest.approx(np.percentile(interfered, 99) / 0.5)
+    # baseline window [2.0, 2.4]: stream 0's 1.5->2.5, stream 1's 0.9->3.5
+    assert rep["stream_gaps_baseline"] == 2
+    assert rep["itl_p99_baseline_s"] == pytest.approx(np.percentile([1.0, 2.6], 99))
+    assert rep["itl_p99_ratio_vs_baseline"] == pytest.approx(
+        np.percentile(interfered, 99) / np.percentile([1.0, 2.6], 99))
     table = format_head_of_line(rep)
     assert "0.40 0.50 -" in table and "0.75 -" in table and "failed short chats" in table
 

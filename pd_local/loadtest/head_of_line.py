@@ -18,8 +18,13 @@ next long prompt):
   nothing about the window: raise --stream-output-len).
 
 Across the run, the streams' chunk gaps are also split into "quiet" (both chunks before the
-first baseline chat was sent: streams alone) and "interfered" (overlapping some prefill window);
-`itl_p99_ratio` = p99(interfered) / p99(quiet), the decode-isolation figure of a PD server.
+first baseline chat was sent: streams alone), "baseline" (overlapping the baseline window, from
+the baseline chats' send to the last one's last chunk: the streams decode beside the short
+chats, with no long prompt) and "interfered" (overlapping some prefill window). The
+decode-isolation figures of a PD server: `itl_p99_ratio` = p99(interfered) / p99(quiet), and
+`itl_p99_ratio_vs_baseline` = p99(interfered) / p99(baseline), which compares windows with the
+same decode load when the short chats decode inside the prefill window (they do when they pass
+the long prompt).
 """
 
 from __future__ import annotations
@@ -80,6 +85,8 @@ def head_of_line_report(results: Sequence[RequestResult]) -> dict[str, Any]:
     stream_times = [chunk_times_abs(s) for s in streams]
     t_quiet_end = baseline[0].start
     quiet = [b - a for ts in stream_times for a, b in zip(ts, ts[1:]) if b <= t_quiet_end]
+    base_end = max(r.start + r.chunk_times[-1] for r in baseline)
+    base_gaps = [g for ts in stream_times for g in gaps_overlapping(ts, t_quiet_end, base_end)]
     interfered: list[float] = []
     groups: list[dict[str, Any]] = []
     failed_shorts = 0
@@ -110,7 +117,7 @@ def head_of_line_report(results: Sequence[RequestResult]) -> dict[str, Any]:
         })
     waits_all = [w for g in groups for w in g["short_extra_wait_L"] if w is not None]
     gaps_all = [x for g in groups for x in g["stream_max_gap_L"] if x is not None]
-    q99, i99 = _p99(quiet), _p99(interfered)
+    q99, i99, b99 = _p99(quiet), _p99(interfered), _p99(base_gaps)
     return {
         "baseline_ttft_s": base_ttft,
         "groups": groups,
@@ -118,8 +125,9 @@ def head_of_line_report(results: Sequence[RequestResult]) -> dict[str, Any]:
         "max_stream_gap_L": max(gaps_all) if gaps_all else None,
         "failed_shorts": failed_shorts,
         "stream_gaps_quiet": len(quiet), "stream_gaps_interfered": len(interfered),
-        "itl_p99_quiet_s": q99, "itl_p99_interfered_s": i99,
-        "itl_p99_ratio": _ratio(i99, q99),
+        "stream_gaps_baseline": len(base_gaps),
+        "itl_p99_quiet_s": q99, "itl_p99_interfered_s": i99, "itl_p99_baseline_s": b99,
+        "itl_p99_ratio": _ratio(i99, q99), "itl_p99_ratio_vs_baseline": _ratio(i99, b99),
     }
 
 
@@ -142,7 +150,10 @@ def format_head_of_line(rep: dict[str, Any]) -> str:
               + " ".join(_f(t, 3) for t in rep["baseline_ttft_s"]),
               f"{'stream ITL p99 interfered/quiet:':<34} {_f(rep['itl_p99_ratio'])} "
               f"({_f(rep['itl_p99_interfered_s'], 3)} s / {_f(rep['itl_p99_quiet_s'], 3)} s, "
-              f"{rep['stream_gaps_interfered']} / {rep['stream_gaps_quiet']} gaps)"]
+              f"{rep['stream_gaps_interfered']} / {rep['stream_gaps_quiet']} gaps)",
+              f"{'stream ITL p99 interfered/baseline:':<34} "
+              f"{_f(rep['itl_p99_ratio_vs_baseline'])} ({_f(rep['itl_p99_baseline_s'], 3)} s, "
+              f"{rep['stream_gaps_baseline']} baseline gaps)"]
     if rep["failed_shorts"]:
         lines.append(f"{'failed short chats:':<34} {rep['failed_shorts']}")
     return "\n".join(lines)
