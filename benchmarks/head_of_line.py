@@ -13,7 +13,7 @@ stay up (an idle one uses ~0.02 cores) and the runs go round-robin, in a rotated
 repeat, so that drift of a shared host hits every configuration alike. Figures are medians over
 the repeats with their min..max. Prints the table, writes JSON (with every run's report).
 
-    python benchmarks/head_of_line.py                       # ~10 min on 2 busy CPU cores
+    python benchmarks/head_of_line.py                       # ~15 min on 2 busy CPU cores
     python benchmarks/head_of_line.py --repeats 1 --topologies 1P1D --policies srpf
 """
 
