@@ -453,3 +453,43 @@ def test_queued_reservations_are_admitted_when_a_step_frees_room(tiny_dir: Path)
         rs = asyncio.run(three(s.url))
         assert [r.status_code for r in rs] == [200, 200, 200]
         assert len({r.json()["choices"][0]["text"] for r in rs}) == 1  # greedy: all the same
+
+
+def test_clients_gone_while_queued_on_a_prefill_rank_leave_no_queued_work(tiny_dir: Path) -> None:
+    """24 prompts of 400 tokens, prefilled 16 tokens a step, so most still wait on the prefill
+    rank when their clients leave. The prefill rank drops them and never reports them done: the
+    router must take them off that rank's queued work itself (it used to count them for ever,
+    and "least queued prefill work" routing drifted)."""
+    prompts = [[1 + (7 * i + 3 * j) % 400 for j in range(400)] for i in range(24)]
+
+    async def leave_early(url: str) -> dict[str, float]:
+        async def one(c: httpx.AsyncClient, prompt: list[int]) -> None:
+            body = {"prompt": prompt, "max_tokens": 50, "ignore_eos": True, "stream": True}
+            async with c.stream("POST", f"{url}/v1/completions", json=body) as r:
+                assert r.status_code == 200
+                await asyncio.sleep(0.8)  # then leave: closing the connection is the abort
+
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=40)) as c:
+            tasks = [asyncio.create_task(one(c, p)) for p in prompts]
+            await asyncio.sleep(0.5)
+            queued = await asyncio.to_thread(metric_values, url, "pd_local_prefill_queued_tokens")
+            await asyncio.gather(*tasks)
+        return queued
+
+    with serving(tiny_dir, "--prefill", "1", "--decode", "1",
+                 "--set", "engine.max_prefill_tokens=16") as s:
+        queued = asyncio.run(leave_early(s.url))
+        key = '{rank="1",role="prefill"}'
+        assert queued[key] > 0, queued  # the clients did leave while prompts were queued there
+        deadline = time.monotonic() + 20
+        while True:
+            now = metric_values(s.url, "pd_local_prefill_queued_tokens")
+            if now[key] == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert now[key] == 0, now
+        assert metric_values(s.url, "pd_local_requests_total")['{outcome="abort"}'] > 0
+        blocks = wait_blocks_free(s.url)
+        assert blocks and all(free == total for free, total in blocks.values()), blocks
+        # the server is still serving correctly afterwards
+        assert asyncio.run(complete_all(s.url)) == reference_texts(tiny_dir)

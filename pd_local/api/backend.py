@@ -50,6 +50,9 @@ class RankStats:
     prefix_hit_tokens: int = 0  # prompt tokens served from the prefix cache since start
     routed: int = 0  # requests the router sent to this rank, ever
     routed_prefix_tokens: int = 0  # of their prompt tokens, those the router expected cached
+    # Prefill ranks: prompt tokens the router has sent there and not yet seen prefilled or
+    # aborted (what "least queued prefill work" routing compares); 0 elsewhere.
+    queued_tokens: int = 0
 
 
 @dataclass

@@ -37,6 +37,9 @@ RANK_GAUGES = (
      "waiting"),
     ("pd_local_kv_blocks_cached", "Free KV blocks whose content the prefix cache keeps "
      "(counted in pd_local_kv_blocks_free; a prefill rank: its own prefill cache).", "cached_blocks"),
+    ("pd_local_prefill_queued_tokens", "Prompt tokens routed to a prefill rank and not yet "
+     "prefilled or aborted (the router's view, what its prefill routing compares).",
+     "queued_tokens"),
 )
 RANK_COUNTERS = (
     ("pd_local_prefix_cache_hit_tokens", "Prompt tokens whose KV came from a rank's prefix cache.",

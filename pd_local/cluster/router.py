@@ -169,7 +169,8 @@ class Router:
 
     def stats(self) -> BackendStats:
         ranks = [RankStats(r.rank, r.role, r.free_blocks, r.total_blocks, r.running, r.waiting,
-                           r.cached_blocks, r.prefix_hit_tokens, r.routed, r.routed_prefix_tokens)
+                           r.cached_blocks, r.prefix_hit_tokens, r.routed, r.routed_prefix_tokens,
+                           r.queued_tokens)
                  for r in (*self.prefill.values(), *self.decode.values())]
         return dataclasses.replace(self.kv, ranks=ranks)
 
@@ -252,7 +253,19 @@ class Router:
         self.to_decode[req.decode].send(Abort(req.req_id))
         if req.prefill is not None and not req.prefill_done:
             self.to_prefill[req.prefill].send(Abort(req.req_id))
+            # A prompt dropped from the prefill rank's queue never gets a PrefillDone: its
+            # tokens leave the rank's queued work now, or routing counts them for ever.
+            self._prefill_work_done(req.req_id)
         self._finish(req, reason, error=error)
+
+    def _prefill_work_done(self, req_id: int) -> None:
+        """Take a prompt off its prefill rank's queued work, once: at PrefillDone or at an
+        abort before it, whichever comes first (the other finds it gone and does nothing)."""
+        entry = self._prefill_tokens.pop(req_id, None)
+        if entry is not None:
+            p, n = entry
+            self.prefill[p].queued_tokens -= n
+            self.prefill[p].unfinished -= 1
 
     def _message(self, peer: int, msg: object) -> None:
         if isinstance(msg, Tokens):
@@ -273,9 +286,7 @@ class Router:
                                             msg.cached_tokens))
         elif isinstance(msg, PrefillDone):
             for req_id in msg.req_ids:
-                p, n = self._prefill_tokens.pop(req_id)
-                self.prefill[p].queued_tokens -= n
-                self.prefill[p].unfinished -= 1
+                self._prefill_work_done(req_id)  # gone already if aborted before this
                 req = self.requests.get(req_id)
                 if req is not None:
                     req.prefill_done = True

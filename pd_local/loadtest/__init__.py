@@ -12,6 +12,8 @@ Modules, each with one concern:
 - `metrics`: pure functions: percentiles, run summary, SLO goodput, attainment interpolation.
 - `report`: result JSON (vLLM `bench serve` field names) and the stdout table.
 - `plots`: optional PNGs (matplotlib, imported only when asked for).
+- `head_of_line`: the head_of_line workload's report (short chats' extra wait, streams' gaps,
+  in units of the long prompt's TTFT).
 - `sweep`: rate sweeps over several targets, SLO attainment and goodput ratio.
 - `cli`: argument parsing; `main(argv) -> int` for `pd-local bench`.
 

@@ -3,6 +3,9 @@
 Exit codes: 0 the run finished and at least one request succeeded; 1 the run could not start
 or finish usefully (model listing failed, every warm-up request failed, no request succeeded);
 2 bad arguments (argparse's convention), including --plot without matplotlib; 130 interrupted.
+
+Over 400 lines: every workload's flags, their types and their cross-checks, which read best
+side by side in one parser.
 """
 
 from __future__ import annotations
@@ -18,13 +21,15 @@ from typing import Any, Sequence
 
 from pd_local.loadtest.client import RequestOptions
 from pd_local.loadtest.conversation import per_turn, run_multiturn
+from pd_local.loadtest.head_of_line import (HeadOfLineError, format_head_of_line,
+                                            head_of_line_report)
 from pd_local.loadtest.metrics import DEFAULT_PERCENTILES, parse_slo, summarize
 from pd_local.loadtest.progress import ProgressBar
 from pd_local.loadtest.report import format_table, json_number, result_json, write_json
 from pd_local.loadtest.runner import BenchError, RunOptions, RunResult, fetch_model, run_benchmark
 from pd_local.loadtest.sweep import SweepCollector, Target, parse_target, sweep_json, sweep_markdown
 from pd_local.loadtest.workloads import (
-    WorkloadConfig, WorkloadError, load_jsonl, make_schedule, warmup_specs,
+    WorkloadConfig, WorkloadError, head_of_line_count, load_jsonl, make_schedule, warmup_specs,
 )
 
 log = logging.getLogger(__name__)
@@ -74,16 +79,6 @@ def _nonneg_int(text: str) -> int:
     return n
 
 
-def _positive_float(text: str) -> float:
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (math.isfinite(x) and x > 0):
-        raise argparse.ArgumentTypeError(f"{text}: must be a positive finite number")
-    return x
-
-
 def _nonneg_float(text: str) -> float:
     try:
         x = float(text)
@@ -91,6 +86,16 @@ def _nonneg_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not (math.isfinite(x) and x >= 0):
         raise argparse.ArgumentTypeError(f"{text}: must be a finite number >= 0")
+    return x
+
+
+def _positive_float(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(x) and x > 0):
+        raise argparse.ArgumentTypeError(f"{text}: must be a positive finite number")
     return x
 
 
@@ -182,7 +187,8 @@ def build_parser(sweep: bool) -> argparse.ArgumentParser:
     p.add_argument("--model", help="model name to send (default: first of GET /v1/models)")
     p.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
     g = p.add_argument_group("workload")
-    g.add_argument("--workload", choices=("random", "jsonl", "interference", "multiturn"),
+    g.add_argument("--workload", choices=("random", "jsonl", "interference", "multiturn",
+                                          "head_of_line"),
                    help="default: jsonl with --dataset, random otherwise")
     g.add_argument("--dataset", type=Path, metavar="FILE",
                    help="JSONL: {prompt | messages, output_len?} per line")
@@ -197,7 +203,8 @@ def build_parser(sweep: bool) -> argparse.ArgumentParser:
     g.add_argument("--long-output-len", type=_positive_int, default=16,
                    help="interference: long prompt's max_tokens (default 16)")
     g.add_argument("--long-every", type=_positive_float, default=5.0, metavar="T",
-                   help="interference: a long prompt at T, 2T, ... seconds (default 5)")
+                   help="interference: a long prompt at T, 2T, ... seconds; head_of_line: "
+                        "baseline chats at T, long prompts at 2T, 3T, ... (default 5)")
     g.add_argument("--turns", type=_positive_int, default=3,
                    help="multiturn: turns per conversation (default 3)")
     g.add_argument("--think-time", type=_nonneg_float, default=1.0, metavar="S",
@@ -206,6 +213,19 @@ def build_parser(sweep: bool) -> argparse.ArgumentParser:
                    help="multiturn: system prompt length in words (~tokens; default 0, none)")
     g.add_argument("--system-prompt", choices=("shared", "per-conversation"), default="shared",
                    help="multiturn: one system prompt for all conversations (default) or one each")
+    h = p.add_argument_group("head_of_line workload (docs/loadtest.md)")
+    h.add_argument("--streams", type=_nonneg_int, default=1,
+                   help="steady streams decoding from the start (default 1)")
+    h.add_argument("--stream-output-len", type=_positive_int, default=1024,
+                   help="each stream's max_tokens (default 1024); the streams are ended "
+                        "once every other request has finished, so this is only a cap")
+    h.add_argument("--num-longs", type=_positive_int, default=1,
+                   help="long prompts, one every --long-every seconds (default 1)")
+    h.add_argument("--shorts-per-long", type=_positive_int, default=3,
+                   help="short chats sent together behind each long prompt, and as the "
+                        "baseline (default 3)")
+    h.add_argument("--short-delay", type=_nonneg_float, default=0.3, metavar="S",
+                   help="seconds from a long prompt to its short chats (default 0.3)")
     g.add_argument("--ignore-eos", action="store_true",
                    help="send ignore_eos: true so outputs are exactly max_tokens long")
     g.add_argument("--extra-body", type=_json_object, default={}, metavar="JSON",
@@ -254,6 +274,16 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace, rates: Sequence
     if name == "multiturn" and args.endpoint != ENDPOINTS[0]:
         p.error("--workload multiturn sends message histories: use --endpoint "
                 "/v1/chat/completions")
+    if name == "head_of_line":
+        if args.num_prompts is not None or args.duration is not None:
+            p.error("--workload head_of_line sends a fixed schedule: --num-prompts and "
+                    "--duration do not apply (see --num-longs, --long-every)")
+        if args.range_ratio > 0:
+            p.error("--workload head_of_line compares short chats of equal length: "
+                    "--range-ratio must be 0")
+        if args.short_delay >= args.long_every:
+            p.error(f"--short-delay ({args.short_delay:g} s) must be shorter than "
+                    f"--long-every ({args.long_every:g} s)")
     for rate in rates:
         if math.isinf(rate) and args.duration is not None and args.max_concurrency is None:
             p.error("--duration with --request-rate inf needs --max-concurrency "
@@ -266,10 +296,15 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace, rates: Sequence
                           long_output_len=args.long_output_len, long_every=args.long_every,
                           turns=args.turns, think_time=args.think_time,
                           system_len=args.system_len,
-                          shared_system=args.system_prompt == "shared")
+                          shared_system=args.system_prompt == "shared",
+                          streams=args.streams, stream_output_len=args.stream_output_len,
+                          num_longs=args.num_longs, shorts_per_long=args.shorts_per_long,
+                          short_delay=args.short_delay)
 
 
-def _num_prompts(args: argparse.Namespace) -> int | None:
+def _num_prompts(args: argparse.Namespace, wl: WorkloadConfig) -> int | None:
+    if wl.name == "head_of_line":
+        return head_of_line_count(wl)
     if args.num_prompts is None and args.duration is None:
         return DEFAULT_NUM_PROMPTS
     return args.num_prompts
@@ -290,13 +325,17 @@ def _meta(args: argparse.Namespace, wl: WorkloadConfig, base_url: str, model: st
         meta["dataset"] = str(wl.dataset)
     else:
         meta.update(input_len=wl.input_len, output_len=wl.output_len, range_ratio=wl.range_ratio)
-    if wl.name == "interference":
+    if wl.name in ("interference", "head_of_line"):
         meta.update(long_input_len=wl.long_input_len, long_output_len=wl.long_output_len,
                     long_every=wl.long_every)
     if wl.name == "multiturn":
         meta.update(turns=wl.turns, think_time=wl.think_time, system_len=wl.system_len,
                     system_prompt="shared" if wl.shared_system else "per-conversation",
                     num_conversations=len({r.conversation for r in run_results}))
+    if wl.name == "head_of_line":
+        meta.update(streams=wl.streams, stream_output_len=wl.stream_output_len,
+                    num_longs=wl.num_longs, shorts_per_long=wl.shorts_per_long,
+                    short_delay=wl.short_delay)
     return meta
 
 
@@ -310,7 +349,7 @@ def _run_once(args: argparse.Namespace, wl: WorkloadConfig, base_url: str, model
               rate: float) -> tuple[dict[str, Any], dict[str, Any], RunResult]:
     """One benchmark run; returns (meta, summary, run)."""
     chat = args.endpoint == ENDPOINTS[0]
-    num = _num_prompts(args)
+    num = _num_prompts(args, wl)
     schedule = make_schedule(wl, rate, args.burstiness, num, args.duration, args.seed, chat)
     opts = RunOptions(
         request=RequestOptions(url=base_url.rstrip("/") + args.endpoint, model=model, chat=chat,
@@ -347,8 +386,17 @@ def bench_main(argv: list[str]) -> int:
         print(f"pd-local bench: {e}", file=sys.stderr)
         return 1
     print(format_table(meta, summary, args.percentiles))
+    extra: dict[str, Any] = {}
+    if wl.name == "head_of_line":
+        try:
+            extra["head_of_line"] = head_of_line_report(run.results)
+        except HeadOfLineError as e:
+            print(f"pd-local bench: {e}", file=sys.stderr)
+            return 1
+        print(format_head_of_line(extra["head_of_line"]))
     if args.result_file is not None:
-        write_json(args.result_file, result_json(meta, summary, run, args.save_detailed))
+        write_json(args.result_file,
+                   {**result_json(meta, summary, run, args.save_detailed), **extra})
         print(f"result: {args.result_file}")
     if args.plot is not None:
         from pd_local.loadtest.plots import plot_run
@@ -365,6 +413,9 @@ def sweep_main(argv: list[str]) -> int:
     names = [t.name for t in args.target]
     if len(set(names)) != len(names):
         p.error(f"--target names must be unique (got {', '.join(names)})")
+    if args.workload == "head_of_line":
+        p.error("--workload head_of_line has fixed times, not rates: run it with `pd-local "
+                "bench` against each target")
     wl = _check(p, args, args.rates)
     if not args.no_plot:
         from pd_local.loadtest.plots import PlotUnavailable, require_matplotlib

@@ -275,10 +275,41 @@ async def _stream(client: httpx.AsyncClient, opts: RequestOptions, payload: dict
                 return
 
 
+STOPPED = "stopped"  # finish_reason of a request ended by the run (`send_request`'s `stop`)
+
+
+async def _stream_until(stop: asyncio.Event | None, coro: Any, st: _Stream) -> None:
+    """Await `coro`; if `stop` is set first, cancel it (closing the connection, as a client
+    that has seen enough) and end the request as finished with reason `STOPPED`."""
+    if stop is None:
+        await coro
+        return
+    task = asyncio.ensure_future(coro)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+        stopped = not task.done()
+        if stopped:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+    if not stopped:
+        task.result()  # re-raises what the stream raised
+    elif not st.res.error and not st.done:
+        st.done, st.res.finish_reason = True, STOPPED
+
+
 async def send_request(client: httpx.AsyncClient, opts: RequestOptions, spec: RequestSpec,
-                       index: int, t_run0: float) -> RequestResult:
+                       index: int, t_run0: float, stop: asyncio.Event | None = None
+                       ) -> RequestResult:
     """Send one streamed request and measure it. Never raises (except on cancellation): every
-    failure is recorded in the result. `opts.timeout` bounds the whole request."""
+    failure is recorded in the result. `opts.timeout` bounds the whole request. `stop`, when
+    given, ends the request early once set: the connection is closed and the request counts as
+    finished (finish_reason `STOPPED`) with what it received."""
     res = RequestResult(index=index, kind=spec.kind, input_len=spec.input_len,
                         requested_output_len=spec.output_len)
     payload = build_payload(spec, opts)
@@ -287,7 +318,8 @@ async def send_request(client: httpx.AsyncClient, opts: RequestOptions, spec: Re
     res.start = t_send - t_run0
     st = _Stream(res, opts.chat, t_send)
     try:
-        await asyncio.wait_for(_stream(client, opts, payload, headers, st), opts.timeout)
+        await asyncio.wait_for(_stream_until(stop, _stream(client, opts, payload, headers, st), st),
+                               opts.timeout)
     except asyncio.TimeoutError:
         if not st.done:  # a server that keeps the body open after [DONE] is not a failure
             res.error = f"timeout: no complete response within {opts.timeout:g} s"

@@ -3,7 +3,9 @@
 Contract: `run_benchmark` sends each scheduled request at (or, when `max_concurrency` requests
 are already in flight, as soon as possible after) its offset; it stops issuing when the schedule
 ends or `duration` has elapsed, then waits for in-flight requests (each bounded by the request
-timeout). The run's duration is first send -> last request finished.
+timeout). The run's duration is first send -> last request finished. Requests of kind `stream`
+(the head_of_line workload's steady streams) are open-ended: once every other request has
+finished, the runner ends them (client.send_request's `stop`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import httpx
 
 from pd_local.loadtest.client import RequestOptions, RequestResult, send_request
 from pd_local.loadtest.progress import ProgressBar
-from pd_local.loadtest.workloads import RequestSpec, Scheduled
+from pd_local.loadtest.workloads import KIND_STREAM, RequestSpec, Scheduled
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +100,13 @@ async def run_benchmark(schedule: Iterable[Scheduled], opts: RunOptions,
             await _warmup(client, opts, warmup)
         sem = asyncio.Semaphore(opts.max_concurrency) if opts.max_concurrency else None
         tasks: list[asyncio.Task[RequestResult]] = []
+        others: list[asyncio.Task[RequestResult]] = []  # every task but the open-ended streams
+        stop_streams = asyncio.Event()
 
         async def one(spec: RequestSpec, index: int, t0: float) -> RequestResult:
+            stop = stop_streams if spec.kind == KIND_STREAM else None
             try:
-                res = await send_request(client, opts.request, spec, index, t0)
+                res = await send_request(client, opts.request, spec, index, t0, stop)
             finally:
                 if sem is not None:
                     sem.release()
@@ -131,6 +136,10 @@ async def run_benchmark(schedule: Iterable[Scheduled], opts: RunOptions,
                         sem.release()
                     break
                 tasks.append(asyncio.create_task(one(item.spec, len(tasks), t0)))
+                if item.spec.kind != KIND_STREAM:
+                    others.append(tasks[-1])
+            await asyncio.gather(*others)
+            stop_streams.set()
             results = list(await asyncio.gather(*tasks))
         finally:
             if ticker is not None:

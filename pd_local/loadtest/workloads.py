@@ -41,6 +41,8 @@ WORDS: tuple[str, ...] = (
 KIND_DEFAULT = "request"
 KIND_SHORT = "short"
 KIND_LONG = "long"
+KIND_STREAM = "stream"  # head_of_line: the steady streams decoding through the whole run
+KIND_BASELINE = "baseline"  # head_of_line: the short chats sent before any long prompt
 
 
 class WorkloadError(ValueError):
@@ -85,7 +87,7 @@ class Scheduled:
 class WorkloadConfig:
     """Options that define the requests (not the timing), validated by the CLI."""
 
-    name: str = "random"  # random | jsonl | interference | multiturn
+    name: str = "random"  # random | jsonl | interference | multiturn | head_of_line
     input_len: int = 256
     output_len: int = 128
     range_ratio: float = 0.0
@@ -100,6 +102,12 @@ class WorkloadConfig:
     think_time: float = 1.0
     system_len: int = 0
     shared_system: bool = True
+    # head_of_line only (see `head_of_line_schedule`)
+    streams: int = 1
+    stream_output_len: int = 1024
+    num_longs: int = 1
+    shorts_per_long: int = 3
+    short_delay: float = 0.3
 
 
 def random_words(rng: np.random.Generator, n: int) -> str:
@@ -237,8 +245,44 @@ def make_schedule(cfg: WorkloadConfig, rate: float, burstiness: float, num: int 
     elif cfg.name == "multiturn":
         raise WorkloadError("multiturn turns depend on earlier answers: schedule them with "
                             "conversation.make_conversations")
+    elif cfg.name == "head_of_line":
+        yield from head_of_line_schedule(cfg, seed, chat)
     else:
         raise WorkloadError(f"unknown workload {cfg.name!r}")
+
+
+def head_of_line_schedule(cfg: WorkloadConfig, seed: int, chat: bool) -> Iterator[Scheduled]:
+    """What a long prompt costs the requests around it. Fixed times (no rate, no --num-prompts):
+
+    - at 0: `streams` steady streams (short prompts, at most `stream_output_len` tokens each;
+      the runner ends them once every other request has finished, see runner.py; the report
+      measures their gaps while each long prompt prefills);
+    - at `long_every`: the baseline, `shorts_per_long` short chats (`input_len`/`output_len`)
+      at once, with no long prompt in flight;
+    - at (k + 1) * `long_every`, k = 1..`num_longs`: a long prompt (`long_input_len`/
+      `long_output_len`), and `short_delay` seconds later `shorts_per_long` short chats at once.
+    Every prompt has its own words (a prefix cache cannot serve a short chat from its twin of
+    the baseline); every short chat has the same lengths (`range_ratio` is not used).
+    """
+    rng = np.random.default_rng([seed, 1])
+    stream_cfg = WorkloadConfig(input_len=cfg.input_len, output_len=cfg.stream_output_len)
+    short_cfg = WorkloadConfig(input_len=cfg.input_len, output_len=cfg.output_len)  # exact
+    for _ in range(cfg.streams):
+        yield Scheduled(0.0, random_spec(rng, stream_cfg, KIND_STREAM).for_endpoint(chat))
+    for _ in range(cfg.shorts_per_long):
+        yield Scheduled(cfg.long_every,
+                        random_spec(rng, short_cfg, KIND_BASELINE).for_endpoint(chat))
+    for k in range(1, cfg.num_longs + 1):
+        t = (k + 1) * cfg.long_every
+        yield Scheduled(t, long_spec(rng, cfg).for_endpoint(chat))
+        for _ in range(cfg.shorts_per_long):
+            yield Scheduled(t + cfg.short_delay,
+                            random_spec(rng, short_cfg, KIND_SHORT).for_endpoint(chat))
+
+
+def head_of_line_count(cfg: WorkloadConfig) -> int:
+    """How many requests `head_of_line_schedule` sends."""
+    return cfg.streams + cfg.shorts_per_long + cfg.num_longs * (1 + cfg.shorts_per_long)
 
 
 def warmup_specs(cfg: WorkloadConfig, n: int, seed: int, chat: bool) -> list[RequestSpec]:
