@@ -23,7 +23,7 @@ from pd_local.loadtest.metrics import stats
 from pd_local.loadtest.runner import RunOptions, RunResult, fetch_model, run_benchmark
 from pd_local.loadtest.workloads import (KIND_LONG, KIND_SHORT, Scheduled, long_spec, make_schedule,
                                          random_spec)
-from study.settings import Settings, TOPOLOGIES, say
+from study.settings import Run, Settings, TOPOLOGIES, say
 
 
 def start_server(name: str, st: Settings, log_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
