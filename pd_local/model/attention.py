@@ -279,21 +279,32 @@ def _decode_group(
 ) -> torch.Tensor:
     """q [g, H, D]; tables [g, nblk] -> [g, H, D], attending over nblk * block_size slots.
 
-    matmul + softmax + matmul with K made contiguous: a matmul against a permuted K view takes a
-    BLAS path whose fp32 result depends on g (measured ~6e-6). One masked SDPA call per group was
-    tried (6x faster per layer at g = 16 on the 2-core AVX2 CPU) and kept rows equal alone vs
-    batched, but broke chunk invariance: tests/test_chunked_prefill.py's chunk-size-1 logits
-    differed. Reverted until that is understood.
+    One SDPA call over the gathered blocks (no copy of K or V beyond the gather), the padding
+    past each row's context masked, each KV head's G query heads as G query rows (K/V read once
+    per KV head, not once per query head). ~4x faster at g = 16 than matmul + softmax + matmul
+    with K copied contiguous (2-core AVX2 CPU, fp32, 1 thread).
+
+    Batch invariance with more than one thread: the CPU flash kernel computes each (row, KV
+    head) with MKL sgemm into a per-thread scratch buffer; thread t's buffer starts t x (R x
+    kv_split + 2R + R x D) floats in, for R query rows. With R = 1 (one decode token per query
+    head) that offset is not a multiple of 16 bytes, MKL then rounds differently, and which
+    thread gets a row depends on the batch size: a row's result depended on its batch (this is
+    what broke test_chunked_prefill's chunk-size-1 logits, whose steps mix different decode
+    batches; with one thread every row runs in thread 0's aligned buffer, which is why it did not
+    show there). Padding the rows to a multiple of 4 (zero queries, results dropped) keeps every
+    thread's buffer 16-byte aligned for any context length; test_attention_threads checks it.
     """
     b, h, d = q.shape
     _, bs, kvh, _ = k_cache.shape
+    grp = h // kvh
+    rows = -(-grp // 4) * 4
     s = tables.shape[1] * bs
     flat = tables.reshape(-1)  # index_select: ~2x faster than advanced indexing k_cache[tables]
-    k = k_cache.index_select(0, flat).view(b, s, kvh, d).transpose(1, 2).contiguous()  # [g, KV, S, D]
-    v = v_cache.index_select(0, flat).view(b, s, kvh, d).transpose(1, 2)  # [g, KV, S, D]
-    qg = q.view(b, kvh, h // kvh, d)  # [g, KV, G, D]
-    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [g, KV, G, S]
-    pad = torch.arange(s, device=q.device)[None, :] >= context_lens[:, None]  # [g, S]
-    scores.masked_fill_(pad[:, None, None, :], float("-inf"))
-    probs = scores.softmax(dim=-1).to(v.dtype)
-    return torch.matmul(probs, v).reshape(b, h, d)  # [g, KV, G, D] -> [g, H, D]
+    k = k_cache.index_select(0, flat).view(b, s, kvh, d).transpose(1, 2)  # [g, KV, S, D] view
+    v = v_cache.index_select(0, flat).view(b, s, kvh, d).transpose(1, 2)  # [g, KV, S, D] view
+    qg = q.view(b, kvh, grp, d)  # [g, KV, G, D]
+    if rows != grp:
+        qg = torch.cat([qg, qg.new_zeros(b, kvh, rows - grp, d)], dim=2)  # [g, KV, R, D]
+    keep = torch.arange(s, device=q.device)[None, :] < context_lens[:, None]  # [g, S]
+    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=keep[:, None, None, :], scale=scale)
+    return o[:, :, :grp].reshape(b, h, d)  # [g, KV, G, D] -> [g, H, D]
