@@ -3,7 +3,11 @@
 Same weights, dtype, threads and machine; figures are ratios (ours / transformers) because the
 machines we develop on are shared and noisy. Writes JSON and prints a table.
 
-    python benchmarks/engine_vs_transformers.py [--model DIR] [--dtype bfloat16] [--out FILE]
+    python benchmarks/engine_vs_transformers.py [--model DIR] [--dtype auto] [--out FILE]
+
+--dtype defaults to "auto", resolved as the engine resolves it (pd_local.model.dtype: bfloat16
+on CPUs with native bf16, float32 otherwise), so the default measures what `pd-local serve`
+runs by default on this CPU; the JSON records the resolved dtype and why.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 
 from pd_local.config import EngineConfig
 from pd_local.engine.engine import Engine
+from pd_local.model.dtype import DTYPE_CHOICES, read_cpu_flags, resolve_dtype_name
 from pd_local.model.weights import load_model
 from pd_local.engine.sampling import SamplingParams
 
@@ -79,7 +84,8 @@ def cpu_kind() -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    ap.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                    help="auto: what the engine picks on this CPU (float32 without native bf16)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--prefill-len", type=int, default=512)
     ap.add_argument("--decode-prompt-len", type=int, default=128)
@@ -102,7 +108,8 @@ def main() -> int:
         args.model = str(ensure_default_model())
     from transformers import AutoModelForCausalLM
 
-    dtype = DTYPES[args.dtype]
+    dtype_name, dtype_why = resolve_dtype_name(args.dtype, "cpu", read_cpu_flags())
+    dtype = DTYPES[dtype_name]
     ours, cfg = load_model(args.model, dtype)
     hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
     g = torch.Generator().manual_seed(0)
@@ -139,7 +146,8 @@ def main() -> int:
     for r in rows:
         r["ratio"] = r["ours"] / r["transformers"]
     result = {
-        "model": args.model, "dtype": args.dtype, "threads": args.threads, "clock": args.clock,
+        "model": args.model, "dtype": dtype_name, "dtype_why": dtype_why, "threads": args.threads,
+        "clock": args.clock,
         "torch": torch.__version__, "machine": platform.processor() or platform.machine(), "cpu": cpu_kind(),
         "new_tokens": n, "decode_prompt_len": len(prompt), "rows": rows,
     }

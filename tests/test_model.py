@@ -96,20 +96,62 @@ def test_rows_do_not_depend_on_batch_size_fp32() -> None:
         assert torch.equal(linear(x[:m], w), full[:m]), f"rows differ at batch {m}"
 
 
+@pytest.fixture
+def threads(request: pytest.FixtureRequest):
+    """Run the test body with torch's intra-op thread count set to request.param."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_padding_rule_holds_at_real_shapes_on_this_cpu(dtype: torch.dtype) -> None:
-    """The padding thresholds in layers.linear were measured on one CPU's BLAS; this checks them
-    on the CPU running the tests, at SmolLM2-135M's projection and lm_head shapes (BLAS picks
-    kernels by shape, so tiny test models alone would not catch a miss)."""
-    from pd_local.model.layers import linear
+def test_linear_rows_hold_at_real_shapes_on_this_cpu(dtype: torch.dtype, threads: int) -> None:
+    """layers.linear's invariance (oneDNN's packed fp32 kernel, or the padding rule) was measured
+    on one CPU; this checks it on the CPU running the tests, with 1 and 2 threads, at SmolLM2-135M's
+    projection and lm_head shapes (kernels are picked by shape, so tiny test models alone would
+    not catch a miss), for decode batch sizes and for prefill-sized M."""
+    from pd_local.model.layers import PackedWeight, linear
 
     g = torch.Generator().manual_seed(0)
-    for out_f, in_f in [(960, 576), (3072, 576), (576, 1536), (49152, 576)]:
+    ms = (1, 2, 3, 4, 5, 7, 8, 11, 12, 16, 33, 64) + ((65, 200, 512) if dtype == torch.float32 else ())
+    for out_f, in_f in [(960, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576)]:
         w = torch.randn(out_f, in_f, generator=g).to(dtype)
-        x = torch.randn(64, in_f, generator=g).to(dtype)
-        full = linear(x, w)
-        for m in (1, 2, 3, 4, 5, 7, 8, 11, 12, 16, 33):
-            assert torch.equal(linear(x[:m], w), full[:m]), f"{out_f}x{in_f}: rows differ at batch {m}"
+        x = torch.randn(max(ms) + 1, in_f, generator=g).to(dtype)
+        packed = PackedWeight()
+        full = linear(x, w, packed=packed)
+        for m in ms:
+            assert torch.equal(linear(x[:m], w, packed=packed), full[:m]), f"{out_f}x{in_f}: rows differ at M={m}"
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 2, 16)], ids=["smollm2", "tiny"])
+def test_decode_attention_rows_do_not_depend_on_the_batch_with_threads(
+    dtype: torch.dtype, threads: int, heads: int, kv_heads: int, head_dim: int
+) -> None:
+    """A decode row's attention output is bit-identical alone and in batches of 2..16, for
+    contexts below, at and past the flash kernel's 512-key split, with more than one thread
+    (the CPU flash kernel's per-thread scratch alignment once made it depend on the batch)."""
+    from pd_local.model.attention import paged_decode_attention
+
+    g = torch.Generator().manual_seed(1)
+    bs, nb = 16, 300
+    kc = torch.randn(nb, bs, kv_heads, head_dim, generator=g).to(dtype)
+    vc = torch.randn(nb, bs, kv_heads, head_dim, generator=g).to(dtype)
+    for ctx in (1, 15, 16, 17, 150, 512, 513, 1100):
+        n = 16
+        nblk = -(-ctx // bs)
+        tables = torch.randint(0, nb, (n, nblk), generator=g).tolist()  # scattered, may share blocks
+        lens = [ctx - (i % 3) if ctx > 3 else ctx for i in range(n)]  # same block count or one fewer
+        q = torch.randn(n, heads, head_dim, generator=g).to(dtype)
+        meta = AttentionMetadata.decode([t[: -(-c // bs)] for t, c in zip(tables, lens)], lens, [0] * n, bs)
+        full = paged_decode_attention(q, kc, vc, meta, head_dim**-0.5)
+        for b in (1, 2, 5, 11):
+            sub = AttentionMetadata.decode([t[: -(-c // bs)] for t, c in zip(tables[:b], lens[:b])], lens[:b], [0] * b, bs)
+            got = paged_decode_attention(q[:b], kc, vc, sub, head_dim**-0.5)
+            assert torch.equal(got, full[:b]), f"context {ctx}: rows differ at batch {b}"
 
 
 def test_unsupported_architecture_is_named() -> None:

@@ -30,6 +30,26 @@ def host_to_device(values: list[int] | list[list[int]], device: torch.device | s
 
 
 @dataclass(frozen=True)
+class DecodeGroup:
+    """Decode rows with the same block count, prepared once per step for every layer (CPU)."""
+
+    rows: torch.Tensor | None  # [g] indices among the decode rows; None: all of them, in order
+    blocks: torch.Tensor  # [g * nblk] the rows' first nblk block ids, row after row
+    keep: torch.Tensor  # [g, 1, 1, nblk * block_size] bool: True up to each row's context
+
+    @classmethod
+    def build(
+        cls, rows: list[int] | None, tables: list[list[int]], context_lens: list[int], nblk: int,
+        block_size: int, device: torch.device | str,
+    ) -> DecodeGroup:
+        """tables/context_lens: the group's rows' own (tables at least nblk long)."""
+        blocks = host_to_device([b for t in tables for b in t[:nblk]], device)  # [g * nblk]
+        keep = torch.arange(nblk * block_size)[None, :] < torch.tensor(context_lens)[:, None]  # [g, S]
+        return cls(None if rows is None else host_to_device(rows, device), blocks,
+                   keep.to(device)[:, None, None, :])
+
+
+@dataclass(frozen=True)
 class AttentionMetadata:
     """What attention needs to know about the batch. Build with `prefill()`, `decode()` or
     `mixed()`, once per step; every layer reuses it.
@@ -49,9 +69,9 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
     context_lens: torch.Tensor | None = None
-    # decode on CPU: rows grouped by their own block count, (num_blocks, row indices [g]); see
-    # paged_decode_attention for why. Empty on CUDA, and for a padded CUDA-graph batch.
-    decode_groups: tuple[tuple[int, torch.Tensor], ...] = ()
+    # decode on CPU: rows grouped by their own block count (see paged_decode_attention for why).
+    # Empty on CUDA, and for a padded CUDA-graph batch.
+    decode_groups: tuple[DecodeGroup, ...] = ()
     num_decode: int = 0
     prefix_lens: tuple[int, ...] = ()  # empty: every chunk starts at position 0
     prefix_slots: tuple[torch.Tensor | None, ...] | None = None
@@ -120,15 +140,18 @@ class AttentionMetadata:
             if torch.device(dev).type == "cpu":  # CUDA: the Triton kernel needs no groups
                 for row, n in enumerate(context_lens):
                     groups.setdefault((n + block_size - 1) // block_size, []).append(row)
+        decode_groups = tuple(
+            DecodeGroup.build(None if len(groups) == 1 else rows, [block_tables[r] for r in rows],
+                              [context_lens[r] for r in rows], nblk, block_size, dev)
+            for nblk, rows in sorted(groups.items())
+        )
         return cls(
             is_prefill=not block_tables,
             seq_lens=tuple(chunk_lens),
             slot_mapping=host_to_device(slot_mapping, dev),  # [T]
             block_tables=tables,
             context_lens=ctx,
-            decode_groups=tuple(
-                (nblk, torch.tensor(rows, dtype=torch.long, device=dev)) for nblk, rows in sorted(groups.items())
-            ),
+            decode_groups=decode_groups,
             num_decode=len(block_tables),
             prefix_lens=tuple(prefix_lens),
             prefix_slots=tuple(host_to_device(s, dev) if s else None for s in prefix_slots),
@@ -256,16 +279,17 @@ def paged_decode_attention(
         from pd_local.model.triton_attention import paged_decode_attention_triton
 
         return paged_decode_attention_triton(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
-    if not meta.decode_groups:  # a padded CUDA-graph batch run eagerly: one group, full width
-        return _decode_group(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
-    if len(meta.decode_groups) == 1:
-        nblk, _ = meta.decode_groups[0]
-        return _decode_group(q, k_cache, v_cache, meta.block_tables[:, :nblk], meta.context_lens, scale)
+    groups = meta.decode_groups
+    if not groups:  # a padded CUDA-graph batch run eagerly: one group, full width
+        bs = k_cache.shape[1]
+        groups = (DecodeGroup.build(None, meta.block_tables.tolist(), meta.context_lens.tolist(),
+                                    meta.block_tables.shape[1], bs, q.device),)
+    if groups[0].rows is None:  # one group of every row, in order
+        return _decode_group(q, k_cache, v_cache, groups[0].blocks, groups[0].keep, scale)
     out = torch.empty_like(q)
-    for nblk, rows in meta.decode_groups:
-        tables = meta.block_tables.index_select(0, rows)[:, :nblk]  # [g, nblk]
-        o = _decode_group(q.index_select(0, rows), k_cache, v_cache, tables, meta.context_lens.index_select(0, rows), scale)
-        out.index_copy_(0, rows, o)
+    for grp in groups:
+        o = _decode_group(q.index_select(0, grp.rows), k_cache, v_cache, grp.blocks, grp.keep, scale)
+        out.index_copy_(0, grp.rows, o)
     return out
 
 
@@ -273,27 +297,38 @@ def _decode_group(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    tables: torch.Tensor,
-    context_lens: torch.Tensor,
+    blocks: torch.Tensor,
+    keep: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """q [g, H, D]; tables [g, nblk] -> [g, H, D], attending over nblk * block_size slots.
+    """q [g, H, D]; blocks [g * nblk], keep [g, 1, 1, S] (S = nblk * block_size) -> [g, H, D].
 
-    matmul + softmax + matmul with K made contiguous: a matmul against a permuted K view takes a
-    BLAS path whose fp32 result depends on g (measured ~6e-6). One masked SDPA call per group was
-    tried (6x faster per layer at g = 16 on the 2-core AVX2 CPU) and kept rows equal alone vs
-    batched, but broke chunk invariance: tests/test_chunked_prefill.py's chunk-size-1 logits
-    differed. Reverted until that is understood.
+    One SDPA call over the gathered blocks (no copy of K or V beyond the gather), the padding
+    past each row's context masked, each KV head's G query heads as G query rows (K/V read once
+    per KV head, not once per query head). ~4x faster at g = 16 than matmul + softmax + matmul
+    with K copied contiguous (2-core AVX2 CPU, fp32, 1 thread).
+
+    Batch invariance with more than one thread: the CPU flash kernel computes each (row, KV
+    head) with MKL sgemm into a per-thread scratch buffer; thread t's buffer starts t x (R x
+    kv_split + 2R + R x D) floats in, for R query rows. With R = 1 (one decode token per query
+    head) that offset is not a multiple of 16 bytes, MKL then rounds differently, and which
+    thread gets a row depends on the batch size: a row's result depended on its batch (this is
+    what broke test_chunked_prefill's chunk-size-1 logits, whose steps mix different decode
+    batches; with one thread every row runs in thread 0's aligned buffer, which is why it did not
+    show there). Padding the rows to a multiple of 4 (zero queries, results dropped) keeps every
+    thread's buffer 16-byte aligned for any context length (checked by tests/test_model.py,
+    test_decode_attention_rows_do_not_depend_on_the_batch_with_threads).
     """
     b, h, d = q.shape
     _, bs, kvh, _ = k_cache.shape
-    s = tables.shape[1] * bs
-    flat = tables.reshape(-1)  # index_select: ~2x faster than advanced indexing k_cache[tables]
-    k = k_cache.index_select(0, flat).view(b, s, kvh, d).transpose(1, 2).contiguous()  # [g, KV, S, D]
-    v = v_cache.index_select(0, flat).view(b, s, kvh, d).transpose(1, 2)  # [g, KV, S, D]
-    qg = q.view(b, kvh, h // kvh, d)  # [g, KV, G, D]
-    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [g, KV, G, S]
-    pad = torch.arange(s, device=q.device)[None, :] >= context_lens[:, None]  # [g, S]
-    scores.masked_fill_(pad[:, None, None, :], float("-inf"))
-    probs = scores.softmax(dim=-1).to(v.dtype)
-    return torch.matmul(probs, v).reshape(b, h, d)  # [g, KV, G, D] -> [g, H, D]
+    grp = h // kvh
+    rows = -(-grp // 4) * 4
+    s = keep.shape[-1]
+    # index_select: ~2x faster than advanced indexing k_cache[tables]
+    k = k_cache.index_select(0, blocks).view(b, s, kvh, d).transpose(1, 2)  # [g, KV, S, D] view
+    v = v_cache.index_select(0, blocks).view(b, s, kvh, d).transpose(1, 2)  # [g, KV, S, D] view
+    qg = q.view(b, kvh, grp, d)  # [g, KV, G, D]
+    if rows != grp:
+        qg = torch.cat([qg, qg.new_zeros(b, kvh, rows - grp, d)], dim=2)  # [g, KV, R, D]
+    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=keep, scale=scale)  # [g, KV, R, D]
+    return o[:, :, :grp].reshape(b, h, d)  # [g, KV, G, D] -> [g, H, D]

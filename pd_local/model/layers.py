@@ -1,19 +1,25 @@
 """Building blocks of the Llama family: batch-invariant linear, RMSNorm, rotary embedding.
 
 Batch invariance matters here: a request must get the same tokens whether it shares a batch
-with 0 or 63 others, or the topologies (colocated, 1P1D, xPyD) would disagree. Measured on the
-2-core dev CPU with torch 2.13: an fp32 matmul (MKL) gives a row a different result (~4e-5) when
-the batch has M in {1,2,3,5,6,7,9,10,11} rows than with 4, 8 or >= 12 rows; a bf16 matmul
-(oneDNN) takes a gemv path at M = 1 that rounds differently (1 bf16 ulp, on real activations)
-from M >= 2. `linear` pads those batches with zero rows; the cost is nil for a weight-bandwidth
-bound small-M matmul. GPUs make no such promise (cuBLAS picks kernels by shape): see docs.
+with 0 or 63 others, or the topologies (colocated, 1P1D, xPyD) would disagree. A BLAS picks its
+kernel by shape, and kernels round differently: measured with torch 2.13, an fp32 matmul (MKL)
+gives a row a different result (~4e-5) at M in {1,2,3} (and, with 2 threads, 5-7 and 9-11) than
+at M = 4, 8 or >= 12; a bf16 matmul (oneDNN) takes a gemv path at M = 1 that rounds differently
+(1 bf16 ulp) from M >= 2.
 
-Not nil everywhere: on a 2-core AMD EPYC (AVX2, no AVX-512) MKL's gemv at M = 1 is ~3x faster
-than its gemm at M = 4 (lm_head: 16 vs 52 ms per call, fp32, 1 thread), so the padding makes a
-batch-1 decode step ~2x slower there. On that CPU rows agree for every M >= 4 (M in 5..11 need no
-padding, the rule below pads them anyway: it holds on both CPUs). `invariant=False`
-(engine.batch_invariant = false) drops the padding: faster at batch 1, but a request's logits
-then depend on its batch's size, so greedy tokens may differ across topologies.
+fp32 on CPU: oneDNN's inner product against a weight reordered once into its blocked layout
+(`torch.ops.mkldnn._reorder_linear_weight`, cached per weight in `PackedWeight`) gives every row
+the same result for every M from 1 to 600 checked, with 1 or 2 threads, on the 2-core AVX2 EPYC
+and at SmolLM2's shapes; and it is as fast as MKL's gemv at M = 1 (lm_head 15 vs 17 ms, fp32, 1
+thread) and faster than MKL at M = 16 (31 vs 62 ms). So no padding is needed: this replaced
+padding M to a multiple of 4, whose M = 4 gemm cost ~3x the gemv on that CPU and halved batch-1
+decode. The price is memory: the packed copy sits next to the plain weight (which embeddings,
+`batch_invariant = False` and the fusion read), ~2x the linears' weights in fp32.
+Elsewhere (bf16, where this torch can only pack bf16 on AVX-512/AVX-NE-CONVERT CPUs and the
+packed kernels are unmeasured; or no oneDNN) `linear` pads as before: fp32 M < 12 to a multiple
+of 4, bf16 M = 1 to 2. GPUs make no such promise (cuBLAS picks kernels by shape): see docs.
+`invariant=False` (engine.batch_invariant = false) is plain F.linear: a request's logits then
+depend on its batch's size, so greedy tokens may differ across topologies.
 """
 
 from __future__ import annotations
@@ -27,21 +33,67 @@ from torch import nn
 from pd_local.model.config import ModelConfig
 
 
+def _onednn_packing() -> bool:
+    """Whether this torch can reorder an fp32 weight for oneDNN's inner product (CPU builds
+    with oneDNN; the ops are the ones torch's own CPU weight prepacking uses)."""
+    try:
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(8, 8), None)
+        y = torch.ops.mkldnn._linear_pointwise(torch.ones(1, 8), w, None, "none", [], "")
+    except (AttributeError, RuntimeError):
+        return False
+    return bool(torch.equal(y, torch.full((1, 8), 8.0)))
+
+
+ONEDNN_PACKING = _onednn_packing()
+
+
+class PackedWeight:
+    """oneDNN's blocked copy of one fp32 CPU weight, rebuilt whenever the weight changes (new
+    storage, in-place update, dtype or shape); the holder (a Linear, or the model for lm_head)
+    keeps one so the reorder runs once, not per call."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._packed: torch.Tensor | None = None
+
+    def get(self, weight: torch.Tensor) -> torch.Tensor:
+        """weight [out, in] (plain) -> its packed copy (an mkldnn tensor of the same shape)."""
+        key = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape), tuple(weight.stride()))
+        if self._packed is None or key != self._key:
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+            self._key = key
+        return self._packed
+
+    def __deepcopy__(self, memo: dict) -> PackedWeight:
+        return PackedWeight()  # an mkldnn tensor has no storage to copy; the copy repacks
+
+    def __getstate__(self) -> dict:
+        return {"_key": None, "_packed": None}
+
+
 def linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, invariant: bool = True
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    invariant: bool = True,
+    packed: PackedWeight | None = None,
 ) -> torch.Tensor:
     """F.linear over x [M, in] -> [M, out]; with `invariant` its rows do not depend on M (see
-    module docstring), without it this is plain F.linear."""
-    m = x.shape[0]
-    pad = 0
-    if invariant and x.device.type == "cpu" and m < 12:
-        if x.dtype == torch.float32 and m % 4:
+    module docstring), without it this is plain F.linear. `packed` caches the fp32 weight's
+    oneDNN copy across calls (without it, a call reorders the weight itself: fine for tests)."""
+    if invariant and x.device.type == "cpu":
+        if x.dtype == torch.float32 and weight.dtype == torch.float32 and ONEDNN_PACKING:
+            w = (packed or PackedWeight()).get(weight)
+            return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")  # [M, out]
+        m = x.shape[0]
+        pad = 0
+        if x.dtype == torch.float32 and m < 12 and m % 4:
             pad = 4 - m % 4
         elif x.dtype == torch.bfloat16 and m == 1:
             pad = 1
-    if pad:
-        padded = torch.cat([x, x.new_zeros(pad, x.shape[1])])  # [M + pad, in]
-        return F.linear(padded, weight, bias)[:m]
+        if pad:
+            padded = torch.cat([x, x.new_zeros(pad, x.shape[1])])  # [M + pad, in]
+            return F.linear(padded, weight, bias)[:m]
     return F.linear(x, weight, bias)
 
 
@@ -55,9 +107,10 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.packed = PackedWeight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.batch_invariant)
+        return linear(x, self.weight, self.bias, self.batch_invariant, self.packed)
 
 
 def concat_linears(*parts: Linear) -> Linear:

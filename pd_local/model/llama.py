@@ -26,7 +26,9 @@ from pd_local.model.attention import (
     write_kv,
 )
 from pd_local.model.config import ModelConfig
-from pd_local.model.layers import Linear, RMSNorm, RotaryEmbedding, apply_rope, concat_linears, linear
+from pd_local.model.layers import (
+    Linear, PackedWeight, RMSNorm, RotaryEmbedding, apply_rope, concat_linears, linear,
+)
 
 LayerKVHook = Callable[[int, torch.Tensor, torch.Tensor], None]
 
@@ -165,6 +167,7 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = None
         else:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        self.lm_head_packed = PackedWeight()  # lm_head_weight's oneDNN copy (tied or not)
 
     def fuse_projections(self) -> LlamaForCausalLM:
         """Fuse q/k/v and gate/up projections, in place, after the weights are loaded.
@@ -215,4 +218,5 @@ class LlamaForCausalLM(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] in fp32."""
-        return linear(hidden, self.lm_head_weight, invariant=self.batch_invariant).float()
+        return linear(hidden, self.lm_head_weight, invariant=self.batch_invariant,
+                      packed=self.lm_head_packed).float()
