@@ -125,6 +125,24 @@ def test_linear_rows_hold_at_real_shapes_on_this_cpu(dtype: torch.dtype, threads
             assert torch.equal(linear(x[:m], w, packed=packed), full[:m]), f"{out_f}x{in_f}: rows differ at M={m}"
 
 
+def test_the_packing_probe_refuses_a_kernel_whose_rows_depend_on_the_batch(monkeypatch) -> None:
+    """On a CPU kind where oneDNN's packed kernel is not M-invariant (unmeasured: AVX-512), the
+    import-time probe must say so, so that `linear` pads instead of losing exactness."""
+    from pd_local.model import layers
+
+    if not layers.ONEDNN_PACKING:
+        pytest.skip("this CPU already uses the padding rule (no oneDNN packing, or the probe refused it)")
+    assert layers._rows_invariant()
+    real = torch.ops.mkldnn._linear_pointwise
+
+    def by_batch(x, w, b, *rest):  # a kernel that rounds differently when M is odd
+        y = real(x, w, b, *rest)
+        return y * (1 + 1e-6) if x.shape[0] % 2 else y
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", by_batch)
+    assert not layers._rows_invariant()
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 2, 16)], ids=["smollm2", "tiny"])

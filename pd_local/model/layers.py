@@ -11,7 +11,8 @@ fp32 on CPU: oneDNN's inner product against a weight reordered once into its blo
 (`torch.ops.mkldnn._reorder_linear_weight`, cached per weight in `PackedWeight`) gives every row
 the same result for every M from 1 to 600 checked, with 1 or 2 threads, on the 2-core AVX2 EPYC
 and at SmolLM2's shapes; and it is as fast as MKL's gemv at M = 1 (lm_head 15 vs 17 ms, fp32, 1
-thread) and faster than MKL at M = 16 (31 vs 62 ms). So no padding is needed: this replaced
+thread) and faster than MKL at M = 16 (31 vs 62 ms). So no padding is needed (where the
+import-time probe `_rows_invariant` confirms it on the CPU at hand): this replaced
 padding M to a multiple of 4, whose M = 4 gemm cost ~3x the gemv on that CPU and halved batch-1
 decode. The price is memory: the packed copy sits next to the plain weight (which embeddings,
 `batch_invariant = False` and the fusion read), ~2x the linears' weights in fp32.
@@ -35,13 +36,39 @@ from pd_local.model.config import ModelConfig
 
 def _onednn_packing() -> bool:
     """Whether this torch can reorder an fp32 weight for oneDNN's inner product (CPU builds
-    with oneDNN; the ops are the ones torch's own CPU weight prepacking uses)."""
+    with oneDNN; the ops are the ones torch's own CPU weight prepacking uses) AND, on this CPU,
+    its rows come out the same for every batch size. The second half is probed, not assumed:
+    oneDNN picks kernels by ISA, and M-invariance was measured on one CPU kind only (AVX2). A CPU
+    where the probe finds a row that depends on M gets the padding rule instead: slower, exact."""
     try:
         w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(8, 8), None)
         y = torch.ops.mkldnn._linear_pointwise(torch.ones(1, 8), w, None, "none", [], "")
     except (AttributeError, RuntimeError):
         return False
-    return bool(torch.equal(y, torch.full((1, 8), 8.0)))
+    if not torch.equal(y, torch.full((1, 8), 8.0)):
+        return False
+    return _rows_invariant()
+
+
+def _rows_invariant() -> bool:
+    """Rows of a packed fp32 linear equal for M = 1..17 and 64, at two shapes of the small
+    models this runs (576 <-> 1536), at 1 thread and at the process's thread count."""
+    g = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
+    for n in sorted({1, threads}):
+        torch.set_num_threads(n)
+        try:
+            for k, out in ((576, 1536), (1536, 576)):
+                w = torch.ops.mkldnn._reorder_linear_weight(torch.randn(out, k, generator=g) * 0.05, None)
+                x = torch.randn(64, k, generator=g)
+                full = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")  # [64, out]
+                for m in (*range(1, 18), 64):
+                    part = torch.ops.mkldnn._linear_pointwise(x[:m].clone(), w, None, "none", [], "")
+                    if not torch.equal(part, full[:m]):
+                        return False
+        finally:
+            torch.set_num_threads(threads)
+    return True
 
 
 ONEDNN_PACKING = _onednn_packing()
