@@ -197,3 +197,21 @@ def test_prefix_cache_states_add_up_after_every_operation(ops: list[tuple[str, i
         a.free(o)
     a.check()
     assert a.num_free == a.num_total and a.num_held == 0
+
+
+def test_hold_takes_the_cached_prefix_first_and_holds_nothing_when_it_does_not_fit() -> None:
+    a = BlockAllocator(6, caching=True)
+    first = a.allocate(2)
+    a.register(first[0], b"p0")
+    a.register(first[1], b"p1")
+    a.free(first)
+    got = a.hold([b"p0", b"p1", b"p2"], 4)
+    assert got is not None and got[0][:2] == first and got[1] == 2 and a.num_held == 4
+    assert a.hold([b"p0"], 4) is None  # p0 (held already) + 3 new > 2 free
+    assert a.num_held == 4 and a.num_free == 2  # the refused call took nothing
+    a.free([got[0][0]])  # the reference the refused call must not have left behind
+    assert a.num_held == 3 and a.num_free == 3
+    a.take_cached([b"p0"])
+    a.free(got[0])
+    assert a.hold([], 6, keep_free=1) is None and a.num_held == 0
+    a.check()

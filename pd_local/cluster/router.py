@@ -77,7 +77,6 @@ class _Request:
     prefill: int | None = None
     prefill_done: bool = False
     first_token: bool = True
-    cached_tokens: int = 0  # the decode rank's prefix-cache hit (PD)
     hashes: list[bytes] = field(default_factory=list)  # full-block hashes ("prefix" routing)
 
 
@@ -277,7 +276,6 @@ class Router:
             req.timeline.mark("reserved", msg.t)
             p = self._pick_prefill(req)
             req.prefill = p
-            req.cached_tokens = msg.cached_tokens
             n = len(req.prompt_ids) - msg.cached_tokens  # at most this much to compute and send
             self.prefill[p].queued_tokens += n
             self.prefill[p].unfinished += 1

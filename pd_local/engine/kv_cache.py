@@ -138,6 +138,17 @@ class BlockAllocator:
                 self._refs[i] += 1
         return ids
 
+    def hold(self, hashes: list[bytes], num_blocks: int, keep_free: int = 0) -> tuple[list[int], int] | None:
+        """A request's `num_blocks` blocks: the longest cached prefix of `hashes` first, then new
+        ones, leaving at least `keep_free` free; (ids, how many came from the cache), or None
+        with nothing held when they do not fit."""
+        cached = self.take_cached(hashes)
+        need = num_blocks - len(cached)
+        if not self.can_allocate(need + keep_free):
+            self.free(cached)
+            return None
+        return cached + self.allocate(need), len(cached)
+
     def check(self) -> None:
         """Assert the state invariant (tests and debugging): every block in exactly one state."""
         empty, cached, held = set(self._empty), set(self._cached), set(self._refs)

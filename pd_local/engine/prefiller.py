@@ -146,18 +146,15 @@ class ChunkedPrefiller:
         """Hold the blocks of the whole prompt, its cached prefix's first (at most up to the
         destination's skip: what it lacks must be computed here to be sent)."""
         bs, prompt = self.block_size, self.prompts[job.key]
-        cached: list[int] = []
-        if self.allocator.caching:
-            hashes = block_hashes(prompt, bs, self.prefix_salt)
-            usable = min((len(prompt) - 1) // bs, self.skip[job.key] // bs)
-            cached = self.allocator.take_cached(hashes[:usable])
-            self.hashes[job.key], self.registered[job.key] = hashes, len(cached)
-        need = blocks_for(job.num_tokens, bs) - len(cached)
-        if not self.allocator.can_allocate(need):
-            self.allocator.free(cached)
+        hashes = block_hashes(prompt, bs, self.prefix_salt) if self.allocator.caching else []
+        usable = min((len(prompt) - 1) // bs, self.skip[job.key] // bs)
+        got = self.allocator.hold(hashes[:usable], blocks_for(job.num_tokens, bs))
+        if got is None:
             return False
-        self.blocks[job.key] = cached + self.allocator.allocate(need)
-        job.num_computed = len(cached) * bs
+        self.blocks[job.key], cached = got
+        if hashes:
+            self.hashes[job.key], self.registered[job.key] = hashes, cached
+        job.num_computed = cached * bs
         self.prefix_hit_tokens += job.num_computed
         return True
 

@@ -208,18 +208,14 @@ class Scheduler:
         """Hold the blocks of all of seq's tokens, the cached prefix's first, leaving at least
         `keep_free` blocks free; False (nothing held) when they do not fit."""
         bs = self.block_size
-        hashes: list[bytes] = []
-        cached: list[int] = []
-        if self.allocator.caching:
-            hashes = block_hashes(seq.all_ids, bs, self.prefix_salt)
-            cached = self.allocator.take_cached(hashes[:(seq.num_tokens - 1) // bs])
-        need = blocks_for(seq.num_tokens, bs) - len(cached)
-        if not self.allocator.can_allocate(need + keep_free):
-            self.allocator.free(cached)
+        hashes = block_hashes(seq.all_ids, bs, self.prefix_salt) if self.allocator.caching else []
+        got = self.allocator.hold(hashes[:(seq.num_tokens - 1) // bs], blocks_for(seq.num_tokens, bs),
+                                  keep_free)
+        if got is None:
             return False
-        seq.block_ids = cached + self.allocator.allocate(need)
-        seq.block_hashes, seq.num_registered = hashes, len(cached)
-        seq.num_cached = len(cached) * bs
+        seq.block_ids, cached = got
+        seq.block_hashes, seq.num_registered = hashes, cached
+        seq.num_cached = cached * bs
         self.prefix_hit_tokens += seq.num_cached
         self.prefix_query_tokens += seq.num_tokens
         return True
