@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -275,8 +276,12 @@ class ServerHandle:
 def server() -> Any:
     """The scripted server in its own process, so that its event loop and the client's do not
     share a GIL (a timing test measures the client, not contention between the two)."""
+    # the script's own directory (tests/) heads its sys.path: put the checkout's root there too,
+    # so it imports this checkout's pd_local whether or not (or from where) it is installed
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen([sys.executable, __file__, "--serve"], stdout=subprocess.PIPE,
-                            text=True)
+                            text=True, env=env)
     try:
         assert proc.stdout is not None
         port = int(proc.stdout.readline())
