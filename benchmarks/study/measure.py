@@ -28,9 +28,10 @@ from study.settings import Run, Settings, TOPOLOGIES, say
 
 def start_server(name: str, st: Settings, log_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
     """`pd-local serve` for topology `name` in its own process group; returns once healthy."""
-    n = st.max_model_len
-    flags = [*TOPOLOGIES[name], "--dtype", st.dtype, "--set", f"engine.max_model_len={n}",
-             "--set", f"engine.max_prefill_tokens={n}"]
+    # The engine's own prefill budget (engine.max_prefill_tokens, 256 by default) and chunked
+    # prefill: the colocated baseline is the chunked one vLLM and SGLang would give (before
+    # chunked prefill the budget was raised to the whole prompt so a long prompt ran at once).
+    flags = [*TOPOLOGIES[name], "--dtype", st.dtype, "--set", f"engine.max_model_len={st.max_model_len}"]
     if st.model:
         flags += ["--model", st.model]
     return servers.start_server(name, flags, log_dir / f"pd_vs_colocated_{name}.log")
