@@ -51,6 +51,15 @@ LLAMA_1B = dict(architecture="LlamaForCausalLM", vocab_size=128256, hidden_size=
                 intermediate_size=8192, num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64,
                 rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=4096,
                 tie_word_embeddings=True)
+# --smoke (the CPU test of this script, tests/test_gpu_check_smoke.py): every section's code on
+# sizes that run in seconds; its figures mean nothing.
+TINY_LLAMA = dict(LLAMA_1B, vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2,
+                  num_heads=8, num_kv_heads=2, head_dim=16, max_position_embeddings=1024)
+FULL = dict(model=LLAMA_1B, batches=(1, 16, 64), prompt_len=512, steps=40, copy_bytes=2 << 30,
+            prefill_tokens=2048, attn_context=1024, attn_heads=(32, 8), ipc_bytes=256 << 20)
+SMOKE = dict(model=TINY_LLAMA, batches=(1, 4), prompt_len=40, steps=4, copy_bytes=16 << 20,
+             prefill_tokens=96, attn_context=100, attn_heads=(8, 2), ipc_bytes=1 << 20)
+SIZE = FULL
 
 
 def cuda_time(fn: Callable[[], object], iters: int, warmup: int = 2) -> float:
@@ -77,7 +86,7 @@ def cuda_time(fn: Callable[[], object], iters: int, warmup: int = 2) -> float:
 # --- bandwidth ----------------------------------------------------------------------------------
 
 def check_bandwidth() -> dict[str, Any]:
-    n = 2 << 30
+    n = SIZE["copy_bytes"]
     x = torch.empty(n, dtype=torch.uint8, device=DEV)
     y = torch.empty_like(x)
     s = cuda_time(lambda: y.copy_(x), iters=10)
@@ -206,8 +215,11 @@ def check_parity(tokenizer_dir: Path, work: Path) -> dict[str, Any]:
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         ref = hf_greedy(model_dir, dtype)
         res = {"engine_colocated_inprocess": compare_ids(ref, engine_greedy(model_dir, dtype))}
-        for label, topo in (("served_colocated_1", ["--colocated", "1"]),
-                            ("served_1p1d_one_gpu", ["--prefill", "1", "--decode", "1"])):
+        served = (("served_colocated_1", ["--colocated", "1"]),
+                  ("served_1p1d_one_gpu", ["--prefill", "1", "--decode", "1"]))
+        if SIZE is SMOKE and dtype != torch.float32:
+            served = ()  # the smoke run serves fp32 only (four CPU servers take minutes)
+        for label, topo in served:
             try:
                 texts = served_texts(model_dir, name, topo, work / f"{label}-{name}.log")
                 res[label] = compare_texts(ref, texts, tok)
@@ -238,8 +250,8 @@ def weight_bytes(model: LlamaForCausalLM) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def decode_steps(model: LlamaForCausalLM, batch: int, graphs: bool, prompt_len: int = 512,
-                 steps: int = 40) -> dict[str, Any]:
+def decode_steps(model: LlamaForCausalLM, batch: int, graphs: bool) -> dict[str, Any]:
+    prompt_len, steps = SIZE["prompt_len"], SIZE["steps"]
     cfg = model.config
     engine = Engine(model, EngineConfig(num_blocks=(batch * (prompt_len + steps + 16)) // 16 + 64,
                                         max_num_seqs=batch, max_model_len=2048,
@@ -265,12 +277,12 @@ def decode_steps(model: LlamaForCausalLM, batch: int, graphs: bool, prompt_len: 
 
 
 def check_decode(bw: float) -> dict[str, Any]:
-    cfg = ModelConfig(**LLAMA_1B)
+    cfg = ModelConfig(**SIZE["model"])
     model = random_llama(cfg)
     wbytes = weight_bytes(model)
     out: dict[str, Any] = {"params": sum(p.numel() for p in model.parameters()),
                            "weight_bytes": wbytes, "rows": []}
-    for batch in (1, 16, 64):
+    for batch in SIZE["batches"]:
         for graphs in (False, True):
             r = decode_steps(model, batch, graphs)
             kv = batch * r["mean_context"] * cfg.kv_bytes_per_token * 2  # bf16: 2 bytes
@@ -284,9 +296,9 @@ def check_decode(bw: float) -> dict[str, Any]:
 def check_prefill() -> dict[str, Any]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    cfg = ModelConfig(**LLAMA_1B)
+    cfg = ModelConfig(**SIZE["model"])
     model = random_llama(cfg)
-    t = 2048
+    t = SIZE["prefill_tokens"]
     prompt = [list(range(1, t + 1))]
     s = cuda_time(lambda: prefill_hidden(model, prompt, DEV), iters=5)
     layer_params = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n)
@@ -303,47 +315,75 @@ def check_prefill() -> dict[str, Any]:
 
 
 def check_decode_attention(bw: float) -> dict[str, Any]:
-    """The Triton paged kernel against the torch path (gather + matmuls) on CUDA, 1B-model
-    heads (32 query / 8 KV, head_dim 64), bf16, 1024-token contexts, scattered blocks."""
+    """The Triton paged kernel against the torch path (gather + SDPA per block-count group, what
+    the CPU runs) on CUDA, 1B-model heads (32 query / 8 KV, head_dim 64), bf16, 1024-token
+    contexts, scattered blocks. Both must agree (max |diff| is reported); a failure of one side
+    is recorded in its row and the other is still timed."""
     from pd_local.model import attention
     from pd_local.model.triton_attention import paged_decode_attention_triton
 
-    h, kvh, d, bs, ctx_len = 32, 8, 64, 16, 1024
+    (h, kvh), d, bs, ctx_len = SIZE["attn_heads"], 64, 16, SIZE["attn_context"]
+    dtype = torch.bfloat16 if DEV.type == "cuda" else torch.float32  # the interpreter: no bf16
     rows = []
-    for b in (1, 16, 64):
-        nblk = ctx_len // bs
+    for b in SIZE["batches"]:
+        nblk = -(-ctx_len // bs)
         num_blocks = b * nblk + 8
-        kc = torch.randn(num_blocks, bs, kvh, d, device=DEV, dtype=torch.bfloat16)
+        kc = torch.randn(num_blocks, bs, kvh, d, device=DEV, dtype=dtype)
         vc = torch.randn_like(kc)
-        q = torch.randn(b, h, d, device=DEV, dtype=torch.bfloat16)
+        q = torch.randn(b, h, d, device=DEV, dtype=dtype)
         perm = torch.randperm(num_blocks).tolist()
         tables = [perm[i * nblk:(i + 1) * nblk] for i in range(b)]
         meta = attention.AttentionMetadata.decode(tables, [ctx_len] * b, [0] * b, bs, DEV)
-        tri = cuda_time(lambda: paged_decode_attention_triton(q, kc, vc, meta.block_tables,
-                                                              meta.context_lens, 0.125), iters=20)
-        ref = cuda_time(lambda: attention._decode_group(q, kc, vc, meta.block_tables,
-                                                        meta.context_lens, 0.125), iters=20)
-        kv_bytes = 2 * b * ctx_len * kvh * d * 2
-        rows.append({"batch": b, "triton_us": tri * 1e6, "torch_gather_us": ref * 1e6,
-                     "speedup": ref / tri, "roofline_us": kv_bytes / bw * 1e6})
-    return {"context": ctx_len, "rows": rows}
+        grp = attention.DecodeGroup.build(None, tables, [ctx_len] * b, nblk, bs, DEV)
+        row: dict[str, Any] = {"batch": b, "roofline_us": 2 * b * ctx_len * kvh * d * kc.element_size() / bw * 1e6}
+        outs = {}
+        for name, fn in (("triton", lambda: paged_decode_attention_triton(
+                              q, kc, vc, meta.block_tables, meta.context_lens, 0.125)),
+                         ("torch_gather", lambda: attention._decode_group(
+                              q, kc, vc, grp.blocks, grp.keep, 0.125))):
+            try:
+                outs[name] = fn()
+                row[f"{name}_us"] = cuda_time(fn, iters=20 if DEV.type == "cuda" else 2) * 1e6
+            except Exception as e:  # noqa: BLE001 - recorded; the other side is still timed
+                row[f"{name}_error"] = repr(e)[:300]
+        if len(outs) == 2:
+            row["max_abs_diff"] = (outs["triton"].float() - outs["torch_gather"].float()).abs().max().item()
+            row["speedup"] = row["torch_gather_us"] / row["triton_us"]
+        rows.append(row)
+    return {"context": ctx_len, "dtype": str(dtype), "rows": rows}
 
 
-# --- same-GPU KV transfer -----------------------------------------------------------------------
+# The two functions below run in spawned processes, which import this module afresh: DEV there
+# is the default until set from the argument (it was not, and a CPU run waited for ever).
 
-def _ipc_writer(wire: torch.Tensor, nbytes: int, iters: int, q: Any) -> None:
-    from pd_local.cluster.ipc import SharedTensor
+def _ipc_writer(wire: torch.Tensor, nbytes: int, iters: int, q: Any, device: str) -> None:
+    global DEV
+    DEV = torch.device(device)
+    try:
+        from pd_local.cluster.ipc import SharedTensor
 
-    dst = SharedTensor.from_wire(wire).open()
-    src = torch.ones(nbytes, dtype=torch.uint8, device=DEV)
-    q.put(cuda_time(lambda: dst.copy_(src), iters=iters))
+        dst = SharedTensor.from_wire(wire).open()
+        src = torch.ones(nbytes, dtype=torch.uint8, device=DEV)
+        q.put(cuda_time(lambda: dst.copy_(src), iters=iters))
+    except BaseException as e:  # noqa: BLE001 - the parent re-raises it
+        q.put(f"ipc writer failed: {e!r}")
+        raise
 
 
-def _gloo_end(rank: int, store_path: str, nbytes: int, iters: int, q: Any) -> None:
+def _gloo_end(rank: int, store_path: str, nbytes: int, iters: int, q: Any, device: str) -> None:
+    try:
+        _gloo_transfer(rank, store_path, nbytes, iters, q, torch.device(device))
+    except BaseException as e:  # noqa: BLE001 - the parent re-raises it
+        q.put(f"gloo rank {rank} failed: {e!r}")
+        raise
+
+
+def _gloo_transfer(rank: int, store_path: str, nbytes: int, iters: int, q: Any,
+                   device: torch.device) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
-    gpu = torch.ones(nbytes, dtype=torch.uint8, device=DEV)
+    gpu = torch.ones(nbytes, dtype=torch.uint8, device=device)
     host = torch.empty(nbytes, dtype=torch.uint8)
     times = []
     for i in range(iters + 2):
@@ -355,7 +395,8 @@ def _gloo_end(rank: int, store_path: str, nbytes: int, iters: int, q: Any) -> No
         else:  # decode: receive, host -> device
             dist.recv(host, 0)
             gpu.copy_(host)
-            torch.cuda.synchronize()
+            if gpu.is_cuda:
+                torch.cuda.synchronize()
         dist.barrier()
         if i >= 2:
             times.append(time.perf_counter() - t0)
@@ -364,32 +405,51 @@ def _gloo_end(rank: int, store_path: str, nbytes: int, iters: int, q: Any) -> No
     dist.destroy_process_group()
 
 
+def _result(q: Any, timeout: float) -> float:
+    """A child's figure, or its failure raised here (not a wait until the timeout)."""
+    got = q.get(timeout=timeout)
+    if isinstance(got, str):
+        raise RuntimeError(got)
+    return got
+
+
 def check_kv_transfer(work: Path) -> dict[str, Any]:
+    """CUDA IPC (one device copy into the peer's buffer) against the host + gloo path; on CPU
+    (--smoke) only the gloo path runs: IPC shares CUDA memory alone."""
     import torch.multiprocessing as mp
 
     from pd_local.cluster.ipc import SharedTensor
 
     ctx = mp.get_context("spawn")
-    nbytes = 256 << 20  # ~11k tokens of a 1B Llama's KV (bf16, 32 KB/token)
+    nbytes = SIZE["ipc_bytes"]  # full: ~11k tokens of a 1B Llama's KV (bf16, 32 KB/token)
     q = ctx.Queue()
-    buf = torch.zeros(nbytes, dtype=torch.uint8, device=DEV)
-    p = ctx.Process(target=_ipc_writer, args=(SharedTensor.export(buf).to_wire(), nbytes, 10, q))
-    p.start()
-    ipc_s = q.get(timeout=180)
-    p.join(60)
-    ok = bool((buf[:: 1 << 20] == 1).all())
+    out: dict[str, Any] = {"bytes": nbytes}
+    if DEV.type == "cuda":
+        buf = torch.zeros(nbytes, dtype=torch.uint8, device=DEV)
+        p = ctx.Process(target=_ipc_writer,
+                        args=(SharedTensor.export(buf).to_wire(), nbytes, 10, q, str(DEV)))
+        p.start()
+        ipc_s = _result(q, 180)
+        p.join(60)
+        out.update(ipc_gbps=nbytes / ipc_s / 1e9, ipc_data_ok=bool((buf[:: 1 << 20] == 1).all()))
     store = str(work / "gloo_store")
-    procs = [ctx.Process(target=_gloo_end, args=(r, store, nbytes, 5, q)) for r in (0, 1)]
+    procs = [ctx.Process(target=_gloo_end, args=(r, store, nbytes, 5, q, str(DEV))) for r in (0, 1)]
     for pr in procs:
         pr.start()
-    host_s = q.get(timeout=300)
+    host_s = _result(q, 300)
     for pr in procs:
         pr.join(60)
-    return {"bytes": nbytes, "ipc_gbps": nbytes / ipc_s / 1e9, "ipc_data_ok": ok,
-            "host_gloo_gbps": nbytes / host_s / 1e9, "ipc_over_host": host_s / ipc_s}
+    out["host_gloo_gbps"] = nbytes / host_s / 1e9
+    if "ipc_gbps" in out:
+        out["ipc_over_host"] = host_s / ipc_s
+    return out
 
 
 # --- main ---------------------------------------------------------------------------------------
+
+def _num(x: float | None, width: int, digits: int, kind: str = "f") -> str:
+    return f"{x:{width}.{digits}{kind}}" if x is not None else f"{'-':>{width}}"
+
 
 def print_table(res: dict[str, Any]) -> None:
     print("\n== gpu_check summary ==")
@@ -410,26 +470,32 @@ def print_table(res: dict[str, Any]) -> None:
                       f"{r['first_divergence']}")
     dec = res["sections"].get("decode", {}).get("result")
     if dec:
-        print(f"decode, ~1B Llama bf16 ({dec['params'] / 1e9:.2f} B params):")
+        print(f"decode, Llama bf16 ({dec['params'] / 1e9:.3f} B params, random weights):")
         print("  batch graphs  step_ms  roofline_ms  of_roofline")
         for r in dec["rows"]:
             print(f"  {r['batch']:5d} {r['cuda_graphs']!s:6s} {r['step_ms']:8.2f} "
                   f"{r['roofline_ms']:11.2f} {r['of_roofline']:11.2f}")
     pre = res["sections"].get("prefill", {}).get("result")
     if pre:
-        print(f"prefill 2k tokens: {pre['seconds'] * 1e3:.1f} ms, {pre['tflops']:.0f} TFLOP/s, "
+        print(f"prefill {pre['tokens']} tokens: {pre['seconds'] * 1e3:.1f} ms, {pre['tflops']:.0f} TFLOP/s, "
               f"flash: {pre['flash_attention']}")
     att = res["sections"].get("decode_attention", {}).get("result")
     if att:
-        print(f"paged decode attention, {att['context']}-token contexts (bf16, 32/8 heads):")
-        print("  batch  triton_us  torch_gather_us  speedup  roofline_us")
+        print(f"paged decode attention, {att['context']}-token contexts ({att['dtype']}):")
+        print("  batch  triton_us  torch_gather_us  speedup  roofline_us  max_abs_diff")
         for r in att["rows"]:
-            print(f"  {r['batch']:5d} {r['triton_us']:10.1f} {r['torch_gather_us']:16.1f} "
-                  f"{r['speedup']:8.2f} {r['roofline_us']:12.1f}")
+            print(f"  {r['batch']:5d} {_num(r.get('triton_us'), 10, 1)} "
+                  f"{_num(r.get('torch_gather_us'), 16, 1)} {_num(r.get('speedup'), 8, 2)} "
+                  f"{r['roofline_us']:12.1f}  {_num(r.get('max_abs_diff'), 12, 2, 'e')}")
+            for key in ("triton_error", "torch_gather_error"):
+                if key in r:
+                    print(f"        {key}: {r[key][:150]}")
     kv = res["sections"].get("kv_transfer", {}).get("result")
-    if kv:
+    if kv and "ipc_gbps" in kv:
         print(f"same-GPU KV transfer: CUDA IPC {kv['ipc_gbps']:.0f} GB/s, host+gloo "
               f"{kv['host_gloo_gbps']:.1f} GB/s ({kv['ipc_over_host']:.0f}x), data ok {kv['ipc_data_ok']}")
+    elif kv:
+        print(f"KV transfer: host+gloo {kv['host_gloo_gbps']:.1f} GB/s (no CUDA: IPC not run)")
 
 
 def main() -> int:
@@ -437,14 +503,16 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")) / "gpu_check.json")
     ap.add_argument("--tokenizer", type=Path, default=REPO / ".whl" / "smollm2-tokenizer",
                     help="a directory with SmolLM2's tokenizer.json and tokenizer_config.json")
-    ap.add_argument("--device", default="cuda",
-                    help="cpu: a smoke run of the code paths (small sizes mean nothing)")
+    ap.add_argument("--device", default="cuda", help="cpu: with --smoke, the CPU test of this script")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny sizes: every section's code runs in seconds; figures mean nothing")
     ap.add_argument("--skip", action="append", default=[],
                     choices=["bandwidth", "parity", "decode", "prefill", "decode_attention",
                              "kv_transfer"])
     args = ap.parse_args()
-    global DEV
+    global DEV, SIZE
     DEV = torch.device(args.device)
+    SIZE = SMOKE if args.smoke else FULL
     if DEV.type == "cuda" and not torch.cuda.is_available():
         print("gpu_check: no CUDA device", file=sys.stderr)
         return 2
