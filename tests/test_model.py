@@ -172,6 +172,45 @@ def test_decode_attention_rows_do_not_depend_on_the_batch_with_threads(
             assert torch.equal(got, full[:b]), f"context {ctx}: rows differ at batch {b}"
 
 
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_decode_attention_in_calls_of_fewer_rows_gives_the_same_rows(
+    dtype: torch.dtype, threads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Long contexts split a block-count group into calls of DECODE_GATHER_BYTES of gathered
+    K/V: every split (one row a call, three, the whole group) gives bit-identical rows, with one
+    group and with several (rows of different block counts, interleaved)."""
+    from pd_local.model import attention
+
+    g = torch.Generator().manual_seed(3)
+    bs, nb, kvh, d, h = 16, 200, 3, 64, 9
+    kc = torch.randn(nb, bs, kvh, d, generator=g).to(dtype)
+    vc = torch.randn(nb, bs, kvh, d, generator=g).to(dtype)
+    calls: list[int] = []
+    real = attention._decode_group
+
+    def counted(q, *args):  # noqa: ANN001, ANN202 - a spy on the real function
+        calls.append(q.shape[0])
+        return real(q, *args)
+
+    monkeypatch.setattr(attention, "_decode_group", counted)
+    for lens in ([300] * 7, [300, 40, 290, 45, 300, 33, 280]):
+        n = len(lens)
+        tables = [torch.randint(0, nb, (-(-c // bs),), generator=g).tolist() for c in lens]
+        q = torch.randn(n, h, d, generator=g).to(dtype)
+        meta = AttentionMetadata.decode(tables, lens, [0] * n, bs)
+        per_row = 2 * 304 * kvh * d * kc.element_size()  # a 300-token row's gathered K + V
+        outs = {}
+        for rows_per_call in (1, 3, 100):
+            monkeypatch.setattr(attention, "DECODE_GATHER_BYTES", per_row * rows_per_call)
+            calls.clear()
+            outs[rows_per_call] = attention.paged_decode_attention(q, kc, vc, meta, d**-0.5)
+            if rows_per_call == 1:
+                long_rows = sum(c >= 200 for c in lens)  # these go one by one; short ones share
+                assert calls.count(1) >= long_rows and len(calls) < n + 1, calls
+        assert torch.equal(outs[1], outs[100]) and torch.equal(outs[3], outs[100]), lens
+
+
 def test_unsupported_architecture_is_named() -> None:
     with pytest.raises(ModelConfigError, match="GPT2LMHeadModel.*supported: LlamaForCausalLM"):
         ModelConfig.from_dict({"architectures": ["GPT2LMHeadModel"], "hidden_size": 8,
