@@ -31,16 +31,19 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Pat
                               num_layers=3, seed=5)
 
 
-async def _chat(c: httpx.AsyncClient, url: str, messages: list[dict[str, str]]) -> str:
+async def _chat(c: httpx.AsyncClient, url: str, messages: list[dict[str, str]],
+                usage: list[dict] | None = None) -> str:
     body = {"messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0.0, "ignore_eos": True}
     r = await c.post(f"{url}/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text
+    if usage is not None:
+        usage.append(r.json()["usage"])
     return r.json()["choices"][0]["message"]["content"]
 
 
-async def converse(url: str) -> tuple[list[list[str]], list[float]]:
+async def converse(url: str, usage: list[dict] | None = None) -> tuple[list[list[str]], list[float]]:
     """Both conversations turn by turn (their turns in flight together); the answers, and the
-    KV bytes moved during each turn."""
+    KV bytes moved during each turn. `usage` collects each response's usage, turn by turn."""
     histories = [[{"role": "system", "content": SYSTEM}] for _ in QUESTIONS]
     answers: list[list[str]] = [[] for _ in QUESTIONS]
     moved = []
@@ -49,7 +52,7 @@ async def converse(url: str) -> tuple[list[list[str]], list[float]]:
             before = sum(metric_values(url, "pd_local_kv_transfer_bytes_total").values())
             for h, qs in zip(histories, QUESTIONS):
                 h.append({"role": "user", "content": qs[turn]})
-            got = await asyncio.gather(*[_chat(c, url, h) for h in histories])
+            got = await asyncio.gather(*[_chat(c, url, h, usage) for h in histories])
             for h, a, text in zip(histories, answers, got):
                 h.append({"role": "assistant", "content": text})
                 a.append(text)
@@ -71,14 +74,22 @@ def decode_hits(url: str) -> float:
 def test_multi_turn_text_is_identical_with_the_cache_on_and_off(tiny_dir: Path, flags: tuple[str, ...]) -> None:
     pd = "--prefill" in flags
     extra = ("--set", "engine.max_prefill_tokens=32") if pd else ()  # prefill ranks chunk too
+    usage_on: list[dict] = []
+    usage_off: list[dict] = []
     with serving(tiny_dir, *flags, *extra) as s:
-        on, moved_on = asyncio.run(converse(s.url))
+        on, moved_on = asyncio.run(converse(s.url, usage_on))
         hits = decode_hits(s.url)
     with serving(tiny_dir, *flags, *extra, *OFF) as s:
-        off, moved_off = asyncio.run(converse(s.url))
+        off, moved_off = asyncio.run(converse(s.url, usage_off))
         assert decode_hits(s.url) == 0
     assert on == off
     assert hits > 0, "turns 2 and 3 must hit the system prompt and the earlier turns"
+    # usage.prompt_tokens_details.cached_tokens: what the prefix cache (colocated: the engine's;
+    # PD: the prefill rank's) spared computing; whole blocks, never the last prompt token
+    cached_on = [u["prompt_tokens_details"]["cached_tokens"] for u in usage_on]
+    assert all(n % 16 == 0 and 0 <= n < u["prompt_tokens"] for n, u in zip(cached_on, usage_on))
+    assert sum(cached_on[len(QUESTIONS):]) > 0, cached_on  # later turns hit (whichever rank)
+    assert all(u["prompt_tokens_details"]["cached_tokens"] == 0 for u in usage_off)
     if pd:
         assert moved_on[0] == moved_off[0]  # turn 1: nothing cached yet on the decode side...
         for turn in (1, 2):  # ... later turns move only what the decode rank lacks

@@ -93,6 +93,10 @@ def test_streaming_chat_wire_format(url: str) -> None:
     assert whole["object"] == "chat.completion"
     assert whole["choices"][0]["message"]["content"] == text  # greedy: same text either way
     assert whole["usage"]["completion_tokens"] == usage["usage"]["completion_tokens"]
+    # the same prompt again: its full blocks come from the prefix cache (never the last token)
+    assert usage["usage"]["prompt_tokens_details"]["cached_tokens"] % 16 == 0
+    cached = whole["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached % 16 == 0 and 0 < cached < whole["usage"]["prompt_tokens"], whole["usage"]
 
 
 def test_greedy_text_matches_offline_generate(url: str, smollm2_dir: Path) -> None:

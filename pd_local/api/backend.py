@@ -36,6 +36,9 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None
     timings_ms: dict[str, float] | None = None  # phase durations, on the finished output
+    # prompt tokens served from a prefix cache, not computed (the first prefill's, if a
+    # preemption recomputed it); on the finished output and on token outputs once known
+    cached_tokens: int = 0
 
 
 @dataclass
@@ -121,6 +124,7 @@ class InProcessBackend:
         self._cmds: queue.Queue[tuple[str, object]] = queue.Queue()
         self._queues: dict[int, asyncio.Queue[RequestOutput]] = {}
         self._timelines: dict[int, Timeline] = {}
+        self._cached: dict[int, int] = {}  # req_id -> prompt tokens its prefix hit supplied
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -174,7 +178,8 @@ class InProcessBackend:
         if tl is not None:
             tl.mark("finished")
             timings = tl.durations_ms()
-        self._deliver(RequestOutput(req_id, tokens, True, reason, error, timings))
+        self._deliver(RequestOutput(req_id, tokens, True, reason, error, timings,
+                                    self._cached.pop(req_id, 0)))
 
     def _handle(self, kind: str, arg: object) -> None:
         if kind == "add":
@@ -216,6 +221,8 @@ class InProcessBackend:
                     if tl is not None and (s is None or s.status is not SeqStatus.WAITING):
                         tl.mark("prefill_start", t0)
                 for ev in events:
+                    if ev.cached_tokens:
+                        self._cached[ev.req_id] = ev.cached_tokens
                     tl = self._timelines.get(ev.req_id)
                     if tl is not None:
                         if ev.req_id in pending_prefill:
@@ -224,7 +231,8 @@ class InProcessBackend:
                     if ev.finished:
                         self._finish(ev.req_id, ev.finish_reason or "stop", [ev.token_id])
                     else:
-                        self._deliver(RequestOutput(ev.req_id, [ev.token_id]))
+                        self._deliver(RequestOutput(ev.req_id, [ev.token_id],
+                                                    cached_tokens=ev.cached_tokens))
         except Exception as e:  # the engine is broken: fail every request loudly, stay unhealthy
             log.exception("engine thread died")
             self._error = f"engine thread died: {e!r}"

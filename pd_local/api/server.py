@@ -177,6 +177,7 @@ class _Generation:
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self.timings: dict[str, float] | None = None
+        self.cached_tokens = 0
         self.done = False
         self.id = ("chatcmpl-" if req.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
@@ -202,6 +203,8 @@ class _Generation:
                 break
             self.completion_tokens += 1
             delta += self.text.push(tok)
+        if out.cached_tokens:  # known from the first token on (a stop string may end it early)
+            self.cached_tokens = out.cached_tokens
         if out.error is not None:
             self._finish("error", out.timings_ms)
             raise RuntimeError(out.error)
@@ -232,9 +235,12 @@ class _Generation:
             self._finish("abort", None)
             self.app.metrics.count_disconnect()
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
+        """OpenAI's usage object; prompt_tokens_details.cached_tokens: prompt tokens whose KV
+        came from a prefix cache (in PD, the prefill rank's: the tokens it did not compute)."""
         p = len(self.req.prompt_ids)
-        return {"prompt_tokens": p, "completion_tokens": self.completion_tokens, "total_tokens": p + self.completion_tokens}
+        return {"prompt_tokens": p, "completion_tokens": self.completion_tokens, "total_tokens": p + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
     def _chunk(self, delta: dict[str, Any] | str | None, finish: str | None) -> dict[str, Any]:
         if self.req.kind == "chat":

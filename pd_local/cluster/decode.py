@@ -53,8 +53,11 @@ FINISH_CODES: dict[str | None, FinishReason] = {
 }
 
 
-def token_entry(ev: TokenEvent) -> TokenEntry:
-    return TokenEntry(ev.req_id, ev.token_id, ev.finished, FINISH_CODES[ev.finish_reason])
+def token_entry(ev: TokenEvent, cached: bool = True) -> TokenEntry:
+    """`cached`: pass on the event's prefix hit (a colocated rank's own prefill; a PD decode
+    rank's hit is not the request's: its prefill rank's PrefillDone says what was computed)."""
+    return TokenEntry(ev.req_id, ev.token_id, ev.finished, FINISH_CODES[ev.finish_reason],
+                      ev.cached_tokens if cached else 0)
 
 
 class DecodeLoop:
@@ -128,7 +131,7 @@ class DecodeLoop:
             if msg.req_id in engine.scheduler.reserved:
                 # the receiver counts a prompt's positions [0, end); its cached prefix never came
                 cached = engine.cached_tokens(msg.req_id) * self.shape.bytes_per_token
-                self.entries.append(token_entry(engine.add_prefilled(msg.req_id, msg.hidden)))
+                self.entries.append(token_entry(engine.add_prefilled(msg.req_id, msg.hidden), False))
                 self.transfers.append(dataclasses.replace(msg.record,
                                                           num_bytes=msg.record.num_bytes - cached))
         elif isinstance(msg, StagingDone):

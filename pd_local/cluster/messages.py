@@ -322,6 +322,8 @@ class TokenEntry:
     token_id: int
     finished: bool = False
     finish_reason: FinishReason = FinishReason.NONE
+    # colocated rank, first token: prompt tokens its prefix cache supplied (PD: PrefillDone's)
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -376,6 +378,9 @@ class PrefillDone:
     num_tokens: int
     t_start: float  # time.monotonic() when the batch's (chunked: the first chunk's) compute started
     t_end: float  # ... and ended (the sends may still have been completing)
+    # per request, its prompt tokens this rank did not compute (its prefix cache held them);
+    # empty: none (an unchunked prefill computes every prompt whole)
+    cached_tokens: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

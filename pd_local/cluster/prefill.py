@@ -72,6 +72,7 @@ class PrefillLoop:
         self.prefiller: ChunkedPrefiller | None = None  # engine.chunked_prefill: built by run()
         self.dest: dict[int, int] = {}  # chunked: req_id -> decode rank, until its last chunk
         self.started: dict[int, float] = {}  # chunked: req_id -> its first chunk's step start
+        self.first: dict[int, int] = {}  # chunked: req_id -> its first chunk's start (cached here)
 
     def run(self, make_model: Callable[[], LlamaForCausalLM]) -> None:
         """Load the model, then serve until the router's Shutdown. Any error: tell the router
@@ -144,6 +145,7 @@ class PrefillLoop:
         if self.prefiller is not None and self.prefiller.abort(req_id):
             del self.dest[req_id]
             self.started.pop(req_id, None)
+            self.first.pop(req_id, None)
 
     def _run_step(self) -> None:
         """One chunked step: plan, announce per destination, forward (each layer's K/V goes out
@@ -159,6 +161,7 @@ class PrefillLoop:
             group = list(group)
             for c in group:
                 self.started.setdefault(c.req_id, t0)
+                self.first.setdefault(c.req_id, c.start)
             # only the rows the destination lacks (its prefix cache holds [0, skip))
             group = [c for c in group if c.send_rows[1] > c.send_rows[0]]
             if not group:
@@ -185,7 +188,7 @@ class PrefillLoop:
             if c.is_last:
                 del self.dest[c.req_id]
                 self.to_router.send(PrefillDone((c.req_id,), c.end, self.started.pop(c.req_id),
-                                                t_computed))
+                                                t_computed, (self.first.pop(c.req_id),)))
 
     def _next_batch(self) -> list[Prefill]:
         e = self.ctx.cfg.engine

@@ -78,6 +78,7 @@ class _Request:
     prefill_done: bool = False
     first_token: bool = True
     hashes: list[bytes] = field(default_factory=list)  # full-block hashes ("prefix" routing)
+    cached_tokens: int = 0  # prompt tokens its prefill rank did not compute (prefix cache)
 
 
 @dataclass
@@ -226,7 +227,7 @@ class Router:
         self.decode[req.decode].unfinished -= 1
         req.timeline.mark("finished")
         self._deliver(req, RequestOutput(req.req_id, last or [], True, reason, error,
-                                         req.timeline.durations_ms()))
+                                         req.timeline.durations_ms(), req.cached_tokens))
 
     def _command(self, kind: str, arg: object) -> None:
         if kind == "submit":
@@ -283,11 +284,13 @@ class Router:
             self.to_prefill[p].send(Prefill(req.req_id, req.prompt_ids, req.decode,
                                             msg.cached_tokens))
         elif isinstance(msg, PrefillDone):
-            for req_id in msg.req_ids:
+            cached = msg.cached_tokens or (0,) * len(msg.req_ids)
+            for req_id, n in zip(msg.req_ids, cached):
                 self._prefill_work_done(req_id)  # gone already if aborted before this
                 req = self.requests.get(req_id)
                 if req is not None:
                     req.prefill_done = True
+                    req.cached_tokens = n
                     req.timeline.mark("prefill_start", msg.t_start)
                     req.timeline.mark("prefill_end", msg.t_end)
         elif isinstance(msg, Rejected):
@@ -333,10 +336,13 @@ class Router:
             if req.first_token:
                 req.first_token = False
                 req.timeline.mark("first_token", msg.t)
+            if e.cached_tokens:  # a colocated rank's prefix hit, with the first token
+                req.cached_tokens = e.cached_tokens
             if e.finished:
                 self._finish(req, FINISH_NAMES.get(e.finish_reason, "stop"), [e.token_id])
             else:
-                self._deliver(req, RequestOutput(req.req_id, [e.token_id]))
+                self._deliver(req, RequestOutput(req.req_id, [e.token_id],
+                                                 cached_tokens=req.cached_tokens))
 
     def _rank(self, rank: int) -> _Rank:
         return self.decode[rank] if rank in self.decode else self.prefill[rank]

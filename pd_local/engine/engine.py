@@ -38,6 +38,8 @@ class TokenEvent:
     token_id: int
     finished: bool
     finish_reason: str | None  # "stop" | "length" when finished
+    # on a request's first token: its prompt tokens whose KV came from the prefix cache
+    cached_tokens: int = 0
 
 
 def prefill_hidden(
@@ -280,7 +282,8 @@ class Engine:
             reason = self._finish_reason(seq, tok)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
-            events.append(TokenEvent(seq.req_id, tok, reason is not None, reason))
+            cached = seq.num_cached if len(seq.output_ids) == 1 else 0
+            events.append(TokenEvent(seq.req_id, tok, reason is not None, reason, cached))
         return events
 
     def _finish_reason(self, seq: Sequence, tok: int) -> str | None:
