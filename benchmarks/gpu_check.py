@@ -426,14 +426,15 @@ def check_kv_transfer(work: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"bytes": nbytes}
     if DEV.type == "cuda":
         buf = torch.zeros(nbytes, dtype=torch.uint8, device=DEV)
-        p = ctx.Process(target=_ipc_writer,
+        p = ctx.Process(target=_ipc_writer, daemon=True,
                         args=(SharedTensor.export(buf).to_wire(), nbytes, 10, q, str(DEV)))
         p.start()
         ipc_s = _result(q, 180)
         p.join(60)
         out.update(ipc_gbps=nbytes / ipc_s / 1e9, ipc_data_ok=bool((buf[:: 1 << 20] == 1).all()))
     store = str(work / "gloo_store")
-    procs = [ctx.Process(target=_gloo_end, args=(r, store, nbytes, 5, q, str(DEV))) for r in (0, 1)]
+    procs = [ctx.Process(target=_gloo_end, args=(r, store, nbytes, 5, q, str(DEV)), daemon=True)
+             for r in (0, 1)]  # daemons: a failed peer left waiting must not keep us alive
     for pr in procs:
         pr.start()
     host_s = _result(q, 300)
