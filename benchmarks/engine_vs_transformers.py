@@ -5,6 +5,9 @@ machines we develop on are shared and noisy. Writes JSON and prints a table.
 
     python benchmarks/engine_vs_transformers.py [--model DIR] [--dtype auto] [--out FILE]
 
+--step-timed 1000:16 adds a row timed differently: decode steps after the prefill of 16
+prompts of 1000 tokens (the whole-run difference above drowns in a long prefill's noise).
+
 --dtype defaults to "auto", resolved as the engine resolves it (pd_local.model.dtype: bfloat16
 on CPUs with native bf16, float32 otherwise), so the default measures what `pd-local serve`
 runs by default on this CPU; the JSON records the resolved dtype and why.
@@ -62,6 +65,40 @@ def hf_run(hf, prompt: list[int], batch: int, new_tokens: int) -> None:
                     min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
 
 
+def ours_steps(model, prompt: list[int], batch: int, steps: int) -> float:
+    """Seconds per decode step of `batch` copies of prompt, timed after the prefill (and 2
+    warm-up steps): the whole-run difference above drowns in the prefill's noise when the
+    prompts are long."""
+    n = len(prompt)
+    eng = Engine(model, EngineConfig(num_blocks=batch * ((n + steps + 8) // 16 + 2), max_num_seqs=batch,
+                                     max_prefill_tokens=n * batch, max_model_len=n + steps + 8))
+    params = SamplingParams(temperature=0, max_tokens=steps + 4, ignore_eos=True)
+    for i in range(batch):
+        eng.add_request(i, prompt, params)
+    started: set[int] = set()
+    while len(started) < batch:  # prefills (chunked or not) until every prompt has its first token
+        started.update(ev.req_id for ev in eng.step())
+    for _ in range(2):
+        eng.step()
+    t0 = clock()
+    for _ in range(steps):
+        eng.step()
+    return (clock() - t0) / steps
+
+
+def hf_steps(hf, prompt: list[int], batch: int, steps: int) -> float:
+    """The same for transformers: one forward of the prompts, then greedy steps on its cache."""
+    with torch.inference_mode():
+        out = hf(torch.tensor([prompt] * batch), use_cache=True)
+        cache, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        for i in range(steps + 2):
+            if i == 2:
+                t0 = clock()
+            out = hf(tok, past_key_values=cache, use_cache=True)
+            cache, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    return (clock() - t0) / steps
+
+
 def cpu_kind() -> dict:
     """What decides our kernels' speed on this CPU: model name and the SIMD / bf16 flags."""
     info = {"model": platform.processor() or platform.machine(), "flags": []}
@@ -97,6 +134,10 @@ def main() -> int:
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                     help="cpu: this process's CPU time, for a machine shared with other jobs "
                          "(time spent descheduled is not counted; memory contention still is)")
+    ap.add_argument("--step-timed", default="",
+                    help="CONTEXT:BATCH[,...]: also time decode steps after the prefill of "
+                         "BATCH prompts of CONTEXT tokens (long contexts), e.g. 1000:16")
+    ap.add_argument("--steps", type=int, default=12, help="decode steps timed per --step-timed round")
     ap.add_argument("--out", default="benchmarks/results/engine_vs_transformers.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -126,7 +167,7 @@ def main() -> int:
 
     prompt = prompt[: args.decode_prompt_len]
     n = args.new_tokens
-    for b in [int(x) for x in args.batches.split(",")]:
+    for b in [int(x) for x in args.batches.split(",") if x]:
         log(f"decode batch {b} ({n} new tokens after a {len(prompt)}-token prompt) ...")
         # decode time = (prompt + n tokens) - (prompt + 1 token): the prefill cancels out
         full_ours, full_hf = timed_pair(lambda: ours_run(ours, prompt, b, n), lambda: hf_run(hf, prompt, b, n), args.repeats)
@@ -143,6 +184,15 @@ def main() -> int:
             rows.append({"case": f"decode batch {b}, batch_invariant=false", "unit": "tok/s",
                          "ours": b * (n - 1) / (full_ours - pre_ours),
                          "transformers": b * (n - 1) / (full_hf - pre_hf)})
+    for spec in filter(None, args.step_timed.split(",")):
+        ctx, b = (int(x) for x in spec.split(":"))
+        long_prompt = torch.randint(100, cfg.vocab_size, (ctx,), generator=g).tolist()
+        log(f"decode batch {b} after {ctx}-token prompts, {args.steps} steps timed after the prefill ...")
+        per = [(ours_steps(ours, long_prompt, b, args.steps), hf_steps(hf, long_prompt, b, args.steps))
+               for _ in range(args.repeats)]  # interleaved rounds; the best of each
+        rows.append({"case": f"decode batch {b}, {ctx}-token context (step-timed)", "unit": "tok/s",
+                     "ours": b / min(o for o, _ in per), "transformers": b / min(h for _, h in per),
+                     "rounds_ratio": [h / o for o, h in per]})
     for r in rows:
         r["ratio"] = r["ours"] / r["transformers"]
     result = {
