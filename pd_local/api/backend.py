@@ -37,7 +37,8 @@ class RequestOutput:
     error: str | None = None
     timings_ms: dict[str, float] | None = None  # phase durations, on the finished output
     # prompt tokens served from a prefix cache, not computed (the first prefill's, if a
-    # preemption recomputed it); on the finished output and on token outputs once known
+    # preemption recomputed it); set on the output of the first token (colocated) or on every
+    # output once the prefill rank has reported it (PD): a consumer keeps the value it saw
     cached_tokens: int = 0
 
 
@@ -124,7 +125,6 @@ class InProcessBackend:
         self._cmds: queue.Queue[tuple[str, object]] = queue.Queue()
         self._queues: dict[int, asyncio.Queue[RequestOutput]] = {}
         self._timelines: dict[int, Timeline] = {}
-        self._cached: dict[int, int] = {}  # req_id -> prompt tokens its prefix hit supplied
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -172,14 +172,14 @@ class InProcessBackend:
             self._queues.pop(out.req_id, None)
         self._loop.call_soon_threadsafe(q.put_nowait, out)
 
-    def _finish(self, req_id: int, reason: str, tokens: list[int], error: str | None = None) -> None:
+    def _finish(self, req_id: int, reason: str, tokens: list[int], error: str | None = None,
+                cached_tokens: int = 0) -> None:
         tl = self._timelines.pop(req_id, None)
         timings = None
         if tl is not None:
             tl.mark("finished")
             timings = tl.durations_ms()
-        self._deliver(RequestOutput(req_id, tokens, True, reason, error, timings,
-                                    self._cached.pop(req_id, 0)))
+        self._deliver(RequestOutput(req_id, tokens, True, reason, error, timings, cached_tokens))
 
     def _handle(self, kind: str, arg: object) -> None:
         if kind == "add":
@@ -221,15 +221,14 @@ class InProcessBackend:
                     if tl is not None and (s is None or s.status is not SeqStatus.WAITING):
                         tl.mark("prefill_start", t0)
                 for ev in events:
-                    if ev.cached_tokens:
-                        self._cached[ev.req_id] = ev.cached_tokens
                     tl = self._timelines.get(ev.req_id)
                     if tl is not None:
                         if ev.req_id in pending_prefill:
                             tl.mark("prefill_end", t1)
                         tl.mark("first_token", t1)
                     if ev.finished:
-                        self._finish(ev.req_id, ev.finish_reason or "stop", [ev.token_id])
+                        self._finish(ev.req_id, ev.finish_reason or "stop", [ev.token_id],
+                                     cached_tokens=ev.cached_tokens)
                     else:
                         self._deliver(RequestOutput(ev.req_id, [ev.token_id],
                                                     cached_tokens=ev.cached_tokens))

@@ -71,8 +71,9 @@ class PrefillLoop:
         self.model: LlamaForCausalLM  # loaded by run()
         self.prefiller: ChunkedPrefiller | None = None  # engine.chunked_prefill: built by run()
         self.dest: dict[int, int] = {}  # chunked: req_id -> decode rank, until its last chunk
-        self.started: dict[int, float] = {}  # chunked: req_id -> its first chunk's step start
-        self.first: dict[int, int] = {}  # chunked: req_id -> its first chunk's start (cached here)
+        # chunked: req_id -> (its first chunk's step start, that chunk's first position: the
+        # prompt tokens before it came from this rank's prefix cache)
+        self.started: dict[int, tuple[float, int]] = {}
 
     def run(self, make_model: Callable[[], LlamaForCausalLM]) -> None:
         """Load the model, then serve until the router's Shutdown. Any error: tell the router
@@ -145,7 +146,6 @@ class PrefillLoop:
         if self.prefiller is not None and self.prefiller.abort(req_id):
             del self.dest[req_id]
             self.started.pop(req_id, None)
-            self.first.pop(req_id, None)
 
     def _run_step(self) -> None:
         """One chunked step: plan, announce per destination, forward (each layer's K/V goes out
@@ -160,8 +160,7 @@ class PrefillLoop:
         for d, group in itertools.groupby(chunks, key=lambda c: self.dest[c.req_id]):
             group = list(group)
             for c in group:
-                self.started.setdefault(c.req_id, t0)
-                self.first.setdefault(c.req_id, c.start)
+                self.started.setdefault(c.req_id, (t0, c.start))
             # only the rows the destination lacks (its prefix cache holds [0, skip))
             group = [c for c in group if c.send_rows[1] > c.send_rows[0]]
             if not group:
@@ -187,8 +186,8 @@ class PrefillLoop:
         for c in chunks:
             if c.is_last:
                 del self.dest[c.req_id]
-                self.to_router.send(PrefillDone((c.req_id,), c.end, self.started.pop(c.req_id),
-                                                t_computed, (self.first.pop(c.req_id),)))
+                t_first, cached = self.started.pop(c.req_id)
+                self.to_router.send(PrefillDone((c.req_id,), c.end, t_first, t_computed, (cached,)))
 
     def _next_batch(self) -> list[Prefill]:
         e = self.ctx.cfg.engine
