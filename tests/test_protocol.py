@@ -28,13 +28,13 @@ token_lists = st.lists(tok, max_size=600).map(tuple)
 
 samplings = st.builds(Sampling, any_float, any_float, small, st.none() | i64, small,
                       st.booleans(), st.lists(tok, max_size=8).map(tuple))
-token_entries = st.builds(TokenEntry, ids, tok, st.booleans(), st.sampled_from(FinishReason))
+token_entries = st.builds(TokenEntry, ids, tok, st.booleans(), st.sampled_from(FinishReason), small)
 records = st.builds(TransferRecord, ids, small, any_float, any_float)
 messages = st.one_of(
     st.builds(Reserve, ids, token_lists, samplings),
     st.builds(Prefill, ids, token_lists, small),
     st.builds(Abort, ids),
-    st.builds(KVHeader, st.lists(st.builds(KVEntry, ids, small, small, st.booleans()),
+    st.builds(KVHeader, st.lists(st.builds(KVEntry, ids, small, small, st.booleans(), small),
                                  max_size=20).map(tuple),
               small, small, small, small, st.sampled_from(DType), st.sampled_from(TransferMode)),
     st.builds(Tokens, st.lists(token_entries, max_size=80).map(tuple), small, small, small,

@@ -99,6 +99,21 @@ def test_streaming_chat_wire_format(url: str) -> None:
     assert cached % 16 == 0 and 0 < cached < whole["usage"]["prompt_tokens"], whole["usage"]
 
 
+def test_one_token_answers_report_their_prefix_hit(url: str) -> None:
+    """max_tokens=1 finishes on the first token. In 1P1D that token comes from the decode rank
+    and can reach the router before the prefill rank's PrefillDone: the hit must travel with it
+    (it once reported 0 whenever the token won that race)."""
+    body = {"model": CHAT["model"], "max_tokens": 1, "temperature": 0,
+            "messages": [{"role": "user", "content": "In one word: what colour is a ripe lemon? " * 3}]}
+    first = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()["usage"]
+    assert first["completion_tokens"] == 1
+    for _ in range(3):
+        usage = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()["usage"]
+        cached = usage["prompt_tokens_details"]["cached_tokens"]
+        assert usage["completion_tokens"] == 1 and usage["prompt_tokens"] == first["prompt_tokens"]
+        assert cached % 16 == 0 and 0 < cached < usage["prompt_tokens"], usage
+
+
 def test_greedy_text_matches_offline_generate(url: str, smollm2_dir: Path) -> None:
     import torch
 

@@ -8,7 +8,8 @@ import torch
 
 from tests.dist_scripts.harness import torchrun
 from pd_local.cluster.messages import DType, KVEntry, ProtocolError, TransferMode
-from pd_local.cluster.transfer import KVShape
+from pd_local.cluster.channel import Inbox
+from pd_local.cluster.transfer import KVShape, PromptHidden, hand_over_hidden
 
 SHAPE = KVShape(num_layers=30, num_kv_heads=3, head_dim=64, hidden_size=576, dtype=torch.bfloat16)
 
@@ -28,6 +29,20 @@ def test_header_checks() -> None:
         SHAPE.check(SHAPE.header([KVEntry(1, 0)], TransferMode.WHOLE))
     with pytest.raises(ProtocolError, match=">= 1 entry"):
         SHAPE.check(SHAPE.header([], TransferMode.WHOLE))
+
+
+def test_prompt_hidden_carries_the_prefill_ranks_prefix_hit() -> None:
+    """The entry that completes a prompt says how many prompt tokens its prefill rank did not
+    compute; the decode rank reports that with the first token (which can reach the router
+    before the prefill rank's PrefillDone: a max_tokens=1 request once reported 0)."""
+    h = SHAPE.header([KVEntry(1, 16, 32, False), KVEntry(2, 10, 48, True, 48), KVEntry(3, 5, 0, True)],
+                     TransferMode.WHOLE)
+    inbox = Inbox()
+    hand_over_hidden(inbox, 0, h, SHAPE, torch.zeros(2, SHAPE.hidden_size, dtype=SHAPE.dtype), 0.1, 5.0)
+    got = [inbox.get(0)[1], inbox.get(0)[1]]
+    assert inbox.get(0) is None and all(isinstance(x, PromptHidden) for x in got)
+    assert [(x.req_id, x.cached_tokens) for x in got] == [(2, 48), (3, 0)]
+    assert got[0].record.num_bytes == 58 * SHAPE.bytes_per_token + SHAPE.hidden_size * 2
 
 
 @pytest.mark.multiproc

@@ -53,11 +53,12 @@ FINISH_CODES: dict[str | None, FinishReason] = {
 }
 
 
-def token_entry(ev: TokenEvent, cached: bool = True) -> TokenEntry:
-    """`cached`: pass on the event's prefix hit (a colocated rank's own prefill; a PD decode
-    rank's hit is not the request's: its prefill rank's PrefillDone says what was computed)."""
+def token_entry(ev: TokenEvent, cached_tokens: int | None = None) -> TokenEntry:
+    """`cached_tokens`: the request's prefix hit to report with its first token; None: the
+    event's own (a colocated rank's prefill). A PD decode rank's own hit is not the request's
+    (it saves bytes, not compute): it passes the prefill rank's, from the KV header."""
     return TokenEntry(ev.req_id, ev.token_id, ev.finished, FINISH_CODES[ev.finish_reason],
-                      ev.cached_tokens if cached else 0)
+                      ev.cached_tokens if cached_tokens is None else cached_tokens)
 
 
 class DecodeLoop:
@@ -131,7 +132,8 @@ class DecodeLoop:
             if msg.req_id in engine.scheduler.reserved:
                 # the receiver counts a prompt's positions [0, end); its cached prefix never came
                 cached = engine.cached_tokens(msg.req_id) * self.shape.bytes_per_token
-                self.entries.append(token_entry(engine.add_prefilled(msg.req_id, msg.hidden), False))
+                self.entries.append(token_entry(engine.add_prefilled(msg.req_id, msg.hidden),
+                                                        msg.cached_tokens))
                 self.transfers.append(dataclasses.replace(msg.record,
                                                           num_bytes=msg.record.num_bytes - cached))
         elif isinstance(msg, StagingDone):

@@ -284,6 +284,10 @@ class KVEntry:
     num_tokens: int
     start: int = 0
     is_last: bool = True
+    # on the entry that completes a prompt: the prompt tokens the prefill rank did not compute
+    # (its prefix cache held them), for the first token's usage, which can reach the router
+    # before the prefill rank's PrefillDone does
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -322,7 +326,8 @@ class TokenEntry:
     token_id: int
     finished: bool = False
     finish_reason: FinishReason = FinishReason.NONE
-    # colocated rank, first token: prompt tokens its prefix cache supplied (PD: PrefillDone's)
+    # first token: prompt tokens not computed for it (colocated: its own prefix cache; PD: the
+    # prefill rank's, from the KV header entry that completed the prompt)
     cached_tokens: int = 0
 
 

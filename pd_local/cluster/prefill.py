@@ -169,7 +169,8 @@ class PrefillLoop:
             n_last = sum(c.is_last for c in group)
             rows[d] = (row, row + n_last)
             row += n_last
-            self.kv[d].start([KVEntry(c.req_id, c.end - c.send_from, c.send_from, c.is_last)
+            self.kv[d].start([KVEntry(c.req_id, c.end - c.send_from, c.send_from, c.is_last,
+                                      self.started[c.req_id][1] if c.is_last else 0)
                               for c in group])
 
         def on_layer_kv(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -336,7 +336,7 @@ class Router:
             if req.first_token:
                 req.first_token = False
                 req.timeline.mark("first_token", msg.t)
-            if e.cached_tokens:  # a colocated rank's prefix hit, with the first token
+            if e.cached_tokens:  # the first token's prefix hit (PD: the prefill rank's, as in PrefillDone)
                 req.cached_tokens = e.cached_tokens
             if e.finished:
                 self._finish(req, FINISH_NAMES.get(e.finish_reason, "stop"), [e.token_id])

@@ -255,7 +255,8 @@ def hand_over_hidden(inbox: Inbox, peer: int, h: KVHeader, shape: KVShape, hidde
         if e.is_last:
             nbytes = (e.start + e.num_tokens) * shape.bytes_per_token + per_hidden
             inbox.put(peer, PromptHidden(e.req_id, hidden[row],
-                                         TransferRecord(e.req_id, nbytes, seconds, t_end)))
+                                         TransferRecord(e.req_id, nbytes, seconds, t_end),
+                                         e.cached_tokens))
             row += 1
 
 
@@ -266,6 +267,7 @@ class PromptHidden:
     req_id: int
     hidden: torch.Tensor  # [hidden_size]
     record: TransferRecord
+    cached_tokens: int = 0  # prompt tokens the prefill rank did not compute (KVEntry's)
 
 
 @dataclass(frozen=True)
