@@ -84,6 +84,57 @@ def test_layer_hook_sees_every_layer_in_order_with_all_tokens() -> None:
     assert seen == [(i, (10, 2, 16)) for i in range(3)]
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: untied lm_head, q/k/v bias
+def test_exact_mode_keeps_one_copy_of_each_linear_weight(arch: str) -> None:
+    """set_batch_invariant(True) on an fp32 CPU model replaces every Linear's weight by its
+    packed copy (no plain copy left beside it) without changing a logit; False gives the plain
+    weights back bit for bit, and packing again is still exact."""
+    from pd_local.model.layers import ONEDNN_PACKING, Linear
+
+    if not ONEDNN_PACKING:
+        pytest.skip("this CPU/torch uses the padding rule: nothing is packed")
+    ours = ours_from_hf(hf_tiny(arch, tie=arch != "qwen2"))
+    linears = [m for m in ours.modules() if isinstance(m, Linear)]
+    plain = [m.weight.detach().clone() for m in linears]
+    prompts = random_prompts([9, 23])
+    ids = torch.tensor([t for p in prompts for t in p])
+    pos = torch.tensor([i for p in prompts for i in range(len(p))])
+    meta = AttentionMetadata.prefill([len(p) for p in prompts])
+    before = ours.compute_logits(ours(ids, pos, meta))
+    ours.set_batch_invariant(True)
+    assert all(m.weight.is_mkldnn and m.packed._packed is None for m in linears)
+    assert (ours.lm_head is not None) == (arch == "qwen2")
+    assert torch.equal(ours.compute_logits(ours(ids, pos, meta)), before)
+    ours.set_batch_invariant(False)
+    assert all(not m.weight.is_mkldnn and torch.equal(m.weight, w) for m, w in zip(linears, plain))
+    ours.set_batch_invariant(True)
+    assert torch.equal(ours.compute_logits(ours(ids, pos, meta)), before)
+
+
+@pytest.mark.slow
+def test_exact_mode_frees_the_plain_weights_of_smollm2(smollm2_dir) -> None:
+    """The point of packing in place: a serving rank's resident memory drops by (nearly) the
+    plain linears' bytes, ~425 MB for SmolLM2-135M in fp32, instead of holding both copies."""
+    from pd_local.model.layers import ONEDNN_PACKING, Linear
+    from pd_local.model.weights import load_model
+
+    if not ONEDNN_PACKING:
+        pytest.skip("this CPU/torch uses the padding rule: nothing is packed")
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    model, _ = load_model(smollm2_dir, torch.float32)
+    plain_bytes = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, Linear))
+    ids = torch.arange(10, 42)
+    model(ids, ids - 10, AttentionMetadata.prefill([32]))  # lazily packed: both copies resident
+    both = rss()
+    model.set_batch_invariant(True)
+    freed = both - rss()
+    assert freed > 0.8 * plain_bytes, f"freed {freed / 2**20:.0f} MB of {plain_bytes / 2**20:.0f} MB"
+
+
 def test_rows_do_not_depend_on_batch_size_fp32() -> None:
     """Batch invariance: a decode row's logits are bit-identical alone or among 1..12 others."""
     ours = ours_from_hf(hf_tiny("llama"))

@@ -14,8 +14,11 @@ and at SmolLM2's shapes; and it is as fast as MKL's gemv at M = 1 (lm_head 15 vs
 thread) and faster than MKL at M = 16 (31 vs 62 ms). So no padding is needed (where the
 import-time probe `_rows_invariant` confirms it on the CPU at hand): this replaced
 padding M to a multiple of 4, whose M = 4 gemm cost ~3x the gemv on that CPU and halved batch-1
-decode. The price is memory: the packed copy sits next to the plain weight (which embeddings,
-`batch_invariant = False` and the fusion read), ~2x the linears' weights in fp32.
+decode. Memory stays 1x: a model set to exactness (`LlamaForCausalLM.set_batch_invariant`, which
+every Engine and prefill rank calls) replaces each Linear's weight by its packed copy
+(`Linear.pack`; the plain copy is freed and the heap trimmed: ~400 MB less per rank for
+SmolLM2-135M in fp32); `batch_invariant = False` unpacks (`to_dense` gives back the exact
+weight). A tied lm_head stays plain (the embedding reads it) with a packed copy beside it.
 Elsewhere (bf16, where this torch can only pack bf16 on AVX-512/AVX-NE-CONVERT CPUs and the
 packed kernels are unmeasured; or no oneDNN) `linear` pads as before: fp32 M < 12 to a multiple
 of 4, bf16 M = 1 to 2. GPUs make no such promise (cuBLAS picks kernels by shape): see docs.
@@ -108,6 +111,8 @@ def linear(
     """F.linear over x [M, in] -> [M, out]; with `invariant` its rows do not depend on M (see
     module docstring), without it this is plain F.linear. `packed` caches the fp32 weight's
     oneDNN copy across calls (without it, a call reorders the weight itself: fine for tests)."""
+    if weight.is_mkldnn:  # a packed Linear (Linear.pack): its only copy, M-invariant as below
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")  # [M, out]
     if invariant and x.device.type == "cpu":
         if x.dtype == torch.float32 and weight.dtype == torch.float32 and ONEDNN_PACKING:
             w = (packed or PackedWeight()).get(weight)
@@ -139,10 +144,42 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, self.batch_invariant, self.packed)
 
+    def pack(self) -> bool:
+        """Replace the weight by its oneDNN copy, freeing the plain one (where the packed kernel is
+        the exact one: fp32 on a CPU whose probe passed). Returns whether the weight is packed.
+        A packed weight is opaque (no storage, no slicing): `unpack` gives the plain one back."""
+        w = self.weight
+        if w.is_mkldnn:
+            return True
+        if not (ONEDNN_PACKING and w.device.type == "cpu" and w.dtype == torch.float32):
+            return False
+        self.weight = nn.Parameter(self.packed.get(w), requires_grad=False)
+        self.packed = PackedWeight()
+        return True
+
+    def unpack(self) -> None:
+        """The plain weight back from the packed one (bit-identical: a reorder loses nothing)."""
+        if self.weight.is_mkldnn:
+            self.weight = nn.Parameter(self.weight.to_dense(), requires_grad=False)
+
+
+def return_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc's malloc_trim; a no-op elsewhere). Weights
+    freed after packing lie in the heap, below the packed copies, so without this the process
+    keeps their pages: measured, SmolLM2's 400 MB of plain weights stayed resident."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
 
 def concat_linears(*parts: Linear) -> Linear:
     """One Linear whose output rows are the parts' rows, in order (for fusing projections that
     read the same input). Each output column is the same dot product as before."""
+    for p in parts:
+        p.unpack()  # packed weights are opaque; fusing comes before packing anyway
     weight = torch.cat([p.weight for p in parts]).detach()  # [sum(out_i), in]
     fused = Linear(weight.shape[1], weight.shape[0], bias=parts[0].bias is not None)
     fused.weight = nn.Parameter(weight, requires_grad=False)

@@ -12,6 +12,7 @@ is what lets a prefill rank stream KV out while the next layer computes.
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
@@ -28,7 +29,10 @@ from pd_local.model.attention import (
 from pd_local.model.config import ModelConfig
 from pd_local.model.layers import (
     Linear, PackedWeight, RMSNorm, RotaryEmbedding, apply_rope, concat_linears, linear,
+    return_freed_memory,
 )
+
+log = logging.getLogger(__name__)
 
 LayerKVHook = Callable[[int, torch.Tensor, torch.Tensor], None]
 
@@ -184,11 +188,24 @@ class LlamaForCausalLM(nn.Module):
 
     def set_batch_invariant(self, on: bool) -> LlamaForCausalLM:
         """Exact batch invariance of every linear and lm_head (default on; see layers.linear
-        for what it costs and where). Off: a request's logits may depend on its batch."""
+        for what it costs and where). Off: a request's logits may depend on its batch.
+
+        On, where the exact kernel is oneDNN's packed one (fp32 CPU), every Linear's weight is
+        replaced by its packed copy and the plain one freed (`Linear.pack`): one copy in memory,
+        not two. Off unpacks them for F.linear."""
         self.batch_invariant = on
+        packed = 0
         for m in self.modules():
             if isinstance(m, Linear):
                 m.batch_invariant = on
+                if on and not m.weight.is_mkldnn and m.pack():
+                    packed += m.weight.numel() * 4
+                elif not on:
+                    m.unpack()
+        if packed:
+            return_freed_memory()
+            log.info("linear weights packed for oneDNN's batch-invariant kernel: %.0f MB, plain copies "
+                     "freed", packed / 2**20)
         return self
 
     @property
