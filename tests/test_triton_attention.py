@@ -116,6 +116,22 @@ def test_triton_rows_do_not_depend_on_the_batch() -> None:
 
 
 @interp_only
+def test_triton_reads_q_as_a_view_into_the_fused_rope_output() -> None:
+    """The model passes q as the first H heads of its rope'd [T, H + KV, D] q|k tensor (a
+    strided view, not a contiguous tensor): the kernel and the torch path give what they give
+    for a contiguous copy, bit for bit."""
+    q, kc, vc, meta = make_case([1, 17, 40, 5, 16], 16, 9, 3, 64, seed=5)
+    qk = torch.cat([q, torch.randn(5, 3, 64)], dim=1)  # [B, H + KV, D]
+    view = qk.split([9, 3], dim=1)[0]
+    assert not view.is_contiguous() and torch.equal(view, q)
+    want = interp.paged_decode_attention_triton(q, kc, vc, meta.block_tables, meta.context_lens, 0.125)
+    got = interp.paged_decode_attention_triton(view, kc, vc, meta.block_tables, meta.context_lens, 0.125)
+    assert torch.equal(got, want)
+    assert torch.equal(paged_decode_attention(view, kc, vc, meta, 0.125),
+                       paged_decode_attention(q, kc, vc, meta, 0.125))
+
+
+@interp_only
 def test_triton_refuses_mismatched_shapes() -> None:
     q, kc, vc, meta = make_case([3], 16, 9, 3, 64)
     with pytest.raises(ValueError, match="H must be a multiple of KV"):

@@ -225,21 +225,27 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotate-half rotary embedding; cos/sin computed per call from fp32 positions."""
+    """Rotate-half rotary embedding; cos/sin computed per call (once per step) from fp32 positions."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions [T] -> cos, sin [T, 1, head_dim] (broadcast over heads)
+        """positions [T] -> cos, signed sin [T, 1, head_dim] (broadcast over heads) for apply_rope:
+        the sin's first half is negated (rotate-half's minus sign, moved off the activations)."""
         freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]  # [T, head_dim/2]
         emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+        sin = emb.sin().to(dtype)
+        half = sin.shape[-1] // 2
+        sin[:, :half].neg_()
+        return emb.cos().to(dtype)[:, None, :], sin[:, None, :]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x [T, heads, head_dim]; cos/sin [T, 1, head_dim]
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, head_dim]; cos, signed_sin [T, 1, head_dim] from RotaryEmbedding.cos_sin.
+
+    transformers computes x * cos + cat(-x2, x1) * sin; this is x * cos + cat(x2, x1) * (-s1, s2),
+    the same products bit for bit (a sign flip is exact) in 3 kernels + a roll instead of 6
+    (half the time per call at one decode row, measured on the AVX2 EPYC)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin

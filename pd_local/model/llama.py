@@ -76,16 +76,23 @@ class Attention(nn.Module):
         """x [T, hidden] -> (out [T, hidden], k [T, KV, D], v [T, KV, D])."""
         t = x.shape[0]
         hq, hkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x).split([hq, hkv, hkv], dim=-1)
+        if self.qkv_proj is not None and self.q_norm is None:
+            # q and k sit side by side in the fused output: one rope call over both heads
+            qkv = self.qkv_proj(x)  # [T, hq + 2 hkv]
+            qk = apply_rope(qkv[:, :hq + hkv].view(t, -1, self.head_dim), cos, sin)  # [T, H + KV, D]
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # [T, H, D], [T, KV, D]
+            v = qkv[:, hq + hkv:].view(t, self.num_kv_heads, self.head_dim)  # [T, KV, D]
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.reshape(t, self.num_heads, self.head_dim)  # [T, H, D]
-        k = k.reshape(t, self.num_kv_heads, self.head_dim)  # [T, KV, D]
-        v = v.reshape(t, self.num_kv_heads, self.head_dim)  # [T, KV, D]
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if self.qkv_proj is not None:
+                q, k, v = self.qkv_proj(x).split([hq, hkv, hkv], dim=-1)
+            else:
+                q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q = q.reshape(t, self.num_heads, self.head_dim)  # [T, H, D]
+            k = k.reshape(t, self.num_kv_heads, self.head_dim)  # [T, KV, D]
+            v = v.reshape(t, self.num_kv_heads, self.head_dim)  # [T, KV, D]
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if k_cache is not None and meta.slot_mapping is not None:
             write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         nd = meta.num_decode  # decode rows first, then prefill chunks
