@@ -340,7 +340,7 @@ def check_decode_attention(bw: float) -> dict[str, Any]:
         for name, fn in (("triton", lambda: paged_decode_attention_triton(
                               q, kc, vc, meta.block_tables, meta.context_lens, 0.125)),
                          ("torch_gather", lambda: attention._decode_group(
-                              q, kc, vc, grp.blocks, grp.keep, 0.125))):
+                              q, kc, vc, grp.blocks, grp.mask, 0.125))):
             try:
                 outs[name] = fn()
                 row[f"{name}_us"] = cuda_time(fn, iters=20 if DEV.type == "cuda" else 2) * 1e6

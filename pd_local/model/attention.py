@@ -38,7 +38,7 @@ class DecodeGroup:
     # [g, 1, 1, nblk * block_size] fp32, added to the scores: 0 up to each row's context, -inf
     # past it. SDPA turns a bool mask into this on every call (30 layers: ~0.3 ms per batch-1
     # step on the AVX2 EPYC); the result is bit-identical, in fp32 and bf16.
-    keep: torch.Tensor
+    mask: torch.Tensor
 
     @classmethod
     def build(
@@ -48,9 +48,9 @@ class DecodeGroup:
         """tables/context_lens: the group's rows' own (tables at least nblk long)."""
         blocks = host_to_device([b for t in tables for b in t[:nblk]], device)  # [g * nblk]
         past = torch.arange(nblk * block_size)[None, :] >= torch.tensor(context_lens)[:, None]  # [g, S]
-        keep = torch.zeros(past.shape).masked_fill_(past, float("-inf"))
+        mask = torch.zeros(past.shape).masked_fill_(past, float("-inf"))
         return cls(None if rows is None else host_to_device(rows, device), blocks,
-                   keep.to(device)[:, None, None, :])
+                   mask.to(device)[:, None, None, :])
 
 
 @dataclass(frozen=True)
@@ -310,22 +310,22 @@ def paged_decode_attention(
         groups = (DecodeGroup.build(None, meta.block_tables.tolist(), meta.context_lens.tolist(),
                                     meta.block_tables.shape[1], bs, q.device),)
     first = groups[0]
-    if first.rows is None and _rows_per_call(first.keep.shape[-1], k_cache) >= q.shape[0]:
-        return _decode_group(q, k_cache, v_cache, first.blocks, first.keep, scale)  # one call
+    if first.rows is None and _rows_per_call(first.mask.shape[-1], k_cache) >= q.shape[0]:
+        return _decode_group(q, k_cache, v_cache, first.blocks, first.mask, scale)  # one call
     out = torch.empty_like(q)
     for grp in groups:
-        g = grp.keep.shape[0]
+        g = grp.mask.shape[0]
         nblk = grp.blocks.numel() // g
-        step = _rows_per_call(grp.keep.shape[-1], k_cache)
+        step = _rows_per_call(grp.mask.shape[-1], k_cache)
         for i in range(0, g, step):
             j = min(g, i + step)
-            blocks, keep = grp.blocks[i * nblk:j * nblk], grp.keep[i:j]
+            blocks, mask = grp.blocks[i * nblk:j * nblk], grp.mask[i:j]
             if grp.rows is None:  # the group is every row, in order
-                out[i:j] = _decode_group(q[i:j], k_cache, v_cache, blocks, keep, scale)
+                out[i:j] = _decode_group(q[i:j], k_cache, v_cache, blocks, mask, scale)
             else:
                 rows = grp.rows[i:j]
                 out.index_copy_(0, rows, _decode_group(q.index_select(0, rows), k_cache, v_cache,
-                                                       blocks, keep, scale))
+                                                       blocks, mask, scale))
     return out
 
 
@@ -334,10 +334,10 @@ def _decode_group(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     blocks: torch.Tensor,
-    keep: torch.Tensor,
+    mask: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """q [g, H, D]; blocks [g * nblk], keep [g, 1, 1, S] (S = nblk * block_size) -> [g, H, D].
+    """q [g, H, D]; blocks [g * nblk], mask [g, 1, 1, S] (S = nblk * block_size) -> [g, H, D].
 
     One SDPA call over the gathered blocks (no copy of K or V beyond the gather), the padding
     past each row's context masked, each KV head's G query heads as G query rows (K/V read once
@@ -359,7 +359,7 @@ def _decode_group(
     _, bs, kvh, _ = k_cache.shape
     grp = h // kvh
     rows = -(-grp // 4) * 4
-    s = keep.shape[-1]
+    s = mask.shape[-1]
     # index_select: ~2x faster than advanced indexing k_cache[tables]
     k = k_cache.index_select(0, blocks).view(b, s, kvh, d).transpose(1, 2)  # [g, KV, S, D] view
     v = v_cache.index_select(0, blocks).view(b, s, kvh, d).transpose(1, 2)  # [g, KV, S, D] view
@@ -368,5 +368,5 @@ def _decode_group(
     qg = q.contiguous().view(b, kvh, grp, d)  # [g, KV, G, D]
     if rows != grp:
         qg = torch.cat([qg, qg.new_zeros(b, kvh, rows - grp, d)], dim=2)  # [g, KV, R, D]
-    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=keep, scale=scale)  # [g, KV, R, D]
+    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)  # [g, KV, R, D]
     return o[:, :, :grp].reshape(b, h, d)  # [g, KV, G, D] -> [g, H, D]
