@@ -19,3 +19,15 @@ fi
 extra=""
 if [[ "${1:-}" == "--test" ]]; then extra="[test]"; fi
 "$PY" -m pip install -e ".${extra}"
+# The web page's tests drive a real Chromium (tests/test_web_page.py); without one they skip.
+if [[ "${1:-}" == "--test" ]] && ! command -v chromium >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]]; then
+        echo "[install] chromium (apt) for the web page's browser tests"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -q chromium >/dev/null \
+            || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } \
+            || echo "[install] apt could not install chromium: the browser tests will skip"
+    else
+        echo "[install] no chromium and no root apt-get: the browser tests will skip (install chromium to run them)"
+    fi
+fi

@@ -68,13 +68,36 @@ def reference_texts(model_dir: Path, dtype: torch.dtype = torch.bfloat16) -> lis
 
 
 async def complete_all(url: str) -> list[str]:
+    return [r["choices"][0]["text"] for r in await complete_all_bodies(url)]
+
+
+async def complete_all_bodies(url: str) -> list[dict]:
     async with httpx.AsyncClient(timeout=60) as c:
         rs = await asyncio.gather(*[c.post(f"{url}/v1/completions", json=body)
                                     for body in requests_params()])
     for r in rs:
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["completion_tokens"] == MAX_TOKENS
-    return [r.json()["choices"][0]["text"] for r in rs]
+    return [r.json() for r in rs]
+
+
+def check_cluster_accounts_for(url: str, responses: list[dict]) -> None:
+    """Each response names ranks of the right roles, and /v1/cluster's per-rank token counters
+    add up to exactly the responses' prompt (less cached) and completion tokens."""
+    ranks = {r["rank"]: r for r in httpx.get(f"{url}/v1/cluster", timeout=10).json()["ranks"]}
+    colocated = all(r["role"] == "colocated" for r in ranks.values())
+    for body in responses:
+        ext = body["pd_local"]
+        assert ranks[ext["decode_rank"]]["role"] in ("decode", "colocated"), ext
+        want = ("colocated",) if colocated else ("prefill",)
+        assert ranks[ext["prefill_rank"]]["role"] in want, ext
+        if colocated:
+            assert ext["prefill_rank"] == ext["decode_rank"]
+    usage = [b["usage"] for b in responses]
+    computed = sum(u["prompt_tokens"] - u["prompt_tokens_details"]["cached_tokens"] for u in usage)
+    assert sum(r["prefilled_tokens"] for r in ranks.values()) == computed
+    assert sum(r["generated_tokens"] for r in ranks.values()) == sum(u["completion_tokens"] for u in usage)
+    assert all(r["generated_tokens"] == 0 for r in ranks.values() if r["role"] == "prefill")
 
 
 async def disconnect_mid_stream(url: str) -> None:
@@ -110,8 +133,9 @@ def test_serve_matches_engine_frees_blocks_and_stops_cleanly(tiny_dir: Path,
                                                              flags: list[str]) -> None:
     want = reference_texts(tiny_dir)
     with serving(tiny_dir, *flags) as s:
-        got = asyncio.run(complete_all(s.url))
-        assert got == want
+        responses = asyncio.run(complete_all_bodies(s.url))
+        assert [r["choices"][0]["text"] for r in responses] == want
+        check_cluster_accounts_for(s.url, responses)
         if "--colocated" not in flags:
             transfers = metric_values(s.url, "pd_local_kv_transfers_total")
             assert list(transfers.values()) == [len(PROMPTS)]

@@ -7,6 +7,8 @@
 | `openai_request.py` | OpenAI request validation -> `GenerationRequest` (shared with `pd-local generate`) | tokenize twice |
 | `textstream.py` | token ids -> text deltas with stop strings | |
 | `metrics.py` | the Prometheus `/metrics` exposition | |
+| `cluster.py` | the `/v1/cluster` view: per-rank load, KV blocks, token rates | |
+| `static/` | the web page at `/` (HTML, CSS, plain JavaScript) | fetch anything from elsewhere |
 
 Imports `engine` and the shared `tokenizer`; never `cluster` or `cli` (the torchrun backend,
 `cluster.router`, plugs in through `Backend`).

@@ -40,6 +40,10 @@ class RequestOutput:
     # preemption recomputed it); set on the output of the first token (colocated) or on every
     # output once the prefill rank has reported it (PD): a consumer keeps the value it saw
     cached_tokens: int = 0
+    # on the finished output: the ranks it was routed to for its prefill and its decode
+    # (colocated: the same rank twice; None: not routed there before it ended)
+    prefill_rank: int | None = None
+    decode_rank: int | None = None
 
 
 @dataclass
@@ -57,6 +61,8 @@ class RankStats:
     # Prefill ranks: prompt tokens the router has sent there and not yet seen prefilled or
     # aborted (what "least queued prefill work" routing compares); 0 elsewhere.
     queued_tokens: int = 0
+    prefilled_tokens: int = 0  # prompt tokens this rank computed (not cached), ever
+    generated_tokens: int = 0  # tokens this rank sampled, ever
 
 
 @dataclass
@@ -125,6 +131,9 @@ class InProcessBackend:
         self._cmds: queue.Queue[tuple[str, object]] = queue.Queue()
         self._queues: dict[int, asyncio.Queue[RequestOutput]] = {}
         self._timelines: dict[int, Timeline] = {}
+        self._prompt_lens: dict[int, int] = {}  # requests whose first token has not come yet
+        self._prefilled = 0
+        self._generated = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -154,7 +163,8 @@ class InProcessBackend:
         e = self.engine
         return BackendStats(ranks=[RankStats(0, "colocated", e.num_free_blocks, e.num_total_blocks,
                                              e.num_running, e.num_waiting, e.num_cached_blocks,
-                                             e.prefix_hit_tokens)])
+                                             e.prefix_hit_tokens, prefilled_tokens=self._prefilled,
+                                             generated_tokens=self._generated)])
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -175,20 +185,22 @@ class InProcessBackend:
     def _finish(self, req_id: int, reason: str, tokens: list[int], error: str | None = None,
                 cached_tokens: int = 0) -> None:
         tl = self._timelines.pop(req_id, None)
+        self._prompt_lens.pop(req_id, None)
         timings = None
         if tl is not None:
             tl.mark("finished")
             timings = tl.durations_ms()
-        self._deliver(RequestOutput(req_id, tokens, True, reason, error, timings, cached_tokens))
+        self._deliver(RequestOutput(req_id, tokens, True, reason, error, timings, cached_tokens,
+                                    0, 0))
 
     def _handle(self, kind: str, arg: object) -> None:
         if kind == "add":
             req_id, prompt_ids, params, tl = arg  # type: ignore[misc]
+            self._timelines[req_id] = tl
+            self._prompt_lens[req_id] = len(prompt_ids)
             try:
                 self.engine.add_request(req_id, prompt_ids, params)
-                self._timelines[req_id] = tl
             except ValueError as e:
-                self._timelines[req_id] = tl
                 self._finish(req_id, "error", [], str(e))
         elif kind == "abort":
             req_id = int(arg)  # type: ignore[arg-type]
@@ -220,7 +232,11 @@ class InProcessBackend:
                     tl = self._timelines.get(r)
                     if tl is not None and (s is None or s.status is not SeqStatus.WAITING):
                         tl.mark("prefill_start", t0)
+                self._generated += len(events)
                 for ev in events:
+                    n = self._prompt_lens.pop(ev.req_id, None)
+                    if n is not None:  # its first token: the prompt is done
+                        self._prefilled += n - ev.cached_tokens
                     tl = self._timelines.get(ev.req_id)
                     if tl is not None:
                         if ev.req_id in pending_prefill:

@@ -15,6 +15,7 @@ import json
 import logging
 import time
 import uuid
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
@@ -24,16 +25,20 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from pd_local.api.backend import Backend, RequestOutput
+from pd_local.api.cluster import RateMeter, cluster_view
 from pd_local.api.metrics import Metrics
 from pd_local.api.openai_request import GenerationRequest, RequestError, parse_request
 from pd_local.api.textstream import TextStream
 from pd_local.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).parent / "static"  # the web page: no build step, no CDN
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,7 @@ class App:
         self.metrics = Metrics()
         self.in_flight = 0
         self._ids = itertools.count(1)
+        self.rates = RateMeter()
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -152,9 +158,23 @@ class App:
             "pd_local": {"dtype": self.settings.dtype},
         }]})
 
+    async def cluster(self, request: Request) -> Response:
+        try:
+            self._check_auth(request)
+        except RequestError as e:
+            return error_response(e)
+        ok, why = self.backend.healthy()
+        return JSONResponse(cluster_view(self.backend.stats(), self.rates, model=self.settings.model_name,
+                                         healthy=ok, detail=why, in_flight=self.in_flight))
+
+    async def page(self, request: Request) -> Response:
+        return FileResponse(STATIC_DIR / "index.html", headers={"cache-control": "no-cache"})
+
     async def health(self, request: Request) -> Response:
         ok, why = self.backend.healthy()
-        return JSONResponse({"status": "ok" if ok else "unavailable", "detail": why}, status_code=200 if ok else 503)
+        return JSONResponse({"status": "ok" if ok else "unavailable", "detail": why,
+                             "api_key_required": self.settings.api_key is not None},
+                            status_code=200 if ok else 503)
 
     async def metrics_route(self, request: Request) -> Response:
         try:
@@ -177,6 +197,7 @@ class _Generation:
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self.timings: dict[str, float] | None = None
+        self.ranks: tuple[int | None, int | None] = (None, None)  # (prefill, decode)
         self.cached_tokens = 0
         self.done = False
         self.id = ("chatcmpl-" if req.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
@@ -205,6 +226,8 @@ class _Generation:
             delta += self.text.push(tok)
         if out.cached_tokens:  # known from the first token on (a stop string may end it early)
             self.cached_tokens = out.cached_tokens
+        if out.finished:
+            self.ranks = (out.prefill_rank, out.decode_rank)
         if out.error is not None:
             self._finish("error", out.timings_ms)
             raise RuntimeError(out.error)
@@ -242,6 +265,10 @@ class _Generation:
         return {"prompt_tokens": p, "completion_tokens": self.completion_tokens, "total_tokens": p + self.completion_tokens,
                 "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
+    def extension(self) -> dict[str, Any]:
+        """The `pd_local` object of the last chunk or the whole response."""
+        return {"timings_ms": self.timings, "prefill_rank": self.ranks[0], "decode_rank": self.ranks[1]}
+
     def _chunk(self, delta: dict[str, Any] | str | None, finish: str | None) -> dict[str, Any]:
         if self.req.kind == "chat":
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
@@ -269,7 +296,7 @@ class _Generation:
                     yield {"data": json.dumps(self._chunk({"content": delta} if self.req.kind == "chat" else delta, None))}
                 if self.done:
                     last = self._chunk({} if self.req.kind == "chat" else "", self.finish_reason)
-                    ext = {"pd_local": {"timings_ms": self.timings}}
+                    ext = {"pd_local": self.extension()}
                     if self.req.include_usage:
                         yield {"data": json.dumps(last)}
                         usage_chunk = {**self._chunk(None, None), "choices": [], "usage": self.usage(), **ext}
@@ -309,7 +336,7 @@ class _Generation:
             obj = "text_completion"
         return JSONResponse({
             "id": self.id, "object": obj, "created": self.created, "model": self.app.settings.model_name,
-            "choices": [choice], "usage": self.usage(), "pd_local": {"timings_ms": self.timings},
+            "choices": [choice], "usage": self.usage(), "pd_local": self.extension(),
         })
 
 
@@ -340,8 +367,11 @@ def create_app(backend: Backend, tokenizer: Tokenizer, settings: ServerSettings)
             Route("/v1/chat/completions", state.chat_completions, methods=["POST"]),
             Route("/v1/completions", state.completions, methods=["POST"]),
             Route("/v1/models", state.models, methods=["GET"]),
+            Route("/v1/cluster", state.cluster, methods=["GET"]),
             Route("/health", state.health, methods=["GET"]),
             Route("/metrics", state.metrics_route, methods=["GET"]),
+            Route("/", state.page, methods=["GET"]),
+            Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
         ],
         middleware=middleware,
         exception_handlers={HTTPException: http_error, Exception: http_error},

@@ -99,6 +99,8 @@ class _Rank:
     ready: bool = False
     routed: int = 0  # requests routed here, ever
     routed_prefix_tokens: int = 0  # prompt tokens the index said this rank held when routed
+    prefilled_tokens: int = 0  # prompt tokens this rank computed (not cached), ever
+    generated_tokens: int = 0  # tokens this rank sampled, ever
     index: PrefixIndex = field(default_factory=PrefixIndex)  # "prefix" routing only
 
     def update(self, load: Tokens | Stats) -> None:
@@ -170,7 +172,7 @@ class Router:
     def stats(self) -> BackendStats:
         ranks = [RankStats(r.rank, r.role, r.free_blocks, r.total_blocks, r.running, r.waiting,
                            r.cached_blocks, r.prefix_hit_tokens, r.routed, r.routed_prefix_tokens,
-                           r.queued_tokens)
+                           r.queued_tokens, r.prefilled_tokens, r.generated_tokens)
                  for r in (*self.prefill.values(), *self.decode.values())]
         return dataclasses.replace(self.kv, ranks=ranks)
 
@@ -226,8 +228,10 @@ class Router:
         self.requests.pop(req.req_id, None)
         self.decode[req.decode].unfinished -= 1
         req.timeline.mark("finished")
+        prefill = req.decode if self.colocated else req.prefill  # None: not routed to one yet
         self._deliver(req, RequestOutput(req.req_id, last or [], True, reason, error,
-                                         req.timeline.durations_ms(), req.cached_tokens))
+                                         req.timeline.durations_ms(), req.cached_tokens,
+                                         prefill, req.decode))
 
     def _command(self, kind: str, arg: object) -> None:
         if kind == "submit":
@@ -291,6 +295,7 @@ class Router:
                 if req is not None:
                     req.prefill_done = True
                     req.cached_tokens = n
+                    self.prefill[peer].prefilled_tokens += len(req.prompt_ids) - n
                     req.timeline.mark("prefill_start", msg.t_start)
                     req.timeline.mark("prefill_end", msg.t_end)
         elif isinstance(msg, Rejected):
@@ -321,7 +326,9 @@ class Router:
             raise ValueError(f"router: unexpected message from rank {peer}: {msg!r}")
 
     def _tokens(self, peer: int, msg: Tokens) -> None:
-        self.decode[peer].update(msg)
+        rank = self.decode[peer]
+        rank.update(msg)
+        rank.generated_tokens += len(msg.entries)
         for rec in msg.transfers:
             self.kv.kv_bytes_transferred += rec.num_bytes
             self.kv.kv_transfer_seconds += rec.seconds
@@ -336,6 +343,8 @@ class Router:
             if req.first_token:
                 req.first_token = False
                 req.timeline.mark("first_token", msg.t)
+                if self.colocated:  # its prompt was computed here
+                    rank.prefilled_tokens += len(req.prompt_ids) - e.cached_tokens
             if e.cached_tokens:  # the first token's prefix hit (PD: the prefill rank's, as in PrefillDone)
                 req.cached_tokens = e.cached_tokens
             if e.finished:

@@ -206,8 +206,9 @@ class _Stream:
             if isinstance(usage.get("completion_tokens"), int):
                 ct = usage["completion_tokens"]
                 self.usage_completion = ct
-        if isinstance(obj.get("pd_local"), dict):
-            self.res.server_timings.update(flatten_numbers(obj["pd_local"]))
+        ext = obj.get("pd_local")
+        if isinstance(ext, dict) and isinstance(ext.get("timings_ms"), dict):  # not its rank numbers
+            self.res.server_timings.update(flatten_numbers({"timings_ms": ext["timings_ms"]}))
         choices = obj.get("choices")
         if isinstance(choices, list) and choices and isinstance(choices[0], dict):
             choice = choices[0]
