@@ -1,4 +1,4 @@
-"""Prefix caching, on vs off in the same run (issue 11): 1P1D and colocated-1, SmolLM2 float32.
+"""Prefix caching, on vs off in the same run: 1P1D and colocated-1, SmolLM2 float32.
 
 For each topology, two servers in turn, identical but for `[engine] enable_prefix_caching`
 (written into a config file passed with `pd-local serve --config`):

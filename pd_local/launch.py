@@ -4,7 +4,7 @@ Every rank parses the same flags into the same ServeConfig, joins the world (clu
 its role's loop: rank 0 the router + front-end, then prefill / decode / colocated workers. Each
 role module exposes `run(ctx: DistContext) -> None`.
 
-Failure policy (DESIGN.md): a rank that hits an error logs it and leaves with `os._exit(1)`.
+Failure policy (docs/design.md): a rank that hits an error logs it and leaves with `os._exit(1)`.
 Not `sys.exit`: interpreter shutdown would destroy process groups while daemon receiver threads
 sit in gloo receives from a dead peer, which can block until the group timeout or for ever.
 

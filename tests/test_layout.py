@@ -76,7 +76,7 @@ def test_every_package_says_what_it_owns(package: str) -> None:
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_long_files_say_why(path: Path) -> None:
-    """Files stay under ~400 lines; a longer one says why in its docstring (STYLE.md)."""
+    """Files stay under ~400 lines; a longer one says why in its docstring."""
     lines = len(path.read_text().splitlines())
     if lines > 420:
         doc = ast.get_docstring(ast.parse(path.read_text())) or ""

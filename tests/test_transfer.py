@@ -15,7 +15,7 @@ SHAPE = KVShape(num_layers=30, num_kv_heads=3, head_dim=64, hidden_size=576, dty
 
 
 def test_bytes_per_token_smollm2() -> None:
-    assert SHAPE.bytes_per_token == 23040  # DESIGN.md: ~23 KB/token for SmolLM2-135M bf16
+    assert SHAPE.bytes_per_token == 23040  # docs/design.md: ~23 KB/token for SmolLM2-135M bf16
 
 
 def test_header_checks() -> None:

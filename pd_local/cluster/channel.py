@@ -183,7 +183,7 @@ class Heartbeater:
     One thread per link, not one for all: a gloo send is a rendezvous that completes only when
     the peer posts the matching receive, so a heartbeat can wait as long as the peer takes to
     read. With one thread walking every link in turn, one slow link starved all the others and
-    a healthy peer was declared dead (DESIGN.md, measured 2026-11-30). Per-link threads make a
+    a healthy peer was declared dead (docs/design.md). Per-link threads make a
     link's liveness depend on its own peer alone; every control link is read continuously by a
     Receiver (or the KV header reader, transfer.py), so on a live peer the send returns at once.
     A send error is reported to `inbox` as LinkDown from that link's peer.

@@ -1,6 +1,6 @@
 """The decode rank loop (also the colocated replica loop): one Engine, driven by messages.
 
-Disaggregated (DESIGN.md "One request", steps 3, 5, 6):
+Disaggregated (docs/design.md, "The life of a request", steps 3, 5, 6):
 - Reserve -> the admission queue; in order, each is reserved (`engine.reserve`: its prompt's
   blocks are held, those of its longest cached prefix taken from the prefix cache) as soon as
   the engine has room, and the router hears Reserved with the number of prompt tokens cached:

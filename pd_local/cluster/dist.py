@@ -1,6 +1,6 @@
 """Ranks -> roles, devices and every process group: the only caller of init_process_group.
 
-Rank layout (see DESIGN.md): rank 0 is the front-end + router (CPU only); then either ranks
+Rank layout (docs/design.md): rank 0 is the front-end + router (CPU only); then either ranks
 1..P prefill and P+1..P+D decode, or ranks 1..N colocated replicas. A colocated replica is
 treated as a decode rank that prefills its own requests: it has the same control links as a
 decode rank and no KV links.
@@ -192,7 +192,7 @@ def _store(rank: int, world_size: int, timeout: datetime.timedelta,
            env: Mapping[str, str]) -> dist.Store:
     """A TCPStore client (server: torchrun's agent, or rank 0 outside torchrun) under a
     per-attempt prefix: with `torchrun --max-restarts` the agent's store outlives a failed
-    attempt, and keys left by it make the next attempt's rendezvous fail (DESIGN.md)."""
+    attempt, and keys left by it make the next attempt's rendezvous fail (docs/design.md)."""
     try:
         addr, port = env["MASTER_ADDR"], int(env["MASTER_PORT"])
     except KeyError as e:

@@ -298,7 +298,7 @@ class KVHeader:
     decode rank (the entries, in payload order), so a step costs one header, and the per-layer
     payload is one K and one V tensor of [sum(num_tokens), num_kv_heads, head_dim] that the
     receiver splits; the hidden tensor has `num_hidden` rows.
-    (DESIGN.md's per-request header would interleave layers of different requests on one link.)
+    (A header per request would interleave layers of different requests on one link.)
     """
 
     KIND: ClassVar[Kind] = Kind.KV_HEADER

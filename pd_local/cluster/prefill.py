@@ -1,5 +1,5 @@
 """The prefill rank loop: batches Prefill requests, runs the model without a KV cache, and
-streams each layer's K/V to the decode ranks that reserved the blocks (DESIGN.md step 4).
+streams each layer's K/V to the decode ranks that reserved the blocks (docs/design.md, step 4).
 
 A batch is the oldest pending requests up to engine.max_prefill_tokens (a longer prompt runs
 alone) and engine.max_num_seqs, ordered by destination so each decode rank's tokens form one

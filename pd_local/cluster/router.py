@@ -6,7 +6,7 @@ from the asyncio loop (submit / abort / shutdown, put without blocking) and mess
 workers (one receiver thread per incoming link). It alone sends to workers, so blocking gloo
 sends never touch the event loop, and outputs go back through `loop.call_soon_threadsafe`.
 
-One request, disaggregated (DESIGN.md): submit -> Reserve to the chosen decode rank ->
+One request, disaggregated (docs/design.md): submit -> Reserve to the chosen decode rank ->
 Reserved -> Prefill(ids, decode rank) to the chosen prefill rank -> PrefillDone; the decode
 rank streams Tokens. Colocated: Reserve to the chosen replica, then Tokens.
 Routing (`routing`): "load": the decode rank with the fewest unfinished requests from this
@@ -61,7 +61,7 @@ REJECT_TEXT = {
     RejectReason.BAD_REQUEST: "the decode rank refused the request (prompt too long for its "
                               "context or token ids outside the vocabulary)",
 }
-# "prefix": a decode step at batch 16 costs ~2x batch 1 on CPU (DESIGN.md), so 4 more requests
+# "prefix": a decode step at batch 16 costs ~2x batch 1 on CPU (docs/design.md), so 4 more requests
 # slow a rank ~10%, worth a hit that saves the prompt's prefill (colocated) or KV transfer.
 PREFIX_DECODE_MARGIN = 4
 

@@ -10,7 +10,7 @@ transformers reads too, so parity tests can compare the two implementations on t
     generation_config.json   bos/eos/pad token ids
     pd_local_conversion.json what was converted from what (source name/size, dtype, tensor count)
 
-Two llama.cpp conventions are undone here (see DESIGN.md, "The default model"):
+Two llama.cpp conventions are undone here (docs/design.md, "The default model"):
 - Q and K rows are permuted for llama.cpp's rotary layout; `_unpermute_qk` restores HF's.
 - The reader's `shape` lists dims innermost first; `gguf.quants.dequantize` already returns the
   (out, in) array HF wants, so shapes are taken from the dequantised array, never from `shape`.

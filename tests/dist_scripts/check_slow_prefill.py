@@ -1,6 +1,7 @@
 """A prefill that lasts several group timeouts must complete, and no healthy rank may be declared
-dead meanwhile (issue 9's root cause: a heartbeat stuck on a quiet KV header link starved the
-prefill rank's other links, and a decode rank's single wait spanned the whole prefill).
+dead meanwhile (what once took a healthy 1P1D server down: a heartbeat stuck on a quiet KV
+header link starved the prefill rank's other links, and a decode rank's single wait spanned the
+whole prefill).
 
 Real router, prefill and decode loops on a tiny model; the prefill rank's model call is made
 slow (`prefill_hidden`, or `ChunkedPrefiller.run` where the rank chunks, the default): 1.5
