@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -89,9 +92,9 @@ def test_exact_mode_keeps_one_copy_of_each_linear_weight(arch: str) -> None:
     """set_batch_invariant(True) on an fp32 CPU model replaces every Linear's weight by its
     packed copy (no plain copy left beside it) without changing a logit; False gives the plain
     weights back bit for bit, and packing again is still exact."""
-    from pd_local.model.layers import ONEDNN_PACKING, Linear
+    from pd_local.model.layers import Linear, onednn_packing
 
-    if not ONEDNN_PACKING:
+    if not onednn_packing():
         pytest.skip("this CPU/torch uses the padding rule: nothing is packed")
     ours = ours_from_hf(hf_tiny(arch, tie=arch != "qwen2"))
     linears = [m for m in ours.modules() if isinstance(m, Linear)]
@@ -115,10 +118,10 @@ def test_exact_mode_keeps_one_copy_of_each_linear_weight(arch: str) -> None:
 def test_exact_mode_frees_the_plain_weights_of_smollm2(smollm2_dir) -> None:
     """The point of packing in place: a serving rank's resident memory drops by (nearly) the
     plain linears' bytes, ~425 MB for SmolLM2-135M in fp32, instead of holding both copies."""
-    from pd_local.model.layers import ONEDNN_PACKING, Linear
+    from pd_local.model.layers import Linear, onednn_packing
     from pd_local.model.weights import load_model
 
-    if not ONEDNN_PACKING:
+    if not onednn_packing():
         pytest.skip("this CPU/torch uses the padding rule: nothing is packed")
 
     def rss() -> int:
@@ -176,12 +179,25 @@ def test_linear_rows_hold_at_real_shapes_on_this_cpu(dtype: torch.dtype, threads
             assert torch.equal(linear(x[:m], w, packed=packed), full[:m]), f"{out_f}x{in_f}: rows differ at M={m}"
 
 
+def test_importing_layers_probes_nothing_and_the_probe_keeps_the_thread_count() -> None:
+    """The oneDNN probe runs matmuls and switches thread counts: at first use, not at import,
+    and torch's thread count is the same after it as before."""
+    code = ("import torch; torch.set_num_threads(3)\n"
+            "from pd_local.model import layers\n"
+            "assert layers.onednn_packing.cache_info().currsize == 0, 'probed at import'\n"
+            "layers.onednn_packing()\n"
+            "assert layers.onednn_packing.cache_info().currsize == 1\n"
+            "assert torch.get_num_threads() == 3, torch.get_num_threads()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
 def test_the_packing_probe_refuses_a_kernel_whose_rows_depend_on_the_batch(monkeypatch) -> None:
     """On a CPU kind where oneDNN's packed kernel is not M-invariant (unmeasured: AVX-512), the
-    import-time probe must say so, so that `linear` pads instead of losing exactness."""
+    probe must say so, so that `linear` pads instead of losing exactness."""
     from pd_local.model import layers
 
-    if not layers.ONEDNN_PACKING:
+    if not layers.onednn_packing():
         pytest.skip("this CPU already uses the padding rule (no oneDNN packing, or the probe refused it)")
     assert layers._rows_invariant()
     real = torch.ops.mkldnn._linear_pointwise

@@ -1,33 +1,17 @@
 """Building blocks of the Llama family: batch-invariant linear, RMSNorm, rotary embedding.
 
-Batch invariance matters here: a request must get the same tokens whether it shares a batch
-with 0 or 63 others, or the topologies (colocated, 1P1D, xPyD) would disagree. A BLAS picks its
-kernel by shape, and kernels round differently: measured with torch 2.13, an fp32 matmul (MKL)
-gives a row a different result (~4e-5) at M in {1,2,3} (and, with 2 threads, 5-7 and 9-11) than
-at M = 4, 8 or >= 12; a bf16 matmul (oneDNN) takes a gemv path at M = 1 that rounds differently
-(1 bf16 ulp) from M >= 2.
-
-fp32 on CPU: oneDNN's inner product against a weight reordered once into its blocked layout
-(`torch.ops.mkldnn._reorder_linear_weight`, cached per weight in `PackedWeight`) gives every row
-the same result for every M from 1 to 600 checked, with 1 or 2 threads, on the 2-core AVX2 EPYC
-and at SmolLM2's shapes; and it is as fast as MKL's gemv at M = 1 (lm_head 15 vs 17 ms, fp32, 1
-thread) and faster than MKL at M = 16 (31 vs 62 ms). So no padding is needed (where the
-import-time probe `_rows_invariant` confirms it on the CPU at hand): this replaced
-padding M to a multiple of 4, whose M = 4 gemm cost ~3x the gemv on that CPU and halved batch-1
-decode. Memory stays 1x: a model set to exactness (`LlamaForCausalLM.set_batch_invariant`, which
-every Engine and prefill rank calls) replaces each Linear's weight by its packed copy
-(`Linear.pack`; the plain copy is freed and the heap trimmed: ~400 MB less per rank for
-SmolLM2-135M in fp32); `batch_invariant = False` unpacks (`to_dense` gives back the exact
-weight). A tied lm_head stays plain (the embedding reads it) with a packed copy beside it.
-Elsewhere (bf16, where this torch can only pack bf16 on AVX-512/AVX-NE-CONVERT CPUs and the
-packed kernels are unmeasured; or no oneDNN) `linear` pads as before: fp32 M < 12 to a multiple
-of 4, bf16 M = 1 to 2. GPUs make no such promise (cuBLAS picks kernels by shape): see docs.
-`invariant=False` (engine.batch_invariant = false) is plain F.linear: a request's logits then
-depend on its batch's size, so greedy tokens may differ across topologies.
+`linear(..., invariant=True)` on CPU gives each row the same bits whatever the batch size M, so
+a request gets the same tokens alone or in a batch of 63, in every topology. fp32 on a CPU whose
+probe (`onednn_packing`, run on first use) finds oneDNN's packed inner product M-invariant: that
+kernel, against a weight packed once (`PackedWeight`, or in place by `Linear.pack`, which
+`set_batch_invariant(True)` applies so a rank keeps one copy). Elsewhere: pad M (fp32 M < 12 to a
+multiple of 4, bf16 M = 1 to 2) to where the BLAS kernels agree. `invariant=False` is plain
+F.linear. GPUs make no such promise. Measurements behind these rules: docs/benchmarks/linear.md.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -37,12 +21,11 @@ from torch import nn
 from pd_local.model.config import ModelConfig
 
 
-def _onednn_packing() -> bool:
-    """Whether this torch can reorder an fp32 weight for oneDNN's inner product (CPU builds
-    with oneDNN; the ops are the ones torch's own CPU weight prepacking uses) AND, on this CPU,
-    its rows come out the same for every batch size. The second half is probed, not assumed:
-    oneDNN picks kernels by ISA, and M-invariance was measured on one CPU kind only (AVX2). A CPU
-    where the probe finds a row that depends on M gets the padding rule instead: slower, exact."""
+@functools.cache
+def onednn_packing() -> bool:
+    """Whether this torch can pack an fp32 weight for oneDNN's inner product AND, on this CPU,
+    its rows come out the same for every M (probed once, on first use: kernels differ by ISA).
+    Leaves torch's thread count as it found it."""
     try:
         w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(8, 8), None)
         y = torch.ops.mkldnn._linear_pointwise(torch.ones(1, 8), w, None, "none", [], "")
@@ -72,9 +55,6 @@ def _rows_invariant() -> bool:
         finally:
             torch.set_num_threads(threads)
     return True
-
-
-ONEDNN_PACKING = _onednn_packing()
 
 
 class PackedWeight:
@@ -114,7 +94,7 @@ def linear(
     if weight.is_mkldnn:  # a packed Linear (Linear.pack): its only copy, M-invariant as below
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")  # [M, out]
     if invariant and x.device.type == "cpu":
-        if x.dtype == torch.float32 and weight.dtype == torch.float32 and ONEDNN_PACKING:
+        if x.dtype == torch.float32 and weight.dtype == torch.float32 and onednn_packing():
             w = (packed or PackedWeight()).get(weight)
             return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")  # [M, out]
         m = x.shape[0]
@@ -151,7 +131,7 @@ class Linear(nn.Module):
         w = self.weight
         if w.is_mkldnn:
             return True
-        if not (ONEDNN_PACKING and w.device.type == "cpu" and w.dtype == torch.float32):
+        if not (onednn_packing() and w.device.type == "cpu" and w.dtype == torch.float32):
             return False
         self.weight = nn.Parameter(self.packed.get(w), requires_grad=False)
         self.packed = PackedWeight()
