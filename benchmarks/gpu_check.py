@@ -310,7 +310,6 @@ def check_prefill() -> dict[str, Any]:
             prefill_hidden(model, prompt, DEV).sum().item()
     except RuntimeError as e:
         flash = f"no: {str(e)[:200]}"
-    del model
     return {"tokens": t, "seconds": s, "tflops": flops / s / 1e12, "flash_attention": flash}
 
 

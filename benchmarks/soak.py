@@ -221,8 +221,8 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     ok = True
-    print(f"\n| topology | ops | s | bad | health | in flight | blocks free | RSS growth MB "
-          f"per rank | exit |\n|---|---|---|---|---|---|---|---|---|")
+    print("\n| topology | ops | s | bad | health | in flight | blocks free | RSS growth MB "
+          "per rank | exit |\n|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         n_bad = sum(sum(v.values()) for v in r["bad_outcomes"].values())
         ok &= (n_bad == 0 and r["health_after"] == 200 and r["blocks_all_free"]

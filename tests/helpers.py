@@ -253,7 +253,7 @@ def make_byte_fallback_tokenizer_dir(tmp_path: Path, name: str = "byte-fallback-
     'hello', 'world', '▁你'). Characters outside the vocab (most CJK, emoji) encode as their UTF-8
     bytes through <0xNN> tokens, which is what the incremental detokenizer must reassemble.
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
 
     vocab: dict[str, int] = {"<unk>": 0, "<s>": 1, "</s>": 2}
     for b in range(256):

@@ -65,7 +65,7 @@ def test_fill_lays_out_real_rows_then_padding() -> None:
     assert meta.slot_mapping.tolist() == [32, 84, 104, 9 * 16]  # padding writes to the sink
     assert meta.context_lens.tolist() == [1, 21, 41, 1]
     assert meta.block_tables.tolist() == [[2, 9, 9, 9], [3, 5, 9, 9], [1, 6, 4, 9], [9, 9, 9, 9]]
-    assert meta.decode_groups == () and not meta.is_prefill and meta.num_decode == 4
+    assert meta.decode_groups == () and meta.num_decode == 4
     assert meta.seq_lens == ()  # no prefill chunks
     # a smaller batch later overwrites every row it uses: no stale row survives
     s.fill(DecodeBatch([8], [3], [50], [[3]], [4]), 2)

@@ -123,7 +123,7 @@ def test_decode_rank_hooks_give_the_colocated_tokens(pair) -> None:
     for i, p in enumerate(prompts):
         assert dec.reserve(i, p, GREEDY)
         layers: list[tuple[torch.Tensor, torch.Tensor]] = []
-        hidden = prefill_hidden(ours, [p], "cpu", on_layer_kv=lambda l, k, v: layers.append((k.clone(), v.clone())))
+        hidden = prefill_hidden(ours, [p], "cpu", on_layer_kv=lambda i, k, v: layers.append((k.clone(), v.clone())))
         for layer, (k, v) in enumerate(layers):
             dec.write_prompt_kv(i, layer, k, v)
         ev = dec.add_prefilled(i, hidden[0])

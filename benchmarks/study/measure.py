@@ -19,7 +19,6 @@ from tqdm import tqdm
 
 import servers  # benchmarks/servers.py (pd_vs_colocated.py puts benchmarks/ on sys.path)
 from pd_local.loadtest.client import RequestOptions
-from pd_local.loadtest.metrics import stats
 from pd_local.loadtest.runner import RunOptions, RunResult, fetch_model, run_benchmark
 from pd_local.loadtest.workloads import (KIND_LONG, KIND_SHORT, Scheduled, long_spec, make_schedule,
                                          random_spec)

@@ -205,10 +205,8 @@ class PrefillLoop:
 
     def _run_batch(self, batch: list[Prefill]) -> None:
         t0 = time.monotonic()
-        # destination -> (first token, end token) in the flattened batch; (first row, end row)
-        tokens: dict[int, tuple[int, int]] = {}
-        pieces: dict[int, list[tuple[int, int]]] = {}  # destination -> its rows to send
-        rows: dict[int, tuple[int, int]] = {}
+        pieces: dict[int, list[tuple[int, int]]] = {}  # destination -> its token ranges to send
+        rows: dict[int, tuple[int, int]] = {}  # destination -> (first row, end row) of its requests
         tok, row = 0, 0
         for d, group in itertools.groupby(batch, key=lambda p: p.decode_rank):
             group = list(group)

@@ -136,10 +136,6 @@ class KVSender:
     def data(self) -> Link:
         return self.pair.data
 
-    @property
-    def busy(self) -> bool:
-        return self._entries is not None
-
     def start(self, entries: Sequence[KVEntry]) -> None:
         if self._entries is not None:
             raise RuntimeError(f"pair {self.data.name}: start() while a transfer is unfinished")

@@ -124,7 +124,6 @@ class Scheduler:
         self.allocator = allocator
         self.prefix_salt = prefix_salt  # what else names KV content: model, dtype
         self.prefix_hit_tokens = 0  # prompt tokens whose KV came from the cache, since start
-        self.prefix_query_tokens = 0  # prompt tokens admitted or reserved, since start
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.queue = PrefillQueue(max_prefill_tokens, chunked_prefill, prefill_policy)
@@ -217,7 +216,6 @@ class Scheduler:
         seq.block_hashes, seq.num_registered = hashes, cached
         seq.num_cached = cached * bs
         self.prefix_hit_tokens += seq.num_cached
-        self.prefix_query_tokens += seq.num_tokens
         return True
 
     def _register(self, seq: Sequence, computed: int) -> None:

@@ -68,7 +68,6 @@ class AttentionMetadata:
     offset); None means nothing is written (a prefill-only rank without a cache).
     """
 
-    is_prefill: bool  # no decode rows (kept for callers that only prefill)
     seq_lens: tuple[int, ...]
     slot_mapping: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
@@ -102,7 +101,7 @@ class AttentionMetadata:
         if prefix_lens is not None and len(prefix_lens) != len(seq_lens):
             raise ValueError(f"{len(prefix_lens)} prefix lengths for {len(seq_lens)} chunks")
         return cls(
-            is_prefill=True, seq_lens=tuple(seq_lens), slot_mapping=slot_mapping,
+            seq_lens=tuple(seq_lens), slot_mapping=slot_mapping,
             prefix_lens=tuple(prefix_lens or ()),
             prefix_slots=tuple(prefix_slots) if prefix_slots is not None else None,
         )
@@ -150,7 +149,6 @@ class AttentionMetadata:
             for nblk, rows in sorted(groups.items())
         )
         return cls(
-            is_prefill=not block_tables,
             seq_lens=tuple(chunk_lens),
             slot_mapping=host_to_device(slot_mapping, dev),  # [T]
             block_tables=tables,

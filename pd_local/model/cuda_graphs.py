@@ -104,7 +104,7 @@ class StaticDecodeInputs:
         """Decode metadata over the first n static rows; no row groups (the CUDA kernel needs
         none; the CPU path then attends over the full table width, padding masked)."""
         return AttentionMetadata(
-            is_prefill=False, seq_lens=(), num_decode=n,  # n decode rows, no prefill chunk
+            seq_lens=(), num_decode=n,  # n decode rows, no prefill chunk
             slot_mapping=self._segment(self.device_buf, self.SLOTS)[:n],
             block_tables=self._tables(self.device_buf)[:n],
             context_lens=self._segment(self.device_buf, self.CTX)[:n],

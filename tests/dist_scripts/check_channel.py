@@ -48,7 +48,7 @@ def main() -> None:
     out_link = links.to_decode[1] if ctx.rank == 0 else links.from_decode[1]
     in_link = links.from_decode[1] if ctx.rank == 0 else links.to_decode[1]
     sender, inbox = Sender(out_link), Inbox()
-    receiver = Receiver(in_link, inbox)
+    _receiver = Receiver(in_link, inbox)  # its thread feeds inbox
     peer = 1 - ctx.rank
 
     # 1. both directions at once, order and content preserved
