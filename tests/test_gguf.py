@@ -13,13 +13,8 @@ import pytest
 import torch
 
 from pd_local.cli import weights as weights_cli
-from pd_local.model.gguf import (
-    WeightsError,
-    _unpermute_qk,
-    convert_gguf,
-    expected_tensor_shapes,
-    verify_hf_dir,
-)
+from pd_local.model.gguf import _unpermute_qk, convert_gguf, expected_tensor_shapes, verify_hf_dir
+from pd_local.model.gguf_reader import WeightsError
 from tests.helpers import hf_state_dict, llama_cpp_permute, make_tiny_gguf, truncate_copy
 
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from pd_local.model.config import ModelConfigError
-from pd_local.model.gguf import WeightsError
+from pd_local.model.gguf_reader import WeightsError
 from pd_local.model.weights import checkpoint_files, load_model, load_weights
 from tests.helpers import hf_state_dict, make_tiny_hf_model
 

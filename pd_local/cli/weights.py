@@ -39,14 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from pd_local.model.gguf import (
-    WeightsError,
-    convert_gguf,
-    open_gguf,
-    parse_dtype,
-    read_manifest,
-    verify_hf_dir,
-)
+from pd_local.model.gguf import convert_gguf, read_manifest, verify_hf_dir
+from pd_local.model.gguf_reader import WeightsError, open_gguf, parse_dtype
 
 logger = logging.getLogger(__name__)
 

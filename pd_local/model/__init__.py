@@ -12,7 +12,9 @@ requests or schedulers.
 | `dtype.py` | `dtype = "auto"` -> bfloat16 / float32 from the device and the CPU's flags | change once resolved |
 | `kv_cache.py` | `PagedKVCache`: the per-layer K/V tensors attention reads and writes | decide which blocks a sequence gets |
 | `weights.py` | load a HF directory (single or sharded safetensors, memory-mapped) into the model | pickle |
-| `gguf.py` | GGUF -> HF directory conversion (dequantise, undo llama.cpp's Q/K permutation, tokenizer) | |
+| `gguf.py` | GGUF -> HF directory conversion (hparams, tensor names, dequantise, undo llama.cpp's Q/K permutation), its verification and manifest | |
+| `gguf_reader.py` | open a GGUF (checked complete), read its metadata; `WeightsError` | dequantise |
+| `gguf_tokenizer.py` | a GGUF's byte-level BPE -> `tokenizers` BPE + tokenizer_config | add BOS/EOS |
 
 The bottom layer: imports nothing from `pd_local` outside `model/`.
 """

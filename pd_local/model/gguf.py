@@ -16,12 +16,8 @@ Two llama.cpp conventions are undone here (docs/design.md, "The default model"):
   (out, in) array HF wants, so shapes are taken from the dequantised array, never from `shape`.
 
 Every failure a user can cause (missing, truncated or non-GGUF file, an architecture or tokenizer
-we do not convert) raises `WeightsError` naming the problem and the path.
-
-Longer than ~400 lines on purpose: the file is one conversion pipeline (header -> config ->
-tensors -> tokenizer -> files -> verification) over one reader, and each step's checks name
-fields the other steps read; the tokenizer part (~120 lines) is the candidate to move out if it
-grows.
+we do not convert) raises `WeightsError` naming the problem and the path. Opening the file and
+its metadata: gguf_reader.py; the tokenizer: gguf_tokenizer.py.
 """
 
 from __future__ import annotations
@@ -37,16 +33,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pd_local.model.gguf_reader import (WeightsError, dtype_name, get_field, open_gguf, parse_dtype,
+                                        require_field)
+from pd_local.model.gguf_tokenizer import build_tokenizer, tokenizer_config
+
 logger = logging.getLogger(__name__)
 
-GGUF_MAGIC = b"GGUF"
 CONVERSION_MANIFEST = "pd_local_conversion.json"
 CONVERTER_VERSION = 1
-
-# GGUF token types (llama.cpp's llama_token_type).
-_TOKEN_NORMAL, _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 1, 2, 3, 4
-
-_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 # GGUF tensor name (per block: without the "blk.{i}." prefix) -> HF name.
 _GLOBAL_NAMES: dict[str, str] = {
@@ -68,83 +62,9 @@ _BLOCK_NAMES: dict[str, str] = {
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 
-class WeightsError(ValueError):
-    """Weights we cannot read or write; the message names the file and what is wrong with it."""
-
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """'bfloat16' | 'float32' | torch.bfloat16 | torch.float32 -> torch.dtype, else WeightsError."""
-    if isinstance(dtype, torch.dtype):
-        if dtype in _DTYPES.values():
-            return dtype
-    elif dtype in _DTYPES:
-        return _DTYPES[dtype]
-    raise WeightsError(f"unsupported dtype {dtype!r}; supported: {', '.join(_DTYPES)}")
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return next(name for name, d in _DTYPES.items() if d == dtype)
-
-
-# --------------------------------------------------------------------------------------------
-# Reading the GGUF
-# --------------------------------------------------------------------------------------------
-
-def open_gguf(path: str | Path) -> Any:
-    """Open `path` with gguf.GGUFReader after checking it is a complete GGUF file.
-
-    Returns the reader (memory-maps the file; nothing is dequantised yet). Raises WeightsError
-    for a missing file, a file without the GGUF magic, a header the reader cannot parse, or tensor
-    data that runs past the end of the file (a truncated download).
-    """
-    from gguf import GGUFReader  # imported here: `gguf` pulls in numpy machinery we rarely need
-
-    path = Path(path)
-    if not path.exists():
-        raise WeightsError(f"GGUF file not found: {path}")
-    if not path.is_file():
-        raise WeightsError(f"not a file: {path}")
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        magic = f.read(4)
-    if magic != GGUF_MAGIC:
-        raise WeightsError(
-            f"{path} is not a GGUF file (first bytes {magic!r}, expected {GGUF_MAGIC!r})"
-        )
-    try:
-        reader = GGUFReader(path)
-    except Exception as e:  # the reader raises IndexError/ValueError/struct errors on short files
-        raise WeightsError(
-            f"{path} is truncated or corrupt ({size} bytes): the GGUF reader failed with "
-            f"{type(e).__name__}: {e}"
-        ) from e
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size or t.data.nbytes != int(t.n_bytes):
-            raise WeightsError(
-                f"{path} is truncated: tensor {t.name!r} needs bytes up to {end}, "
-                f"the file has {size}"
-            )
-    return reader
-
-
-def _field(reader: Any, key: str, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    return field.contents()
-
-
 def _f32_clean(x: float) -> float:
     """GGUF stores floats as f32 (1e-5 reads back as 9.99999974e-06); write the short decimal."""
     return float(str(np.float32(x)))
-
-
-def _require(reader: Any, key: str, path: Path) -> Any:
-    value = _field(reader, key)
-    if value is None:
-        raise WeightsError(f"{path}: GGUF metadata has no {key!r}")
-    return value
 
 
 def read_llama_hparams(reader: Any, path: Path) -> dict[str, Any]:
@@ -153,29 +73,29 @@ def read_llama_hparams(reader: Any, path: Path) -> dict[str, Any]:
     Raises WeightsError when the architecture is not 'llama' or a required key is missing.
     tie_word_embeddings is set from the tensors: true when the GGUF has no output.weight.
     """
-    arch = _field(reader, "general.architecture")
+    arch = get_field(reader, "general.architecture")
     if arch != "llama":
         raise WeightsError(
             f"{path}: GGUF architecture is {arch!r}; only 'llama' GGUF files can be converted"
         )
-    n_layers = int(_require(reader, "llama.block_count", path))
-    hidden = int(_require(reader, "llama.embedding_length", path))
-    n_heads = int(_require(reader, "llama.attention.head_count", path))
-    n_kv = int(_field(reader, "llama.attention.head_count_kv", n_heads))
-    head_dim = int(_field(reader, "llama.attention.key_length", hidden // n_heads))
-    rope_dims = int(_field(reader, "llama.rope.dimension_count", head_dim))
+    n_layers = int(require_field(reader, "llama.block_count", path))
+    hidden = int(require_field(reader, "llama.embedding_length", path))
+    n_heads = int(require_field(reader, "llama.attention.head_count", path))
+    n_kv = int(get_field(reader, "llama.attention.head_count_kv", n_heads))
+    head_dim = int(get_field(reader, "llama.attention.key_length", hidden // n_heads))
+    rope_dims = int(get_field(reader, "llama.rope.dimension_count", head_dim))
     if rope_dims != head_dim:
         raise WeightsError(
             f"{path}: rotary covers {rope_dims} of {head_dim} head dims (partial rotary is not supported)"
         )
-    tokens = _field(reader, "tokenizer.ggml.tokens") or []
-    vocab = int(_field(reader, "llama.vocab_size", len(tokens)))
+    tokens = get_field(reader, "tokenizer.ggml.tokens") or []
+    vocab = int(get_field(reader, "llama.vocab_size", len(tokens)))
     if vocab <= 0:
         raise WeightsError(f"{path}: GGUF has neither llama.vocab_size nor tokenizer.ggml.tokens")
-    rope_theta = _f32_clean(_field(reader, "llama.rope.freq_base", 10000.0))
-    if _field(reader, "llama.rope.scaling.type") not in (None, "none"):
+    rope_theta = _f32_clean(get_field(reader, "llama.rope.freq_base", 10000.0))
+    if get_field(reader, "llama.rope.scaling.type") not in (None, "none"):
         raise WeightsError(
-            f"{path}: rope scaling {_field(reader, 'llama.rope.scaling.type')!r} is not supported "
+            f"{path}: rope scaling {get_field(reader, 'llama.rope.scaling.type')!r} is not supported "
             f"by this converter"
         )
     tensor_names = {t.name for t in reader.tensors}
@@ -184,22 +104,22 @@ def read_llama_hparams(reader: Any, path: Path) -> dict[str, Any]:
             f"{path}: has rope_freqs.weight (Llama 3.1-style rope scaling), which this converter "
             f"cannot map back to a HF rope_scaling config"
         )
-    bos = _field(reader, "tokenizer.ggml.bos_token_id")
-    eos = _field(reader, "tokenizer.ggml.eos_token_id")
-    pad = _field(reader, "tokenizer.ggml.padding_token_id")
+    bos = get_field(reader, "tokenizer.ggml.bos_token_id")
+    eos = get_field(reader, "tokenizer.ggml.eos_token_id")
+    pad = get_field(reader, "tokenizer.ggml.padding_token_id")
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": vocab,
         "hidden_size": hidden,
-        "intermediate_size": int(_require(reader, "llama.feed_forward_length", path)),
+        "intermediate_size": int(require_field(reader, "llama.feed_forward_length", path)),
         "num_hidden_layers": n_layers,
         "num_attention_heads": n_heads,
         "num_key_value_heads": n_kv,
         "head_dim": head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": int(_field(reader, "llama.context_length", 2048)),
-        "rms_norm_eps": _f32_clean(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        "max_position_embeddings": int(get_field(reader, "llama.context_length", 2048)),
+        "rms_norm_eps": _f32_clean(get_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
         # transformers 4.x reads rope_theta, 5.x rope_parameters; ModelConfig reads either.
         "rope_theta": rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
@@ -329,125 +249,6 @@ def read_tensors(
 
 
 # --------------------------------------------------------------------------------------------
-# Tokenizer
-# --------------------------------------------------------------------------------------------
-
-def _pre_tokenizer(pre: str, path: Path) -> Any:
-    from tokenizers import pre_tokenizers
-
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if pre == "smollm":
-        # llama.cpp's 'smollm' pre-tokenizer: every digit on its own, then the GPT-2 regex.
-        return pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), byte_level]
-        )
-    if pre in ("default", "gpt-2"):
-        return byte_level
-    raise WeightsError(
-        f"{path}: tokenizer pre-tokenizer {pre!r} is not supported (supported: smollm, gpt-2, default)"
-    )
-
-
-def build_tokenizer(reader: Any, path: Path) -> tuple[Any, dict[str, Any]]:
-    """Build (tokenizers.Tokenizer, special-token info) from the GGUF's tokenizer.ggml.* fields.
-
-    Only byte-level BPE ('gpt2' model) is supported. CONTROL tokens become special added tokens
-    (otherwise `<|im_start|>` in a rendered chat would be split into pieces); USER_DEFINED tokens
-    become non-special added tokens. No BOS/EOS is added by the post-processor.
-    """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
-
-    model = _field(reader, "tokenizer.ggml.model")
-    if model != "gpt2":
-        raise WeightsError(
-            f"{path}: tokenizer model {model!r} is not supported; only byte-level BPE ('gpt2') is"
-        )
-    tokens: list[str] = list(_field(reader, "tokenizer.ggml.tokens") or [])
-    merges_raw: list[str] = list(_field(reader, "tokenizer.ggml.merges") or [])
-    types: list[int] = list(_field(reader, "tokenizer.ggml.token_type") or [_TOKEN_NORMAL] * len(tokens))
-    if not tokens or not merges_raw:
-        raise WeightsError(f"{path}: GGUF has no tokenizer.ggml.tokens / tokenizer.ggml.merges")
-    if len(types) != len(tokens):
-        raise WeightsError(
-            f"{path}: {len(tokens)} tokens but {len(types)} token types in the GGUF"
-        )
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    if len(vocab) != len(tokens):
-        raise WeightsError(f"{path}: GGUF token list has duplicate entries")
-    merges: list[tuple[str, str]] = []
-    for m in merges_raw:
-        left, sep, right = m.partition(" ")
-        if not sep:
-            raise WeightsError(f"{path}: malformed BPE merge {m!r}")
-        merges.append((left, right))
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-    tok.pre_tokenizer = _pre_tokenizer(str(_field(reader, "tokenizer.ggml.pre", "default")), path)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    added = [
-        AddedToken(tokens[i], special=(ty == _TOKEN_CONTROL), normalized=False)
-        for i, ty in enumerate(types)
-        if ty in (_TOKEN_CONTROL, _TOKEN_USER_DEFINED)
-    ]
-    # add_tokens keeps the vocab id of a token already in the BPE vocab; special-ness comes
-    # from the AddedToken flag.
-    tok.add_tokens(added)
-    if tok.get_vocab_size(with_added_tokens=True) != len(tokens):
-        raise WeightsError(
-            f"{path}: tokenizer built with {tok.get_vocab_size(with_added_tokens=True)} tokens, "
-            f"GGUF lists {len(tokens)}"
-        )
-
-    def token_at(key: str) -> str | None:
-        idx = _field(reader, key)
-        if idx is None:
-            return None
-        if not 0 <= int(idx) < len(tokens):
-            raise WeightsError(f"{path}: {key} = {idx} is outside the vocabulary")
-        return tokens[int(idx)]
-
-    info = {
-        "bos_token": token_at("tokenizer.ggml.bos_token_id"),
-        "eos_token": token_at("tokenizer.ggml.eos_token_id"),
-        "unk_token": token_at("tokenizer.ggml.unknown_token_id"),
-        "pad_token": token_at("tokenizer.ggml.padding_token_id"),
-        "chat_template": _field(reader, "tokenizer.chat_template"),
-        "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
-        "add_eos_token": bool(_field(reader, "tokenizer.ggml.add_eos_token", False)),
-        "special_tokens": [tokens[i] for i, ty in enumerate(types) if ty == _TOKEN_CONTROL],
-    }
-    if info["add_bos_token"] or info["add_eos_token"]:
-        # Our chat path never adds BOS/EOS (the template emits what the model needs); a GGUF
-        # that asks for it would silently be served differently from llama.cpp.
-        raise WeightsError(
-            f"{path}: GGUF asks for BOS/EOS to be added to every prompt, which pd_local's "
-            f"tokenizer does not do"
-        )
-    return tok, info
-
-
-def _tokenizer_config(info: dict[str, Any], max_len: int) -> dict[str, Any]:
-    cfg: dict[str, Any] = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "add_prefix_space": False,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": max_len,
-        "additional_special_tokens": [
-            t for t in info["special_tokens"]
-            if t not in (info["bos_token"], info["eos_token"], info["unk_token"], info["pad_token"])
-        ],
-    }
-    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
-        if info[key] is not None:
-            cfg[key] = info[key]
-    if info["chat_template"]:
-        cfg["chat_template"] = info["chat_template"]
-    return cfg
-
-
-# --------------------------------------------------------------------------------------------
 # Conversion + verification
 # --------------------------------------------------------------------------------------------
 
@@ -473,7 +274,7 @@ def convert_gguf(
     t0 = time.monotonic()
     reader = open_gguf(gguf_path)
     config = read_llama_hparams(reader, gguf_path)
-    config["torch_dtype"] = _dtype_name(torch_dtype)
+    config["torch_dtype"] = dtype_name(torch_dtype)
     tokenizer, tok_info = build_tokenizer(reader, gguf_path)
     if tokenizer.get_vocab_size(with_added_tokens=True) > config["vocab_size"]:
         raise WeightsError(
@@ -494,7 +295,7 @@ def convert_gguf(
     tokenizer.save(str(out_dir / "tokenizer.json"))
     _write_json(
         out_dir / "tokenizer_config.json",
-        _tokenizer_config(tok_info, config["max_position_embeddings"]),
+        tokenizer_config(tok_info, config["max_position_embeddings"]),
     )
     gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config[k] is not None}
     _write_json(out_dir / "generation_config.json", gen)

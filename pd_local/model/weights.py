@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from pd_local.model.config import ModelConfig
-from pd_local.model.gguf import WeightsError
+from pd_local.model.gguf_reader import WeightsError
 
 logger = logging.getLogger(__name__)
 
