@@ -10,16 +10,12 @@ Two kinds of checks:
 - `check_world`: the config fits the world torchrun started (rank count, CUDA devices, the model
   directory); called at start-up on every rank, before `init_process_group`.
 
-Longer than ~400 lines on purpose: the tree, its TOML loader, the flags that override it and the
-start-up checks are one contract (every TOML key, flag and error message names the same field);
-split apart, a new key would need edits in several files that must agree.
+The command-line flags that override it are in config_flags.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -131,31 +127,21 @@ class EngineConfig:
     kv_cache_gb: float | None = None
     gpu_memory_fraction: float | None = None
     max_num_seqs: int = 64
-    # Prompt tokens per forward: per engine step (all chunks together; decode rows ride on top)
-    # and per prefill-rank batch. With chunked_prefill a longer prompt is split across steps,
-    # which bounds every step; without, prompts run whole (a longer one alone). 256: on the
-    # 2-core AVX2 dev CPU (SmolLM2 fp32, 1 thread) prefill costs 7.6/5.6/4.9/3.8/3.8/4.5 ms per
-    # token at 32/64/128/256/512/1024 tokens, so 256 is the smallest step that loses no
-    # throughput per token, and bounds a step to ~1 s there.
+    # Prompt tokens per forward (engine step or prefill-rank batch; decode rows ride on top);
+    # chunked_prefill splits a longer prompt across steps. 256: the smallest step that loses no
+    # prefill throughput per token on a CPU (docs/benchmarks/engine-settings.md).
     max_prefill_tokens: int = 256
     max_model_len: int | None = 2048
     chunked_prefill: bool = True
-    # Which waiting prompts get the budget, on colocated ranks and prefill ranks alike: "fcfs"
-    # (oldest first) or "srpf" (shortest remaining prefill first; aging bounds how many tokens
-    # may pass a prompt, so a long one is never starved). srpf: measured through the server
-    # (benchmarks/head_of_line.py, docs/benchmarks/head_of_line.md), 3 short chats sent 0.3 s
-    # behind a 1730-token prompt wait 0.95-0.99 L longer than without it under fcfs (the whole
-    # long prefill) and 0.10-0.17 L under srpf, in colocated-1 and 1P1D alike; the long prompt
-    # and the running streams pay nothing measurable for it.
+    # Which waiting prompts get the budget: "fcfs" (oldest first) or "srpf" (shortest remaining
+    # prefill first, with aging so a long one is never starved): short chats stop waiting behind
+    # a long prompt (docs/benchmarks/engine-settings.md).
     prefill_policy: str = "srpf"
     # CUDA only: decode steps replay per-batch-size CUDA graphs (ignored on CPU).
     cuda_graphs: bool = True
-    # false: drop the padding that makes a request's logits independent of its batch (CPU only;
-    # ~2x faster batch-1 decode on AVX2, but greedy tokens may then differ across topologies)
+    # false: a request's logits may depend on its batch (faster on CPU; topologies may disagree)
     batch_invariant: bool = True
-    # Keep the KV of full prompt blocks after a request ends and reuse it for any later prompt
-    # that starts with the same tokens (reference-counted blocks, LRU eviction when memory is
-    # needed). false: every prompt is prefilled from its first token, as before.
+    # Keep the KV of full prompt blocks after a request ends, for later prompts that start alike.
     enable_prefix_caching: bool = True
     # Not a TOML key (`_known` leaves it out): tests and benchmarks that need exact accounting.
     num_blocks: int | None = field(default=None, metadata={"toml": False})
@@ -383,79 +369,6 @@ def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = N
         if path is None:
             raise
         raise ConfigError(f"{path}: {e}") from None
-
-
-# --- command-line flags -------------------------------------------------------------------------
-
-
-def _parse_set(item: str) -> tuple[str, Any]:
-    """'engine.max_num_seqs=32' -> ('engine.max_num_seqs', 32); the value is parsed as TOML."""
-    key, sep, text = item.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"--set expects KEY=VALUE (e.g. engine.max_num_seqs=32), got {item!r}")
-    try:
-        value = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = text  # a bare word: take it as a string (e.g. --set server.host=0.0.0.0)
-    return key.strip(), value
-
-
-def add_config_args(parser: argparse.ArgumentParser) -> None:
-    """The serve flags shared by `pd-local serve` and the rank entry point `pd_local.launch`."""
-    parser.add_argument("--config", type=Path, default=None,
-                        help="TOML config (default: built-in defaults = configs/cpu-1p1d.toml)")
-    parser.add_argument("--model", default=None, help="Hugging Face model directory")
-    parser.add_argument("--dtype", choices=DTYPES, default=None)
-    parser.add_argument("--device", choices=DEVICES, default=None)
-    parser.add_argument("--transfer", choices=TRANSFER_MODES, default=None)
-    parser.add_argument("--routing", choices=ROUTING_POLICIES, default=None)
-    parser.add_argument("--prefill", type=int, default=None, help="prefill ranks (with --decode)")
-    parser.add_argument("--decode", type=int, default=None, help="decode ranks (with --prefill)")
-    parser.add_argument("--colocated", type=int, default=None, help="N colocated replicas")
-    parser.add_argument("--host", default=None)
-    parser.add_argument("--port", type=int, default=None)
-    parser.add_argument("--api-key", default=None,
-                        help=f"require 'Authorization: Bearer KEY' (or set ${API_KEY_ENV})")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any config key, e.g. --set engine.max_num_seqs=32")
-
-
-def config_from_args(args: argparse.Namespace) -> ServeConfig:
-    overrides: dict[str, Any] = {
-        "model": args.model, "dtype": args.dtype, "device": args.device,
-        "transfer": args.transfer, "routing": args.routing,
-        "server.host": args.host, "server.port": args.port,
-        "server.api_key": args.api_key or os.environ.get(API_KEY_ENV) or None,
-    }
-    overrides.update(_parse_set(item) for item in args.set)
-    if args.colocated is not None or args.prefill is not None or args.decode is not None:
-        if args.colocated is not None and (args.prefill is not None or args.decode is not None):
-            raise ConfigError("give either --prefill P --decode D or --colocated N, not both")
-        if args.colocated is None and (args.prefill is None or args.decode is None):
-            raise ConfigError("--prefill and --decode go together (or use --colocated N)")
-        # Flags replace the file's whole topology table: mixing would make 1P1D + colocated.
-        overrides["topology"] = (
-            {"colocated": args.colocated} if args.colocated is not None
-            else {"prefill": args.prefill, "decode": args.decode}
-        )
-    return load_config(args.config, overrides)
-
-
-def to_argv(cfg_path: str | Path | None, args: argparse.Namespace) -> list[str]:
-    """The flags of `args` as an argv, so `pd-local serve` can hand them on to every rank.
-
-    Not --api-key: that goes through the environment (API_KEY_ENV)."""
-    argv: list[str] = []
-    if cfg_path is not None:
-        argv += ["--config", str(cfg_path)]
-    for flag in ("model", "dtype", "device", "transfer", "routing",
-                 "prefill", "decode", "colocated", "host", "port"):
-        value = getattr(args, flag)
-        if value is not None:
-            argv += [f"--{flag}", str(value)]
-    for item in args.set:
-        argv += ["--set", item]
-    return argv
 
 
 # --- start-up checks against the world torchrun made --------------------------------------------

@@ -26,7 +26,8 @@ import traceback
 from collections.abc import Callable
 from typing import NoReturn
 
-from pd_local.config import ConfigError, add_config_args, check_model_dir, config_from_args
+from pd_local.config import ConfigError, check_model_dir
+from pd_local.config_flags import add_config_args, config_from_args
 from pd_local.cluster.shutdown import RankFailure, WorkerSignals, exit_now, install
 
 log = logging.getLogger("pd_local.launch")

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pd_local.config import (ConfigError, EngineConfig, ServeConfig, add_config_args,
-                             check_model_dir, check_world, config_from_args, load_config)
+from pd_local.config import (ConfigError, EngineConfig, ServeConfig, check_model_dir, check_world,
+                             load_config)
+from pd_local.config_flags import add_config_args, config_from_args
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

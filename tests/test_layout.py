@@ -1,7 +1,8 @@
 """The package layout is the architecture: arrows point down, nothing below imports above.
 
 cli -> api / cluster -> engine -> model. `config` and `tokenizer` are shared (they import only
-`model`); `launch` and `__main__` are entry points; `loadtest` imports nothing else of pd_local.
+`model`; `config_flags`, the serve flags over `config`, only it); `launch` and `__main__` are
+entry points; `loadtest` imports nothing else of pd_local.
 `cluster` may import `api` (the router implements `api.backend.Backend`), never the reverse.
 Every import counts, including the ones inside functions.
 """
@@ -19,12 +20,13 @@ ROOT = Path(__file__).resolve().parent.parent / "pd_local"
 ALLOWED: dict[str, set[str]] = {
     "model": set(),
     "config": {"model"},
+    "config_flags": {"config"},
     "tokenizer": set(),
     "engine": {"model", "config"},
     "api": {"engine", "model", "config", "tokenizer"},
     "cluster": {"api", "engine", "model", "config", "tokenizer"},
-    "cli": {"api", "cluster", "engine", "model", "config", "tokenizer", "loadtest"},
-    "launch": {"cluster", "config"},
+    "cli": {"api", "cluster", "engine", "model", "config", "config_flags", "tokenizer", "loadtest"},
+    "launch": {"cluster", "config", "config_flags"},
     "__main__": set(),  # imports its sub-commands by name, lazily
     "__init__": set(),
     "loadtest": set(),
@@ -61,7 +63,7 @@ def test_no_module_imports_a_layer_above(path: Path) -> None:
 
 def test_top_level_shows_the_roles() -> None:
     top = sorted(p.name for p in ROOT.iterdir() if not p.name.startswith("__pycache__"))
-    assert top == ["__init__.py", "__main__.py", "api", "cli", "cluster", "config.py", "engine",
+    assert top == ["__init__.py", "__main__.py", "api", "cli", "cluster", "config.py", "config_flags.py", "engine",
                    "launch.py", "loadtest", "model", "tokenizer.py"]
 
 

@@ -18,9 +18,8 @@ import signal
 import subprocess
 import sys
 
-from pd_local.config import (API_KEY_ENV, DEFAULT_MODEL, ConfigError, ServeConfig,
-                             add_config_args, check_model_dir, check_world, config_from_args,
-                             to_argv)
+from pd_local.config import API_KEY_ENV, DEFAULT_MODEL, ConfigError, ServeConfig, check_model_dir, check_world
+from pd_local.config_flags import add_config_args, config_from_args, to_argv
 
 
 def fetch_default_model(cfg: ServeConfig) -> None:
