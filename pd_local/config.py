@@ -64,6 +64,11 @@ def _positive_float(name: str, value: Any, maximum: float | None = None,
         raise ConfigError(f"{name} must be <= {maximum}, got {value}")
 
 
+def _bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
@@ -147,8 +152,7 @@ class EngineConfig:
     num_blocks: int | None = field(default=None, metadata={"toml": False})
 
     def __post_init__(self) -> None:
-        if not isinstance(self.batch_invariant, bool):
-            raise ConfigError(f"engine.batch_invariant must be true or false, got {self.batch_invariant!r}")
+        _bool("engine.batch_invariant", self.batch_invariant)
         _int("engine.block_size", self.block_size, minimum=1, maximum=1024)
         if self.block_size & (self.block_size - 1):
             raise ConfigError(f"engine.block_size must be a power of two, got {self.block_size}")
@@ -166,19 +170,14 @@ class EngineConfig:
             _positive_float("engine.gpu_memory_fraction", self.gpu_memory_fraction, maximum=1.0)
         _int("engine.max_num_seqs", self.max_num_seqs, minimum=1)
         _int("engine.max_prefill_tokens", self.max_prefill_tokens, minimum=1)
-        if not isinstance(self.enable_prefix_caching, bool):
-            raise ConfigError("engine.enable_prefix_caching must be true or false, "
-                              f"got {self.enable_prefix_caching!r}")
-        if not isinstance(self.chunked_prefill, bool):
-            raise ConfigError(
-                f"engine.chunked_prefill must be true or false, got {self.chunked_prefill!r}")
+        _bool("engine.enable_prefix_caching", self.enable_prefix_caching)
+        _bool("engine.chunked_prefill", self.chunked_prefill)
         _choice("engine.prefill_policy", self.prefill_policy, PREFILL_POLICIES)
         if self.max_model_len is not None:
             _int("engine.max_model_len", self.max_model_len, minimum=1)
         if self.num_blocks is not None:
             _int("engine.num_blocks", self.num_blocks, minimum=1)
-        if not isinstance(self.cuda_graphs, bool):
-            raise ConfigError(f"engine.cuda_graphs must be true or false, got {self.cuda_graphs!r}")
+        _bool("engine.cuda_graphs", self.cuda_graphs)
 
 
 @dataclass(frozen=True)
@@ -261,10 +260,8 @@ class ServeConfig:
         _choice("device", self.device, DEVICES)
         _choice("transfer", self.transfer, TRANSFER_MODES)
         _choice("routing", self.routing, ROUTING_POLICIES)
-        if not isinstance(self.share_device, bool):
-            raise ConfigError(f"share_device must be true or false, got {self.share_device!r}")
-        if not isinstance(self.kv_ipc, bool):
-            raise ConfigError(f"kv_ipc must be true or false, got {self.kv_ipc!r}")
+        _bool("share_device", self.share_device)
+        _bool("kv_ipc", self.kv_ipc)
         if self.device == "cpu" and self.engine.gpu_memory_fraction is not None:
             raise ConfigError(
                 "engine.gpu_memory_fraction applies to device = 'cuda' only; "
