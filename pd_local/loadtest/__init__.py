@@ -15,7 +15,8 @@ Modules, each with one concern:
 - `head_of_line`: the head_of_line workload's report (short chats' extra wait, streams' gaps,
   in units of the long prompt's TTFT).
 - `sweep`: rate sweeps over several targets, SLO attainment and goodput ratio.
-- `cli`: argument parsing; `main(argv) -> int` for `pd-local bench`.
+- `args`: the flags, their types and cross-checks -> a WorkloadConfig.
+- `cli`: the commands; `main(argv) -> int` for `pd-local bench`.
 
 Nothing here imports torch, nor anything of pd_local outside `loadtest/`: the tool must run on a
 machine that only has the client extras.
