@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from pd_local.config import add_config_args, config_from_args
+from pd_local.config_flags import add_config_args, config_from_args
 from pd_local.cluster.dist import DistContext, init_distributed
 from pd_local.launch import setup_logging
 
