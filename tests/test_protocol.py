@@ -15,8 +15,9 @@ from pd_local.cluster.messages import (MAGIC, MESSAGE_TYPES, Abort, DType, Fatal
                                        Heartbeat, KVEntry, KVHeader, Kind, Prefill, PrefillDone,
                                        ProtocolError, Ready, RejectReason, Rejected, Reserve,
                                        Reserved, Sampling, Shutdown, Stats, TokenEntry, Tokens,
-                                       TransferMode, TransferRecord, decode, encode, float_to_word,
-                                       pack, unpack, word_to_float)
+                                       TransferMode, TransferRecord, decode, encode, pack,
+                                       unpack)
+from pd_local.cluster.codec import float_to_word, word_to_float
 
 i64 = st.integers(min_value=-(1 << 63), max_value=(1 << 63) - 1)
 ids = st.integers(min_value=0, max_value=(1 << 62))

@@ -3,7 +3,8 @@
 | module | owns | never does |
 |---|---|---|
 | `dist.py` | ranks -> roles, every process group, created in one fixed order on every rank | |
-| `messages.py` | every typed cross-rank message and its int64 wire codec | pickle |
+| `messages.py` | every typed cross-rank message, `pack` / `unpack` | pickle |
+| `codec.py` | the field-driven int64 wire codec: a dataclass's annotations say how each field travels | know message kinds |
 | `channel.py` | one control link over a 2-rank gloo group: `Sender`, `Receiver` thread -> `Inbox`, `Heartbeater` (a thread per link) | poll a gloo receive; heartbeat one link from another's thread |
 | `transfer.py` | KV + hidden-state sender/receiver, header before payload; the header link read without pause | wait on data whose header has not arrived |
 | `ipc.py` | the KV transport per (prefill, decode) device pair; CUDA IPC handles as int64 tensors | pickle |

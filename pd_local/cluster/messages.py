@@ -6,30 +6,22 @@ view of their IEEE-754 float64 bits, so they arrive bit-exact (NaN payloads and 
 Booleans and enums are words; an optional int is a presence word then the value. Timestamps are
 time.monotonic(): CLOCK_MONOTONIC is system-wide on Linux, so ranks of one host share it.
 
-Longer than ~400 lines on purpose: every cross-rank message type and the field-driven codec
-that defines its wire form are one contract, read together (a field's annotation is the rule
-that encodes it). The channel that carries them is `channel.py`.
+A message's fields are its wire form, in order (codec.py: a field's annotation is the rule that
+encodes it). The channel that carries messages is `channel.py`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import enum
-import functools
-import struct
 import typing
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Union
+from typing import ClassVar, Union
 
 import torch
 
+from pd_local.cluster.codec import ProtocolError, Reader, Writer, codec
+
 MAGIC = 0x5044 << 16  # "PD" in the high bits of word 0: a stray tensor is not read as a message
-INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
-
-
-class ProtocolError(ValueError):
-    """A tensor that is not a well-formed message; the message says which and where."""
 
 
 class Kind(enum.IntEnum):
@@ -88,144 +80,6 @@ _DTYPE_CODES = {torch.bfloat16: DType.BFLOAT16, torch.float32: DType.FLOAT32,
 class TransferMode(enum.IntEnum):
     LAYERWISE = 1
     WHOLE = 2
-
-
-# --- field-driven codec -------------------------------------------------------------------------
-# Each message is a frozen dataclass; its fields' annotations say how they go on the wire:
-#   int -> one word; bool / IntEnum -> one word; float -> the int64 view of its float64 bits;
-#   int | None -> presence word + value; str -> UTF-8 bytes as a list; tuple[int, ...] -> length
-#   word + items; tuple[Record, ...] -> count + each record's fields; a nested dataclass -> its
-#   fields in order. Field order is wire order.
-
-
-def float_to_word(x: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", x))[0]
-
-
-def word_to_float(w: int) -> float:
-    return struct.unpack("<d", struct.pack("<q", w))[0]
-
-
-class _Writer:
-    def __init__(self, kind: Kind) -> None:
-        self.words: list[int] = [MAGIC | kind]
-        self.kind = kind
-
-    def int(self, x: int) -> None:
-        if not isinstance(x, int) or not INT64_MIN <= x <= INT64_MAX:
-            raise ProtocolError(f"{self.kind.name}: {x!r} is not an int64")
-        self.words.append(x)
-
-
-class _Reader:
-    def __init__(self, kind: Kind, words: list[int]) -> None:
-        self.kind, self.words, self.pos = kind, words, 1
-
-    def int(self) -> int:
-        if self.pos >= len(self.words):
-            raise ProtocolError(
-                f"{self.kind.name} message truncated: needs word {self.pos}, has {len(self.words)}")
-        self.pos += 1
-        return self.words[self.pos - 1]
-
-    def count(self) -> int:
-        """A list's length word, checked against what is left of the message."""
-        n = self.int()
-        if not 0 <= n <= len(self.words) - self.pos:
-            raise ProtocolError(f"{self.kind.name} message truncated: list of {n} at word "
-                                f"{self.pos}, message has {len(self.words)} words")
-        return n
-
-
-_Write = Callable[[_Writer, Any], None]
-_Read = Callable[[_Reader], Any]
-
-
-def _write_float(w: _Writer, x: float) -> None:
-    w.words.append(float_to_word(float(x)))
-
-
-def _read_enum(cls: type[enum.IntEnum]) -> _Read:
-    def read(r: _Reader) -> enum.IntEnum:
-        code = r.int()
-        try:
-            return cls(code)
-        except ValueError:
-            raise ProtocolError(f"{r.kind.name}: {code} is not a {cls.__name__}") from None
-    return read
-
-
-def _write_ints(w: _Writer, xs: Sequence[int]) -> None:
-    w.words.append(len(xs))
-    for x in xs:
-        w.int(x)
-
-
-def _read_ints(r: _Reader) -> tuple[int, ...]:
-    n = r.count()
-    r.pos += n
-    return tuple(r.words[r.pos - n:r.pos])
-
-
-def _write_str(w: _Writer, s: str) -> None:
-    _write_ints(w, list(s.encode("utf-8")))
-
-
-def _read_str(r: _Reader) -> str:
-    raw = _read_ints(r)
-    if any(not 0 <= b < 256 for b in raw):
-        raise ProtocolError(f"{r.kind.name}: text is not bytes")
-    return bytes(raw).decode("utf-8", errors="replace")
-
-
-def _write_opt_int(w: _Writer, x: int | None) -> None:
-    w.words.append(0 if x is None else 1)
-    w.int(0 if x is None else x)
-
-
-def _read_opt_int(r: _Reader) -> int | None:
-    present, value = r.int(), r.int()
-    return value if present else None
-
-
-@functools.cache
-def _codec(tp: Any) -> tuple[_Write, _Read]:
-    """(write, read) for one annotated type; built once per type."""
-    if tp is bool:
-        return (lambda w, x: w.int(int(x))), (lambda r: bool(r.int()))
-    if tp is int:
-        return _Writer.int, _Reader.int
-    if tp is float:
-        return _write_float, (lambda r: word_to_float(r.int()))
-    if tp is str:
-        return _write_str, _read_str
-    if isinstance(tp, type) and issubclass(tp, enum.IntEnum):
-        return (lambda w, x: w.int(int(x))), _read_enum(tp)
-    if dataclasses.is_dataclass(tp):
-        hints = typing.get_type_hints(tp)
-        parts = [(f.name, *_codec(hints[f.name])) for f in dataclasses.fields(tp)]
-
-        def write(w: _Writer, obj: Any) -> None:
-            for name, wr, _ in parts:
-                wr(w, getattr(obj, name))
-
-        def read(r: _Reader) -> Any:
-            return tp(*(rd(r) for _, _, rd in parts))
-        return write, read
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) is tuple and len(args) == 2 and args[1] is Ellipsis:
-        if args[0] is int:
-            return _write_ints, _read_ints
-        item_write, item_read = _codec(args[0])
-
-        def write_seq(w: _Writer, xs: Sequence[Any]) -> None:
-            w.words.append(len(xs))
-            for x in xs:
-                item_write(w, x)
-        return write_seq, (lambda r: tuple(item_read(r) for _ in range(r.count())))
-    if set(args) == {int, type(None)}:
-        return _write_opt_int, _read_opt_int
-    raise TypeError(f"no wire codec for {tp!r}")
 
 
 # --- messages -----------------------------------------------------------------------------------
@@ -440,8 +294,8 @@ MESSAGE_TYPES: dict[Kind, type] = {cls.KIND: cls for cls in typing.get_args(Mess
 
 
 def encode(msg: Message) -> list[int]:
-    w = _Writer(msg.KIND)
-    _codec(type(msg))[0](w, msg)
+    w = Writer(msg.KIND.name, [MAGIC | msg.KIND])
+    codec(type(msg))[0](w, msg)
     return w.words
 
 
@@ -458,8 +312,8 @@ def decode(words: list[int]) -> Message:
     except ValueError:
         known = ", ".join(f"{k.value}={k.name}" for k in Kind)
         raise ProtocolError(f"unknown message kind {code} (known: {known})") from None
-    r = _Reader(kind, words)
-    msg = _codec(MESSAGE_TYPES[kind])[1](r)
+    r = Reader(kind.name, words, pos=1)
+    msg = codec(MESSAGE_TYPES[kind])[1](r)
     if r.pos != len(words):
         raise ProtocolError(f"{kind.name} message has {len(words) - r.pos} trailing words "
                             f"({len(words)} words, parsed {r.pos})")
