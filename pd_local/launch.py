@@ -33,7 +33,7 @@ from pd_local.cluster.shutdown import RankFailure, WorkerSignals, exit_now, inst
 log = logging.getLogger("pd_local.launch")
 
 ROLE_MODULES: dict[str, str] = {
-    "frontend": "pd_local.cluster.router",
+    "frontend": "pd_local.cluster.frontend",
     "prefill": "pd_local.cluster.prefill",
     "decode": "pd_local.cluster.decode",
     "colocated": "pd_local.cluster.decode",
@@ -78,7 +78,7 @@ def _main(argv: list[str]) -> None:
     cfg = config_from_args(parser.parse_args(argv))
     check_model_dir(cfg)  # every rank refuses alike, before any group exists
     rank = int(os.environ.get("RANK", "0"))
-    if rank == 0:  # until the router's own stop logic takes over (router.serve)
+    if rank == 0:  # until the router's own stop logic takes over (frontend.serve)
         install(lambda sig: exit_now(f"rank 0: {signal.Signals(sig).name} before serving"))
     else:
         install(WorkerSignals(rank, cfg.server.shutdown_grace_s + 2 * cfg.timeouts.group_s))

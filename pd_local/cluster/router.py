@@ -1,5 +1,5 @@
-"""Rank 0: the router behind the HTTP front-end (a `Backend`, see backend.py) and the rank's
-entry point, which serves the Starlette app with uvicorn.
+"""Rank 0: the router behind the HTTP front-end (a `Backend`, see backend.py). The rank's entry
+point, which serves the app with uvicorn around it, is frontend.py.
 
 One router thread owns all routing state. Everything reaches it through one Inbox: commands
 from the asyncio loop (submit / abort / shutdown, put without blocking) and messages from the
@@ -23,9 +23,6 @@ about it are dropped. Each worker frees its part once (see decode.py / prefill.p
 
 A link failure or a worker's Fatal is fatal for the whole server: every request fails with the
 reason, /health turns unavailable, and the process exits non-zero (torchrun then stops the rest).
-
-Longer than ~400 lines on purpose: the routing policies read and update the same per-rank state
-as the message handlers, in the same thread; the prefix index itself is in prefix_index.py.
 """
 
 from __future__ import annotations
@@ -35,17 +32,15 @@ import dataclasses
 import itertools
 import logging
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pd_local.api.backend import BackendStats, RankStats, RequestOutput, Timeline
-from pd_local.cluster.dist import DistContext, Role
+from pd_local.cluster.dist import DistContext
 from pd_local.cluster.channel import Heartbeater, Inbox, LinkDown, Receiver, Sender
 from pd_local.cluster.messages import (Abort, Fatal, FinishReason, Prefill, PrefillDone, Ready,
                                        RejectReason, Rejected, Reserve, Reserved, Sampling,
                                        Shutdown, Stats, Tokens)
 from pd_local.cluster.prefix_index import Candidate, PrefixIndex, choose
-from pd_local.cluster.shutdown import RankFailure
 from pd_local.engine.kv_cache import block_hashes
 from pd_local.engine.sampling import SamplingParams
 
@@ -131,7 +126,8 @@ class Router:
         self._rr_decode = itertools.cycle(sorted(self.decode))
         self._rr_prefill = itertools.cycle(sorted(self.prefill))
         self.requests: dict[int, _Request] = {}
-        self._prefill_tokens: dict[int, tuple[int, int]] = {}  # req_id -> (prefill rank, tokens)
+        # req_id -> (prefill rank, tokens to compute at most, prompt tokens)
+        self._prefill_tokens: dict[int, tuple[int, int, int]] = {}
         self.kv = BackendStats()
         self.max_model_len = 0
         self.ready = threading.Event()  # every worker said Ready (or the router failed)
@@ -262,14 +258,17 @@ class Router:
             self._prefill_work_done(req.req_id)
         self._finish(req, reason, error=error)
 
-    def _prefill_work_done(self, req_id: int) -> None:
+    def _prefill_work_done(self, req_id: int) -> int | None:
         """Take a prompt off its prefill rank's queued work, once: at PrefillDone or at an
-        abort before it, whichever comes first (the other finds it gone and does nothing)."""
+        abort before it, whichever comes first (the other finds it gone and does nothing).
+        Returns the prompt's length, None the second time."""
         entry = self._prefill_tokens.pop(req_id, None)
-        if entry is not None:
-            p, n = entry
-            self.prefill[p].queued_tokens -= n
-            self.prefill[p].unfinished -= 1
+        if entry is None:
+            return None
+        p, n, prompt_len = entry
+        self.prefill[p].queued_tokens -= n
+        self.prefill[p].unfinished -= 1
+        return prompt_len
 
     def _message(self, peer: int, msg: object) -> None:
         if isinstance(msg, Tokens):
@@ -284,18 +283,19 @@ class Router:
             n = len(req.prompt_ids) - msg.cached_tokens  # at most this much to compute and send
             self.prefill[p].queued_tokens += n
             self.prefill[p].unfinished += 1
-            self._prefill_tokens[req.req_id] = (p, n)
+            self._prefill_tokens[req.req_id] = (p, n, len(req.prompt_ids))
             self.to_prefill[p].send(Prefill(req.req_id, req.prompt_ids, req.decode,
                                             msg.cached_tokens))
         elif isinstance(msg, PrefillDone):
             cached = msg.cached_tokens or (0,) * len(msg.req_ids)
             for req_id, n in zip(msg.req_ids, cached):
-                self._prefill_work_done(req_id)  # gone already if aborted before this
+                prompt_len = self._prefill_work_done(req_id)  # None: aborted before this
+                if prompt_len is not None:  # its request may have finished already
+                    self.prefill[peer].prefilled_tokens += prompt_len - n
                 req = self.requests.get(req_id)
                 if req is not None:
                     req.prefill_done = True
                     req.cached_tokens = n
-                    self.prefill[peer].prefilled_tokens += len(req.prompt_ids) - n
                     req.timeline.mark("prefill_start", msg.t_start)
                     req.timeline.mark("prefill_end", msg.t_end)
         elif isinstance(msg, Rejected):
@@ -414,65 +414,3 @@ class Router:
         for r in self.receivers:
             r.thread.join(timeout=self.ctx.cfg.timeouts.group_s)
         log.info("all workers shut down")
-
-
-def serve(ctx: DistContext) -> None:
-    """Rank 0: wait for the workers, serve HTTP until stopped, shut the workers down.
-
-    Stops (shutdown.py): a signal drains and stops every rank in order (returns: exit 0); a
-    failure answers 503 for a moment, then raises RankFailure (exit 1, one log line)."""
-    import uvicorn
-
-    from pd_local.api.server import ServerSettings, create_app
-    from pd_local.cluster.shutdown import Stopper, install
-    from pd_local.tokenizer import Tokenizer
-
-    cfg = ctx.cfg
-    router = Router(ctx)
-    stopper = Stopper(router, cfg.server.shutdown_grace_s)
-    install(stopper.on_signal)
-    tokenizer = Tokenizer.from_dir(cfg.model)
-    log.info("waiting for %d workers to load %s", len(ctx.topology.worker_ranks), cfg.model)
-    while not router.ready.wait(timeout=0.2) and not stopper.requested.is_set():
-        pass
-    if router.error is None and not stopper.requested.is_set():
-        from pd_local.model.dtype import read_cpu_flags, resolve_dtype_name
-
-        # The workers resolved "auto" on this same machine from the same inputs: the same answer.
-        dtype, why = resolve_dtype_name(cfg.dtype, cfg.device, read_cpu_flags())
-        log.info("workers compute in %s (%s)", dtype, why)
-        settings = ServerSettings(model_name=cfg.model_path.name, api_key=cfg.server.api_key,
-                                  max_queue=cfg.server.max_queue,
-                                  cors_origins=cfg.server.cors_origins, dtype=dtype)
-        app = create_app(router, tokenizer, settings)
-        server = _uvicorn_server(uvicorn.Config(app, host=cfg.server.host, port=cfg.server.port,
-                                                log_level="info", timeout_graceful_shutdown=5),
-                                 stopper.on_signal)
-        stopper.in_flight = lambda: app.state.pd.in_flight
-        stopper.should_exit = lambda: setattr(server, "should_exit", True)
-        router.on_fatal = stopper.on_failure
-        log.info("serving %s (%s) on http://%s:%d", cfg.model, cfg.topology.label,
-                 cfg.server.host, cfg.server.port)
-        server.run()  # the app's lifespan calls router.shutdown() on the way out
-    router.shutdown()  # no-op when the lifespan did it; covers a server that never started
-    if not router.clean_shutdown:
-        raise RankFailure(router.error or "the workers did not shut down cleanly")
-
-
-def _uvicorn_server(config: object, on_signal: Callable[[int], None]) -> object:
-    """uvicorn's Server with its signal handling replaced by `on_signal`: uvicorn's own stops
-    accepting at once (clients would see refused connections, not 503) and afterwards re-raises
-    the signal, so SIGTERM killed the rank (-15) instead of it exiting 0."""
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: object) -> None:
-            on_signal(sig)
-
-    return Server(config)
-
-
-def run(ctx: DistContext) -> None:
-    """Entry point for rank 0 (launch.py)."""
-    assert ctx.role is Role.FRONTEND
-    serve(ctx)
