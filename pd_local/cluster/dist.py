@@ -21,18 +21,10 @@ Dicts are keyed by global rank, and each rank's `Links` holds only the links it 
 Groups are created in one fixed order on every rank (`new_group` must be called by all ranks,
 members or not), each with the config's finite timeout.
 
-NCCL and two ranks on one GPU: NCCL >= 2.5 refuses a communicator in which two ranks sit on the
-same GPU (`ncclCommInitRank` returns ncclInvalidUsage, "Duplicate GPU detected : rank 1 and rank
-0 both on CUDA device ..."); the NCCL user guide says using one device as several ranks of one
-communicator "is not supported and may lead to hangs", and its maintainers state that removing
-the check would not make it work, because topology detection and the channel search assume one
-rank per GPU (NVIDIA/nccl#231, #418; #103: "no longer possible ... since NCCL 2.5"). Two ranks
-on one GPU in *different* communicators are fine. So with `share_device = true` worker ranks are
-spread over the visible GPUs round-robin, and only a (P, D) pair whose two ranks land on the same
-GPU gets a gloo data group: its KV goes device -> host -> gloo -> host -> device (the `Link.device`
-of that data link is the CPU; transfer.py copies). Pairs on different GPUs keep NCCL. With
-`kv_ipc = true` (the default) a same-GPU pair's payload skips the host instead: a device copy
-into a CUDA IPC slot, only small control tensors on that gloo group (ipc_transfer.py).
+Two ranks on one GPU (`share_device = true`): workers spread over the GPUs round-robin; a (P, D)
+pair on one GPU gets a gloo data group instead of NCCL (which refuses it; docs/design.md), its KV
+staged through host memory (transfer.py), or through a CUDA IPC slot with `kv_ipc = true`
+(ipc_transfer.py).
 """
 
 from __future__ import annotations

@@ -14,23 +14,11 @@ replace only the payload path. Instead of K/V tensors over the data link:
     finish(): waits for the ack  <-----  [1] on the data link
                                                    LayerKV..., PromptHidden..., StagingDone
 
-The staging slot is one flat buffer [L, 2, T, kv_heads, head_dim] + [R, hidden] (the
-receiver's staging layout), owned by the prefill rank and grown (and announced again) when a
-transfer needs more. It is reused only after the ack, so the sender never overwrites what the
-receiver has not copied. Both directions use the pair's gloo data group: small int64 tensors.
-Liveness (docs/architecture.md): the receiver is a KVReceiver, so its header thread reads the
-header link without pause and its data thread waits only on a transfer whose header has arrived;
-the header leaves once the slot is filled, so none of those waits spans a prefill's compute.
-
-Memory: on CUDA the slot is shared by CUDA IPC (`ipc.SharedTensor`) and ordered by an
-interprocess event; 1P1D on one GPU then moves KV with two device copies instead of device ->
-host -> socket -> host -> device. On CPU the slot is a file in /dev/shm mapped by both ranks
-(`torch.from_file(shared=True)`, unlinked once both have it mapped); that is what the CPU
-tests run, with the same protocol.
-
-The rank loops build their ends through `kv_sender` / `kv_receiver`, which choose these where
-`ipc.pair_transport` says CUDA_IPC (both ranks on one GPU, `kv_ipc = true`), and transfer.py's
-classes everywhere else. The CPU tests build these classes directly.
+The slot ([L, 2, T, kv_heads, head_dim] + [R, hidden], the receiver's staging layout) belongs to
+the prefill rank, grows (announced again) when a transfer needs more, and is reused only after
+the ack. CUDA: shared by CUDA IPC, ordered by an interprocess event; CPU (what the tests run): a
+/dev/shm file both ranks map. `kv_sender` / `kv_receiver` pick these classes where
+`ipc.pair_transport` says CUDA_IPC, transfer.py's elsewhere.
 """
 
 from __future__ import annotations

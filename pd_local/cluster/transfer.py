@@ -1,39 +1,19 @@
 """KV + hidden-state transfer over one (prefill, decode) pair: `KVSender` on the prefill rank,
 `KVReceiver` (a thread) on the decode rank.
 
-One transfer carries one prefill batch's requests for one decode rank. On the wire, per pair and
-in this order on both ends (header on the pair's gloo header link, tensors on its data link):
+One transfer carries one prefill batch's requests for one decode rank; both ends, in this order
+(the header on the pair's gloo header link, tensors on its data link, all contiguous):
 
     KVHeader(entries=[(req_id, num_tokens, start, is_last), ...], shapes, dtype, mode)
-               (layerwise: sent once layer 0 is computed; whole: once all layers are)
-    layerwise: for layer in 0..L-1:  K [T, kv_heads, head_dim], V [T, kv_heads, head_dim]
-    whole:     KV [L, 2, T, kv_heads, head_dim]            (one tensor, sent after prefill)
-    then:      hidden [R, hidden_size]   (final-normed hidden state of each prompt's last token;
-               not sent when R = 0)
+    layerwise: per layer K, V [T, kv_heads, head_dim]   whole: KV [L, 2, T, kv_heads, head_dim]
+    hidden [R, hidden_size]: the last position of each prompt this completes (none when R = 0)
 
-T = sum of the entries' num_tokens (the requests' tokens concatenated in entry order), R = number
-of entries with is_last (a chunked prefill sends a prompt as entries of several transfers, each
-for positions [start, start + num_tokens); only its last has a hidden state); every tensor is
-contiguous and in the model dtype. bf16 goes over gloo as is (gloo
-p2p supports bfloat16 in torch >= 2.x: measured bit-exact here, no int16 view needed).
-
-Layerwise, the sender isends layer l's K and V as soon as they exist and returns at once, so
-the sends overlap layer l+1's compute; `finish()` waits every send before the batch counts as
-sent (only then may the prefill rank drop the tensors). The receiver posts every receive of a
-transfer as soon as its header arrives and hands each layer to the decode loop as it lands
-(`LayerKV` per entry, views into the staging tensors, with the entry's start), then
-`PromptHidden` per entry that completes its prompt, then one `StagingDone`. The decode loop scatters them into its paged blocks (engine.write_prompt_kv)
-and hands the staging back with `StagingDone.release()`.
-
-Aborts: a transfer is never cut. The receiver completes every receive it posted and hands the
-items on; the decode loop drops the items of requests it no longer holds. Since the receiver
-writes only into its own staging tensors, the decode rank may free an aborted request's blocks
-at once.
-
-GPU note: NCCL's `work.wait()` only makes the current stream wait, so both ends synchronise on
-an event before taking host timestamps or handing tensors to another thread.
+T: the entries' tokens, concatenated; R: the entries with is_last. Layerwise sends overlap the
+next layer's compute and `finish()` waits for them all. The receiver posts a transfer's receives
+when its header lands and hands on `LayerKV` per layer, `PromptHidden` per completed prompt, then
+`StagingDone` (release it once scattered). A transfer is never cut: the decode loop drops the
+items of requests it no longer holds. More: docs/architecture.md (the rank loops and the wire).
 """
-
 from __future__ import annotations
 
 import logging

@@ -264,15 +264,8 @@ def _tile_mask(s: int, device: torch.device) -> torch.Tensor:
     return m
 
 
-# Decode attention on CPU gathers each call's K and V out of the paged cache, then reads them
-# again. With the whole batch in one call that copy grows with batch x context and outlives the
-# caches (16 rows of 1000 tokens: 24 MB per layer for SmolLM2 in fp32) and the second read goes
-# to DRAM; in calls of at most this many gathered bytes it is read back from cache. Measured
-# (AMD EPYC AVX2, 1 MB L2 per core, fp32, 1 thread, batch 16, 30 layers, rows per call swept
-# 16/8/4/2/1): context 150: 16 rows best (3.9 MB; 8 rows +8%); 500: 4 rows (3.1 MB) 2.2x
-# faster than 16; 1000: 2 rows (3 MB) 2.0x faster than 16. A cache size, not a kernel speed;
-# a CPU with less cache per core may want less. Which rows share a call never changes a row's
-# result (the batch invariance of _decode_group).
+# Gathered K/V bytes per CPU decode-attention call: small enough to be read back from cache, not
+# DRAM (docs/benchmarks/decode-attention.md). Which rows share a call never changes a row's result.
 DECODE_GATHER_BYTES = 4 << 20
 
 
@@ -337,21 +330,10 @@ def _decode_group(
 ) -> torch.Tensor:
     """q [g, H, D]; blocks [g * nblk], mask [g, 1, 1, S] (S = nblk * block_size) -> [g, H, D].
 
-    One SDPA call over the gathered blocks (no copy of K or V beyond the gather), the padding
-    past each row's context masked, each KV head's G query heads as G query rows (K/V read once
-    per KV head, not once per query head). ~4x faster at g = 16 than matmul + softmax + matmul
-    with K copied contiguous (2-core AVX2 CPU, fp32, 1 thread).
-
-    Batch invariance with more than one thread: the CPU flash kernel computes each (row, KV
-    head) with MKL sgemm into a per-thread scratch buffer; thread t's buffer starts t x (R x
-    kv_split + 2R + R x D) floats in, for R query rows. With R = 1 (one decode token per query
-    head) that offset is not a multiple of 16 bytes, MKL then rounds differently, and which
-    thread gets a row depends on the batch size: a row's result depended on its batch (this is
-    what broke test_chunked_prefill's chunk-size-1 logits, whose steps mix different decode
-    batches; with one thread every row runs in thread 0's aligned buffer, which is why it did not
-    show there). Padding the rows to a multiple of 4 (zero queries, results dropped) keeps every
-    thread's buffer 16-byte aligned for any context length (checked by tests/test_model.py,
-    test_decode_attention_rows_do_not_depend_on_the_batch_with_threads).
+    One SDPA call over the gathered blocks, each KV head's query heads as query rows (K/V read
+    once per KV head), padded to a multiple of 4 rows so every thread's scratch buffer in the CPU
+    flash kernel stays 16-byte aligned: a row's result then does not depend on its batch, with
+    any thread count (why: docs/benchmarks/decode-attention.md).
     """
     b, h, d = q.shape
     _, bs, kvh, _ = k_cache.shape
