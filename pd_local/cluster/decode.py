@@ -1,28 +1,18 @@
 """The decode rank loop (also the colocated replica loop): one Engine, driven by messages.
 
-Disaggregated (docs/design.md, "The life of a request", steps 3, 5, 6):
-- Reserve -> the admission queue; in order, each is reserved (`engine.reserve`: its prompt's
-  blocks are held, those of its longest cached prefix taken from the prefix cache) as soon as
-  the engine has room, and the router hears Reserved with the number of prompt tokens cached:
-  the prefill rank sends only the KV of the rest. A request
-  that cannot be reserved waits here: that is the back-pressure that keeps prefill ranks from
-  computing KV with nowhere to go. One that can never be (bad ids, too long) is Rejected.
-- LayerKV items (from the KV receiver threads) -> `engine.write_prompt_kv` at the item's start
-  (a prefill rank that chunks sends a prompt's KV over several transfers, chunk by chunk, into
-  the blocks reserved for all of it); the PromptHidden that comes after the prompt's last chunk
-  -> `engine.add_prefilled`, which samples its first token.
-- every loop turn with running sequences -> one `engine.step()`; every token of the turn goes
-  to the router in one Tokens message, with this rank's load.
-Colocated: Reserve -> `engine.add_request` (this rank prefills it too); no KV links.
+- Reserve -> the admission queue, reserved in order as the engine has room (its cached prefix
+  taken from the prefix cache); Reserved tells the router how much is cached, so only the rest
+  crosses. Waiting here is the back-pressure on prefill ranks; a request that can never fit is
+  Rejected. Colocated: Reserve -> `engine.add_request` (this rank prefills too).
+- LayerKV -> `engine.write_prompt_kv` at its start; the PromptHidden after a prompt's last chunk
+  -> `engine.add_prefilled`, which samples the first token.
+- each turn with running sequences -> one `engine.step()`, its tokens to the router in one
+  Tokens message with this rank's load.
 
-Block ownership: the engine holds a request's blocks from reserve/add until it finishes or an
-Abort frees them (`engine.abort`, once: a second Abort or one for a finished request finds
-nothing). KV items for a request this rank no longer holds are dropped: the transfer was
-completed by the receiver thread into its own staging tensors, so freeing early is safe.
-
-The loop owns the engine (not thread-safe); the receiver threads only fill the inbox.
+The engine holds a request's blocks from reserve until it finishes or an Abort frees them, once;
+KV items for a request no longer held are dropped (they landed in the receiver's own staging).
+The loop owns the engine; receiver threads only fill the inbox.
 """
-
 from __future__ import annotations
 
 import dataclasses

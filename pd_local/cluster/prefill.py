@@ -1,30 +1,14 @@
-"""The prefill rank loop: batches Prefill requests, runs the model without a KV cache, and
-streams each layer's K/V to the decode ranks that reserved the blocks (docs/design.md, step 4).
+"""The prefill rank loop: computes the prompts it is sent, streaming each layer's K/V to the decode
+rank that reserved the blocks (docs/design.md, step 4); it never runs lm_head.
 
-A batch is the oldest pending requests up to engine.max_prefill_tokens (a longer prompt runs
-alone) and engine.max_num_seqs, ordered by destination so each decode rank's tokens form one
-contiguous range of the flattened batch: per layer, one K and one V slice per destination go
-out by isend while the next layer computes (transfer.py). After the last layer the final
-hidden state of each prompt's last position follows; the batch is done when every send has
-completed, and only then does the router hear PrefillDone. The rank keeps no KV: it never runs
-lm_head and owns no blocks.
-
-Abort: a pending request is dropped; one in the batch being computed finishes its transfer
-(never cut) and the decode rank discards it.
-
-Chunked (engine.chunked_prefill, the default): a `ChunkedPrefiller` keeps the KV of the prompts
-in progress in a small cache of its own, and each step prefills at most max_prefill_tokens of
-prompt chunks (policy engine.prefill_policy), so a long prompt no longer holds up the short
-ones behind it for its whole prefill. A step is one transfer per destination, exactly as a
-batch above: its header lists each chunk as KVEntry(req_id, num_tokens, start, is_last) and
-goes with layer 0, so no wait on either end spans more than one layer of one step. Only chunks
-that end their prompt have a hidden state; the decode rank lands every chunk at its start into
-the blocks it reserved for the whole prompt. The router hears PrefillDone for a request once
-the step that sent its last chunk has finished its sends. An Abort mid-prompt drops the prompt
-and frees its blocks here (`ChunkedPrefiller.abort`); chunks already sent are discarded by the
-decode rank, which no longer holds the request.
+Chunked (engine.chunked_prefill, the default): a `ChunkedPrefiller` keeps the KV of prompts in
+progress, each step computes at most max_prefill_tokens of chunks (engine.prefill_policy), and a
+step is one transfer per destination whose header goes with layer 0. Unchunked: the oldest
+pending prompts up to the same budget, one batch with no KV kept. Either way each destination's
+tokens are one contiguous range, and PrefillDone reaches the router once a prompt's last sends
+have completed. Abort: a pending prompt is dropped and its blocks freed; sends under way finish
+(never cut) and the decode rank discards them.
 """
-
 from __future__ import annotations
 
 import itertools

@@ -1,30 +1,16 @@
 """Rank 0: the router behind the HTTP front-end (a `Backend`, see backend.py). The rank's entry
 point, which serves the app with uvicorn around it, is frontend.py.
 
-One router thread owns all routing state. Everything reaches it through one Inbox: commands
-from the asyncio loop (submit / abort / shutdown, put without blocking) and messages from the
-workers (one receiver thread per incoming link). It alone sends to workers, so blocking gloo
-sends never touch the event loop, and outputs go back through `loop.call_soon_threadsafe`.
+One router thread owns all routing state; everything reaches it through one Inbox: commands from
+the asyncio loop (never blocking it) and messages from the workers (a receiver thread per link).
+It alone sends to workers; outputs go back through `loop.call_soon_threadsafe`.
 
-One request, disaggregated (docs/design.md): submit -> Reserve to the chosen decode rank ->
-Reserved -> Prefill(ids, decode rank) to the chosen prefill rank -> PrefillDone; the decode
-rank streams Tokens. Colocated: Reserve to the chosen replica, then Tokens.
-Routing (`routing`): "load": the decode rank with the fewest unfinished requests from this
-router, ties to the most free blocks it last reported; the prefill rank with the fewest queued
-prompt tokens. "round_robin": in turn. "prefix" (cache-aware, prefix_index.py): per rank, an LRU
-of the block hashes of the prompts sent there, as large as its KV cache. Decode: the rank holding
-the longest prefix unless its unfinished requests exceed the least loaded's by more than
-PREFIX_DECODE_MARGIN; ties and no hit: as "load". Prefill: the least work ahead of the prompt's
-end (queued tokens + prompt tokens not held), so no hit is "load".
-
-Abort (client gone, stop string): Abort to the decode rank, and to the prefill rank while its
-prefill is not known to be done; the request finishes at once with "abort". Later messages
-about it are dropped. Each worker frees its part once (see decode.py / prefill.py).
-
-A link failure or a worker's Fatal is fatal for the whole server: every request fails with the
-reason, /health turns unavailable, and the process exits non-zero (torchrun then stops the rest).
+A request: Reserve to the chosen decode rank -> Reserved -> Prefill to the chosen prefill rank ->
+PrefillDone, while the decode rank streams Tokens (colocated: Reserve, then Tokens). The routing
+policies (`load`, `round_robin`, `prefix`) are described in docs/architecture.md. An abort goes to
+every rank still holding the request, which finishes at once; later messages about it are
+dropped. A link failure or a worker's Fatal fails every request and the whole server.
 """
-
 from __future__ import annotations
 
 import asyncio

@@ -1,26 +1,15 @@
 """Which prompt tokens to prefill next: a pure-Python chunk planner (no tensors, no ranks).
 
-Used by the engine's scheduler (colocated and decode-rank recompute) and meant for a prefill rank
-too: both hold prompts whose prefill is in progress, and each step ask `plan()` for chunks that
-fit a token budget. A job is prefilled front to back; a chunk is [start, end) of its tokens, on
-top of the KV of [0, start) computed by earlier chunks. The job's first sampled token (or, on a
-prefill rank, its last hidden state) comes with the chunk whose end is the job's length.
+A job is prefilled front to back in chunks [start, end), each on top of the KV of [0, start).
+`plan()` proposes chunks within a token budget; the caller runs them, then `advance()`s them (or
+`remove()`s an aborted or preempted job). `admit(job)`, if given, is asked before a job's first
+chunk (e.g. to allocate its blocks): False stops the plan there, so a job short of memory is not
+overtaken forever; it may set `job.num_computed` (a prefix-cache hit) to start later.
 
-Policies (`policy`):
-- "fcfs": oldest job first, each as far as the budget goes: a long prompt at the head takes
-  every step until it is done, so short ones queue behind it (head-of-line blocking of the queue).
-- "srpf": shortest remaining prefill first, so a short chat passes a long prompt between two of
-  its chunks; starvation is bounded by aging: once `max_passed_tokens` tokens of younger jobs
-  have been scheduled ahead of a job, it goes before every younger job (oldest first), so a
-  long prompt is delayed by at most that many tokens plus one step, however many short ones come.
-
-Contract: `plan()` only proposes; the caller runs the chunks and then calls `advance()` with them
-(or `remove()` for a job that was aborted or preempted). `admit(job)`, when given, is asked once
-before a job's first chunk (e.g. to allocate its KV blocks); a False stops the plan there, so a
-job that cannot get memory is not overtaken forever by smaller ones that can. `admit` may set
-`job.num_computed` (tokens whose KV a prefix cache already holds): the first chunk starts there.
+Policies: "fcfs", oldest first, as far as the budget goes; "srpf", shortest remaining prefill
+first, with aging: once `max_passed_tokens` tokens of younger jobs have gone ahead of a job, it
+goes before every younger one, so a long prompt waits at most that many tokens plus one step.
 """
-
 from __future__ import annotations
 
 import itertools

@@ -1,30 +1,17 @@
-"""Chunked prefill for a prefill-only rank: the model, a paged KV cache of its own, and a PrefillQueue.
+"""Chunked prefill for a prefill-only rank: the model, a paged KV cache of its own, a PrefillQueue.
 
-A prefill rank that chunks must keep the KV of every prompt whose prefill is in progress (the next
-chunk attends over it); it keeps nothing after a prompt's last chunk. Each step is two calls so
-that the rank can announce the transfers before computing:
+It keeps the KV of every prompt in progress (the next chunk attends over it) and nothing after a
+prompt's last chunk. A step is two calls, so the rank can announce transfers before computing:
 
-    chunks = prefiller.plan()                # which [start, end) of which prompts, which rows
-    hidden = prefiller.run(chunks, on_layer_kv)   # forward; K/V of every layer to the hook
+    chunks = prefiller.plan()                      # which [start, end) of which prompts, which rows
+    hidden = prefiller.run(chunks, on_layer_kv)    # forward; each layer's K/V [T, kv_heads, head_dim] to the hook
 
-`on_layer_kv(layer, k, v)` gets the step's K/V [T, kv_heads, head_dim] (rows of chunk c are
-[c.row, c.row + c.end - c.start)); the decode rank lands them with
-`Engine.write_prompt_kv(req_id, layer, k_rows, v_rows, start=c.start)`. `run` returns the final
-hidden state of the last position of every chunk with `is_last`, in order: what
-`Engine.add_prefilled` samples the first token from. The prompt's blocks are freed in `run`, once
-its last chunk has computed (the hook has seen its K/V by then), or by `abort`, exactly once.
-
-Prefix cache (`caching`): the full blocks a prompt's chunks compute are registered, so they
-outlive the prompt as cached blocks (evicted least recently used first when a new prompt needs
-room), and a later prompt starting with the same tokens begins its first chunk after them. A
-prompt added with `skip` (its destination already holds the KV of [0, skip)) never starts
-later than `skip`: every position the destination lacks is computed here, so its K/V can be
-sent. (When the destination holds more than this cache, the positions between are recomputed
-here but not sent.)
-
-Not thread-safe: one rank loop owns it. No torch.distributed here.
+`run` returns the last position's hidden state of every chunk with `is_last`, in order, and frees
+a prompt's blocks once its last chunk has computed (or `abort` does), exactly once. With
+`caching`, computed full blocks outlive the prompt as cached blocks for later prompts; a prompt
+added with `skip` (the destination holds [0, skip)) never starts after `skip`, so everything the
+destination lacks is computed here. One rank loop owns it; no torch.distributed.
 """
-
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -1,27 +1,18 @@
 """Continuous-batching scheduler with chunked prefill: pure Python, no tensors, no torch.distributed.
 
-Each call to `schedule()` returns one `SchedulerOutput`, a mixed step: one decode row for every
-running sequence (each guaranteed a slot for the token it writes) plus prefill chunks of waiting
-or partly prefilled sequences, at most `max_prefill_tokens` prompt tokens in all. A prompt longer
-than that is prefilled in chunks over several steps, on top of the KV its earlier chunks left in
-its blocks, so a long prompt costs the running streams a bounded extra per step instead of one
-long freeze. Which prompts get the budget is `PrefillQueue`'s policy (prefill_queue.py).
-A step thus processes at most max_prefill_tokens + max_num_seqs tokens.
+`schedule()` returns one mixed step: a decode row for every running sequence (each with a slot for
+the token it writes) plus prefill chunks, at most `max_prefill_tokens` prompt tokens in all, picked
+by `PrefillQueue`'s policy. A long prompt is prefilled over several steps, so it costs running
+streams a bounded extra per step, not one long freeze.
 
-Prefix cache (the allocator's `caching`): at admission (or `try_reserve`) a sequence takes the
-cached blocks of the longest prefix of its tokens that the cache holds, at most all but its last
-token (whose row must be computed to sample from), and prefills only the rest. Only KV computed
-by a prefill is registered for reuse: the full blocks of the tokens being prefilled, as each
-chunk completes them (on a decode rank, the prompt's full blocks once its KV has landed). KV that
-decode steps computed is never cached: a decode row's attention reduces in another order than a
-prefill's, so reusing it would break the guarantee that output does not depend on the cache.
+Prefix cache: at admission (or `try_reserve`) a sequence takes the cached blocks of the longest
+prefix of its tokens, never its last token, and prefills only the rest. Only KV a prefill computed
+is registered for reuse: a decode row reduces in another order, so its KV would not match.
 
-Block ownership: a sequence owns `block_ids` from admission (its first chunk; all of its prompt's
-blocks are allocated then) or `reserve` until `finish`, `abort` or preemption, each of which frees
-them exactly once and empties the list. A preempted sequence, prefilling or decoding, loses its
-KV and is prefilled again from its first token (recompute) with its old place in the queue.
+A sequence owns `block_ids` from admission or `reserve` until `finish`, `abort` or preemption, each
+of which frees them exactly once. A preempted sequence is prefilled again from its first token,
+keeping its place in the queue.
 """
-
 from __future__ import annotations
 
 from dataclasses import dataclass, field
