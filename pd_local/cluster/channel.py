@@ -1,22 +1,13 @@
-"""The channel that carries `messages` over a 2-rank gloo group: `Sender`, `Receiver` (a
-thread per incoming link feeding an `Inbox`), `Heartbeater`.
+"""The channel that carries `messages` over a 2-rank gloo group: `Sender`, `Receiver` (a thread
+per incoming link feeding an `Inbox`), `Heartbeater` (a thread per outgoing link).
 
-Channel framing: every message goes as one fixed-size frame of FRAME_WORDS int64 words (word 0
-= the message's length in words), plus, only when it does not fit, a second send with the
-remainder. A gloo send costs ~40 us one-way whatever its size up to a few KB (measured by
-`benchmarks/transfer_bandwidth.py`: 64 B and 4 KB within noise), so one fixed 2 KB frame saves a
-whole send against length-prefixing (a size send, then the payload) for every message but long
-prompts, where the two cost the same.
-
-Receiving: gloo receives cannot be polled (`irecv().is_completed()` stays False until `wait()`),
-so each incoming link gets a `Receiver` thread doing blocking receives into an `Inbox` that the
-rank loop polls without blocking. The thread exits after a Shutdown, or on a link error (peer
-dead, group timeout), after putting a `LinkDown` marker that makes the loop's next poll raise.
-Idle links are kept alive by a `Heartbeater` (one thread per link): a gloo receive that waits
-longer than the group timeout fails and breaks its group for good, however healthy the peer.
-The liveness rules are in docs/architecture.md ("Liveness").
+Framing: one fixed frame of FRAME_WORDS int64 words (word 0 = the message's length), plus a
+second send with the rest only when it does not fit: a gloo send costs the same up to a few KB,
+so this saves a send against length-prefixing. Receivers exist because gloo receives cannot be
+polled; a Receiver exits after a Shutdown, or on a link error after putting a `LinkDown` marker
+that makes the loop's next poll raise. Heartbeats keep idle links from the group timeout. The
+liveness rules: docs/architecture.md ("Liveness").
 """
-
 from __future__ import annotations
 
 import logging

@@ -1,23 +1,13 @@
 """Same-GPU prefill/decode pairs: which transport a KV pair uses, and CUDA IPC handles on the wire.
 
-NCCL refuses two ranks of one communicator on one GPU (dist.py), so without IPC a same-GPU
-pair (`share_device`) moves KV device -> host -> gloo -> host -> device. CUDA IPC lets the
-decode rank open the prefill rank's allocation in its own address space, so a transfer is
-device-to-device copies at HBM speed.
-
-This module holds the two pieces every IPC transfer needs, as plain, tested code:
+CUDA IPC lets a decode rank open the prefill rank's allocation, so a same-GPU pair (NCCL refuses
+one: dist.py) moves KV by device copies instead of through host memory. Here:
 - `pair_transport`: the decision per (prefill device, decode device);
-- `SharedTensor`: a CUDA tensor's IPC handle (torch's own CUDA tensor sharing: the storage's
-  cudaIpcMemHandle, its ref-counter file and its event) as an int64 tensor, the form every
-  message on the control links takes (no pickle), and `open()` on the other side. Events
-  travel the same way (`pack_bytes` of `torch.cuda.Event(interprocess=True).ipc_handle()`).
-
-Ownership: the exporting process keeps the tensor alive for as long as any peer may use it
-(torch's ref counter also holds the allocation until every importer has let go).
-
-The transfer that uses them is ipc_transfer.py.
+- `SharedTensor`: a CUDA tensor's IPC handle (torch's own sharing: storage handle, ref-counter
+  file, event) as an int64 tensor for the control links (no pickle), and `open()` on the other
+  side; events travel the same way (`pack_bytes`).
+The exporter keeps the tensor alive while any peer may use it. The transfer is ipc_transfer.py.
 """
-
 from __future__ import annotations
 
 import enum

@@ -1,23 +1,13 @@
-"""How ranks stop: on a signal (SIGTERM from systemd / docker / Kubernetes, Ctrl-C, SIGHUP) and
-after a failure. The rules, also in docs/architecture.md ("Stopping"):
+"""How ranks stop, on a signal and after a failure (the rules: docs/architecture.md, "Stopping").
 
-- Rank 0 owns the stop. On its first signal it drains: /health and new requests answer 503
-  ("the server is shutting down"), requests in flight get `server.shutdown_grace_s` to finish,
-  the rest are aborted (every rank frees their blocks), then the router shuts the workers down
-  in order (prefill ranks close their KV links first) and every rank exits 0. One log line per
-  signal, no traceback. A second signal exits at once.
-- A worker never stops itself on a signal: a signal that reaches it (torchrun forwards its own
-  to every rank) is logged once, and the worker goes on until rank 0's Shutdown arrives. If
-  none comes within grace + 2 group timeouts (say the signal was sent to this worker alone),
-  it exits 1 by itself. A second signal exits at once.
-- After a rank failed (a dead link, a worker's Fatal) rank 0 answers 503 naming the failure for
-  FAILURE_LINGER_S, so clients and health checks see why, then exits 1; torchrun stops the rest.
-
-`pd-local serve` runs torchrun in a session of its own and turns its own SIGINT / SIGTERM /
-SIGHUP into one SIGTERM to rank 0 (cli/serve.py: `supervise`), so a terminal's Ctrl-C reaches
-neither torchrun's agent (which would forward it to every rank and exit non-zero) nor the ranks.
+- Rank 0 owns the stop: on its first signal new requests and /health get 503, requests in flight
+  get `server.shutdown_grace_s`, the rest are aborted, the workers are shut down in order and
+  every rank exits 0. A second signal exits at once.
+- A worker logs a signal once and waits for rank 0's Shutdown (grace + 2 group timeouts at most,
+  then exits 1); a second signal exits at once.
+- After a rank failed, rank 0 answers 503 naming it for FAILURE_LINGER_S, then exits 1.
+`pd-local serve` turns its own signals into one SIGTERM to rank 0 (cli/serve.py: `supervise`).
 """
-
 from __future__ import annotations
 
 import logging

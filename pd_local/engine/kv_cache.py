@@ -1,21 +1,15 @@
-"""Paged KV cache bookkeeping: a pure-Python block allocator with an optional prefix cache,
-and the slot arithmetic.
+"""Paged KV cache bookkeeping: a pure-Python block allocator with an optional prefix cache, and the
+slot arithmetic (the tensors the ids index are `model.kv_cache.PagedKVCache`). No torch here.
 
-The tensors the block ids index (`PagedKVCache`) live in `pd_local.model.kv_cache`, next to the
-attention that reads and writes them.
+Every reference handed out by `allocate` or `take_cached` is returned by exactly one `free`; a
+free of a block nobody holds raises at once (a double free would corrupt another request's KV).
 
-Ownership contract: every reference to a block handed out by `allocate` or `take_cached` is
-returned by exactly one `free` call. A free of a block nobody holds raises at once (a double free
-is a bug that would otherwise corrupt another request's KV silently). No torch in here.
-
-Prefix cache (`caching=True`): a held block whose KV is final can be `register`ed under its
-`block_hashes` id. When its last holder frees it, it is not wiped but becomes cached: still
-free for `allocate` (which takes never-cached blocks first, then evicts the least recently freed
-cached ones), and until then `take_cached` hands it to any later prompt with the same prefix.
-Every block is in exactly one state: empty (free, no content), cached (free, content kept, in LRU
-order) or held (reference count >= 1, maybe with a hash too). `num_free` counts both free states.
+Prefix cache (`caching=True`): a held block whose KV is final is `register`ed under its
+`block_hashes` id; freed by its last holder it becomes cached, not empty: still free for
+`allocate` (empty blocks first, then least recently freed cached ones), and `take_cached` hands it
+to a later prompt with the same prefix. Each block is empty, cached or held; `num_free` counts
+empty + cached.
 """
-
 from __future__ import annotations
 
 import hashlib

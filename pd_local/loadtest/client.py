@@ -1,25 +1,11 @@
-"""One streamed OpenAI request -> one `RequestResult`.
+"""One streamed OpenAI request -> one `RequestResult` (client clock: `time.perf_counter`).
 
-Timing definitions (all from the client's monotonic clock, `time.perf_counter`):
-
-- send: just before the request is written (after any `--max-concurrency` wait).
-- a content chunk: an SSE event whose first choice carries non-empty text (`delta.content`,
-  `delta.reasoning_content` or `delta.reasoning` on chat, `text` on completions); it is stamped
-  with the arrival of the bytes that completed the event. Role-only, finish-only and usage-only
-  chunks are not tokens.
-- TTFT: send -> first content chunk. E2EL: send -> last content chunk (so the usage chunk and
-  `[DONE]` do not count, as in vLLM's `bench serve`).
-- tokens per chunk: 1, unless the chunk carries a cumulative `usage.completion_tokens` (vLLM's
-  `continuous_usage_stats`), in which case the difference from the previous count.
-- output tokens: the final `usage.completion_tokens` when the server sends one, else the sum of
-  tokens per chunk.
-- ITL: one value per output token after the first: a chunk's first token gets the gap since the
-  previous chunk, each further token in the same chunk gets 0 (it became visible at the same
-  instant), and tokens the usage counts but no chunk showed (e.g. EOS) get 0. Hence
-  `len(itl) == output_tokens - 1`, `sum(itl) == e2el - ttft` and `mean(itl) == tpot` whenever the
-  usage total is at least the chunk count.
+A content chunk is an SSE event whose first choice carries non-empty text; TTFT is send -> first
+content chunk, E2EL send -> last. ITL has one value per output token after the first: a chunk's
+first token gets the gap since the previous chunk, its other tokens (and tokens the final usage
+counts but no chunk showed) 0, so `len(itl) == output_tokens - 1` and `sum(itl) == e2el - ttft`.
+The full definitions: docs/loadtest.md (Metrics).
 """
-
 from __future__ import annotations
 
 import asyncio

@@ -1,21 +1,12 @@
 """The multi-turn chat workload: conversations of K turns with think time between them.
 
-A conversation is a system prompt (shared by all conversations, or its own; `system_len` words,
-~tokens, see workloads.py; none when 0) and K user messages of `input_len` words (spread by
-`range_ratio`). Turn k (1-based) sends the whole history: the system prompt, then for every
-earlier turn its user message and, as the assistant's message, the text the server streamed for
-it, then turn k's user message. Turn k+1 is sent `think_time` seconds after turn k's answer
-ended. A turn that fails ends its conversation (its later turns are never sent: there is no
-answer to carry).
-
-Conversations start on the arrival process of the other workloads (`--request-rate`,
-`--burstiness`); `--num-prompts` counts conversations; after `--duration` no new conversation
-starts, and those started run to their end. `--max-concurrency` caps requests in flight.
-
-Each result carries `conversation` and `turn`; `per_turn` summarizes TTFT by turn index, the
-number a prefix cache changes (turn 1 computes the whole prompt, later turns only what is new).
+Turn k sends the whole history: the system prompt (shared or per conversation, `system_len`
+words; none when 0), each earlier turn's user message and the text the server streamed for it,
+then turn k's message (`input_len` words, spread by `range_ratio`), `think_time` s after turn
+k-1's answer ended. A failed turn ends its conversation. Conversations start on the usual arrival
+process; `--num-prompts` counts conversations, `--duration` stops new ones. Results carry
+`conversation` and `turn`; `per_turn` gives TTFT by turn, what a prefix cache changes.
 """
-
 from __future__ import annotations
 
 import asyncio

@@ -1,32 +1,14 @@
-"""The head-of-line report: what each long prompt cost the requests around it, in units of L.
+"""The head-of-line report: what each long prompt cost the requests around it, in units of L (that
+long prompt's TTFT); the definitions are in docs/loadtest.md (head_of_line).
 
-Input: the results of a `head_of_line` run (workloads.head_of_line_schedule), in send order,
-identified by kind (stream, baseline, long, short) and send time. All times below are on the
-run's clock: a request's chunk at `start + chunk_times[i]`.
-
-Definitions, per long prompt k (the shorts of group k are those sent after it and before the
-next long prompt):
-
-- L: the long prompt's TTFT (send -> first content chunk).
-- prefill window: [send of the long prompt, its first chunk], L long.
-- a short chat's extra wait: its TTFT minus the TTFT of the baseline chat in the same position
-  (j-th short chat of the group vs j-th baseline chat: same lengths, sent the same way, but with
-  no long prompt in flight), / L. Negative when the short chat was faster than its baseline.
-- a stream's largest gap: the longest interval between two consecutive content chunks of that
-  stream that overlaps the prefill window, / L (a stream silent for the whole window counts the
-  whole silence). None when the stream had finished before the window ended (it then says
-  nothing about the window: raise --stream-output-len).
-
-Across the run, the streams' chunk gaps are also split into "quiet" (both chunks before the
-first baseline chat was sent: streams alone), "baseline" (overlapping the baseline window, from
-the baseline chats' send to the last one's last chunk: the streams decode beside the short
-chats, with no long prompt) and "interfered" (overlapping some prefill window). The
-decode-isolation figures of a PD server: `itl_p99_ratio` = p99(interfered) / p99(quiet), and
-`itl_p99_ratio_vs_baseline` = p99(interfered) / p99(baseline), which compares windows with the
-same decode load when the short chats decode inside the prefill window (they do when they pass
-the long prompt).
+Input: a `head_of_line` run's results (workloads.head_of_line_schedule) in send order, each with
+its kind (stream, baseline, long, short) and send time; a chunk arrived at start + chunk_times[i].
+Per long prompt: each short chat's extra wait against its baseline twin, and each stream's largest
+gap overlapping the prefill window. Run-wide: the streams' chunk gaps split into quiet (streams
+alone), baseline and interfered windows, and `itl_p99_ratio` (interfered / quiet) and
+`itl_p99_ratio_vs_baseline` (interfered / baseline: the same decode load when the short chats
+decode inside the prefill window).
 """
-
 from __future__ import annotations
 
 import math

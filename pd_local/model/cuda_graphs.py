@@ -1,25 +1,15 @@
-"""CUDA graphs for the decode step: one graph per batch-size bucket, replayed with new inputs.
+"""CUDA graphs for the decode step: one graph per batch-size bucket, replayed with new inputs
+(a small model's decode step is launch-bound on a GPU).
 
-A decode step of a small model on a GPU is launch-bound (30 layers x ~15 kernels, each a few
-microseconds of work); replaying a captured graph issues them all at once. A graph replays fixed
-kernels on fixed addresses, so:
-- Buckets: graphs are captured for batch sizes 1, 2, 4, 8, then every 16 up to max_num_seqs
-  (and max_num_seqs itself). A batch of B runs in the smallest bucket >= B; beyond the largest
-  one the caller runs eagerly.
-- Static inputs: token ids, positions, KV slots, context lengths and block tables live in one
-  device buffer that every graph reads; each step fills a pinned host copy of it and sends it
-  with two non-blocking copies (no host sync; the one sync of a step is sampling's).
-- Padded rows (B..bucket-1) decode token 0 at position 0 with a context of one token, whose K/V
-  go to a sink block that the allocator never hands out: they read and write nothing of a real
-  request, and their logits are dropped.
-- Attention on CUDA is the Triton kernel, whose loop bounds are read from the static context
-  lengths on the device, so one graph serves every mix of context lengths.
-
-Bucket choice, padding and buffer filling are plain code, tested on CPU; there `run` executes the
-padded batch eagerly (no graph), which tests the same inputs end to end. Not thread-safe: the
-engine's loop owns it.
+- Buckets: 1, 2, 4, 8, then every 16 up to max_num_seqs (and max_num_seqs); a batch of B runs in
+  the smallest bucket >= B, beyond the largest eagerly.
+- Static inputs (ids, positions, slots, context lengths, block tables) live in one device buffer
+  every graph reads, filled from a pinned host copy by non-blocking copies (no host sync).
+- Padded rows decode token 0 at position 0 into a sink block no request owns; logits dropped.
+- The Triton kernel reads loop bounds from the static context lengths, so one graph serves any
+  mix of lengths.
+On CPU `run` executes the padded batch eagerly, which tests the same inputs. The engine loop owns it.
 """
-
 from __future__ import annotations
 
 import logging

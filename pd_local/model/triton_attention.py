@@ -1,24 +1,13 @@
-"""Paged decode attention for CUDA in Triton: K/V read through the block table, no gather copy.
+"""Paged decode attention for CUDA in Triton: K/V read where they lie in the paged cache (no
+gather copy, which costs a GPU as much memory traffic as the attention itself), once per KV head.
 
-The torch path (`attention.paged_decode_attention`) gathers every context block of a batch
-into a contiguous [B, KV, S, D] copy before its two matmuls: on a GPU that copy costs as much
-HBM traffic as the attention itself. This kernel reads each K/V row where it lies in the paged
-cache instead, and reads it once for all the query heads that share it (GQA).
-
-One program per (sequence, KV head): it holds the G = H / KV query heads of that KV head as a
-[G, D] tile and walks the sequence's own context in tiles of TILE tokens with an online softmax
-(running max and sum in fp32). Each token's cache row is found through the block table
-(`block = table[pos // block_size]`, row `pos % block_size`), so blocks may lie anywhere and
-TILE need not equal the block size. The loop bound is the row's own context length, loaded
-from device memory: a row's result never depends on its neighbours (batch invariance), no host
-value enters the launch (so a CUDA graph can replay it with new lengths), and padded rows of a
-graph bucket cost one tile.
-
-Imported only on CUDA (attention.py imports it lazily); Triton is a runtime dependency there
-only. The logic is tested on CPU under TRITON_INTERPRET=1 in fp32 (the interpreter has no bf16)
-against the torch path.
+One program per (sequence, KV head) holds that KV head's G query heads as a [G, D] tile and walks
+the sequence's context in tiles of TILE tokens with an online softmax (fp32 max and sum), finding
+each row through the block table. The loop bound is the row's own context length, read from
+device memory: rows never depend on their neighbours (batch invariance), and no host value enters
+the launch, so a CUDA graph replays it with new lengths. Imported only on CUDA; tested on CPU
+under TRITON_INTERPRET=1 in fp32 against the torch path.
 """
-
 from __future__ import annotations
 
 import torch
