@@ -1,32 +1,17 @@
 """Ranks -> roles, devices and every process group: the only caller of init_process_group.
 
-Rank layout (docs/design.md): rank 0 is the front-end + router (CPU only); then either ranks
-1..P prefill and P+1..P+D decode, or ranks 1..N colocated replicas. A colocated replica is
-treated as a decode rank that prefills its own requests: it has the same control links as a
-decode rank and no KV links.
+Rank 0 is the front-end + router (CPU); then ranks 1..P prefill and P+1..P+D decode, or 1..N
+colocated replicas (a decode rank that prefills its own requests: control links, no KV links).
+Every link is a 2-rank process group (a gloo timeout breaks only its own group): router <-> each
+worker both ways, and per (prefill, decode) pair a gloo header link and a data link (NCCL on
+CUDA, gloo on CPU); what each carries: docs/architecture.md (Links). `Links` dicts are keyed by
+global rank and hold only the links a rank is an end of. Groups are created in one fixed order
+on every rank (`new_group` is called by all ranks), each with the config's finite timeout.
 
-Links. Every link is a 2-rank process group, so a timeout or a dead peer on one link cannot break
-another (a gloo timeout breaks that group for good on that rank):
-
-| name | direction | backend | carries |
-|---|---|---|---|
-| `to_prefill[p]`   | 0 -> p | gloo | Prefill, Abort, Shutdown, Heartbeat |
-| `from_prefill[p]` | p -> 0 | gloo | PrefillDone, Fatal, Heartbeat |
-| `to_decode[d]`    | 0 -> d | gloo | Reserve, Abort, Shutdown, Heartbeat |
-| `from_decode[d]`  | d -> 0 | gloo | Reserved, Rejected, Tokens, Fatal, Heartbeat |
-| `kv[(p, d)].header` | p -> d | gloo | KVHeader, Shutdown, Heartbeat |
-| `kv[(p, d)].data`   | p -> d | nccl (cuda) / gloo (cpu) | K, V, hidden tensors |
-
-Dicts are keyed by global rank, and each rank's `Links` holds only the links it is an end of.
-Groups are created in one fixed order on every rank (`new_group` must be called by all ranks,
-members or not), each with the config's finite timeout.
-
-Two ranks on one GPU (`share_device = true`): workers spread over the GPUs round-robin; a (P, D)
-pair on one GPU gets a gloo data group instead of NCCL (which refuses it; docs/design.md), its KV
-staged through host memory (transfer.py), or through a CUDA IPC slot with `kv_ipc = true`
-(ipc_transfer.py).
+Two ranks on one GPU (`share_device = true`): workers spread over the GPUs round-robin; a pair on
+one GPU gets a gloo data group instead of NCCL (which refuses it; docs/design.md), its KV staged
+through host memory (transfer.py), or a CUDA IPC slot with `kv_ipc = true` (ipc_transfer.py).
 """
-
 from __future__ import annotations
 
 import datetime

@@ -1,26 +1,17 @@
-"""KV transfer through shared memory for a pair whose two ranks share one device.
+"""KV transfer through a shared slot for a pair whose two ranks share one device.
 
-`IpcKVSender` / `IpcKVReceiver` keep the contract of transfer.py's `KVSender` / `KVReceiver`
-(same calls, same items in the decode rank's inbox, same header on the header link) and
-replace only the payload path. Instead of K/V tensors over the data link:
+`IpcKVSender` / `IpcKVReceiver` keep transfer.py's contract (same calls, items and header) and
+replace only the payload path. The prefill rank copies K, V and hidden into its staging slot and
+records the slot's event, sends the KVHeader on the header link, then [nbytes, announce words] +
+the announce on the data link (the receiver reopens the slot when it changed). The decode rank's
+data thread waits on the event, copies the slot into its own staging and acks with [1], which
+`finish()` awaits before the slot is reused; then come LayerKV..., PromptHidden..., StagingDone.
 
-    prefill rank                                   decode rank (data thread)
-    layer(): copy K, V into its staging slot
-    hidden(): copy hidden; record the slot event
-              KVHeader on the header link  ----->  header
-              [nbytes, announce words] + announce  ----->  (announce: open the slot anew)
-                                                   wait on the slot event (a GPU-side wait)
-                                                   copy the slot into its own staging, sync it
-    finish(): waits for the ack  <-----  [1] on the data link
-                                                   LayerKV..., PromptHidden..., StagingDone
-
-The slot ([L, 2, T, kv_heads, head_dim] + [R, hidden], the receiver's staging layout) belongs to
-the prefill rank, grows (announced again) when a transfer needs more, and is reused only after
-the ack. CUDA: shared by CUDA IPC, ordered by an interprocess event; CPU (what the tests run): a
-/dev/shm file both ranks map. `kv_sender` / `kv_receiver` pick these classes where
-`ipc.pair_transport` says CUDA_IPC, transfer.py's elsewhere.
+The slot ([L, 2, T, kv_heads, head_dim] + [R, hidden]) belongs to the prefill rank and grows
+(announced again) as needed. CUDA: CUDA IPC and an interprocess event; CPU (what the tests run):
+a /dev/shm file both ranks map. `kv_sender` / `kv_receiver` pick these where
+`ipc.pair_transport` says CUDA_IPC, transfer.py's classes elsewhere.
 """
-
 from __future__ import annotations
 
 import logging

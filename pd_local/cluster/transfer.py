@@ -1,18 +1,17 @@
-"""KV + hidden-state transfer over one (prefill, decode) pair: `KVSender` on the prefill rank,
-`KVReceiver` (a thread) on the decode rank.
-
-One transfer carries one prefill batch's requests for one decode rank; both ends, in this order
-(the header on the pair's gloo header link, tensors on its data link, all contiguous):
+"""KV + hidden-state transfer over one (prefill, decode) pair: `KVSender` (prefill rank),
+`KVReceiver` (a thread on the decode rank). One transfer carries one prefill batch's requests
+for one decode rank; both ends, in this order (header on the pair's gloo header link, tensors
+on its data link, all contiguous):
 
     KVHeader(entries=[(req_id, num_tokens, start, is_last), ...], shapes, dtype, mode)
     layerwise: per layer K, V [T, kv_heads, head_dim]   whole: KV [L, 2, T, kv_heads, head_dim]
     hidden [R, hidden_size]: the last position of each prompt this completes (none when R = 0)
 
-T: the entries' tokens, concatenated; R: the entries with is_last. Layerwise sends overlap the
-next layer's compute and `finish()` waits for them all. The receiver posts a transfer's receives
+T: the entries' tokens, concatenated; R: the entries with is_last. `finish()` waits for every
+send (layerwise ones overlap the next layer's compute). The receiver posts a transfer's receives
 when its header lands and hands on `LayerKV` per layer, `PromptHidden` per completed prompt, then
 `StagingDone` (release it once scattered). A transfer is never cut: the decode loop drops the
-items of requests it no longer holds. More: docs/architecture.md (the rank loops and the wire).
+items of requests it no longer holds (more: docs/architecture.md).
 """
 from __future__ import annotations
 

@@ -1,25 +1,16 @@
-"""Convert a Llama-architecture GGUF file into a Hugging Face model directory.
+"""Convert a Llama-architecture GGUF file into a Hugging Face model directory, which every other
+module reads and transformers reads too (so parity tests compare both on the same files):
+config.json, model.safetensors (dequantised, HF names, bf16 or f32), tokenizer.json,
+tokenizer_config.json, generation_config.json, and last pd_local_conversion.json (what was
+converted from what; its presence means the rest was written and verified).
 
-The output is what every other module reads (`model/weights.py`, `tokenizer.py`) and what
-transformers reads too, so parity tests can compare the two implementations on the same files:
+Two llama.cpp conventions are undone (docs/design.md, "The default model"): Q and K rows are
+permuted for its rotary layout (`_unpermute_qk` restores HF's), and the reader's `shape` lists
+dims innermost first (shapes come from the dequantised array, never from `shape`).
 
-    config.json              LlamaForCausalLM, tie_word_embeddings = (no output.weight in the GGUF)
-    model.safetensors        dequantised weights, HF names and (out, in) layout, bf16 or f32
-    tokenizer.json           byte-level BPE built with `tokenizers` from the GGUF tokens + merges
-    tokenizer_config.json    chat_template, bos/eos/unk/pad tokens, no BOS added
-    generation_config.json   bos/eos/pad token ids
-    pd_local_conversion.json what was converted from what (source name/size, dtype, tensor count)
-
-Two llama.cpp conventions are undone here (docs/design.md, "The default model"):
-- Q and K rows are permuted for llama.cpp's rotary layout; `_unpermute_qk` restores HF's.
-- The reader's `shape` lists dims innermost first; `gguf.quants.dequantize` already returns the
-  (out, in) array HF wants, so shapes are taken from the dequantised array, never from `shape`.
-
-Every failure a user can cause (missing, truncated or non-GGUF file, an architecture or tokenizer
-we do not convert) raises `WeightsError` naming the problem and the path. Opening the file and
-its metadata: gguf_reader.py; the tokenizer: gguf_tokenizer.py.
+Every failure a user can cause raises `WeightsError` naming the problem and the path. Opening
+the file and its metadata: gguf_reader.py; the tokenizer: gguf_tokenizer.py.
 """
-
 from __future__ import annotations
 
 import json
