@@ -84,3 +84,23 @@ def test_no_file_is_longer_than_450_lines(path: Path) -> None:
     """A longer file holds a second concept: split it there. No exemptions."""
     lines = len(path.read_text().splitlines())
     assert lines <= MAX_LINES, f"pd_local/{path.relative_to(ROOT)}: {lines} lines (limit {MAX_LINES})"
+
+
+MAX_DOC_LINES = 15
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_docstrings_state_a_contract_in_at_most_15_lines(path: Path) -> None:
+    """An essay belongs in docs/; a package __init__'s module table is the one exception."""
+    long = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if path.name == "__init__.py" and isinstance(node, ast.Module):
+            continue
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            first = node.body[0] if node.body else None
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
+                    and isinstance(first.value.value, str):
+                n = first.end_lineno - first.lineno + 1
+                if n > MAX_DOC_LINES:
+                    long.append(f"{getattr(node, 'name', '<module>')}: {n} lines")
+    assert not long, f"pd_local/{path.relative_to(ROOT)}: {long}"
