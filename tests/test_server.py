@@ -99,6 +99,35 @@ def test_streaming_chat_wire_format(url: str) -> None:
     assert cached % 16 == 0 and 0 < cached < whole["usage"]["prompt_tokens"], whole["usage"]
 
 
+def test_cluster_view_counts_exactly_what_a_response_reports(url: str) -> None:
+    """The in-process backend and the router alike: the response names its ranks, and the
+    /v1/cluster token counters grow by exactly its computed prompt and completion tokens."""
+    def ranks() -> dict[int, dict]:
+        deadline = time.monotonic() + 30
+        while True:  # nothing of an earlier test still in flight
+            c = httpx.get(f"{url}/v1/cluster", timeout=10).json()
+            if c["in_flight"] == 0 or time.monotonic() > deadline:
+                return {r["rank"]: r for r in c["ranks"]}
+            time.sleep(0.1)
+
+    before = ranks()
+    body = httpx.post(f"{url}/v1/completions", timeout=120, json={
+        "prompt": "The three primary colours are", "max_tokens": 7, "ignore_eos": True,
+        "temperature": 0}).json()
+    after = ranks()
+    ext, usage = body["pd_local"], body["usage"]
+    roles = {r: after[r]["role"] for r in after}
+    assert roles[ext["decode_rank"]] in ("decode", "colocated")
+    assert roles[ext["prefill_rank"]] in ("prefill", "colocated")
+
+    def grew(key: str) -> int:
+        return sum(after[r][key] - before[r][key] for r in after)
+    assert grew("generated_tokens") == usage["completion_tokens"] == 7
+    computed = usage["prompt_tokens"] - usage["prompt_tokens_details"]["cached_tokens"]
+    assert grew("prefilled_tokens") == computed > 0
+    assert after[ext["prefill_rank"]]["prefilled_tokens"] - before[ext["prefill_rank"]]["prefilled_tokens"] == computed
+
+
 def test_one_token_answers_report_their_prefix_hit(url: str) -> None:
     """max_tokens=1 finishes on the first token. In 1P1D that token comes from the decode rank
     and can reach the router before the prefill rank's PrefillDone: the hit must travel with it

@@ -15,8 +15,8 @@ import json
 import logging
 import time
 import uuid
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 from sse_starlette.sse import EventSourceResponse
