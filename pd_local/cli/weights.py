@@ -9,6 +9,7 @@ weights/README.md. Writes are atomic (a verified temporary directory renamed int
 concurrent fetches serialise on a lock file in DEST. User errors print one line and exit 1; bad
 arguments exit 2; no traceback.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -8,6 +8,7 @@ polled; a Receiver exits after a Shutdown, or on a link error after putting a `L
 that makes the loop's next poll raise. Heartbeats keep idle links from the group timeout. The
 liveness rules: docs/architecture.md ("Liveness").
 """
+
 from __future__ import annotations
 
 import logging

@@ -13,6 +13,7 @@ The engine holds a request's blocks from reserve until it finishes or an Abort f
 KV items for a request no longer held are dropped (they landed in the receiver's own staging).
 The loop owns the engine; receiver threads only fill the inbox.
 """
+
 from __future__ import annotations
 
 import dataclasses

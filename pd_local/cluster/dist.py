@@ -12,6 +12,7 @@ Two ranks on one GPU (`share_device = true`): workers spread over the GPUs round
 one GPU gets a gloo data group instead of NCCL (which refuses it; docs/design.md), its KV staged
 through host memory (transfer.py), or a CUDA IPC slot with `kv_ipc = true` (ipc_transfer.py).
 """
+
 from __future__ import annotations
 
 import datetime

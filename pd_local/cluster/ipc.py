@@ -8,6 +8,7 @@ one: dist.py) moves KV by device copies instead of through host memory. Here:
   side; events travel the same way (`pack_bytes`).
 The exporter keeps the tensor alive while any peer may use it. The transfer is ipc_transfer.py.
 """
+
 from __future__ import annotations
 
 import enum

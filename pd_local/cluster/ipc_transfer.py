@@ -12,6 +12,7 @@ The slot ([L, 2, T, kv_heads, head_dim] + [R, hidden]) belongs to the prefill ra
 a /dev/shm file both ranks map. `kv_sender` / `kv_receiver` pick these where
 `ipc.pair_transport` says CUDA_IPC, transfer.py's classes elsewhere.
 """
+
 from __future__ import annotations
 
 import logging

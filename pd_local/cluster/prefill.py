@@ -9,6 +9,7 @@ tokens are one contiguous range, and PrefillDone reaches the router once a promp
 have completed. Abort: a pending prompt is dropped and its blocks freed; sends under way finish
 (never cut) and the decode rank discards them.
 """
+
 from __future__ import annotations
 
 import itertools

@@ -11,6 +11,7 @@ policies (`load`, `round_robin`, `prefix`) are described in docs/architecture.md
 every rank still holding the request, which finishes at once; later messages about it are
 dropped. A link failure or a worker's Fatal fails every request and the whole server.
 """
+
 from __future__ import annotations
 
 import asyncio

@@ -8,6 +8,7 @@
 - After a rank failed, rank 0 answers 503 naming it for FAILURE_LINGER_S, then exits 1.
 `pd-local serve` turns its own signals into one SIGTERM to rank 0 (cli/serve.py: `supervise`).
 """
+
 from __future__ import annotations
 
 import logging

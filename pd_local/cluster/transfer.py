@@ -13,6 +13,7 @@ when its header lands and hands on `LayerKV` per layer, `PromptHidden` per compl
 `StagingDone` (release it once scattered). A transfer is never cut: the decode loop drops the
 items of requests it no longer holds (more: docs/architecture.md).
 """
+
 from __future__ import annotations
 
 import logging

@@ -10,6 +10,7 @@ Prefix cache (`caching=True`): a held block whose KV is final is `register`ed un
 to a later prompt with the same prefix. Each block is empty, cached or held; `num_free` counts
 empty + cached.
 """
+
 from __future__ import annotations
 
 import hashlib

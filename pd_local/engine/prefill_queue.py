@@ -10,6 +10,7 @@ Policies: "fcfs", oldest first, as far as the budget goes; "srpf", shortest rema
 first, with aging: once `max_passed_tokens` tokens of younger jobs have gone ahead of a job, it
 goes before every younger one, so a long prompt waits at most that many tokens plus one step.
 """
+
 from __future__ import annotations
 
 import itertools

@@ -12,6 +12,7 @@ a prompt's blocks once its last chunk has computed (or `abort` does), exactly on
 added with `skip` (the destination holds [0, skip)) never starts after `skip`, so everything the
 destination lacks is computed here. One rank loop owns it; no torch.distributed.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -13,6 +13,7 @@ A sequence owns `block_ids` from admission or `reserve` until `finish`, `abort` 
 of which frees them exactly once. A preempted sequence is prefilled again from its first token,
 keeping its place in the queue.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

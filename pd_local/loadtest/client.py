@@ -6,6 +6,7 @@ first token gets the gap since the previous chunk, its other tokens (and tokens 
 counts but no chunk showed) 0, so `len(itl) == output_tokens - 1` and `sum(itl) == e2el - ttft`.
 The full definitions: docs/loadtest.md (Metrics).
 """
+
 from __future__ import annotations
 
 import asyncio

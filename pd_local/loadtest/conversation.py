@@ -7,6 +7,7 @@ k-1's answer ended. A failed turn ends its conversation. Conversations start on 
 process; `--num-prompts` counts conversations, `--duration` stops new ones. Results carry
 `conversation` and `turn`; `per_turn` gives TTFT by turn, what a prefix cache changes.
 """
+
 from __future__ import annotations
 
 import asyncio

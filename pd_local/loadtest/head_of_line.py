@@ -9,6 +9,7 @@ alone), baseline and interfered windows, and `itl_p99_ratio` (interfered / quiet
 `itl_p99_ratio_vs_baseline` (interfered / baseline: the same decode load when the short chats
 decode inside the prefill window).
 """
+
 from __future__ import annotations
 
 import math

@@ -10,6 +10,7 @@
   mix of lengths.
 On CPU `run` executes the padded batch eagerly, which tests the same inputs. The engine loop owns it.
 """
+
 from __future__ import annotations
 
 import logging

@@ -11,6 +11,7 @@ dims innermost first (shapes come from the dequantised array, never from `shape`
 Every failure a user can cause raises `WeightsError` naming the problem and the path. Opening
 the file and its metadata: gguf_reader.py; the tokenizer: gguf_tokenizer.py.
 """
+
 from __future__ import annotations
 
 import json

@@ -8,6 +8,7 @@ device memory: rows never depend on their neighbours (batch invariance), and no 
 the launch, so a CUDA graph replays it with new lengths. Imported only on CUDA; tested on CPU
 under TRITON_INTERPRET=1 in fp32 against the torch path.
 """
+
 from __future__ import annotations
 
 import torch
