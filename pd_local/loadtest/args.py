@@ -7,7 +7,7 @@ import argparse
 import json
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from pd_local.loadtest.metrics import DEFAULT_PERCENTILES, parse_slo
 from pd_local.loadtest.sweep import Target, parse_target
@@ -38,64 +38,27 @@ def _rates(text: str) -> list[float]:
     return sorted(set(rates))
 
 
-def _positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{text}: must be >= 1")
-    return n
+def _number(kind: type, ok: Callable[[Any], bool], must: str) -> Callable[[str], Any]:
+    """An argparse type: `kind(text)` (int or float) that `ok` accepts, else "TEXT: must be MUST"."""
+    what = "an integer" if kind is int else "a number"
+
+    def parse(text: str) -> Any:
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not ok(x):
+            raise argparse.ArgumentTypeError(f"{text}: must be {must}")
+        return x
+    return parse
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"{text}: must be >= 0")
-    return n
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (math.isfinite(x) and x >= 0):
-        raise argparse.ArgumentTypeError(f"{text}: must be a finite number >= 0")
-    return x
-
-
-def _positive_float(text: str) -> float:
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (math.isfinite(x) and x > 0):
-        raise argparse.ArgumentTypeError(f"{text}: must be a positive finite number")
-    return x
-
-
-def _range_ratio(text: str) -> float:
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= x < 1.0:
-        raise argparse.ArgumentTypeError(f"{text}: must be in [0, 1)")
-    return x
-
-
-def _fraction(text: str) -> float:
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 < x <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text}: must be in (0, 1]")
-    return x
+_positive_int = _number(int, lambda n: n >= 1, ">= 1")
+_nonneg_int = _number(int, lambda n: n >= 0, ">= 0")
+_nonneg_float = _number(float, lambda x: math.isfinite(x) and x >= 0, "a finite number >= 0")
+_positive_float = _number(float, lambda x: math.isfinite(x) and x > 0, "a positive finite number")
+_range_ratio = _number(float, lambda x: 0.0 <= x < 1.0, "in [0, 1)")
+_fraction = _number(float, lambda x: 0.0 < x <= 1.0, "in (0, 1]")
 
 
 def _slo(text: str) -> dict[str, float]:
