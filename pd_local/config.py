@@ -1,17 +1,6 @@
-"""ServeConfig: the one frozen config tree of a `pd-local serve` run.
-
-Built once from a TOML file (see `configs/`) plus command-line overrides, validated in each
-dataclass's `__post_init__`, never mutated afterwards. Every rank builds the same tree from the
-same file and flags, so every rank agrees on the topology before any process group exists.
-
-Two kinds of checks:
-- `__post_init__`: the config is coherent by itself (types, ranges, choices, unknown keys);
-  testable with no weights and no torch.distributed.
-- `check_world`: the config fits the world torchrun started (rank count, CUDA devices, the model
-  directory); called at start-up on every rank, before `init_process_group`.
-
-The command-line flags that override it are in config_flags.py.
-"""
+"""ServeConfig: the one frozen config tree of a `pd-local serve` run, built alike on every rank
+from a TOML file (`configs/`) plus flags (config_flags.py). `__post_init__` checks that it is
+coherent by itself; `check_world` that it fits the world torchrun started."""
 
 from __future__ import annotations
 
@@ -25,16 +14,12 @@ from typing import Any
 from pd_local.model.config import ModelConfig, ModelConfigError
 
 DEFAULT_MODEL = "weights/smollm2-135m-instruct"
-# `pd-local serve --api-key` hands the key to the ranks here, not on their (world-readable)
-# command lines.
 API_KEY_ENV = "PD_LOCAL_API_KEY"
-# "auto": bfloat16 on CUDA and on CPUs with native bf16, float32 otherwise (model/dtype.py).
 DTYPES: tuple[str, ...] = ("auto", "bfloat16", "float32")
 DEVICES: tuple[str, ...] = ("cpu", "cuda")
 TRANSFER_MODES: tuple[str, ...] = ("layerwise", "whole")
 ROUTING_POLICIES: tuple[str, ...] = ("load", "round_robin", "prefix")  # cluster/router.py
 PREFILL_POLICIES: tuple[str, ...] = ("fcfs", "srpf")  # pd_local.engine.prefill_queue.POLICIES
-# Applied when a config sets neither kv_cache_gb nor gpu_memory_fraction.
 DEFAULT_KV_CACHE_GB = 1.0
 DEFAULT_GPU_MEMORY_FRACTION = 0.85
 
@@ -116,39 +101,21 @@ class TopologyConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """One engine's settings: the `[engine]` table, and the object `Engine` takes as it is.
-
-    The same class serves a worker rank (from the TOML), `pd-local generate` (from its flags),
-    the tests and the benchmarks, so every value is checked here once, with the TOML name.
-
-    KV memory: exactly one of kv_cache_gb (CPU or CUDA) / gpu_memory_fraction (CUDA: that share
-    of the free memory); `build_config` fills in the device's default when a file sets neither.
-    `num_blocks` (code only, not a TOML key) sizes the cache exactly and then needs neither.
-    `max_model_len=None` (code only; TOML has no null) means the model's max_position_embeddings;
-    the engine caps it there and at the cache's size in any case.
-    """
+    """The `[engine]` table, and what `Engine` takes. KV memory: one of kv_cache_gb /
+    gpu_memory_fraction, or (code only) `num_blocks`; `max_model_len=None` (code only): the
+    model's max_position_embeddings."""
 
     block_size: int = 16
     kv_cache_gb: float | None = None
     gpu_memory_fraction: float | None = None
     max_num_seqs: int = 64
-    # Prompt tokens per forward (engine step or prefill-rank batch; decode rows ride on top);
-    # chunked_prefill splits a longer prompt across steps. 256: the smallest step that loses no
-    # prefill throughput per token on a CPU (docs/benchmarks/engine-settings.md).
-    max_prefill_tokens: int = 256
+    max_prefill_tokens: int = 256  # prompt tokens per forward (docs/benchmarks/engine-settings.md)
     max_model_len: int | None = 2048
     chunked_prefill: bool = True
-    # Which waiting prompts get the budget: "fcfs" (oldest first) or "srpf" (shortest remaining
-    # prefill first, with aging so a long one is never starved): short chats stop waiting behind
-    # a long prompt (docs/benchmarks/engine-settings.md).
-    prefill_policy: str = "srpf"
-    # CUDA only: decode steps replay per-batch-size CUDA graphs (ignored on CPU).
-    cuda_graphs: bool = True
-    # false: a request's logits may depend on its batch (faster on CPU; topologies may disagree)
-    batch_invariant: bool = True
-    # Keep the KV of full prompt blocks after a request ends, for later prompts that start alike.
+    prefill_policy: str = "srpf"  # or "fcfs"
+    cuda_graphs: bool = True  # CUDA only
+    batch_invariant: bool = True  # false: faster on CPU, logits may depend on the batch
     enable_prefix_caching: bool = True
-    # Not a TOML key (`_known` leaves it out): tests and benchmarks that need exact accounting.
     num_blocks: int | None = field(default=None, metadata={"toml": False})
 
     def __post_init__(self) -> None:
@@ -187,9 +154,7 @@ class ServerConfig:
     api_key: str | None = None
     max_queue: int = 256
     cors_origins: tuple[str, ...] = ()
-    # SIGTERM / Ctrl-C: new requests get 503 while those in flight have this long to finish;
-    # the rest are then aborted and every rank stops in order (docs/architecture.md, Stopping).
-    shutdown_grace_s: float = 5.0
+    shutdown_grace_s: float = 5.0  # on SIGTERM, in-flight requests' time to finish
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -213,11 +178,8 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class TimeoutConfig:
-    """group_s: every process group's timeout (a blocked send/recv fails after it).
-
-    Idle links are kept alive by heartbeats every `heartbeat_s`, because a gloo recv that waits
-    longer than the group timeout fails and breaks its group for good, busy peer or not.
-    """
+    """group_s: every process group's timeout; heartbeats every `heartbeat_s` keep idle links
+    alive (an idle gloo recv fails at the timeout)."""
 
     group_s: float = 60.0
 
@@ -237,15 +199,10 @@ class ServeConfig:
     model: str = DEFAULT_MODEL
     dtype: str = "auto"
     device: str = "cpu"
-    # "layerwise": each layer's KV leaves as soon as it exists; "whole": one tensor after prefill.
-    transfer: str = "layerwise"
+    transfer: str = "layerwise"  # or "whole": one tensor after prefill
     routing: str = "load"
-    # CUDA only: let worker ranks share GPUs (NCCL refuses two ranks of one communicator on one
-    # GPU), moving the KV through host memory over gloo instead of NCCL.
-    share_device: bool = False
-    # CUDA only: a (prefill, decode) pair on one GPU moves KV through CUDA IPC (a device copy
-    # into a shared slot); false: through host memory over gloo.
-    kv_ipc: bool = True
+    share_device: bool = False  # CUDA: worker ranks may share GPUs
+    kv_ipc: bool = True  # CUDA: a pair on one GPU moves KV through CUDA IPC, not host memory
     topology: TopologyConfig = field(default_factory=lambda: TopologyConfig(prefill=1, decode=1))
     engine: EngineConfig = field(
         default_factory=lambda: EngineConfig(kv_cache_gb=DEFAULT_KV_CACHE_GB)
@@ -372,11 +329,8 @@ def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = N
 
 
 def check_world(cfg: ServeConfig, world_size: int, cuda_device_count: int) -> None:
-    """Refuse a world that cannot run `cfg`, with the numbers in the message.
-
-    Called on every rank before init_process_group (so all ranks refuse alike) and by
-    `pd-local serve` before it starts torchrun.
-    """
+    """Refuse a world that cannot run `cfg`, with the numbers in the message (every rank before
+    init_process_group, and `pd-local serve` before torchrun)."""
     topo = cfg.topology
     if world_size != topo.world_size:
         workers = (f"{topo.colocated} colocated" if topo.is_colocated

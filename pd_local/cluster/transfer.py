@@ -1,17 +1,10 @@
-"""KV + hidden-state transfer over one (prefill, decode) pair: `KVSender` (prefill rank),
-`KVReceiver` (a thread on the decode rank). One transfer carries one prefill batch's requests
-for one decode rank; both ends, in this order (header on the pair's gloo header link, tensors
-on its data link, all contiguous):
+"""KV + hidden-state transfer over one (prefill, decode) pair: `KVSender` on the prefill rank,
+`KVReceiver` threads on the decode rank. On the wire, one transfer per prefill batch and decode
+rank (docs/architecture.md):
 
     KVHeader(entries=[(req_id, num_tokens, start, is_last), ...], shapes, dtype, mode)
     layerwise: per layer K, V [T, kv_heads, head_dim]   whole: KV [L, 2, T, kv_heads, head_dim]
-    hidden [R, hidden_size]: the last position of each prompt this completes (none when R = 0)
-
-T: the entries' tokens, concatenated; R: the entries with is_last. `finish()` waits for every
-send (layerwise ones overlap the next layer's compute). The receiver posts a transfer's receives
-when its header lands and hands on `LayerKV` per layer, `PromptHidden` per completed prompt, then
-`StagingDone` (release it once scattered). A transfer is never cut: the decode loop drops the
-items of requests it no longer holds (more: docs/architecture.md).
+    hidden [R, hidden_size]: the last position of each prompt this completes
 """
 
 from __future__ import annotations
@@ -72,9 +65,7 @@ class TransferStat:
 
     req_ids: tuple[int, ...]
     num_bytes: int
-    # sender: start() -> all sends done; receiver: header -> hidden landed. Layerwise, both
-    # include the prefill compute the sends overlap (the header goes with layer 0).
-    seconds: float
+    seconds: float  # sender: start() -> sends done; receiver: header -> hidden landed
     wait_s: float  # time spent blocked at the end (sender: in finish(); receiver: 0)
     t_end: float  # time.monotonic() at completion
 
@@ -92,12 +83,8 @@ def _wait_all(works: Sequence[dist.Work], device: torch.device) -> None:
 
 
 class KVSender:
-    """The prefill end of one pair. One transfer at a time: start -> layer* -> finish.
-
-    Called only by the prefill loop's thread. The tensors passed in are kept (not copied, unless
-    they must change device or be made contiguous) until finish() returns; the caller must not
-    modify them before then.
-    """
+    """The prefill end of one pair, one transfer at a time: start -> layer* -> hidden -> finish.
+    Tensors passed in are kept, not copied, until finish() returns: don't modify them before."""
 
     def __init__(self, pair: KVLink, header: Sender, shape: KVShape, mode: TransferMode) -> None:
         if header.link is not pair.header:
@@ -126,9 +113,7 @@ class KVSender:
         num_tokens = sum(e.num_tokens for e in entries)
         if self.mode is TransferMode.WHOLE:
             s = self.shape
-            # [L, 2, T, kv_heads, head_dim]: filled layer by layer, sent once in hidden(). The
-            # storage is kept for the next transfer (grow-only): re-allocating tens of MB per
-            # batch costs a page fault per 4 KB on CPU.
+            # [L, 2, T, kv_heads, head_dim], sent in hidden(); grow-only storage, reused
             numel = s.num_layers * 2 * num_tokens * s.num_kv_heads * s.head_dim
             if self._whole_storage is None or self._whole_storage.numel() < numel:
                 self._whole_storage = torch.empty(numel, dtype=s.dtype, device=self.data.device)
@@ -158,10 +143,7 @@ class KVSender:
             self._whole[layer, 1].copy_(v)
         else:
             if layer == 0:
-                # The header goes with the first layer, not at start(): the receiver posts its
-                # receives on the header's arrival, and each of its waits then spans one
-                # layer's compute, never the embedding or anything before it (liveness rule 3
-                # in docs/architecture.md).
+                # With layer 0, not at start(): no receive waits on the embedding (liveness rule 3)
                 self.header.send(self.shape.header(self._entries, self.mode))
             self._isend(k)
             self._isend(v)
@@ -221,10 +203,8 @@ def hand_over_layer(inbox: Inbox, peer: int, h: KVHeader, layer: int, k: torch.T
 
 def hand_over_hidden(inbox: Inbox, peer: int, h: KVHeader, shape: KVShape, hidden: torch.Tensor,
                      seconds: float, t_end: float) -> None:
-    """PromptHidden per entry with is_last, after every LayerKV of the transfer: hidden
-    [R, hidden_size]. A prompt's TransferRecord counts the bytes of all its positions [0, end)
-    (its chunks all come over this one pair; the decode loop subtracts the prefix its cache
-    held, which was never sent); `seconds` is this transfer's."""
+    """PromptHidden per entry with is_last (hidden [R, hidden_size]), its record counting the
+    bytes of positions [0, end) (the decode loop subtracts the prefix it held)."""
     per_hidden = shape.hidden_size * shape.dtype.itemsize
     row = 0
     for e in h.entries:
@@ -248,30 +228,17 @@ class PromptHidden:
 
 @dataclass(frozen=True)
 class StagingDone:
-    """The last item of a transfer. The consumer calls `release()` once it has used (copied)
-    every item of the transfer: the staging memory then serves a later transfer instead of
-    being allocated afresh. On CPU fresh memory costs a page fault per 4 KB: measured on the
-    2-core box, 61 receives of 12 MB in all took 5.7 ms into fresh tensors, 3.7 ms into reused
-    ones. A consumer that never releases only loses that reuse."""
+    """The last item of a transfer: `release()` once every item is copied, and the staging
+    memory serves a later transfer (docs/architecture.md, Staging)."""
 
     release: Callable[[], None]
 
 
 class KVReceiver:
-    """The decode end of one pair: a daemon thread that receives transfers into staging memory
-    and puts LayerKV / PromptHidden / StagingDone items into `inbox` as (prefill rank, item).
-
-    Staging: one flat buffer per transfer, [L, 2, T, kv_heads, head_dim] then [R, hidden], the
-    same layout for both modes (layerwise receives each layer's K and V into their slices). Up
-    to POOL buffers handed back by StagingDone.release are kept for reuse.
-
-    Two threads: one reads the header link without pause (heartbeats included), one lands the
-    transfers those headers announce on the data link, in order. Both exit quietly after a
-    Shutdown on the header link (the data thread once the transfers before it have landed); on
-    any error a LinkDown marker goes to the inbox.
-    `stats` lists every completed transfer (appended by the thread; read it after it stops or
-    accept a racy snapshot).
-    """
+    """The decode end of one pair: a header thread reads the header link without pause, a data
+    thread lands the announced transfers in order into one flat staging buffer each
+    ([L, 2, T, kv_heads, head_dim] then [R, hidden]; POOL kept for reuse) and puts LayerKV /
+    PromptHidden / StagingDone into `inbox`. Shutdown ends both; an error puts LinkDown."""
 
     POOL = 2
 
@@ -284,7 +251,6 @@ class KVReceiver:
         self.stats: list[TransferStat] = []
         self._pool: list[torch.Tensor] = []
         self._pool_lock = threading.Lock()  # the thread takes, the consumer gives back
-        # Headers, in arrival order, from the header thread to the data thread; None = Shutdown.
         self._headers: queue.Queue[KVHeader | None] = queue.Queue()
         self.header_thread = threading.Thread(target=self._read_headers, daemon=True,
                                               name=f"kv header {pair.header.name}")

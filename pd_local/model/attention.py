@@ -1,14 +1,6 @@
-"""Attention over a flattened token batch: varlen causal prefill and paged decode.
-
-The model never sees requests; it sees an `AttentionMetadata` built once per step by the engine
-(or a prefill rank) and passed explicitly through `forward`. No global context.
-
-Prefill attention runs chunks on top of a cached prefix: attention over [prefix + chunk] with the
-causal mask aligned bottom-right; one-shot prefill is the chunk = whole prompt (no prefix), which
-is why a prefill-only rank needs no paged cache. Decode attention reads every context token from
-the paged cache. Both are batch-invariant and prefill is also chunk-invariant (a row's result
-does not depend on how its prompt was split), bit for bit on CPU.
-"""
+"""Attention over a flattened token batch: varlen causal prefill (chunks on top of a cached
+prefix) and paged decode, both driven by an `AttentionMetadata` built once per step. Both are
+batch-invariant, and prefill is chunk-invariant, bit for bit on CPU."""
 
 from __future__ import annotations
 
@@ -19,9 +11,8 @@ import torch.nn.functional as F
 
 
 def host_to_device(values: list[int] | list[list[int]], device: torch.device | str) -> torch.Tensor:
-    """int64 tensor of `values` on `device`. On CUDA through pinned memory with a non-blocking
-    copy: a copy from pageable memory makes the host wait until the GPU has drained the work
-    queued before it, which would cost a host sync per tensor per step."""
+    """int64 tensor of `values` on `device`; on CUDA a non-blocking copy from pinned memory
+    (from pageable memory the host would wait for the GPU's queue)."""
     t = torch.tensor(values, dtype=torch.long)
     device = torch.device(device)
     if device.type == "cuda":
@@ -35,10 +26,7 @@ class DecodeGroup:
 
     rows: torch.Tensor | None  # [g] indices among the decode rows; None: all of them, in order
     blocks: torch.Tensor  # [g * nblk] the rows' first nblk block ids, row after row
-    # [g, 1, 1, nblk * block_size] fp32, added to the scores: 0 up to each row's context, -inf
-    # past it. SDPA turns a bool mask into this on every call (30 layers: ~0.3 ms per batch-1
-    # step on the AVX2 EPYC); the result is bit-identical, in fp32 and bf16.
-    mask: torch.Tensor
+    mask: torch.Tensor  # [g, 1, 1, nblk * block_size] fp32: 0 in each row's context, -inf past
 
     @classmethod
     def build(
@@ -55,26 +43,16 @@ class DecodeGroup:
 
 @dataclass(frozen=True)
 class AttentionMetadata:
-    """What attention needs to know about the batch. Build with `prefill()`, `decode()` or
-    `mixed()`, once per step; every layer reuses it.
-
-    The T rows of a step are `num_decode` decode rows first, then prefill chunks laid end to end.
-    decode rows: one token each; `block_tables` [B, max_blocks] and `context_lens` [B] (context
-    includes the token being decoded).
-    prefill chunks: `seq_lens` are the chunk lengths; chunk i holds positions [prefix_lens[i],
-    prefix_lens[i] + seq_lens[i]) of its sequence, whose first prefix_lens[i] tokens' K/V are
-    already in the paged cache at `prefix_slots[i]` [prefix_lens[i]] (None where the prefix is 0).
-    `slot_mapping` [T]: where each row's K/V goes in the paged cache (block * block_size +
-    offset); None means nothing is written (a prefill-only rank without a cache).
-    """
+    """A step's T rows: `num_decode` decode rows (`block_tables` [B, max_blocks], `context_lens`
+    [B] counting the token decoded), then prefill chunks of `seq_lens`, chunk i at positions
+    [prefix_lens[i], +seq_lens[i]) over a cached prefix at `prefix_slots[i]`. `slot_mapping` [T]
+    is where each row's K/V goes (None: nothing is written)."""
 
     seq_lens: tuple[int, ...]
     slot_mapping: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
     context_lens: torch.Tensor | None = None
-    # decode on CPU: rows grouped by their own block count (see paged_decode_attention for why).
-    # Empty on CUDA, and for a padded CUDA-graph batch.
-    decode_groups: tuple[DecodeGroup, ...] = ()
+    decode_groups: tuple[DecodeGroup, ...] = ()  # CPU only: decode rows by block count
     num_decode: int = 0
     prefix_lens: tuple[int, ...] = ()  # empty: every chunk starts at position 0
     prefix_slots: tuple[torch.Tensor | None, ...] | None = None
@@ -169,12 +147,8 @@ def write_kv(
     v_cache.view(nb * bs, h, d).index_copy_(0, slots, v)
 
 
-# Query rows are processed in tiles aligned to absolute positions [t*QUERY_TILE, (t+1)*QUERY_TILE)
-# and a tile attends over keys [0, (t+1)*QUERY_TILE): every matmul, softmax and reduction a row
-# takes part in has a shape that depends only on its position, never on where its prompt was cut
-# into chunks. 64 rows x G query heads per KV head make an M of 128-192 for the tiny models and
-# SmolLM2: large enough for an efficient GEMM, small enough that the padding of a partly filled
-# tile (at chunk edges) costs little.
+# Query tiles aligned to absolute positions, each over keys [0, (t+1)*QUERY_TILE): a row's shapes
+# depend on its position only, never on where its prompt was cut (chunk invariance).
 QUERY_TILE = 64
 
 
@@ -187,15 +161,8 @@ def prefill_attention(
     v_cache: torch.Tensor | None,
     scale: float,
 ) -> torch.Tensor:
-    """Causal attention of prefill chunks over [cached prefix + chunk]. q [T, H, D], k/v [T, KV, D]
-    (the prefill rows only, laid end to end as meta.seq_lens) -> [T, H, D].
-
-    Chunk i holds positions [prefix_lens[i], prefix_lens[i] + seq_lens[i]) of its sequence; its
-    first prefix_lens[i] keys are read from the paged cache at meta.prefix_slots[i]. One-shot
-    prefill is the case prefix 0. Chunk invariance: a row's result is bit-identical however its
-    prompt was split (see QUERY_TILE); batch invariance: each chunk is computed on its own.
-    Computed in fp32 whatever the model dtype (as the CPU flash kernel accumulates).
-    """
+    """Causal attention of prefill chunks over [cached prefix + chunk]: q [T, H, D], k/v
+    [T, KV, D] (prefill rows end to end) -> [T, H, D]; each chunk computed on its own."""
     out = torch.empty_like(q)
     start = 0
     for i, n in enumerate(meta.seq_lens):
@@ -280,18 +247,9 @@ def _rows_per_call(seq_len: int, k_cache: torch.Tensor) -> int:
 def paged_decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
-    """One query token per sequence against its paged context. q [B, H, D] -> [B, H, D].
-
-    Batch invariance: a sequence's scores and weighted sum are reduced over a length that
-    depends only on that sequence (its own block count x block_size), never on the longest
-    sequence in the batch; measured in fp32 on CPU, padding to the batch's longest context
-    changes a row's result by ~2e-5. So rows are grouped by block count and each group runs one
-    batched attention (split into calls of `_rows_per_call` rows at long contexts). Query
-    heads are grouped per KV head so K/V are never repeated (GQA).
-    """
-    if q.device.type == "cuda":
-        # Triton reads K/V through the block table (no gather) and loops over each row's own
-        # context: batch-invariant without groups, so CUDA metadata carries none.
+    """One query token per sequence against its paged context: q [B, H, D] -> [B, H, D]. Rows
+    are grouped by block count, so a row's reductions never depend on the batch's longest row."""
+    if q.device.type == "cuda":  # Triton loops over each row's own context: no groups needed
         from pd_local.model.triton_attention import paged_decode_attention_triton
 
         return paged_decode_attention_triton(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
@@ -328,23 +286,17 @@ def _decode_group(
     mask: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """q [g, H, D]; blocks [g * nblk], mask [g, 1, 1, S] (S = nblk * block_size) -> [g, H, D].
-
-    One SDPA call over the gathered blocks, each KV head's query heads as query rows (K/V read
-    once per KV head), padded to a multiple of 4 rows so every thread's scratch buffer in the CPU
-    flash kernel stays 16-byte aligned: a row's result then does not depend on its batch, with
-    any thread count (why: docs/benchmarks/decode-attention.md).
-    """
+    """q [g, H, D]; blocks [g * nblk], mask [g, 1, 1, S] -> [g, H, D]: one SDPA call, each KV
+    head's query heads padded to a multiple of 4 rows (batch invariance with any thread count:
+    docs/benchmarks/decode-attention.md)."""
     b, h, d = q.shape
     _, bs, kvh, _ = k_cache.shape
     grp = h // kvh
     rows = -(-grp // 4) * 4
     s = mask.shape[-1]
-    # index_select: ~2x faster than advanced indexing k_cache[tables]
     k = k_cache.index_select(0, blocks).view(b, s, kvh, d).transpose(1, 2)  # [g, KV, S, D] view
     v = v_cache.index_select(0, blocks).view(b, s, kvh, d).transpose(1, 2)  # [g, KV, S, D] view
-    # contiguous: q may be a view into the fused q|k rope output, and the flash kernel's GEMMs
-    # must see the same layout in every call (a no-op when q is already contiguous)
+    # contiguous: one layout in every call (q may be a view of the fused rope output)
     qg = q.contiguous().view(b, kvh, grp, d)  # [g, KV, G, D]
     if rows != grp:
         qg = torch.cat([qg, qg.new_zeros(b, kvh, rows - grp, d)], dim=2)  # [g, KV, R, D]

@@ -240,10 +240,6 @@ def read_tensors(
     return out
 
 
-# --------------------------------------------------------------------------------------------
-# Conversion + verification
-# --------------------------------------------------------------------------------------------
-
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
