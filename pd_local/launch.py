@@ -1,18 +1,7 @@
-"""The torchrun rank entry point: `python -m pd_local.launch --config configs/X.toml [flags]`.
-
-Every rank parses the same flags into the same ServeConfig, joins the world (cluster/dist.py), and runs
-its role's loop: rank 0 the router + front-end, then prefill / decode / colocated workers. Each
-role module exposes `run(ctx: DistContext) -> None`.
-
-Failure policy (docs/design.md): a rank that hits an error logs it and leaves with `os._exit(1)`.
-Not `sys.exit`: interpreter shutdown would destroy process groups while daemon receiver threads
-sit in gloo receives from a dead peer, which can block until the group timeout or for ever.
-
-Signals (shutdown.py): workers log a stop signal once and wait for rank 0's orderly Shutdown;
-rank 0 drains and stops the world. A rank's main thread never blocks in gloo for long (it waits
-on its inbox, a Python lock, which a signal interrupts), so the handlers run promptly; a second
-signal exits at once.
-"""
+"""The torchrun rank entry point: `python -m pd_local.launch [serve flags]`. Every rank builds the
+same ServeConfig, joins the world and runs its role's `run(ctx)`. A failing rank logs and leaves
+with `os._exit(1)` (interpreter shutdown could hang in gloo receives from a dead peer); signals:
+shutdown.py."""
 
 from __future__ import annotations
 

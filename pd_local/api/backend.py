@@ -1,13 +1,7 @@
-"""The contract between the HTTP front-end and whatever generates tokens.
-
-Two implementations: `InProcessBackend` (an Engine in a thread of this process) and the router
-on rank 0 of a torchrun launch (`pd_local.cluster.router`). The server only ever sees this interface.
-
-Threading contract: `submit` and `abort` are called from the asyncio loop and never block.
-Outputs are delivered into the request's `asyncio.Queue` through `loop.call_soon_threadsafe`, so
-worker threads never touch asyncio objects directly. Every submitted request gets exactly one
-output with `finished=True` (after an abort too), after which its queue receives nothing more.
-"""
+"""The contract between the HTTP front-end and what generates tokens: `InProcessBackend` (an
+Engine in a thread) or the router of a torchrun launch. `submit`/`abort` never block the asyncio
+loop; outputs reach each request's queue through `call_soon_threadsafe`, and every request gets
+exactly one output with `finished=True`, after which nothing more."""
 
 from __future__ import annotations
 

@@ -1,14 +1,6 @@
-"""The front-end's Prometheus metrics, through `prometheus_client`.
-
-Each `Metrics` owns its own `CollectorRegistry` (never the process-global one), so several apps
-in one process (the tests start many) do not collide on metric names. Request counters and
-latency histograms are updated by the front-end as requests end; the per-rank gauges and the KV
-transfer counters are read from a `BackendStats` snapshot at scrape time (`render`). Only the
-asyncio loop touches these objects.
-
-Metric names and labels are the ones `docs/api.md` lists; every request outcome is exported
-from the start (at 0), so a dashboard never sees a series appear.
-"""
+"""The front-end's Prometheus metrics (names and labels: docs/api.md), in a registry of their own
+per app. Request metrics are updated as requests end; per-rank gauges and transfer counters are
+read from a `BackendStats` snapshot at scrape time. Only the asyncio loop touches them."""
 
 from __future__ import annotations
 

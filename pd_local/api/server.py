@@ -1,9 +1,5 @@
-"""The OpenAI-compatible HTTP front-end (rank 0): routes, SSE streaming, errors, metrics.
-
-Runs in one asyncio loop and never blocks it: generation happens behind a `Backend` (router
-threads or an engine thread) that feeds per-request asyncio queues. A client that goes away
-mid-request becomes `backend.abort(req_id)`, so every rank frees that request's KV blocks.
-"""
+"""The OpenAI-compatible HTTP front-end (rank 0): routes, SSE streaming, errors, metrics. It never
+blocks its asyncio loop; a client that goes away becomes `backend.abort(req_id)`."""
 
 from __future__ import annotations
 

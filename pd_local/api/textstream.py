@@ -1,10 +1,5 @@
-"""Token ids -> streamable text, with stop strings.
-
-`TextStream.push` returns only text that can never become part of a stop string: the longest
-suffix of the pending text that is a prefix of some stop string is held back until the next
-token proves it is not one. When a stop string completes, the text before it is released and
-the stream reports stopped; the stop string itself is never emitted (OpenAI's behaviour).
-"""
+"""Token ids -> streamable text with stop strings: text that could still begin a stop string is
+held back until the next token decides; a completed stop string is never emitted (as OpenAI)."""
 
 from __future__ import annotations
 

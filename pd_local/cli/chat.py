@@ -1,9 +1,5 @@
-"""`pd-local chat`: an interactive terminal chat that streams tokens as they arrive.
-
-Talks to any OpenAI-compatible server (a pd_local server by default). Keeps the conversation
-history; `/reset` clears it, `/quit` (or Ctrl-D) leaves. Ctrl-C during an answer stops that answer
-(closing the stream, which aborts the request on the server) and keeps the session.
-"""
+"""`pd-local chat`: a streaming terminal chat with any OpenAI-compatible server. `/reset` clears
+the history, `/quit` or Ctrl-D leaves, Ctrl-C stops the current answer (aborting it upstream)."""
 
 from __future__ import annotations
 
@@ -49,7 +45,7 @@ def stream_chat(
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pd-local chat", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="pd-local chat", description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server root (default %(default)s)")
     p.add_argument("--model", default=None, help="model name (default: the server's first model)")
     p.add_argument("--system", default=None, help="system prompt")

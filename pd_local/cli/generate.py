@@ -1,10 +1,6 @@
-"""`pd-local generate`: offline batch generation, one process, colocated engine.
-
-Each input line is an OpenAI chat-completions body; each output line (same order) holds the
-completion or an error record naming the line and the problem. All valid lines are in flight at
-once (continuous batching), so this is also the reference path the server's output is checked
-against.
-"""
+"""`pd-local generate`: offline batch generation in one process. Each input line is a chat
+completions body; each output line (same order) its completion or an error naming the line. All
+lines run at once (continuous batching): the reference the server's outputs are checked against."""
 
 from __future__ import annotations
 
@@ -67,7 +63,7 @@ def run_batch(
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pd-local generate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="pd-local generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="HF model directory (default: the fetched SmolLM2)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                    help="auto: bfloat16 on CUDA and on CPUs with native bf16, else float32")

@@ -1,14 +1,6 @@
-"""`pd-local serve`: check the config, then exec torchrun with one process per rank.
-
-    pd-local serve [--config configs/cpu-1p1d.toml] [--model DIR] [--dtype auto|bfloat16|float32]
-                   [--prefill P --decode D | --colocated N] [--device cpu|cuda] [...]
-
-torchrun gets --nproc-per-node = 1 + workers and runs `python -m pd_local.launch` with the same
-flags on every rank, so every rank builds the same ServeConfig (the API key travels in the
-environment instead). This process stays as torchrun's supervisor for clean signals
-(`supervise`). Mistakes that need no ranks (a bad config, a missing model directory, too
-few GPUs) are refused here, before anything starts; the default model is fetched if missing.
-"""
+"""`pd-local serve`: check the config (fetching the default model if missing), then run torchrun
+with one process per rank, each running `python -m pd_local.launch` with the same flags (the API
+key travels in the environment), and supervise it for clean signals."""
 
 from __future__ import annotations
 

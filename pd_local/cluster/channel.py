@@ -1,13 +1,6 @@
-"""The channel that carries `messages` over a 2-rank gloo group: `Sender`, `Receiver` (a thread
-per incoming link feeding an `Inbox`), `Heartbeater` (a thread per outgoing link).
-
-Framing: one fixed frame of FRAME_WORDS int64 words (word 0 = the message's length), plus a
-second send with the rest only when it does not fit: a gloo send costs the same up to a few KB,
-so this saves a send against length-prefixing. Receivers exist because gloo receives cannot be
-polled; a Receiver exits after a Shutdown, or on a link error after putting a `LinkDown` marker
-that makes the loop's next poll raise. Heartbeats keep idle links from the group timeout. The
-liveness rules: docs/architecture.md ("Liveness").
-"""
+"""Messages over a 2-rank gloo group: `Sender`, `Receiver` (a thread per incoming link feeding an
+`Inbox`, since gloo receives cannot be polled) and `Heartbeater`. A message is one frame of
+FRAME_WORDS words, plus a second send only when it does not fit. Liveness: docs/architecture.md."""
 
 from __future__ import annotations
 

@@ -1,12 +1,6 @@
-"""The field-driven wire codec of cross-rank messages: a frozen dataclass <-> int64 words.
-
-Each field's annotation says how it goes on the wire:
-  int -> one word; bool / IntEnum -> one word; float -> the int64 view of its float64 bits (so it
-  arrives bit-exact, NaN payloads and -0.0 included); int | None -> presence word + value;
-  str -> UTF-8 bytes as a list; tuple[int, ...] -> length word + items; tuple[Record, ...] ->
-  count + each record's fields; a nested dataclass -> its fields in order.
-Field order is wire order.
-"""
+"""Frozen dataclass <-> int64 words, driven by the field annotations, in field order: int, bool
+and IntEnum one word; float its float64 bits (bit-exact); int | None presence + value; str its
+UTF-8 bytes; tuples a length and the items; nested dataclasses their fields."""
 
 from __future__ import annotations
 

@@ -1,18 +1,7 @@
-"""The decode rank loop (also the colocated replica loop): one Engine, driven by messages.
-
-- Reserve -> the admission queue, reserved in order as the engine has room (its cached prefix
-  taken from the prefix cache); Reserved tells the router how much is cached, so only the rest
-  crosses. Waiting here is the back-pressure on prefill ranks; a request that can never fit is
-  Rejected. Colocated: Reserve -> `engine.add_request` (this rank prefills too).
-- LayerKV -> `engine.write_prompt_kv` at its start; the PromptHidden after a prompt's last chunk
-  -> `engine.add_prefilled`, which samples the first token.
-- each turn with running sequences -> one `engine.step()`, its tokens to the router in one
-  Tokens message with this rank's load.
-
-The engine holds a request's blocks from reserve until it finishes or an Abort frees them, once;
-KV items for a request no longer held are dropped (they landed in the receiver's own staging).
-The loop owns the engine; receiver threads only fill the inbox.
-"""
+"""The decode rank loop (also a colocated replica's): one Engine driven by messages. Reserve ->
+the admission queue (Reserved says how much is cached); LayerKV -> `write_prompt_kv`;
+PromptHidden -> `add_prefilled`; each turn with running sequences one `engine.step()`, its tokens
+to the router. KV for a request no longer held is dropped; its blocks are freed exactly once."""
 
 from __future__ import annotations
 

@@ -1,17 +1,7 @@
-"""Ranks -> roles, devices and every process group: the only caller of init_process_group.
-
-Rank 0 is the front-end + router (CPU); then ranks 1..P prefill and P+1..P+D decode, or 1..N
-colocated replicas (a decode rank that prefills its own requests: control links, no KV links).
-Every link is a 2-rank process group (a gloo timeout breaks only its own group): router <-> each
-worker both ways, and per (prefill, decode) pair a gloo header link and a data link (NCCL on
-CUDA, gloo on CPU); what each carries: docs/architecture.md (Links). `Links` dicts are keyed by
-global rank and hold only the links a rank is an end of. Groups are created in one fixed order
-on every rank (`new_group` is called by all ranks), each with the config's finite timeout.
-
-Two ranks on one GPU (`share_device = true`): workers spread over the GPUs round-robin; a pair on
-one GPU gets a gloo data group instead of NCCL (which refuses it; docs/design.md), its KV staged
-through host memory (transfer.py), or a CUDA IPC slot with `kv_ipc = true` (ipc_transfer.py).
-"""
+"""Ranks -> roles, devices and process groups; the only caller of init_process_group. Rank 0 is
+the router; then prefill ranks and decode ranks, or colocated replicas. Every link is a 2-rank
+group created in one fixed order on every rank (docs/architecture.md, Links); a pair sharing a
+GPU gets a gloo data group, as NCCL refuses it."""
 
 from __future__ import annotations
 

@@ -1,13 +1,6 @@
-"""Same-GPU prefill/decode pairs: which transport a KV pair uses, and CUDA IPC handles on the wire.
-
-CUDA IPC lets a decode rank open the prefill rank's allocation, so a same-GPU pair (NCCL refuses
-one: dist.py) moves KV by device copies instead of through host memory. Here:
-- `pair_transport`: the decision per (prefill device, decode device);
-- `SharedTensor`: a CUDA tensor's IPC handle (torch's own sharing: storage handle, ref-counter
-  file, event) as an int64 tensor for the control links (no pickle), and `open()` on the other
-  side; events travel the same way (`pack_bytes`).
-The exporter keeps the tensor alive while any peer may use it. The transfer is ipc_transfer.py.
-"""
+"""Same-GPU (prefill, decode) pairs: `pair_transport` picks a pair's KV transport, and
+`SharedTensor` carries a CUDA tensor's IPC handle (and events) as int64 words over the control
+links; the exporter keeps the tensor alive. The transfer itself: ipc_transfer.py."""
 
 from __future__ import annotations
 

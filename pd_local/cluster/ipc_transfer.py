@@ -1,17 +1,7 @@
-"""KV transfer through a shared slot for a pair whose two ranks share one device.
-
-`IpcKVSender` / `IpcKVReceiver` keep transfer.py's contract (same calls, items and header) and
-replace only the payload path. The prefill rank copies K, V and hidden into its staging slot and
-records the slot's event, sends the KVHeader on the header link, then [nbytes, announce words] +
-the announce on the data link (the receiver reopens the slot when it changed). The decode rank's
-data thread waits on the event, copies the slot into its own staging and acks with [1], which
-`finish()` awaits before the slot is reused; then come LayerKV..., PromptHidden..., StagingDone.
-
-The slot ([L, 2, T, kv_heads, head_dim] + [R, hidden]) belongs to the prefill rank and grows
-(announced again) as needed. CUDA: CUDA IPC and an interprocess event; CPU (what the tests run):
-a /dev/shm file both ranks map. `kv_sender` / `kv_receiver` pick these where
-`ipc.pair_transport` says CUDA_IPC, transfer.py's classes elsewhere.
-"""
+"""KV transfer through a shared slot for a pair on one device, with transfer.py's contract. The
+prefill rank copies K, V and hidden into its slot ([L, 2, T, kv, hd] + [R, hidden]; CUDA IPC, or
+a /dev/shm file on CPU), records an event and announces it; the decode rank copies it out and
+acks, which `finish()` awaits before the slot is reused."""
 
 from __future__ import annotations
 

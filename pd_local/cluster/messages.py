@@ -1,14 +1,6 @@
-"""Typed cross-rank messages, packed into 1-D int64 CPU tensors (no pickle).
-
-Wire format of one message: word 0 = MAGIC | kind, then the kind's fixed fields, then its
-variable-length lists, each as a length word followed by the items. Floats travel as the int64
-view of their IEEE-754 float64 bits, so they arrive bit-exact (NaN payloads and -0.0 included).
-Booleans and enums are words; an optional int is a presence word then the value. Timestamps are
-time.monotonic(): CLOCK_MONOTONIC is system-wide on Linux, so ranks of one host share it.
-
-A message's fields are its wire form, in order (codec.py: a field's annotation is the rule that
-encodes it). The channel that carries messages is `channel.py`.
-"""
+"""Typed cross-rank messages as 1-D int64 CPU tensors (no pickle): word 0 = MAGIC | kind, then
+the fields in order (codec.py). Timestamps are time.monotonic(), shared by the ranks of a host.
+The channel that carries them: channel.py."""
 
 from __future__ import annotations
 

@@ -1,14 +1,7 @@
-"""The prefill rank loop: computes the prompts it is sent, streaming each layer's K/V to the decode
-rank that reserved the blocks (docs/design.md, step 4); it never runs lm_head.
-
-Chunked (engine.chunked_prefill, the default): a `ChunkedPrefiller` keeps the KV of prompts in
-progress, each step computes at most max_prefill_tokens of chunks (engine.prefill_policy), and a
-step is one transfer per destination whose header goes with layer 0. Unchunked: the oldest
-pending prompts up to the same budget, one batch with no KV kept. Either way each destination's
-tokens are one contiguous range, and PrefillDone reaches the router once a prompt's last sends
-have completed. Abort: a pending prompt is dropped and its blocks freed; sends under way finish
-(never cut) and the decode rank discards them.
-"""
+"""The prefill rank loop: computes the prompts it is sent and streams each layer's K/V to the
+decode rank that reserved the blocks; never runs lm_head. Chunked (the default) through a
+`ChunkedPrefiller`, else whole prompts up to max_prefill_tokens. PrefillDone follows a prompt's
+last sends; an aborted prompt is dropped, sends under way finish."""
 
 from __future__ import annotations
 

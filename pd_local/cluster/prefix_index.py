@@ -1,17 +1,7 @@
-"""The router's shadow of the prefix caches: which full prompt blocks each worker probably holds,
-and the `prefix` routing rule built on it. Pure Python, no torch, no torch.distributed.
-
-The router never asks a rank what it caches. It remembers the block hashes
-(`engine.kv_cache.block_hashes`) of the prompts it sent to each rank, in an LRU bounded by that
-rank's KV block count, and assumes the rank still holds them. That is a guess, and it errs
-safely: a wrong guess costs a cache miss (the rank recomputes or is sent the KV), never a wrong
-answer, because each rank matches prompts against its own cache.
-
-Why hashes in prompt order, with the head most recent: a hash names its block *and every block
-before it* (a chain), so a prefix match is the run of leading hashes found, and a tail without
-its head is useless. `insert` therefore touches a prompt's blocks tail first, so the LRU evicts
-a prompt's tail before its head, as the engine's own cache evicts.
-"""
+"""The router's guess of which full prompt blocks each worker holds, and the `prefix` routing rule
+on it. Per rank, an LRU of the block hashes of the prompts sent there, bounded by its block count;
+a wrong guess costs only a miss. A prompt's blocks are touched tail first, so the tail is evicted
+before the head (a hash chain is useless without its head). No torch."""
 
 from __future__ import annotations
 

@@ -1,16 +1,7 @@
-"""Rank 0: the router behind the HTTP front-end (a `Backend`, see backend.py). The rank's entry
-point, which serves the app with uvicorn around it, is frontend.py.
-
-One router thread owns all routing state; everything reaches it through one Inbox: commands from
-the asyncio loop (never blocking it) and messages from the workers (a receiver thread per link).
-It alone sends to workers; outputs go back through `loop.call_soon_threadsafe`.
-
-A request: Reserve to the chosen decode rank -> Reserved -> Prefill to the chosen prefill rank ->
-PrefillDone, while the decode rank streams Tokens (colocated: Reserve, then Tokens). The routing
-policies (`load`, `round_robin`, `prefix`) are described in docs/architecture.md. An abort goes to
-every rank still holding the request, which finishes at once; later messages about it are
-dropped. A link failure or a worker's Fatal fails every request and the whole server.
-"""
+"""Rank 0's router (a `Backend`; served by frontend.py). One thread owns all routing state and
+alone sends to workers; commands and worker messages reach it through one Inbox. A request:
+Reserve -> Reserved -> Prefill -> PrefillDone while Tokens stream (colocated: Reserve, Tokens).
+A link failure or a Fatal fails every request and the server."""
 
 from __future__ import annotations
 

@@ -1,13 +1,7 @@
-"""How ranks stop, on a signal and after a failure (the rules: docs/architecture.md, "Stopping").
-
-- Rank 0 owns the stop: on its first signal new requests and /health get 503, requests in flight
-  get `server.shutdown_grace_s`, the rest are aborted, the workers are shut down in order and
-  every rank exits 0. A second signal exits at once.
-- A worker logs a signal once and waits for rank 0's Shutdown (grace + 2 group timeouts at most,
-  then exits 1); a second signal exits at once.
-- After a rank failed, rank 0 answers 503 naming it for FAILURE_LINGER_S, then exits 1.
-`pd-local serve` turns its own signals into one SIGTERM to rank 0 (cli/serve.py: `supervise`).
-"""
+"""How ranks stop (docs/architecture.md, Stopping): rank 0 drains on a signal (503 to new
+requests, `shutdown_grace_s` for those in flight, then Shutdown to the workers, exit 0); a worker
+waits for rank 0's Shutdown; a second signal exits at once; after a failure rank 0 answers 503
+for FAILURE_LINGER_S, then exits 1."""
 
 from __future__ import annotations
 

@@ -1,17 +1,7 @@
-"""Engine: one process's model + paged KV cache + scheduler + sampler.
-
-Used three ways, always through the same sampling code:
-- colocated (offline `generate`, colocated ranks): `add_request` then `step()` until done; each
-  step is one fused forward of every running sequence's decode row plus prefill chunks (a long
-  prompt is prefilled over several steps, on top of the KV its earlier chunks cached);
-- decode rank in PD: `reserve` -> `write_prompt_kv` per layer (whole, or chunk by chunk with a
-  start offset) -> `add_prefilled(hidden)` samples the first token from the prefill rank's hidden
-  state; then `step()` decodes it with the others;
-- prefill rank in PD: `prefill_hidden` over a batch of prompts, no cache, K/V handed to a hook
-  (or, chunking, `prefiller.ChunkedPrefiller`, which keeps the KV of prompts in progress).
-
-Not thread-safe: one rank loop owns it. No torch.distributed here.
-"""
+"""Engine: one process's model + paged KV cache + scheduler + sampler. Colocated: `add_request`,
+then `step()`. Decode rank: `reserve` -> `write_prompt_kv` -> `add_prefilled(hidden)` samples the
+first token, then `step()`. Prefill rank: `prefill_hidden`, or a `ChunkedPrefiller`. One rank loop
+owns it; no torch.distributed."""
 
 from __future__ import annotations
 

@@ -1,15 +1,6 @@
-"""Paged KV cache bookkeeping: a pure-Python block allocator with an optional prefix cache, and the
-slot arithmetic (the tensors the ids index are `model.kv_cache.PagedKVCache`). No torch here.
-
-Every reference handed out by `allocate` or `take_cached` is returned by exactly one `free`; a
-free of a block nobody holds raises at once (a double free would corrupt another request's KV).
-
-Prefix cache (`caching=True`): a held block whose KV is final is `register`ed under its
-`block_hashes` id; freed by its last holder it becomes cached, not empty: still free for
-`allocate` (empty blocks first, then least recently freed cached ones), and `take_cached` hands it
-to a later prompt with the same prefix. Each block is empty, cached or held; `num_free` counts
-empty + cached.
-"""
+"""Paged KV bookkeeping, no torch: a block allocator where every reference handed out is freed
+exactly once (a double free raises), an optional prefix cache (freed registered blocks stay
+cached until `allocate` needs them, oldest first), and the slot arithmetic."""
 
 from __future__ import annotations
 

@@ -1,15 +1,7 @@
-"""Which prompt tokens to prefill next: a pure-Python chunk planner (no tensors, no ranks).
-
-A job is prefilled front to back in chunks [start, end), each on top of the KV of [0, start).
-`plan()` proposes chunks within a token budget; the caller runs them, then `advance()`s them (or
-`remove()`s an aborted or preempted job). `admit(job)`, if given, is asked before a job's first
-chunk (e.g. to allocate its blocks): False stops the plan there, so a job short of memory is not
-overtaken forever; it may set `job.num_computed` (a prefix-cache hit) to start later.
-
-Policies: "fcfs", oldest first, as far as the budget goes; "srpf", shortest remaining prefill
-first, with aging: once `max_passed_tokens` tokens of younger jobs have gone ahead of a job, it
-goes before every younger one, so a long prompt waits at most that many tokens plus one step.
-"""
+"""Which prompt tokens to prefill next (no tensors). `plan()` proposes chunks [start, end) within
+a token budget, `advance()` records them; `admit(job)` may refuse a job's first chunk, which stops
+the plan there. Policies: "fcfs"; "srpf", shortest remaining first, where a job that
+`max_passed_tokens` younger tokens have passed goes before every younger one."""
 
 from __future__ import annotations
 

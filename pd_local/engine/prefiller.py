@@ -1,17 +1,7 @@
-"""Chunked prefill for a prefill-only rank: the model, a paged KV cache of its own, a PrefillQueue.
-
-It keeps the KV of every prompt in progress (the next chunk attends over it) and nothing after a
-prompt's last chunk. A step is two calls, so the rank can announce transfers before computing:
-
-    chunks = prefiller.plan()                      # which [start, end) of which prompts, which rows
-    hidden = prefiller.run(chunks, on_layer_kv)    # forward; each layer's K/V [T, kv_heads, head_dim] to the hook
-
-`run` returns the last position's hidden state of every chunk with `is_last`, in order, and frees
-a prompt's blocks once its last chunk has computed (or `abort` does), exactly once. With
-`caching`, computed full blocks outlive the prompt as cached blocks for later prompts; a prompt
-added with `skip` (the destination holds [0, skip)) never starts after `skip`, so everything the
-destination lacks is computed here. One rank loop owns it; no torch.distributed.
-"""
+"""Chunked prefill for a prefill-only rank: keeps the KV of prompts in progress in a paged cache
+of its own. A step is `plan()` (which chunks) then `run(chunks, on_layer_kv)` (hidden states of
+the chunks that end a prompt). A prompt's blocks are freed once, after its last chunk or on abort;
+a prompt added with `skip` never starts after it."""
 
 from __future__ import annotations
 

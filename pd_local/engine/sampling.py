@@ -1,10 +1,5 @@
-"""Sampling parameters and `sample()`: greedy, temperature, top-k, top-p, per-request seeds.
-
-Determinism contract: a request's tokens depend only on its logits and its own generator, never on
-what else shares the batch: each sampled row draws from the request's `torch.Generator`, seeded
-from `SamplingParams.seed` (or from the OS when no seed is given). Since every topology samples on
-the rank that owns the request's decode, a seeded request gives the same tokens everywhere.
-"""
+"""Sampling (greedy, temperature, top-k, top-p) with a `torch.Generator` per request: a seeded
+request's tokens depend only on its logits and seed, never on its batch or topology."""
 
 from __future__ import annotations
 

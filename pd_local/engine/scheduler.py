@@ -1,18 +1,7 @@
-"""Continuous-batching scheduler with chunked prefill: pure Python, no tensors, no torch.distributed.
-
-`schedule()` returns one mixed step: a decode row for every running sequence (each with a slot for
-the token it writes) plus prefill chunks, at most `max_prefill_tokens` prompt tokens in all, picked
-by `PrefillQueue`'s policy. A long prompt is prefilled over several steps, so it costs running
-streams a bounded extra per step, not one long freeze.
-
-Prefix cache: at admission (or `try_reserve`) a sequence takes the cached blocks of the longest
-prefix of its tokens, never its last token, and prefills only the rest. Only KV a prefill computed
-is registered for reuse: a decode row reduces in another order, so its KV would not match.
-
-A sequence owns `block_ids` from admission or `reserve` until `finish`, `abort` or preemption, each
-of which frees them exactly once. A preempted sequence is prefilled again from its first token,
-keeping its place in the queue.
-"""
+"""Continuous batching with chunked prefill (no tensors): `schedule()` returns one mixed step, a
+decode row per running sequence plus prefill chunks within `max_prefill_tokens`. A sequence
+takes its longest cached prefix (never its last token) and owns its blocks until finish, abort or
+preemption, which free them exactly once; a preempted one is prefilled again."""
 
 from __future__ import annotations
 

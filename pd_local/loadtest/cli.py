@@ -1,11 +1,5 @@
-"""`pd-local bench` and `pd-local bench sweep`: argument parsing and orchestration.
-
-Exit codes: 0 the run finished and at least one request succeeded; 1 the run could not start
-or finish usefully (model listing failed, every warm-up request failed, no request succeeded);
-2 bad arguments (argparse's convention), including --plot without matplotlib; 130 interrupted.
-
-The flags, their types and their cross-checks are in args.py.
-"""
+"""`pd-local bench` and `pd-local bench sweep` (flags: args.py). Exit codes: 0 the run finished
+with a success, 1 it could not start or nothing succeeded, 2 bad arguments, 130 interrupted."""
 
 from __future__ import annotations
 

@@ -1,11 +1,6 @@
-"""One streamed OpenAI request -> one `RequestResult` (client clock: `time.perf_counter`).
-
-A content chunk is an SSE event whose first choice carries non-empty text; TTFT is send -> first
-content chunk, E2EL send -> last. ITL has one value per output token after the first: a chunk's
-first token gets the gap since the previous chunk, its other tokens (and tokens the final usage
-counts but no chunk showed) 0, so `len(itl) == output_tokens - 1` and `sum(itl) == e2el - ttft`.
-The full definitions: docs/loadtest.md (Metrics).
-"""
+"""One streamed OpenAI request -> one `RequestResult` (client clock). TTFT: send -> first content
+chunk; ITL: one value per output token after the first, so `sum(itl) == e2el - ttft`
+(docs/loadtest.md, Metrics)."""
 
 from __future__ import annotations
 

@@ -1,12 +1,6 @@
-"""The multi-turn chat workload: conversations of K turns with think time between them.
-
-Turn k sends the whole history: the system prompt (shared or per conversation, `system_len`
-words; none when 0), each earlier turn's user message and the text the server streamed for it,
-then turn k's message (`input_len` words, spread by `range_ratio`), `think_time` s after turn
-k-1's answer ended. A failed turn ends its conversation. Conversations start on the usual arrival
-process; `--num-prompts` counts conversations, `--duration` stops new ones. Results carry
-`conversation` and `turn`; `per_turn` gives TTFT by turn, what a prefix cache changes.
-"""
+"""The multiturn workload: conversations whose turn k sends the whole history (system prompt,
+earlier turns and their streamed answers) `think_time` after turn k-1's answer; a failed turn
+ends its conversation. `per_turn` gives TTFT by turn (docs/loadtest.md)."""
 
 from __future__ import annotations
 

@@ -1,14 +1,5 @@
-"""The head-of-line report: what each long prompt cost the requests around it, in units of L (that
-long prompt's TTFT); the definitions are in docs/loadtest.md (head_of_line).
-
-Input: a `head_of_line` run's results (workloads.head_of_line_schedule) in send order, each with
-its kind (stream, baseline, long, short) and send time; a chunk arrived at start + chunk_times[i].
-Per long prompt: each short chat's extra wait against its baseline twin, and each stream's largest
-gap overlapping the prefill window. Run-wide: the streams' chunk gaps split into quiet (streams
-alone), baseline and interfered windows, and `itl_p99_ratio` (interfered / quiet) and
-`itl_p99_ratio_vs_baseline` (interfered / baseline: the same decode load when the short chats
-decode inside the prefill window).
-"""
+"""The head-of-line report: what each long prompt cost the requests around it, in units of its
+own TTFT (definitions: docs/loadtest.md, head_of_line), from a `head_of_line` run's results."""
 
 from __future__ import annotations
 

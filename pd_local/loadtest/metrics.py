@@ -1,16 +1,6 @@
-"""Pure metric math: percentiles, a run's summary, SLO goodput, attainment interpolation.
-
-Conventions (shared with vLLM's `bench serve`, so numbers are comparable):
-- percentiles are numpy's default (linear interpolation between closest ranks), std is the
-  population std (ddof=0); undefined statistics (no samples) are None, written as JSON null;
-- TTFT/TPOT/E2EL statistics are over successful requests (TPOT only those with >= 2 output
-  tokens); ITL statistics pool every per-token gap of every successful request;
-- throughputs divide by the run's duration (first send -> last response finished) and count
-  successful requests only; token totals are over successful requests;
-- a request is *good* if it succeeded and meets every bound of the SLO (a single-token output
-  has no TPOT and so cannot miss a TPOT bound); SLO attainment = good / all requests issued
-  (failures count as misses); request goodput = good / duration.
-"""
+"""Pure metric math with vLLM `bench serve`'s conventions: numpy's default percentiles, None for
+no samples, statistics and throughputs over successful requests, SLO attainment = good / issued,
+goodput = good / duration (docs/loadtest.md)."""
 
 from __future__ import annotations
 

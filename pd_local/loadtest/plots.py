@@ -1,9 +1,4 @@
-"""PNG pictures of a run and of a sweep (matplotlib, an optional dependency).
-
-matplotlib is imported only inside these functions, with the non-interactive Agg backend, so
-the rest of the tool works without it; `require_matplotlib` lets the CLI fail before a run
-rather than after it.
-"""
+"""PNG pictures of a run and of a sweep; matplotlib (optional) is imported only here, with Agg."""
 
 from __future__ import annotations
 

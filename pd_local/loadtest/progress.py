@@ -1,9 +1,4 @@
-"""A one-line progress bar on stderr, for people watching a terminal, drawn by `tqdm`.
-
-Silent unless enabled and the stream is a TTY, so logs and CI output stay clean. tqdm does the
-terminal work (redraw in place, blanking what a shorter line leaves behind, locking against
-concurrent writers); this module only says what the line reads.
-"""
+"""A one-line tqdm progress bar on stderr, silent unless enabled on a TTY."""
 
 from __future__ import annotations
 

@@ -1,12 +1,6 @@
-"""The asyncio driver: warm-up, then the timed run on the workload's schedule.
-
-Contract: `run_benchmark` sends each scheduled request at (or, when `max_concurrency` requests
-are already in flight, as soon as possible after) its offset; it stops issuing when the schedule
-ends or `duration` has elapsed, then waits for in-flight requests (each bounded by the request
-timeout). The run's duration is first send -> last request finished. Requests of kind `stream`
-(the head_of_line workload's steady streams) are open-ended: once every other request has
-finished, the runner ends them (client.send_request's `stop`).
-"""
+"""The asyncio driver: warm-up, then each scheduled request at its offset (or as soon as
+`max_concurrency` allows) until the schedule ends or `duration` passes; then the in-flight ones
+finish. `stream` requests are ended once every other request has finished."""
 
 from __future__ import annotations
 

@@ -1,18 +1,6 @@
-"""A byte-level Server-Sent Events decoder (the subset OpenAI-style streams use).
-
-Fed raw network chunks in arrival order, it returns the events that each chunk completed, so
-the caller can timestamp an event with the arrival of the bytes that finished it. Lines end with
-LF, CRLF or CR (a CRLF split across two chunks is one line end); comment lines (`:`, e.g.
-sse-starlette's pings) and the `id`/`retry` fields are ignored; multi-line `data` is joined with
-LF, as the SSE specification says.
-
-Why not httpx-sse: it was tried (0.4.3) and is worse at this job. It drops an event the stream
-was cut in the middle of (`data: tail` with no blank line: the load tester must still see it);
-it only decodes a whole response (`EventSource.aiter_sse`), so feeding chunks and timestamping
-each event by the arrival of its last bytes would need its private `_decoders` module; it holds
-a line whose CR ends a chunk until the next chunk arrives, delaying that event's timestamp; and
-it refuses any response whose Content-Type is not text/event-stream.
-"""
+"""A byte-level SSE decoder: fed chunks as they arrive, it returns the events each completed, so
+an event is timed by its last bytes. Hand-written because httpx-sse drops an event cut off by the
+stream's end, holds a chunk-final CR and only decodes whole responses."""
 
 from __future__ import annotations
 

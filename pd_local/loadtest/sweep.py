@@ -1,10 +1,5 @@
-"""Rate sweeps over several targets: SLO attainment and goodput per rate, and DistServe's
-goodput comparison (the highest rate at which each target still meets the attainment goal,
-interpolated, and the ratio of those rates).
-
-This module is pure: the CLI runs the benchmarks and hands each run's summary to
-`SweepCollector`; `sweep_json`/`sweep_markdown` render the outcome.
-"""
+"""Rate sweeps over targets (pure): SLO attainment and goodput per rate, and DistServe's
+comparison, each target's highest rate meeting the attainment goal (interpolated) and their ratio."""
 
 from __future__ import annotations
 

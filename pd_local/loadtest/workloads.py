@@ -1,15 +1,6 @@
-"""What the load test sends, and when.
-
-A workload is an iterator of `Scheduled(offset, spec)`: `offset` is the send time in seconds after
-the start of the timed run, non-decreasing; `spec` is one request's content. Iterators may be
-unbounded (a `--duration` run at `--request-rate inf`); the runner stops them on its clock.
-
-Without a tokenizer, "tokens" in the random workloads are words drawn from `WORDS`, a fixed list of
-common short English words, each one token when preceded by a space (checked with SmolLM2's
-tokenizer: n random words encode to exactly n tokens; other common BPE vocabularies keep such
-words whole too). The chat template adds its own few tokens on `/v1/chat/completions`. The
-server's `usage.prompt_tokens`, when it sends one, replaces this estimate in the metrics.
-"""
+"""What the load test sends, and when: a workload is a (possibly endless) iterator of
+`Scheduled(offset, spec)`, offsets non-decreasing; the workloads are in docs/loadtest.md. A
+random prompt of n "tokens" is n words of `WORDS`."""
 
 from __future__ import annotations
 
@@ -21,8 +12,7 @@ from typing import Iterator
 
 import numpy as np
 
-# Common words that are one token each (with a leading space) in the usual BPE vocabularies.
-# Keep it that way when editing: n words must stay n tokens.
+# One token each after a space in the usual BPE vocabularies: n words must stay n tokens.
 WORDS: tuple[str, ...] = (
     "the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "was", "with", "be", "by",
     "on", "not", "he", "this", "are", "or", "his", "from", "at", "which", "but", "have", "an",
@@ -51,12 +41,8 @@ class WorkloadError(ValueError):
 
 @dataclass(frozen=True)
 class RequestSpec:
-    """One request's content.
-
-    Exactly one of `prompt` (for /v1/completions) and `messages` (for /v1/chat/completions) is
-    set once `for_endpoint` has been applied. `input_len` is the client-side estimate of prompt
-    tokens (words for generated prompts, whitespace-separated words for datasets).
-    """
+    """One request's content: `prompt` or `messages` (one of them after `for_endpoint`), and
+    `input_len`, the client's estimate of its prompt tokens (words)."""
 
     prompt: str | None
     messages: list[dict[str, str]] | None
@@ -95,10 +81,7 @@ class WorkloadConfig:
     long_input_len: int = 4096
     long_output_len: int = 16
     long_every: float = 5.0
-    # multiturn (conversation.py): `turns` turns per conversation, `think_time` s between a
-    # turn's answer and the next turn, a system prompt of `system_len` words (0: none) shared by
-    # every conversation or one per conversation; `input_len` is each user message's length.
-    turns: int = 3
+    turns: int = 3  # multiturn (conversation.py)
     think_time: float = 1.0
     system_len: int = 0
     shared_system: bool = True
@@ -140,11 +123,8 @@ def long_spec(rng: np.random.Generator, cfg: WorkloadConfig) -> RequestSpec:
 
 
 def load_jsonl(path: Path, default_output_len: int) -> list[RequestSpec]:
-    """Read a dataset: one JSON object a line with `prompt` (str) or `messages` (list of
-    {role, content}), and optionally `output_len` (int). Blank lines are skipped.
-
-    Raises `WorkloadError` naming the file and line for anything else.
-    """
+    """A dataset: a JSON object a line with `prompt` or `messages`, and optionally `output_len`;
+    blank lines skipped, anything else a `WorkloadError` naming the file and line."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
@@ -188,7 +168,7 @@ def arrival_gaps(rng: np.random.Generator, rate: float, burstiness: float) -> It
             yield 0.0
     scale = 1.0 / (rate * burstiness)
     while True:
-        # Draw in blocks: one numpy call per 256 arrivals, identical sequence for a given seed.
+        # one numpy call per 256 arrivals
         yield from rng.gamma(burstiness, scale, size=256).tolist()
 
 
@@ -209,14 +189,8 @@ def arrival_offsets(rng: np.random.Generator, rate: float, burstiness: float,
 
 def make_schedule(cfg: WorkloadConfig, rate: float, burstiness: float, num: int | None,
                   duration: float | None, seed: int, chat: bool) -> Iterator[Scheduled]:
-    """The timed run's requests. Deterministic for a given seed (the same prompts and times for
-    every target of a sweep).
-
-    interference: short chats (`input_len`/`output_len`) arrive at `rate`; a long prompt is sent
-    at `long_every`, 2*`long_every`, ... while earlier than the run's horizon (`duration`, or
-    the last short arrival when only `num` bounds the run); `num` counts short requests only.
-    jsonl: dataset entries in file order, cycling when `num` exceeds the file.
-    """
+    """The timed run's requests, the same for a given seed; `num` counts short requests only
+    (interference: a long prompt every `long_every` before the horizon)."""
     rng_time = np.random.default_rng([seed, 0])
     rng_text = np.random.default_rng([seed, 1])
     offsets = arrival_offsets(rng_time, rate, burstiness, num, duration)
@@ -252,18 +226,9 @@ def make_schedule(cfg: WorkloadConfig, rate: float, burstiness: float, num: int 
 
 
 def head_of_line_schedule(cfg: WorkloadConfig, seed: int, chat: bool) -> Iterator[Scheduled]:
-    """What a long prompt costs the requests around it. Fixed times (no rate, no --num-prompts):
-
-    - at 0: `streams` steady streams (short prompts, at most `stream_output_len` tokens each;
-      the runner ends them once every other request has finished, see runner.py; the report
-      measures their gaps while each long prompt prefills);
-    - at `long_every`: the baseline, `shorts_per_long` short chats (`input_len`/`output_len`)
-      at once, with no long prompt in flight;
-    - at (k + 1) * `long_every`, k = 1..`num_longs`: a long prompt (`long_input_len`/
-      `long_output_len`), and `short_delay` seconds later `shorts_per_long` short chats at once.
-    Every prompt has its own words (a prefix cache cannot serve a short chat from its twin of
-    the baseline); every short chat has the same lengths (`range_ratio` is not used).
-    """
+    """Fixed times: `streams` streams at 0, a baseline of `shorts_per_long` short chats at
+    `long_every`, then at (k + 1) * `long_every` a long prompt and, `short_delay` later, its
+    short chats. Every prompt has its own words (docs/loadtest.md)."""
     rng = np.random.default_rng([seed, 1])
     stream_cfg = WorkloadConfig(input_len=cfg.input_len, output_len=cfg.stream_output_len)
     short_cfg = WorkloadConfig(input_len=cfg.input_len, output_len=cfg.output_len)  # exact
@@ -286,8 +251,7 @@ def head_of_line_count(cfg: WorkloadConfig) -> int:
 
 
 def warmup_specs(cfg: WorkloadConfig, n: int, seed: int, chat: bool) -> list[RequestSpec]:
-    """`n` requests like the run's own (shorts for interference), from a separate random stream
-    so that the timed run's prompts are the same with or without warm-up."""
+    """`n` requests like the run's own, from their own random stream (the run's stay the same)."""
     if n <= 0:
         return []
     if cfg.name == "jsonl":

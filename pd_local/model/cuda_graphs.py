@@ -1,15 +1,6 @@
-"""CUDA graphs for the decode step: one graph per batch-size bucket, replayed with new inputs
-(a small model's decode step is launch-bound on a GPU).
-
-- Buckets: 1, 2, 4, 8, then every 16 up to max_num_seqs (and max_num_seqs); a batch of B runs in
-  the smallest bucket >= B, beyond the largest eagerly.
-- Static inputs (ids, positions, slots, context lengths, block tables) live in one device buffer
-  every graph reads, filled from a pinned host copy by non-blocking copies (no host sync).
-- Padded rows decode token 0 at position 0 into a sink block no request owns; logits dropped.
-- The Triton kernel reads loop bounds from the static context lengths, so one graph serves any
-  mix of lengths.
-On CPU `run` executes the padded batch eagerly, which tests the same inputs. The engine loop owns it.
-"""
+"""CUDA graphs for the decode step, one per batch-size bucket (1, 2, 4, 8, then every 16), reading
+one static input buffer; padded rows write a sink block no request owns. On CPU `run` executes the
+padded batch eagerly, which tests the same inputs."""
 
 from __future__ import annotations
 

@@ -1,17 +1,6 @@
-"""Which floating-point type the weights, activations and KV cache use: `dtype = "auto"`.
-
-"auto" resolves once per rank at start-up, from the device and (on CPU) the processor's flags:
-- CUDA: bfloat16 (half the bytes per decode step of fp32; tensor cores).
-- CPU with native bf16 (`avx512_bf16` or AMX, `amx_bf16`): bfloat16; measured 1.3x faster
-  than fp32 on such a CPU.
-- any other CPU: float32. Without those instructions bf16 is emulated: a 37-token prefill
-  measured 3-4x slower in bf16 than in fp32 on an AVX2-only EPYC (docs: DESIGN).
-
-Every rank of a `pd-local serve` world runs on the same machine, so every rank resolves "auto"
-to the same dtype; the front-end resolves it too, only to report it (/v1/models, /health).
-`resolve_dtype_name` is a pure function of its arguments (the flags string is passed in), so
-tests cover both kinds of CPU on any machine.
-"""
+"""`dtype = "auto"`: bfloat16 on CUDA and on CPUs with native bf16 (avx512_bf16 or amx_bf16),
+float32 elsewhere, where bf16 is emulated and 3-4x slower (docs/design.md). A pure function of
+the device and the CPU flags, so every rank resolves it alike and tests cover both kinds."""
 
 from __future__ import annotations
 

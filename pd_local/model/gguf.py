@@ -1,16 +1,6 @@
-"""Convert a Llama-architecture GGUF file into a Hugging Face model directory, which every other
-module reads and transformers reads too (so parity tests compare both on the same files):
-config.json, model.safetensors (dequantised, HF names, bf16 or f32), tokenizer.json,
-tokenizer_config.json, generation_config.json, and last pd_local_conversion.json (what was
-converted from what; its presence means the rest was written and verified).
-
-Two llama.cpp conventions are undone (docs/design.md, "The default model"): Q and K rows are
-permuted for its rotary layout (`_unpermute_qk` restores HF's), and the reader's `shape` lists
-dims innermost first (shapes come from the dequantised array, never from `shape`).
-
-Every failure a user can cause raises `WeightsError` naming the problem and the path. Opening
-the file and its metadata: gguf_reader.py; the tokenizer: gguf_tokenizer.py.
-"""
+"""Convert a llama GGUF into a Hugging Face directory (config, safetensors, tokenizer files, and
+last pd_local_conversion.json, written once the rest is verified), undoing llama.cpp's Q/K rotary
+permutation. User errors raise `WeightsError` naming the path. Reading: gguf_reader.py."""
 
 from __future__ import annotations
 

@@ -1,9 +1,5 @@
-"""The paged KV cache tensors that attention reads and writes (blocks are handed out by
-`pd_local.engine.kv_cache.BlockAllocator`; the model only takes the tensors as an argument).
-
-A token at position p of a sequence with block table `bt` lives at slot
-`bt[p // block_size] * block_size + p % block_size` (`engine.kv_cache.slots_for`).
-"""
+"""The paged KV cache tensors; position p of block table `bt` is slot
+`bt[p // block_size] * block_size + p % block_size` (blocks come from engine/kv_cache.py)."""
 
 from __future__ import annotations
 

@@ -1,13 +1,7 @@
-"""Building blocks of the Llama family: batch-invariant linear, RMSNorm, rotary embedding.
-
-`linear(..., invariant=True)` on CPU gives each row the same bits whatever the batch size M, so
-a request gets the same tokens alone or in a batch of 63, in every topology. fp32 on a CPU whose
-probe (`onednn_packing`, run on first use) finds oneDNN's packed inner product M-invariant: that
-kernel, against a weight packed once (`PackedWeight`, or in place by `Linear.pack`, which
-`set_batch_invariant(True)` applies so a rank keeps one copy). Elsewhere: pad M (fp32 M < 12 to a
-multiple of 4, bf16 M = 1 to 2) to where the BLAS kernels agree. `invariant=False` is plain
-F.linear. GPUs make no such promise. Measurements behind these rules: docs/benchmarks/linear.md.
-"""
+"""Llama building blocks: batch-invariant linear, RMSNorm, rotary embedding. `linear(...,
+invariant=True)` gives a row the same bits at any batch size on CPU: oneDNN's packed kernel where
+the first-use probe finds it invariant (fp32), else M padded to where the BLAS kernels agree
+(docs/benchmarks/linear.md)."""
 
 from __future__ import annotations
 

@@ -1,14 +1,6 @@
-"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3) as a plain nn.Module.
-
-Reads top to bottom: embeddings -> N x (attention, MLP) -> final norm. It knows nothing of ranks,
-requests or schedulers: the batch arrives flattened ([T] token ids, [T] positions) with an
-explicit `AttentionMetadata`; the KV cache is an argument (None on a prefill-only rank). Parameter
-names are Hugging Face's, so weights load by name.
-
-`forward` returns final hidden states; `compute_logits` is a separate call so a prefill rank never
-runs lm_head. `on_layer_kv(layer, k, v)` hands out each layer's K/V as soon as they exist, which
-is what lets a prefill rank stream KV out while the next layer computes.
-"""
+"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3) as a plain nn.Module with HF parameter
+names. It knows no ranks or requests: a flattened batch with an explicit `AttentionMetadata`, the
+KV cache an argument; `on_layer_kv` hands out each layer's K/V as soon as it exists."""
 
 from __future__ import annotations
 

@@ -1,13 +1,6 @@
-"""Paged decode attention for CUDA in Triton: K/V read where they lie in the paged cache (no
-gather copy, which costs a GPU as much memory traffic as the attention itself), once per KV head.
-
-One program per (sequence, KV head) holds that KV head's G query heads as a [G, D] tile and walks
-the sequence's context in tiles of TILE tokens with an online softmax (fp32 max and sum), finding
-each row through the block table. The loop bound is the row's own context length, read from
-device memory: rows never depend on their neighbours (batch invariance), and no host value enters
-the launch, so a CUDA graph replays it with new lengths. Imported only on CUDA; tested on CPU
-under TRITON_INTERPRET=1 in fp32 against the torch path.
-"""
+"""Paged decode attention for CUDA in Triton: one program per (sequence, KV head) walks its own
+context through the block table with an online softmax, with no gather copy and no host value in
+the launch (CUDA graphs replay it). Tested on CPU under TRITON_INTERPRET=1."""
 
 from __future__ import annotations
 

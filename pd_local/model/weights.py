@@ -1,18 +1,6 @@
-"""Load a Hugging Face safetensors checkpoint into `LlamaForCausalLM`.
-
-Reads `model.safetensors` or a sharded `model.safetensors.index.json`, memory-mapped through
-`safetensors.safe_open` (no pickle: `pytorch_model.bin` directories are refused). The model's own
-`named_parameters()` is the list of what must be loaded, so the loader never hard-codes names:
-
-- every parameter must be in the files, with exactly the parameter's shape;
-- `lm_head.weight` in the files is ignored when embeddings are tied (the module shares
-  `embed_tokens.weight` and has no lm_head parameter of its own);
-- rotary `inv_freq` buffers some exporters write are ignored; any other extra tensor is an error
-  (it means the checkpoint is not the architecture config.json claims).
-
-Parameters are converted to `dtype`; buffers (rotary inv_freq) keep their own dtype (fp32), so
-rope stays exact in bf16 models.
-"""
+"""Load a safetensors checkpoint (sharded or not; no pickle) into `LlamaForCausalLM` by the
+model's own parameter names: each must be present with its exact shape; a tied lm_head and
+rotary inv_freq are ignored, any other extra tensor is an error. Buffers keep fp32."""
 
 from __future__ import annotations
 
