@@ -143,13 +143,8 @@ def _die_with_parent() -> None:
 
 
 def supervise(cmd: list[str]) -> int:
-    """Run torchrun in a session of its own and stop it the way operators expect (shutdown.py).
-
-    SIGINT (Ctrl-C: the terminal sends it to our process group only, not to torchrun's),
-    SIGTERM (systemd, docker stop, Kubernetes) and SIGHUP become one SIGTERM to rank 0, which
-    drains and stops every rank in order: torchrun, and so this command, exits 0. A second
-    signal kills the whole tree at once. Returns torchrun's exit code (128 + N for signal N).
-    """
+    """Run torchrun in its own session; SIGINT, SIGTERM and SIGHUP become one SIGTERM to rank 0
+    (which drains every rank), a second signal kills the tree. Returns torchrun's exit code."""
     proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent)
     received: list[int] = []
 

@@ -108,12 +108,8 @@ def is_complete_conversion(model_dir: Path, dtype: str | None = None) -> bool:
 
 
 def convert_atomic(gguf_path: Path, out_dir: Path, dtype: str = "bfloat16", force: bool = False) -> Path:
-    """Convert into a hidden temporary directory beside `out_dir`, then rename it into place.
-
-    Without `force`, an existing non-empty `out_dir` is an error (a verified conversion is the
-    caller's business to detect). With `force`, the old directory is replaced only once the new
-    one is verified.
-    """
+    """Convert into a hidden temporary directory beside `out_dir`, then rename it into place; with
+    `force`, an existing `out_dir` is replaced only once the new one is verified."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise WeightsError(f"{out_dir} exists and is not a directory")

@@ -36,12 +36,8 @@ class _Marker:
 
 
 class Inbox:
-    """Where a rank's receiver threads put (peer rank, item); the rank loop takes them out.
-
-    Items are protocol messages, or whatever a transfer receiver hands over (transfer.py). A
-    link error arrives as a marker and is raised, in order, by poll/get: a loop never waits on
-    a link that is gone.
-    """
+    """Where a rank's receiver threads put (peer rank, item) for its loop; a link error arrives as
+    a marker, raised in order by poll/get, so a loop never waits on a link that is gone."""
 
     def __init__(self) -> None:
         self._q: queue.Queue[tuple[int, object]] = queue.Queue()
@@ -131,12 +127,8 @@ def recv_message(link: Link, frame_words: int = FRAME_WORDS) -> Message:
 
 
 class Receiver:
-    """A daemon thread doing blocking receives on one link into an Inbox.
-
-    Heartbeats are dropped; everything else is put as (peer, message). The thread exits after
-    forwarding a Shutdown, or after putting a LinkDown marker when the receive fails. A daemon
-    thread, so a process exiting on an error is never held by a receive that cannot return.
-    """
+    """A daemon thread receiving on one link into an Inbox as (peer, message), heartbeats dropped;
+    it exits after a Shutdown, or after putting LinkDown when a receive fails."""
 
     def __init__(self, link: Link, inbox: Inbox, frame_words: int = FRAME_WORDS) -> None:
         if link.is_sender:
@@ -162,17 +154,10 @@ class Receiver:
 
 
 class Heartbeater:
-    """Keeps a rank's outgoing control links alive: one daemon thread per Sender, each sending a
-    Heartbeat on its own link whenever that link has been idle for `interval` seconds.
-
-    One thread per link, not one for all: a gloo send is a rendezvous that completes only when
-    the peer posts the matching receive, so a heartbeat can wait as long as the peer takes to
-    read. With one thread walking every link in turn, one slow link starved all the others and
-    a healthy peer was declared dead (docs/design.md). Per-link threads make a
-    link's liveness depend on its own peer alone; every control link is read continuously by a
-    Receiver (or the KV header reader, transfer.py), so on a live peer the send returns at once.
-    A send error is reported to `inbox` as LinkDown from that link's peer.
-    """
+    """A daemon thread per outgoing control link, sending a Heartbeat whenever the link has been
+    idle for `interval` s. One per link: a gloo send is a rendezvous, and one thread walking
+    every link let a slow one starve the rest (docs/design.md). A send error goes to `inbox` as
+    LinkDown."""
 
     def __init__(self, senders: Iterable[Sender], interval: float, inbox: Inbox) -> None:
         self.senders = list(senders)

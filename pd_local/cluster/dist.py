@@ -99,12 +99,8 @@ class Link:
 
 @dataclass(frozen=True)
 class KVLink:
-    """A (prefill, decode) pair: headers on a CPU gloo group, tensors on a device group.
-
-    Headers travel apart from the data so the receiver learns sizes without a device sync, and
-    so heartbeats keep the idle header group alive while the data group only ever waits on a
-    transfer whose header already arrived.
-    """
+    """A (prefill, decode) pair: headers on a CPU gloo group (sizes known without a device sync,
+    heartbeats on it), tensors on a device group that only waits on announced transfers."""
 
     header: Link
     data: Link

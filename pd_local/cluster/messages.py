@@ -138,14 +138,9 @@ class KVEntry:
 
 @dataclass(frozen=True)
 class KVHeader:
-    """Prefill -> decode on the pair's header link: describes the next transfer on its data link.
-
-    One header covers every request (or prompt chunk) of one prefill step that goes to this
-    decode rank (the entries, in payload order), so a step costs one header, and the per-layer
-    payload is one K and one V tensor of [sum(num_tokens), num_kv_heads, head_dim] that the
-    receiver splits; the hidden tensor has `num_hidden` rows.
-    (A header per request would interleave layers of different requests on one link.)
-    """
+    """Prefill -> decode on the header link: the next transfer on the data link, one per prefill
+    step and decode rank. Its entries, in payload order, split each layer's K and V
+    [sum(num_tokens), num_kv_heads, head_dim]; the hidden tensor has `num_hidden` rows."""
 
     KIND: ClassVar[Kind] = Kind.KV_HEADER
     entries: tuple[KVEntry, ...]

@@ -72,14 +72,9 @@ class Candidate:
 
 
 def choose(candidates: Sequence[Candidate], margin: int) -> tuple[int, int]:
-    """The `prefix` routing rule. Returns (rank, matched blocks on that rank).
-
-    1. The least-loaded rank is the one `load` routing would pick: min (load, tie, rank).
-    2. The best-prefix ranks are those with the most matched blocks; among them the least
-       loaded (same key). No rank matches anything: the least-loaded rank.
-    3. The best-prefix rank wins unless its load exceeds the least-loaded rank's by more than
-       `margin`; then the least-loaded rank wins (a cache hit is not worth any queue).
-    """
+    """The `prefix` rule -> (rank, matched blocks there): the least loaded of the ranks with the
+    most matched blocks, unless its load exceeds the least-loaded rank's by more than `margin`
+    (then that one, as with no match at all). Load ties: (load, tie, rank)."""
     if not candidates:
         raise ValueError("choose: no candidate ranks")
     if margin < 0:

@@ -57,13 +57,9 @@ class WorkerSignals:
 
 
 class Stopper:
-    """Rank 0's stop: a drain on the first signal, failure handling, exit on the second.
-
-    `in_flight()` counts requests admitted and not finished (the HTTP app's count);
-    `should_exit()` asks the HTTP server to stop (it then closes, and its lifespan shuts the
-    router and the workers down). Both are set once the server exists; a signal before that
-    (workers still loading) only records the request, which serve() checks.
-    """
+    """Rank 0's stop: drain on the first signal, exit on the second, and failure handling.
+    `in_flight()` and `should_exit()` are set once the HTTP server exists; a signal before that
+    is only recorded, for serve() to check."""
 
     def __init__(self, router: object, grace_s: float) -> None:
         self.router = router

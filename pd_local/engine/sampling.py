@@ -47,12 +47,8 @@ class SamplingParams:
 def sample(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
 ) -> list[int]:
-    """logits [B, V] fp32 -> one token id per row.
-
-    Greedy rows take one batched argmax (a single host sync); sampled rows come to the host in
-    one copy and are processed one at a time with their own generator, which is what makes
-    seeded sampling batch-independent.
-    """
+    """logits [B, V] fp32 -> one token id per row: greedy rows by one batched argmax, sampled rows
+    one at a time with their own generator (batch-independent)."""
     out = logits.argmax(dim=-1).tolist()
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if not sampled:

@@ -128,12 +128,9 @@ class Scheduler:
         seq.arrival = self.queue.add(seq.req_id, seq.num_tokens, seq.arrival).arrival
 
     def try_reserve(self, seq: Sequence) -> bool:
-        """Decode rank: hold the blocks for seq's prompt KV, which a prefill rank will send.
-
-        Refuses (returns False, holds nothing) while preempted sequences wait for recompute, the
-        running batch is full, or the blocks would not leave one free block per running sequence
-        (their next decode step must not be starved by a reservation).
-        """
+        """Decode rank: hold the blocks for seq's prompt KV. False (nothing held) while preempted
+        sequences wait, the batch is full, or it would not leave a free block per running
+        sequence."""
         if seq.req_id in self.by_id:
             raise ValueError(f"request id {seq.req_id} is already in the scheduler")
         if self.queue.num_unadmitted() or len(self.running) + len(self.reserved) >= self.max_num_seqs:

@@ -24,12 +24,9 @@ ERROR_BODY_CHARS = 300
 
 @dataclass
 class RequestResult:
-    """Everything measured about one request. Times are seconds; `start` is relative to the
-    timed run's start, `chunk_times` to this request's send time.
-
-    `success` is False when the request got an HTTP error, raised, timed out, carried an error
-    event, ended before `[DONE]`/`finish_reason`, or produced no content; `error` then says why.
-    """
+    """One request's measurements, in seconds (`start` from the run's start, `chunk_times` from the
+    send). `success` False on an HTTP error, exception, timeout, error event, early end or no
+    content, with `error` saying which."""
 
     index: int
     kind: str

@@ -36,13 +36,9 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def head_of_line_report(results: Sequence[RequestResult]) -> dict[str, Any]:
-    """Per long prompt: L, every short chat's extra wait / L, every stream's largest gap / L
-    (module docstring), and the run-wide worst of each and the ITL p99 ratio.
-
-    Raises HeadOfLineError when there is no long prompt or no baseline chat, or when a long
-    prompt or a baseline chat failed (without them nothing can be expressed in units of L).
-    A short chat that failed has extra wait None and is counted in `failed_shorts`.
-    """
+    """Per long prompt, in units of its TTFT L: each short chat's extra wait and each stream's
+    largest gap; run-wide, the worst of each and the ITL p99 ratio. HeadOfLineError when a long
+    prompt or a baseline chat is missing or failed; failed shorts are counted."""
     by_kind: dict[str, list[RequestResult]] = {}
     for r in sorted(results, key=lambda r: (r.start, r.index)):
         by_kind.setdefault(r.kind, []).append(r)

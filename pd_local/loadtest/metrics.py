@@ -159,12 +159,8 @@ def summarize(results: Sequence[RequestResult], duration: float,
 
 @dataclass(frozen=True)
 class RateAtAttainment:
-    """The highest request rate at which a target still meets the attainment goal.
-
-    status: "interpolated" (between the last tested rate that met it and the next, which did
-    not), "at_least" (met at every tested rate: `rate` is the highest tested, a lower bound),
-    "below_lowest" (missed even at the lowest tested rate: `rate` is None), "no_data".
-    """
+    """The highest rate at which a target meets the attainment goal; status "interpolated",
+    "at_least" (met at every tested rate), "below_lowest" (rate None) or "no_data"."""
 
     rate: float | None
     status: str
@@ -172,13 +168,8 @@ class RateAtAttainment:
 
 def max_rate_at_attainment(points: Iterable[tuple[float, float | None]], target: float
                            ) -> RateAtAttainment:
-    """DistServe's per-target capacity from (rate, attainment) points.
-
-    Walks the rates upwards and stops at the first one whose attainment is below `target`;
-    the answer is the linear interpolation between it and the previous rate. Later recoveries
-    (noise at higher rates) are ignored on purpose: capacity is where the target first breaks.
-    Points with attainment None are skipped.
-    """
+    """DistServe's capacity: interpolated between the last rate meeting `target` and the first that
+    misses it, walking upwards (later recoveries ignored; None attainments skipped)."""
     pts = sorted((r, a) for r, a in points if a is not None)
     if not pts:
         return RateAtAttainment(None, "no_data")

@@ -12,12 +12,8 @@ _CHARSET = "-#"  # tqdm's bar characters: empty, full (no partial blocks)
 
 
 class ProgressBar:
-    """Redrawn at most every `min_interval` seconds unless forced.
-
-    With `total` known the bar shows requests done / total; with only `duration` it shows time
-    elapsed / duration. Callers: `done()` per finished request, `tick()` periodically,
-    `close()` once at the end (prints the final state and a newline).
-    """
+    """Requests done / total, or time elapsed / duration, redrawn at most every `min_interval` s:
+    `done()` per request, `tick()` periodically, `close()` once."""
 
     def __init__(self, total: int | None, duration: float | None, enabled: bool = True,
                  stream: TextIO | None = None, width: int = 30, min_interval: float = 0.1) -> None:

@@ -1,5 +1,6 @@
 """Rate sweeps over targets (pure): SLO attainment and goodput per rate, and DistServe's
-comparison, each target's highest rate meeting the attainment goal (interpolated) and their ratio."""
+comparison: each target's highest rate meeting the attainment goal (interpolated), and their
+ratio."""
 
 from __future__ import annotations
 

@@ -178,13 +178,8 @@ def expected_tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]
 def read_tensors(
     reader: Any, config: dict[str, Any], path: Path, dtype: torch.dtype, log_every: int = 0
 ) -> dict[str, torch.Tensor]:
-    """Dequantise every GGUF tensor into a HF-named, (out, in)-shaped tensor of `dtype`.
-
-    Logs progress every `log_every` tensors (0: every quarter of the file).
-
-    Raises WeightsError for a tensor we have no HF name for, a quantisation type the gguf
-    package cannot dequantise, or a shape that does not match `config`.
-    """
+    """Dequantise every GGUF tensor into a HF-named (out, in) tensor of `dtype`, logging every
+    `log_every` (0: each quarter). WeightsError for an unknown name, type or shape."""
     from gguf import quants
 
     expected = expected_tensor_shapes(config)
@@ -237,12 +232,9 @@ def _write_json(path: Path, obj: Any) -> None:
 def convert_gguf(
     gguf_path: str | Path, out_dir: str | Path, dtype: str | torch.dtype = torch.bfloat16
 ) -> Path:
-    """Convert a llama GGUF into a HF directory at `out_dir` (created; must be empty or absent).
-
-    Writes the files listed in the module docstring, then re-reads them with `verify_hf_dir`.
-    Not atomic by itself: callers that need an all-or-nothing directory (cli/weights.py) convert
-    into a temporary directory and rename it. Returns `out_dir`.
-    """
+    """Convert a llama GGUF into a HF directory at `out_dir` (empty or absent), verified by
+    `verify_hf_dir`; not atomic (cli/weights.py renames a temporary directory). Returns
+    `out_dir`."""
     from safetensors.torch import save_file
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
@@ -294,14 +286,9 @@ def convert_gguf(
 
 
 def verify_hf_dir(model_dir: str | Path, dtype: torch.dtype | None = None) -> dict[str, Any]:
-    """Check that `model_dir` holds a complete Llama conversion; return its config.json dict.
-
-    Reads only headers (safetensors) and small JSON files, so it is cheap enough to run on every
-    `weights fetch`. Checks: config.json parses into a ModelConfig; model.safetensors holds exactly
-    the expected tensor names with the expected shapes, all of `dtype` (when given) and one dtype
-    throughout; tokenizer.json loads and fits in vocab_size; tokenizer_config.json and
-    generation_config.json parse. Raises WeightsError naming the first problem.
-    """
+    """Check, from headers and small JSON files only, that `model_dir` holds a complete Llama
+    conversion (config, tensor names, shapes and one dtype, tokenizer within vocab_size); return
+    config.json's dict, or raise WeightsError naming the first problem."""
     from safetensors import safe_open
     from tokenizers import Tokenizer
 

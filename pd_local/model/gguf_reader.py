@@ -32,12 +32,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def open_gguf(path: str | Path) -> Any:
-    """Open `path` with gguf.GGUFReader after checking it is a complete GGUF file.
-
-    Returns the reader (memory-maps the file; nothing is dequantised yet). Raises WeightsError
-    for a missing file, a file without the GGUF magic, a header the reader cannot parse, or tensor
-    data that runs past the end of the file (a truncated download).
-    """
+    """A memory-mapped gguf.GGUFReader of `path`; WeightsError for a missing file, no GGUF magic,
+    an unparsable header, or tensor data past the end (a truncated download)."""
     from gguf import GGUFReader  # imported here: `gguf` pulls in numpy machinery we rarely need
 
     path = Path(path)

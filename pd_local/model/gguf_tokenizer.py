@@ -31,12 +31,8 @@ def _pre_tokenizer(pre: str, path: Path) -> Any:
 
 
 def build_tokenizer(reader: Any, path: Path) -> tuple[Any, dict[str, Any]]:
-    """Build (tokenizers.Tokenizer, special-token info) from the GGUF's tokenizer.ggml.* fields.
-
-    Only byte-level BPE ('gpt2' model) is supported. CONTROL tokens become special added tokens
-    (otherwise `<|im_start|>` in a rendered chat would be split into pieces); USER_DEFINED tokens
-    become non-special added tokens. No BOS/EOS is added by the post-processor.
-    """
+    """(tokenizers.Tokenizer, special-token info) from the GGUF's byte-level BPE fields: CONTROL
+    tokens become special added tokens, USER_DEFINED ones plain added tokens; no BOS/EOS added."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, processors
 
     model = get_field(reader, "tokenizer.ggml.model")

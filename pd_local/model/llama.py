@@ -186,12 +186,9 @@ class LlamaForCausalLM(nn.Module):
     batch_invariant: bool = True
 
     def set_batch_invariant(self, on: bool) -> LlamaForCausalLM:
-        """Exact batch invariance of every linear and lm_head (default on; see layers.linear
-        for what it costs and where). Off: a request's logits may depend on its batch.
-
-        On, where the exact kernel is oneDNN's packed one (fp32 CPU), every Linear's weight is
-        replaced by its packed copy and the plain one freed (`Linear.pack`): one copy in memory,
-        not two. Off unpacks them for F.linear."""
+        """Exact batch invariance of every linear and lm_head (default on). Where the exact kernel
+        is oneDNN's packed one (fp32 CPU), weights are swapped for packed copies (one copy in
+        memory)."""
         self.batch_invariant = on
         packed = 0
         for m in self.modules():

@@ -23,12 +23,8 @@ _IGNORED_SUFFIXES: tuple[str, ...] = ("rotary_emb.inv_freq",)
 
 
 def checkpoint_files(model_dir: str | Path) -> dict[str, Path]:
-    """Map every tensor name in the checkpoint to the safetensors file that holds it.
-
-    Raises WeightsError when `model_dir` has no safetensors checkpoint (naming what it has
-    instead: a pickle checkpoint or a GGUF file), when the index is malformed, or when a shard
-    it names is missing.
-    """
+    """Tensor name -> the safetensors file holding it; WeightsError when there is no safetensors
+    checkpoint (naming what there is), a malformed index or a missing shard."""
     from safetensors import safe_open
 
     model_dir = Path(model_dir)
@@ -83,13 +79,9 @@ def load_weights(
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device | None = None,
 ) -> None:
-    """Fill every parameter of `model` from the checkpoint in `model_dir`, converted to `dtype`.
-
-    Parameters are replaced in place (`param.data = ...`), so parameter identity and any tying
-    the module set up survive. Each lands on `device` (None: the parameter's current device);
-    buffers are not touched. Raises WeightsError naming the
-    tensor for a missing tensor, a shape mismatch (both shapes), or an unexpected tensor.
-    """
+    """Fill every parameter of `model` in place from `model_dir`, as `dtype` on `device` (None:
+    where it is), so tying survives; WeightsError naming a missing, misshapen or unexpected
+    tensor."""
     from safetensors import safe_open
 
     t0 = time.monotonic()
