@@ -104,3 +104,33 @@ def test_docstrings_state_a_contract_in_at_most_15_lines(path: Path) -> None:
                 if n > MAX_DOC_LINES:
                     long.append(f"{getattr(node, 'name', '<module>')}: {n} lines")
     assert not long, f"pd_local/{path.relative_to(ROOT)}: {long}"
+
+
+MAX_PROSE_SHARE = 0.12
+
+
+def _prose_lines(source: str) -> tuple[int, int]:
+    """(comment-only + docstring lines, non-blank lines) of one file."""
+    lines = source.splitlines()
+    prose = {i for i, line in enumerate(lines, 1) if line.strip().startswith("#")}
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            first = node.body[0] if node.body else None
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
+                    and isinstance(first.value.value, str):
+                prose |= {i for i in range(first.lineno, first.end_lineno + 1) if lines[i - 1].strip()}
+    return len(prose), sum(1 for line in lines if line.strip())
+
+
+def test_prose_is_at_most_12_percent_of_the_package() -> None:
+    """Comments and docstrings state contracts and shapes; the reasons and figures live in docs/."""
+    counts = [_prose_lines(p.read_text()) for p in SOURCES]
+    prose, total = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    assert prose / total <= MAX_PROSE_SHARE, (
+        f"{prose} of {total} non-blank lines in pd_local are comments or docstrings "
+        f"({prose / total:.1%}, limit {MAX_PROSE_SHARE:.0%}): move the essay to docs/")
+
+
+def test_prose_count_sees_comments_and_docstrings() -> None:
+    src = '"""Module.\n\nMore."""\n\nx = 1  # trailing: code\n# a comment\n\ndef f():\n    """Doc."""\n    return x\n'
+    assert _prose_lines(src) == (4, 7)
