@@ -116,6 +116,7 @@ class EngineConfig:
     cuda_graphs: bool = True  # CUDA only
     batch_invariant: bool = True  # false: faster on CPU, logits may depend on the batch
     enable_prefix_caching: bool = True
+    threads: int = 0  # CPU threads per worker rank; 0: its share of the cores (engine/threads.py)
     num_blocks: int | None = field(default=None, metadata={"toml": False})
 
     def __post_init__(self) -> None:
@@ -136,6 +137,7 @@ class EngineConfig:
         if self.gpu_memory_fraction is not None:
             _positive_float("engine.gpu_memory_fraction", self.gpu_memory_fraction, maximum=1.0)
         _int("engine.max_num_seqs", self.max_num_seqs, minimum=1)
+        _int("engine.threads", self.threads, minimum=0, maximum=4096)
         _int("engine.max_prefill_tokens", self.max_prefill_tokens, minimum=1)
         _bool("engine.enable_prefix_caching", self.enable_prefix_caching)
         _bool("engine.chunked_prefill", self.chunked_prefill)

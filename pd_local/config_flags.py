@@ -37,6 +37,9 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill", type=int, default=None, help="prefill ranks (with --decode)")
     parser.add_argument("--decode", type=int, default=None, help="decode ranks (with --prefill)")
     parser.add_argument("--colocated", type=int, default=None, help="N colocated replicas")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads per worker rank (engine.threads; 0: auto, each its "
+                             "share of the usable cores)")
     parser.add_argument("--host", default=None)
     parser.add_argument("--port", type=int, default=None)
     parser.add_argument("--api-key", default=None,
@@ -48,7 +51,7 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
     overrides: dict[str, Any] = {
         "model": args.model, "dtype": args.dtype, "device": args.device,
-        "transfer": args.transfer, "routing": args.routing,
+        "transfer": args.transfer, "routing": args.routing, "engine.threads": args.threads,
         "server.host": args.host, "server.port": args.port,
         "server.api_key": args.api_key or os.environ.get(API_KEY_ENV) or None,
     }
@@ -74,7 +77,7 @@ def to_argv(cfg_path: str | Path | None, args: argparse.Namespace) -> list[str]:
     if cfg_path is not None:
         argv += ["--config", str(cfg_path)]
     for flag in ("model", "dtype", "device", "transfer", "routing",
-                 "prefill", "decode", "colocated", "host", "port"):
+                 "prefill", "decode", "colocated", "threads", "host", "port"):
         value = getattr(args, flag)
         if value is not None:
             argv += [f"--{flag}", str(value)]

@@ -58,13 +58,14 @@ def test_flags_override_the_file() -> None:
                 "--prefill", "2", "--decode", "3", "--transfer", "whole", "--port", "9000",
                 "--set", "engine.max_num_seqs=8", "--set", "server.host=0.0.0.0",
                 "--set", 'server.cors_origins=["http://a"]', "--set", "timeouts.group_s=10.5",
-                "--api-key", "k1")
+                "--api-key", "k1", "--threads", "3")
     assert (cfg.model, cfg.dtype, cfg.transfer) == ("/m", "float32", "whole")
     assert (cfg.topology.prefill, cfg.topology.decode, cfg.topology.colocated) == (2, 3, 0)
     assert (cfg.server.port, cfg.server.host, cfg.server.cors_origins) == (9000, "0.0.0.0",
                                                                             ("http://a",))
     assert cfg.engine.max_num_seqs == 8 and cfg.timeouts.group_s == 10.5
     assert cfg.server.api_key == "k1"
+    assert cfg.engine.threads == 3 and ServeConfig().engine.threads == 0
 
 
 def test_api_key_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -115,6 +116,8 @@ def write(tmp_path: Path, text: str) -> Path:
     ("device = 'cuda'\n[engine]\ngpu_memory_fraction = 1.5",
      "engine.gpu_memory_fraction must be <= 1.0, got 1.5"),
     ("[engine]\nmax_num_seqs = 0", "engine.max_num_seqs must be >= 1, got 0"),
+    ("[engine]\nthreads = -1", "engine.threads must be >= 0, got -1"),
+    ("[engine]\nthreads = 2.5", "engine.threads must be an integer, got 2.5"),
     ("[engine]\nchunked_prefill = 1", "engine.chunked_prefill must be true or false, got 1"),
     ("[engine]\nenable_prefix_caching = \"on\"", "engine.enable_prefix_caching must be true or false, got 'on'"),
     ("[engine]\nprefill_policy = 'sjf'", "engine.prefill_policy must be one of"),

@@ -23,6 +23,7 @@ import httpx
 import pytest
 import torch
 
+from pd_local.engine import threads as cpu_threads
 from tests.dist_scripts.harness import REPO, tagged_pids, torchrun
 from tests.helpers import make_tiny_hf_model
 from tests.server_utils import metric_values, serving
@@ -100,6 +101,20 @@ def check_cluster_accounts_for(url: str, responses: list[dict]) -> None:
     assert all(r["generated_tokens"] == 0 for r in ranks.values() if r["role"] == "prefill")
 
 
+def check_threads(url: str, threads: int = 0) -> None:
+    """Each worker computes with the threads and CPUs its plan gives it on this process's mask
+    (the server's ranks inherit it), as it measured them itself, in /v1/cluster and /metrics."""
+    ranks = {r["rank"]: r for r in httpx.get(f"{url}/v1/cluster", timeout=10).json()["ranks"]}
+    plans = cpu_threads.plan_world(cpu_threads.usable_cores(), len(ranks), threads)
+    mask = cpu_threads.format_cpu_list(sorted(os.sched_getaffinity(0)))
+    for rank, r in ranks.items():
+        want = plans[rank]
+        assert r["threads"] == want.threads, (rank, r, want)
+        assert r["cpus"] == (cpu_threads.format_cpu_list(want.cpus) if want.cpus else mask), (rank, r)
+    gauge = metric_values(url, "pd_local_rank_threads")
+    assert sorted(gauge.values()) == sorted(float(p.threads) for p in plans[1:]), gauge
+
+
 async def disconnect_mid_stream(url: str) -> None:
     body = {"prompt": PROMPTS[4], "max_tokens": 400, "ignore_eos": True, "stream": True}
     async with httpx.AsyncClient(timeout=60) as c:
@@ -124,7 +139,7 @@ def wait_blocks_free(url: str, timeout: float = 20) -> dict[str, float]:
 
 @pytest.mark.parametrize("flags", [
     ["--colocated", "1"],
-    ["--colocated", "2"],
+    ["--colocated", "2", "--threads", "2"],
     ["--prefill", "1", "--decode", "1"],
     ["--prefill", "1", "--decode", "2", "--transfer", "whole", "--routing", "round_robin"],
     ["--prefill", "2", "--decode", "1"],
@@ -136,6 +151,7 @@ def test_serve_matches_engine_frees_blocks_and_stops_cleanly(tiny_dir: Path,
         responses = asyncio.run(complete_all_bodies(s.url))
         assert [r["choices"][0]["text"] for r in responses] == want
         check_cluster_accounts_for(s.url, responses)
+        check_threads(s.url, int(flags[flags.index("--threads") + 1]) if "--threads" in flags else 0)
         if "--colocated" not in flags:
             transfers = metric_values(s.url, "pd_local_kv_transfers_total")
             assert list(transfers.values()) == [len(PROMPTS)]

@@ -13,6 +13,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import torch
+
+from pd_local.engine import threads as cpu_threads
 from pd_local.engine.engine import Engine
 from pd_local.engine.sampling import SamplingParams
 from pd_local.engine.scheduler import SeqStatus
@@ -57,6 +60,8 @@ class RankStats:
     queued_tokens: int = 0
     prefilled_tokens: int = 0  # prompt tokens this rank computed (not cached), ever
     generated_tokens: int = 0  # tokens this rank sampled, ever
+    threads: int = 0  # CPU threads it computes with, on these CPUs (engine/threads.py)
+    cpus: str = ""
 
 
 @dataclass
@@ -132,6 +137,7 @@ class InProcessBackend:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._error: str | None = None
+        self._threads = (0, "")  # (torch threads, CPUs) of the engine thread, once it runs
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -158,7 +164,8 @@ class InProcessBackend:
         return BackendStats(ranks=[RankStats(0, "colocated", e.num_free_blocks, e.num_total_blocks,
                                              e.num_running, e.num_waiting, e.num_cached_blocks,
                                              e.prefix_hit_tokens, prefilled_tokens=self._prefilled,
-                                             generated_tokens=self._generated)])
+                                             generated_tokens=self._generated,
+                                             threads=self._threads[0], cpus=self._threads[1])])
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -202,6 +209,9 @@ class InProcessBackend:
                 self._finish(req_id, "abort", [])
 
     def _run(self) -> None:
+        if self.engine.cfg.threads:
+            torch.set_num_threads(self.engine.cfg.threads)
+        self._threads = cpu_threads.in_effect()
         try:
             while not self._stop.is_set():
                 block = not self.engine.has_unfinished()

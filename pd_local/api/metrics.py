@@ -32,6 +32,7 @@ RANK_GAUGES = (
     ("pd_local_prefill_queued_tokens", "Prompt tokens routed to a prefill rank and not yet "
      "prefilled or aborted (the router's view, what its prefill routing compares).",
      "queued_tokens"),
+    ("pd_local_rank_threads", "CPU threads a rank computes with (engine.threads).", "threads"),
 )
 RANK_COUNTERS = (
     ("pd_local_prefix_cache_hit_tokens", "Prompt tokens whose KV came from a rank's prefix cache.",

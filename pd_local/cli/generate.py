@@ -73,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-gb", type=float, default=1.0)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads (default 0: torch's own choice, one per physical core)")
     return p
 
 
@@ -83,7 +85,8 @@ def main(argv: list[str]) -> int:
         # max_prefill_tokens: this command's default before the configs were unified (the
         # [engine] table's is 2048); kept so its batching, and timing, stay as they were.
         engine_cfg = EngineConfig(kv_cache_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs,
-                                  max_model_len=args.max_model_len, max_prefill_tokens=4096)
+                                  max_model_len=args.max_model_len, max_prefill_tokens=4096,
+                                  threads=args.threads)
     except ConfigError as e:
         print(f"pd-local generate: {e}", file=sys.stderr)
         return 2
@@ -95,6 +98,10 @@ def main(argv: list[str]) -> int:
         model_dir = Path(args.model)
     from pd_local.model.weights import load_model
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         lines = (sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")).read().splitlines()
     except OSError as e:

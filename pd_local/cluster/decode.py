@@ -12,6 +12,7 @@ from collections import deque
 from collections.abc import Callable
 
 from pd_local.cluster.dist import DistContext, Role
+from pd_local.engine import threads as cpu_threads
 from pd_local.engine.engine import Engine, TokenEvent
 from pd_local.model.config import ModelConfig
 from pd_local.model.dtype import resolve_dtype
@@ -70,7 +71,8 @@ class DecodeLoop:
         (Fatal), then raise."""
         try:
             self.engine = make_engine()
-            self.to_router.send(Ready(self.engine.max_model_len, self.engine.num_total_blocks))
+            self.to_router.send(Ready(self.engine.max_model_len, self.engine.num_total_blocks,
+                                      *cpu_threads.in_effect()))
             while True:
                 # Block only when there is nothing to step: then only a message can change that.
                 item = self.inbox.get(timeout=0 if self._can_step() else None)

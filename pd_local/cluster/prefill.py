@@ -16,6 +16,7 @@ import torch
 from pd_local.cluster.dist import DistContext
 from pd_local.engine.engine import prefill_hidden, prefix_salt
 from pd_local.engine.kv_cache import blocks_for
+from pd_local.engine import threads as cpu_threads
 from pd_local.engine.prefiller import ChunkedPrefiller
 from pd_local.model.config import ModelConfig
 from pd_local.model.dtype import resolve_dtype
@@ -61,7 +62,8 @@ class PrefillLoop:
             if self.ctx.cfg.engine.chunked_prefill:
                 self.prefiller = self._make_prefiller()
             # a chunking prefill rank reports its own cache (prefix routing sizes its index by it)
-            self.to_router.send(Ready(0, self.prefiller.allocator.num_total if self.prefiller else 0))
+            self.to_router.send(Ready(0, self.prefiller.allocator.num_total if self.prefiller else 0,
+                                      *cpu_threads.in_effect()))
             while True:
                 item = self.inbox.get(timeout=0 if self._has_work() else None)
                 while item is not None:

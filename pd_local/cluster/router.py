@@ -70,6 +70,8 @@ class _Rank:
     prefix_hit_tokens: int = 0
     max_model_len: int = 0
     ready: bool = False
+    threads: int = 0  # torch threads the rank runs with, and its CPUs (from Ready)
+    cpus: str = ""
     routed: int = 0  # requests routed here, ever
     routed_prefix_tokens: int = 0  # prompt tokens the index said this rank held when routed
     prefilled_tokens: int = 0  # prompt tokens this rank computed (not cached), ever
@@ -146,7 +148,8 @@ class Router:
     def stats(self) -> BackendStats:
         ranks = [RankStats(r.rank, r.role, r.free_blocks, r.total_blocks, r.running, r.waiting,
                            r.cached_blocks, r.prefix_hit_tokens, r.routed, r.routed_prefix_tokens,
-                           r.queued_tokens, r.prefilled_tokens, r.generated_tokens)
+                           r.queued_tokens, r.prefilled_tokens, r.generated_tokens,
+                           r.threads, r.cpus)
                  for r in (*self.prefill.values(), *self.decode.values())]
         return dataclasses.replace(self.kv, ranks=ranks)
 
@@ -285,6 +288,7 @@ class Router:
         elif isinstance(msg, Ready):
             r = self._rank(peer)
             r.ready, r.max_model_len, r.total_blocks = True, msg.max_model_len, msg.total_blocks
+            r.threads, r.cpus = msg.threads, msg.cpus
             r.free_blocks = msg.total_blocks
             r.index.resize(msg.total_blocks)
             if all(x.ready for x in (*self.decode.values(), *self.prefill.values())):

@@ -7,6 +7,7 @@
 | `prefill_queue.py` | `PrefillQueue`: which waiting prompts' chunks get a step's prefill budget (fcfs / srpf with aging) | tensors, blocks |
 | `prefiller.py` | `ChunkedPrefiller` for a prefill rank that chunks: own paged cache for prompts in progress, `plan()` / `run()` / `abort()` | torch.distributed, the decode rank's cache |
 | `kv_cache.py` | `BlockAllocator` (pure Python), `blocks_for`, `slots_for` | torch |
+| `threads.py` | CPU threads and cores per rank: `plan_world` (pure), `apply`, `in_effect` | ranks, the network |
 | `sampling.py` | `SamplingParams`, per-request generators, `sample()` | host syncs on the hot path |
 
 Imports `pd_local.model` and the shared `pd_local.config` (`EngineConfig`); never `api`,
