@@ -69,9 +69,9 @@ def physical_cores(cpus: Sequence[int],
 def plan_world(cores: Sequence[tuple[int, ...]], workers: int, threads: int = 0,
                device: str = "cpu") -> list[ThreadPlan]:
     """One plan per rank: [rank 0, worker 1, ..., worker `workers`]. `threads` 0 (auto): on CPU
-    the cores are split evenly (extra ones to the lowest ranks), with one kept for rank 0 when
-    every worker still gets two; on a GPU a few each. `threads` N: N per worker, bound to cores
-    of its own only when they all fit."""
+    the cores are split evenly over the workers (extra ones to the lowest ranks) and rank 0,
+    which needs ~0.04 cores (docs/benchmarks/threads.md), floats; on a GPU a few each.
+    `threads` N: N per worker, bound to cores of its own only when they all fit."""
     n = len(cores)
     if workers < 1 or n < 1:
         raise ValueError(f"plan_world needs >= 1 worker and >= 1 core, got {workers} and {n}")
@@ -95,14 +95,12 @@ def plan_world(cores: Sequence[tuple[int, ...]], workers: int, threads: int = 0,
         return [ThreadPlan(1, (), "router")] + [
             ThreadPlan(1, cores[i % n], f"auto: {workers} workers on {n} cores")
             for i in range(workers)]
-    reserve = 1 if n - 1 >= 2 * workers else 0
-    plans = [ThreadPlan(1, flat(cores[:reserve]), "router")]
-    base, extra = divmod(n - reserve, workers)
-    start = reserve
+    plans = [ThreadPlan(1, (), "router")]
+    base, extra = divmod(n, workers)
+    start = 0
     for i in range(workers):
         k = base + (1 if i < extra else 0)
-        plans.append(ThreadPlan(k, flat(cores[start:start + k]),
-                                f"auto: {n} cores, {workers} workers, {reserve} for rank 0"))
+        plans.append(ThreadPlan(k, flat(cores[start:start + k]), f"auto: {n} cores, {workers} workers"))
         start += k
     return plans
 
