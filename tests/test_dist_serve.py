@@ -338,7 +338,7 @@ def test_workers_loading_longer_than_the_group_timeout(tiny_dir: Path, flags: li
 ], ids=["1P2D-layerwise", "1P1D-whole"])
 def test_a_prefill_longer_than_the_group_timeout_completes(tiny_dir: Path,
                                                             flags: list[str]) -> None:
-    """Issue 9's regression test: a 3-group-timeout prefill (a sleep hook) must neither kill a
+    """A regression test: a 3-group-timeout prefill (a sleep hook) must neither kill a
     link nor make rank 0 declare the busy prefill rank dead."""
     world = 1 + int(flags[1]) + int(flags[3])
     run = torchrun("check_slow_prefill.py", world,

