@@ -69,9 +69,30 @@ def compile_chat_template(source: str) -> jinja2.Template:
     return env.from_string(source)
 
 
+def _content_text(i: int, content: Any) -> str:
+    """A message's content as the template sees it: a string, or a list of text parts joined
+    by newlines (as vLLM joins them); any other part is refused by its index and type."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ValueError(f"messages[{i}].content must be a string or a list of text parts, "
+                         f"got {type(content).__name__}")
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            what = repr(kind) if isinstance(part, dict) else type(part).__name__
+            raise ValueError(f"messages[{i}].content[{j}]: only text parts are supported, got {what}")
+        if not isinstance(part.get("text"), str):
+            raise ValueError(f"messages[{i}].content[{j}].text must be a string")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
 def validate_messages(messages: Any) -> list[dict[str, str]]:
-    """A non-empty list of dicts with `role` in CHAT_ROLES and a str `content`, else ValueError
-    naming the index and field at fault; returns the dicts (extra keys kept)."""
+    """A non-empty list of dicts with `role` in CHAT_ROLES (or "developer", which becomes
+    "system") and `content` a string or text parts (joined), else ValueError naming the index and
+    field at fault; returns the dicts (extra keys such as `name` kept)."""
     if not isinstance(messages, list):
         raise ValueError(f"messages must be a list, got {type(messages).__name__}")
     if not messages:
@@ -83,17 +104,17 @@ def validate_messages(messages: Any) -> list[dict[str, str]]:
         if "role" not in m:
             raise ValueError(f"messages[{i}] has no 'role'")
         role = m["role"]
+        if role == "developer":  # what newer OpenAI clients send for "system"
+            role = "system"
         if not isinstance(role, str) or role not in CHAT_ROLES:
             raise ValueError(
                 f"messages[{i}].role must be one of {sorted(CHAT_ROLES)}, got {role!r}"
             )
         if "content" not in m:
             raise ValueError(f"messages[{i}] has no 'content'")
-        if not isinstance(m["content"], str):
-            raise ValueError(
-                f"messages[{i}].content must be a string, got {type(m['content']).__name__}"
-            )
-        out.append(dict(m))
+        if "name" in m and not isinstance(m["name"], str):
+            raise ValueError(f"messages[{i}].name must be a string, got {type(m['name']).__name__}")
+        out.append({**m, "role": role, "content": _content_text(i, m["content"])})
     return out
 
 

@@ -169,6 +169,25 @@ def test_greedy_text_matches_offline_generate(url: str, smollm2_dir: Path) -> No
         assert got["choices"][0]["finish_reason"] == offline[i]["finish_reason"]
 
 
+def test_messages_and_fields_as_clients_send_them_give_the_plain_requests_text(url: str) -> None:
+    """Text parts, the developer role, `name`, response_format text and sampling fields at their
+    neutral values: the same tokens as the plain request (guidellm and newer OpenAI clients)."""
+    plain = {"messages": [{"role": "system", "content": "Be brief."},
+                          {"role": "user", "content": "Name a colour.\nThen a fruit."}],
+             "max_tokens": 12, "temperature": 0}
+    sent = {**plain, "messages": [
+        {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "name": "ann", "content": [{"type": "text", "text": "Name a colour."},
+                                                    {"type": "text", "text": "Then a fruit."}]}],
+        "response_format": {"type": "text"}, "presence_penalty": 0, "frequency_penalty": 0.0,
+        "repetition_penalty": 1, "min_p": 0, "min_tokens": 0, "stop_token_ids": [], "user": "u1"}
+    a, b = (httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60) for body in (plain, sent))
+    assert a.status_code == b.status_code == 200, (a.text, b.text)
+    assert a.json()["choices"][0]["message"]["content"] == b.json()["choices"][0]["message"]["content"]
+    ua, ub = a.json()["usage"], b.json()["usage"]  # (the second may hit the prefix cache)
+    assert (ua["prompt_tokens"], ua["completion_tokens"]) == (ub["prompt_tokens"], ub["completion_tokens"])
+
+
 def test_openai_client_streaming_and_not(url: str) -> None:
     from openai import OpenAI
 
@@ -186,6 +205,33 @@ def test_openai_client_streaming_and_not(url: str) -> None:
     comp = client.completions.create(model="smollm2-135m-instruct", prompt="The capital of France is", max_tokens=8, temperature=0)
     assert comp.choices[0].text and comp.object == "text_completion"
     assert [m.id for m in client.models.list().data] == ["smollm2-135m-instruct"]
+    card = client.models.retrieve("smollm2-135m-instruct")
+    assert card.id == "smollm2-135m-instruct" and card.created == client.models.list().data[0].created
+    assert 0 < time.time() - card.created < 3600  # the server's start time
+    r = httpx.get(f"{url}/v1/models/gpt-9", timeout=10)
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_every_finish_reports_its_timings(url: str, stream: bool) -> None:
+    """pd_local.timings_ms on a stop string (which ends the request before the ranks do), on
+    `length` and on EOS alike."""
+    bodies = {"stop string": {"messages": [{"role": "user", "content": "Count to ten."}], "stop": ["3"]},
+              "length": {**CHAT, "max_tokens": 3},
+              "eos": {"messages": [{"role": "user", "content": "Say OK."}], "max_tokens": 200}}
+    for why, body in bodies.items():
+        body = {**body, "temperature": 0, "stream": stream}
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
+                events = [json.loads(line[5:]) for line in r.iter_lines()
+                          if line.startswith("data:") and line != "data: [DONE]"]
+            ext = events[-1]["pd_local"]
+        else:
+            ext = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()["pd_local"]
+        t = ext["timings_ms"]
+        assert {"ttft", "total"} <= set(t) and 0 < t["ttft"] <= t["total"], (why, ext)
+        assert ext["decode_rank"] is not None, (why, ext)
 
 
 BAD = [
@@ -202,6 +248,16 @@ BAD = [
     ("n > 1", {**CHAT, "n": 3}, 400, "n"),
     ("logprobs", {**CHAT, "logprobs": True}, 400, "logprobs"),
     ("tools", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    ("presence_penalty", {**CHAT, "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ("frequency_penalty", {**CHAT, "frequency_penalty": -1}, 400, "frequency_penalty"),
+    ("repetition_penalty", {**CHAT, "repetition_penalty": 1.2}, 400, "repetition_penalty"),
+    ("min_tokens", {**CHAT, "min_tokens": 5}, 400, "min_tokens"),
+    ("min_p", {**CHAT, "min_p": 0.1}, 400, "min_p"),
+    ("stop_token_ids", {**CHAT, "stop_token_ids": [2]}, 400, "stop_token_ids"),
+    ("json response_format", {**CHAT, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("store", {**CHAT, "store": True}, 400, "store"),
+    ("image part", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     400, "messages"),
     ("bad stop", {**CHAT, "stop": 7}, 400, "stop"),
     ("too long prompt", {"messages": [{"role": "user", "content": "hello " * 9000}]}, 400, "messages"),
 ]

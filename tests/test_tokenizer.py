@@ -185,8 +185,13 @@ def test_no_template_is_a_clear_error(bf_tok: Tokenizer) -> None:
         ([{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}],
          r"messages\[1\]\.role must be one of \['assistant', 'system', 'tool', 'user'\], got 'robot'"),
         ([{"role": "user"}], r"messages\[0\] has no 'content'"),
-        ([{"role": "user", "content": None}], r"messages\[0\]\.content must be a string, got NoneType"),
-        ([{"role": "user", "content": [{"type": "text", "text": "a"}]}], r"messages\[0\]\.content must be a string, got list"),
+        ([{"role": "user", "content": None}],
+         r"messages\[0\]\.content must be a string or a list of text parts, got NoneType"),
+        ([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {}}]}],
+         r"messages\[0\]\.content\[1\]: only text parts are supported, got 'image_url'"),
+        ([{"role": "user", "content": ["a"]}], r"messages\[0\]\.content\[0\]: only text parts are supported, got str"),
+        ([{"role": "user", "content": [{"type": "text", "text": 3}]}], r"messages\[0\]\.content\[0\]\.text must be a string"),
+        ([{"role": "user", "content": "a", "name": 5}], r"messages\[0\]\.name must be a string, got int"),
     ],
 )
 def test_bad_messages(bf_tok: Tokenizer, messages: object, error: str) -> None:
@@ -194,6 +199,16 @@ def test_bad_messages(bf_tok: Tokenizer, messages: object, error: str) -> None:
         bf_tok.apply_chat_template(messages)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=error):
         bf_tok.encode_chat(messages)  # type: ignore[arg-type]
+
+
+def test_text_parts_developer_role_and_names_render_as_plain_messages(bf_tok: Tokenizer) -> None:
+    """What newer OpenAI clients send renders exactly as its plain equivalent."""
+    plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a\nb"}]
+    sent = [{"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+            {"role": "user", "name": "ann", "content": [{"type": "text", "text": "a"},
+                                                        {"type": "text", "text": "b"}]}]
+    assert bf_tok.apply_chat_template(sent) == bf_tok.apply_chat_template(plain)
+    assert bf_tok.encode_chat(sent) == bf_tok.encode_chat(plain)
 
 
 def test_stop_ids_and_template_from_files(bf_tok: Tokenizer, tmp_path: Path) -> None:

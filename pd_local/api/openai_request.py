@@ -27,7 +27,18 @@ UNSUPPORTED = {
     "best_of": "best_of is not supported",
     "echo": "echo is not supported",
     "suffix": "suffix is not supported",
-    "response_format": "response_format is not supported",
+    "parallel_tool_calls": "tool calling is not supported",
+    "store": "stored completions are not supported",
+    "modalities": "only text output is supported",
+    "audio": "audio output is not supported",
+    "prediction": "predicted outputs are not supported",
+    "reasoning_effort": "this server has no reasoning-effort setting",
+    "web_search_options": "web search is not supported",
+}
+# Sampling fields accepted at the value that changes nothing; any other value is refused.
+NO_OP_ONLY: dict[str, Any] = {
+    "presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1, "min_tokens": 0,
+    "min_p": 0, "stop_token_ids": [],
 }
 
 
@@ -148,6 +159,15 @@ def parse_request(
     for name, why in UNSUPPORTED.items():
         if body.get(name) not in (None, False, [], {}):
             raise RequestError(f"'{name}': {why}", name, code="unsupported_parameter")
+    for name, neutral in NO_OP_ONLY.items():
+        if body.get(name) is not None and body[name] != neutral:
+            raise RequestError(f"'{name}': only {neutral!r} (no effect) is supported, got "
+                               f"{body[name]!r}", name, code="unsupported_parameter")
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        kind_ = fmt.get("type") if isinstance(fmt, dict) else fmt
+        raise RequestError(f"'response_format': only {{\"type\": \"text\"}} is supported, got "
+                           f"{kind_!r}", "response_format", code="unsupported_parameter")
     n = body.get("n", 1)
     if n != 1:
         raise RequestError(f"'n': only n=1 is supported, got {n!r}", "n", code="unsupported_parameter")

@@ -64,6 +64,7 @@ class App:
         self.in_flight = 0
         self._ids = itertools.count(1)
         self.rates = RateMeter()
+        self.started = int(time.time())  # the models' `created`
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -148,11 +149,24 @@ class App:
             self._check_auth(request)
         except RequestError as e:
             return error_response(e)
-        return JSONResponse({"object": "list", "data": [{
-            "id": self.settings.model_name, "object": "model", "created": 0, "owned_by": "pd_local",
-            "max_model_len": self.backend.max_model_len,
-            "pd_local": {"dtype": self.settings.dtype},
-        }]})
+        return JSONResponse({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request: Request) -> Response:
+        """GET /v1/models/{id}: the served model's card, or 404 naming what is served."""
+        try:
+            self._check_auth(request)
+            name = request.path_params["model_id"]
+            if name != self.settings.model_name:
+                raise RequestError(f"model {name!r} does not exist; served: {self.settings.model_name}",
+                                   "model", code="model_not_found", status=404)
+        except RequestError as e:
+            return error_response(e)
+        return JSONResponse(self._model_card())
+
+    def _model_card(self) -> dict[str, Any]:
+        return {"id": self.settings.model_name, "object": "model", "created": self.started,
+                "owned_by": "pd_local", "max_model_len": self.backend.max_model_len,
+                "pd_local": {"dtype": self.settings.dtype}}
 
     async def cluster(self, request: Request) -> Response:
         try:
@@ -228,8 +242,11 @@ class _Generation:
             self._finish("error", out.timings_ms)
             raise RuntimeError(out.error)
         if self.text.stopped:
-            if not out.finished:
-                self.app.backend.abort(self.req_id)  # frees its blocks; its final output is ignored
+            if not out.finished:  # free its blocks; its final output brings the timings
+                self.app.backend.abort(self.req_id)
+                while not out.finished:
+                    out = await self.outputs.get()
+                self.ranks = (out.prefill_rank, out.decode_rank)
             self._finish("stop", out.timings_ms)
         elif out.finished:
             delta += self.text.finish()
@@ -363,6 +380,7 @@ def create_app(backend: Backend, tokenizer: Tokenizer, settings: ServerSettings)
             Route("/v1/chat/completions", state.chat_completions, methods=["POST"]),
             Route("/v1/completions", state.completions, methods=["POST"]),
             Route("/v1/models", state.models, methods=["GET"]),
+            Route("/v1/models/{model_id:path}", state.model, methods=["GET"]),
             Route("/v1/cluster", state.cluster, methods=["GET"]),
             Route("/health", state.health, methods=["GET"]),
             Route("/metrics", state.metrics_route, methods=["GET"]),
