@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -31,19 +32,39 @@ def start_server(name: str, flags: list[str], log_path: Path, timeout_s: float =
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
                                 start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    return proc, wait_healthy(proc, f"http://127.0.0.1:{port}", name, log_path, timeout_s)
+
+
+def wait_healthy(proc: subprocess.Popen[bytes], url: str, name: str, log_path: Path,
+                 timeout_s: float) -> str:
+    """`url` once its /health answers 200; raises with the log's path if `proc` dies first or
+    the time runs out (stopping it then)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{name} exited with {proc.returncode}; see {log_path}")
         try:
             if httpx.get(f"{url}/health", timeout=2, trust_env=False).status_code == 200:
-                return proc, url
+                return url
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
     stop_server(proc)
     raise RuntimeError(f"{name} did not become healthy in {timeout_s:.0f} s; see {log_path}")
+
+
+def bench_completions(url: str, concurrency: int, n: int, out: Path) -> dict:
+    """`pd-local bench` on url's /v1/completions: n requests of 128 prompt and 128 output tokens
+    (ignore_eos), `concurrency` in flight; medians from its result file."""
+    cmd = [sys.executable, "-m", "pd_local", "bench", "--base-url", url, "--endpoint",
+           "/v1/completions", "--input-len", "128", "--output-len", "128", "--ignore-eos",
+           "--num-prompts", str(n), "--max-concurrency", str(concurrency), "--warmup", "2",
+           "--quiet", "--result-file", str(out)]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=REPO)
+    r = json.loads(out.read_text())
+    return {"out_tok_s": round(r["output_throughput"], 1), "ttft_ms": round(r["median_ttft_ms"], 1),
+            "itl_ms": round(r["median_itl_ms"], 1), "completed": r["completed"],
+            "failed": r.get("failed", 0)}
 
 
 def stop_server(proc: subprocess.Popen[bytes]) -> None:

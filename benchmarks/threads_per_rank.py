@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,17 +24,6 @@ from study.measure import cpu_snapshot, cpu_use  # noqa: E402
 TOPOLOGIES = {"colocated-1": ["--colocated", "1"], "1P1D": ["--prefill", "1", "--decode", "1"],
               "colocated-2": ["--colocated", "2"]}
 LOADS = {"1 stream": (1, 6), "16 streams": (16, 48)}  # (max concurrency, requests)
-
-
-def bench(url: str, concurrency: int, n: int, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "pd_local", "bench", "--base-url", url, "--endpoint",
-           "/v1/completions", "--input-len", "128", "--output-len", "128", "--ignore-eos",
-           "--num-prompts", str(n), "--max-concurrency", str(concurrency), "--warmup", "2",
-           "--quiet", "--result-file", str(out)]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=servers.REPO)
-    r = json.loads(out.read_text())
-    return {"out_tok_s": round(r["output_throughput"], 1), "ttft_ms": round(r["median_ttft_ms"], 1),
-            "itl_ms": round(r["median_itl_ms"], 1), "completed": r["completed"]}
 
 
 def main() -> int:
@@ -58,7 +46,7 @@ def main() -> int:
                        "ranks": {r["rank"]: [r["role"], r["threads"], r["cpus"]] for r in ranks}}
                 for load, (c, n) in LOADS.items():
                     a = cpu_snapshot(proc.pid)
-                    row[load] = bench(url, c, n, tmp / f"{topo}-{threads}-{c}.json")
+                    row[load] = servers.bench_completions(url, c, n, tmp / f"{topo}-{threads}-{c}.json")
                     if c > 1:
                         row["cpu_cores_16"] = cpu_use(a, cpu_snapshot(proc.pid))
                 print(json.dumps(row), file=sys.stderr)

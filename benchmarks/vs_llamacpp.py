@@ -120,31 +120,10 @@ def start_llama(binary: Path, gguf: Path, threads: int, log: Path) -> tuple[subp
            "-t", str(threads), "-tb", str(threads), "-np", str(slots), "-c", str(slots * 512)]
     with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise Unavailable(f"llama-server exited with {proc.returncode}; see {log}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2, trust_env=False).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    servers.stop_server(proc)
-    raise Unavailable(f"llama-server did not become healthy in 120 s; see {log}")
-
-
-def bench(url: str, concurrency: int, n: int, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "pd_local", "bench", "--base-url", url, "--endpoint",
-           "/v1/completions", "--input-len", "128", "--output-len", "128", "--ignore-eos",
-           "--num-prompts", str(n), "--max-concurrency", str(concurrency), "--warmup", "2",
-           "--quiet", "--result-file", str(out)]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=servers.REPO)
-    r = json.loads(out.read_text())
-    return {"out_tok_s": round(r["output_throughput"], 1), "ttft_ms": round(r["median_ttft_ms"], 1),
-            "itl_ms": round(r["median_itl_ms"], 1), "completed": r["completed"],
-            "failed": r.get("failed", 0)}
+    try:
+        return proc, servers.wait_healthy(proc, f"http://127.0.0.1:{port}", "llama-server", log, 120)
+    except RuntimeError as e:
+        raise Unavailable(str(e)) from None
 
 
 def measure(name: str, start, tmp: Path) -> dict:
@@ -152,7 +131,7 @@ def measure(name: str, start, tmp: Path) -> dict:
     try:
         row = {"name": name}
         for load, (c, n) in LOADS.items():
-            row[load] = bench(url, c, n, tmp / f"{name.replace(' ', '_')}-{c}.json")
+            row[load] = servers.bench_completions(url, c, n, tmp / f"{name.replace(' ', '_')}-{c}.json")
             say(f"{name}, {load}: {row[load]}")
         return row
     finally:
