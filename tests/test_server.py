@@ -212,6 +212,27 @@ def test_openai_client_streaming_and_not(url: str) -> None:
     assert r.status_code == 404 and r.json()["error"]["param"] == "model"
 
 
+def test_a_batch_of_prompts_gives_each_prompts_own_completion(url: str) -> None:
+    """/v1/completions with a list of prompts (lm-eval's local-completions with batch_size > 1):
+    choice i is what prompt i alone gives, strings and token-id lists alike; usage sums them."""
+    prompts = ["The capital of France is", "Two plus two equals", "A haiku about rain:"]
+    common = {"max_tokens": 8, "temperature": 0}
+    alone = [httpx.post(f"{url}/v1/completions", json={**common, "prompt": p}, timeout=60).json()
+             for p in prompts]
+    batch = httpx.post(f"{url}/v1/completions", json={**common, "prompt": prompts}, timeout=60).json()
+    assert [c["index"] for c in batch["choices"]] == [0, 1, 2]
+    assert [c["text"] for c in batch["choices"]] == [a["choices"][0]["text"] for a in alone]
+    assert batch["usage"]["completion_tokens"] == sum(a["usage"]["completion_tokens"] for a in alone)
+    assert batch["usage"]["prompt_tokens"] == sum(a["usage"]["prompt_tokens"] for a in alone)
+    assert len(batch["pd_local"]["choices"]) == 3
+    ids = [[5, 6, 7, 8], [9, 10, 11]]
+    by_ids = httpx.post(f"{url}/v1/completions", json={**common, "prompt": ids}, timeout=60).json()
+    one = httpx.post(f"{url}/v1/completions", json={**common, "prompt": ids[1]}, timeout=60).json()
+    assert by_ids["choices"][1]["text"] == one["choices"][0]["text"]
+    r = httpx.post(f"{url}/v1/completions", json={**common, "prompt": prompts, "stream": True}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_every_finish_reports_its_timings(url: str, stream: bool) -> None:
     """pd_local.timings_ms on a stop string (which ends the request before the ranks do), on

@@ -140,7 +140,21 @@ def _prompt_ids(body: dict[str, Any], kind: str, tokenizer: Tokenizer) -> list[i
         if bad:
             raise RequestError(f"'prompt' token ids {bad[:5]} are outside the vocabulary [0, {vocab})", "prompt")
         return list(prompt)
-    raise RequestError("'prompt' must be a non-empty string or a list of token ids (one prompt per request)", "prompt")
+    raise RequestError("'prompt' must be a non-empty string, a list of token ids, or a list of either", "prompt")
+
+
+def split_prompts(body: Any) -> list[Any]:
+    """A completions body whose `prompt` is a list of strings or of token-id lists -> one body
+    per prompt (each its own request, as OpenAI numbers their choices); any other body alone."""
+    prompt = body.get("prompt") if isinstance(body, dict) else None
+    if not isinstance(prompt, list) or not prompt:
+        return [body]
+    if all(isinstance(p, str) for p in prompt) or all(isinstance(p, list) for p in prompt):
+        if body.get("stream"):
+            raise RequestError("'prompt': several prompts cannot be streamed yet; send one per "
+                               "request", "prompt", code="unsupported_parameter")
+        return [{**body, "prompt": p} for p in prompt]
+    return [body]
 
 
 def parse_request(

@@ -28,7 +28,7 @@ from starlette.staticfiles import StaticFiles
 from pd_local.api.backend import Backend, RequestOutput
 from pd_local.api.cluster import RateMeter, cluster_view
 from pd_local.api.metrics import Metrics
-from pd_local.api.openai_request import GenerationRequest, RequestError, parse_request
+from pd_local.api.openai_request import GenerationRequest, RequestError, parse_request, split_prompts
 from pd_local.api.textstream import TextStream
 from pd_local.tokenizer import Tokenizer
 
@@ -116,9 +116,10 @@ class App:
                 raise RequestError(f"server unavailable: {why}", code="unavailable",
                                    status=503, type="server_error")
             body = await self._read_json(request)
-            req = parse_request(body, kind, self.tokenizer, self.backend.max_model_len,  # type: ignore[arg-type]
-                                (self.settings.model_name,))
-            if self.in_flight >= self.settings.max_queue:
+            reqs = [parse_request(b, kind, self.tokenizer, self.backend.max_model_len,  # type: ignore[arg-type]
+                                  (self.settings.model_name,))
+                    for b in (split_prompts(body) if kind == "completion" else [body])]
+            if self.in_flight + len(reqs) > self.settings.max_queue:
                 self.metrics.count_request("rejected")
                 raise RequestError(
                     f"server overloaded: {self.in_flight} requests in flight (limit {self.settings.max_queue}); retry later",
@@ -132,17 +133,23 @@ class App:
             retry = e.status in (429, 503)
             headers = {"Retry-After": str(self.settings.retry_after_s)} if retry else None
             return error_response(e, headers)
-        req_id = next(self._ids)
-        self.in_flight += 1
-        try:
-            outputs = self.backend.submit(req_id, req.prompt_ids, req.params)
-        except Exception:
-            self.in_flight -= 1
-            raise
-        gen = _Generation(self, req, req_id, outputs)
-        if req.stream:
-            return EventSourceResponse(gen.sse_events(), sep="\n", ping=15)
-        return await gen.whole_response(request)
+        gens = []
+        for req in reqs:
+            req_id = next(self._ids)
+            self.in_flight += 1
+            try:
+                outputs = self.backend.submit(req_id, req.prompt_ids, req.params)
+            except Exception:
+                self.in_flight -= 1
+                for g in gens:
+                    g.abandon()
+                raise
+            gens.append(_Generation(self, req, req_id, outputs))
+        if reqs[0].stream:
+            return EventSourceResponse(gens[0].sse_events(), sep="\n", ping=15)
+        if len(gens) == 1:
+            return await gens[0].whole_response(request)
+        return await _whole_batch(gens, request)
 
     async def models(self, request: Request) -> Response:
         try:
@@ -322,6 +329,18 @@ class _Generation:
             self.abandon()  # no-op when finished; a disconnect lands here via cancellation
 
     async def whole_response(self, request: Request) -> Response:
+        done = await self.whole(request)
+        if isinstance(done, Response):
+            return done
+        return JSONResponse({
+            "id": self.id, "object": "chat.completion" if self.req.kind == "chat" else "text_completion",
+            "created": self.created, "model": self.app.settings.model_name,
+            "choices": [done], "usage": self.usage(), "pd_local": self.extension(),
+        })
+
+    async def whole(self, request: Request) -> dict[str, Any] | Response:
+        """Run to the end: the choice (index 0), or the Response to send instead (an error, or
+        499 when the client went away)."""
         parts: list[str] = []
         try:
             while not self.done:
@@ -341,16 +360,31 @@ class _Generation:
             self.abandon()
         text = "".join(parts)
         if self.req.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": self.finish_reason}
-            obj = "chat.completion"
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": self.finish_reason}
-            obj = "text_completion"
-        return JSONResponse({
-            "id": self.id, "object": obj, "created": self.created, "model": self.app.settings.model_name,
-            "choices": [choice], "usage": self.usage(), "pd_local": self.extension(),
-        })
+            return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                    "finish_reason": self.finish_reason}
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": self.finish_reason}
+
+
+async def _whole_batch(gens: list[_Generation], request: Request) -> Response:
+    """Several prompts of one completions request, run at once: choice i is prompt i's; usage
+    sums them; `pd_local` holds each prompt's extension under `choices`."""
+    done = await asyncio.gather(*(g.whole(request) for g in gens))
+    for d in done:
+        if isinstance(d, Response):
+            for g in gens:
+                g.abandon()
+            return d
+    usage = [g.usage() for g in gens]
+    total = {k: sum(u[k] for u in usage) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    total["prompt_tokens_details"] = {"cached_tokens": sum(u["prompt_tokens_details"]["cached_tokens"]
+                                                           for u in usage)}
+    first = gens[0]
+    return JSONResponse({
+        "id": first.id, "object": "text_completion", "created": first.created,
+        "model": first.app.settings.model_name,
+        "choices": [{**d, "index": i} for i, d in enumerate(done)],  # type: ignore[dict-item]
+        "usage": total, "pd_local": {"choices": [g.extension() for g in gens]},
+    })
 
 
 def create_app(backend: Backend, tokenizer: Tokenizer, settings: ServerSettings) -> Starlette:
