@@ -65,23 +65,34 @@ def decode_hits(url: str) -> float:
                if 'role="prefill"' not in k)
 
 
+@pytest.fixture(scope="module")
+def cache_off(tiny_dir: Path) -> tuple[list[list[str]], list[float], list[dict]]:
+    """What every topology with the cache on is held to: 1P1D with the cache off. Its texts and
+    the KV bytes each turn moves (whole prompts) do not depend on the topology, so one server
+    serves all four."""
+    usage: list[dict] = []
+    with serving(tiny_dir, "--prefill", "1", "--decode", "1", "--set", "engine.max_prefill_tokens=32",
+                 *OFF) as s:
+        off, moved = asyncio.run(converse(s.url, usage))
+        assert decode_hits(s.url) == 0
+    return off, moved, usage
+
+
 @pytest.mark.parametrize("flags", [
     ("--colocated", "2"),
     ("--prefill", "1", "--decode", "1"),
     ("--prefill", "1", "--decode", "2", "--routing", "prefix"),
     ("--prefill", "2", "--decode", "1"),
 ], ids=["colocated-2", "1P1D", "1P2D-prefix", "2P1D"])
-def test_multi_turn_text_is_identical_with_the_cache_on_and_off(tiny_dir: Path, flags: tuple[str, ...]) -> None:
+def test_multi_turn_text_is_identical_with_the_cache_on_and_off(
+        tiny_dir: Path, flags: tuple[str, ...], cache_off: tuple[list[list[str]], list[float], list[dict]]) -> None:
     pd = "--prefill" in flags
     extra = ("--set", "engine.max_prefill_tokens=32") if pd else ()  # prefill ranks chunk too
     usage_on: list[dict] = []
-    usage_off: list[dict] = []
     with serving(tiny_dir, *flags, *extra) as s:
         on, moved_on = asyncio.run(converse(s.url, usage_on))
         hits = decode_hits(s.url)
-    with serving(tiny_dir, *flags, *extra, *OFF) as s:
-        off, moved_off = asyncio.run(converse(s.url, usage_off))
-        assert decode_hits(s.url) == 0
+    off, moved_off, usage_off = cache_off
     assert on == off
     assert hits > 0, "turns 2 and 3 must hit the system prompt and the earlier turns"
     # usage.prompt_tokens_details.cached_tokens: what the prefix cache (colocated: the engine's;
