@@ -187,6 +187,10 @@ def test_key_flow_live_ranks_and_a_streamed_answer_with_its_timeline(page: Page,
     p.press("#key-input", "Enter")
     p.wait_for_selector('.rank[data-rank="1"][data-role="prefill"]')
     assert p.locator('.rank[data-rank="2"] .badge').inner_text() == "decode"
+    c = httpx.get(f"{server.url}/v1/cluster", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()
+    for r in c["ranks"]:  # each rank's threads and CPUs, as the rank reported them
+        card = p.inner_text(f'.rank[data-rank="{r["rank"]}"]')
+        assert f'{r["threads"]} on CPUs {r["cpus"]}' in card, card
     assert "1P1D" in p.inner_text("#status")
 
     # Shift+Enter is a new line, Enter sends

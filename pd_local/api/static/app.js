@@ -115,6 +115,7 @@ function renderCluster(c) {
     if (r.role === "prefill") row("queued prompt tokens", fmt(r.queued_prefill_tokens));
     if (r.role !== "decode") row("prefill tok/s", fmt(r.prefill_tokens_per_s, 1));
     if (r.role !== "prefill") row("decode tok/s", fmt(r.decode_tokens_per_s, 1));
+    if (r.threads) row("threads", `${r.threads} on CPUs ${r.cpus}`);
     const kv = r.kv_blocks;
     const kvText = el("div", "kv-text", `KV blocks: ${kv.used} used · ${kv.cached} cached · ${kv.free} free`);
     card.append(head, rows, kvBar(kv), kvText);
