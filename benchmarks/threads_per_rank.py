@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: servers.py, study/
 import servers  # noqa: E402
 from study.measure import cpu_snapshot, cpu_use  # noqa: E402
@@ -40,7 +42,6 @@ def main() -> int:
             flags = [*TOPOLOGIES[topo], "--dtype", args.dtype, "--threads", threads]
             proc, url = servers.start_server(name, flags, tmp / f"{topo}-{threads}.log")
             try:
-                import httpx
                 ranks = httpx.get(f"{url}/v1/cluster", timeout=10).json()["ranks"]
                 row = {"name": name, "topology": topo, "threads": threads,
                        "ranks": {r["rank"]: [r["role"], r["threads"], r["cpus"]] for r in ranks}}

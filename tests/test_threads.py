@@ -89,4 +89,4 @@ def test_apply_binds_and_sets_threads_and_reports_what_took_effect() -> None:
     code = ("from pd_local.engine.threads import ThreadPlan, apply, in_effect; "
             "print(apply(ThreadPlan(1, (0,))), in_effect())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "(1, (0,)) (1, '0')"
+    assert out.stdout.strip() == "(1, '0') (1, '0')"

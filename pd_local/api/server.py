@@ -368,11 +368,9 @@ class _Generation:
 async def _whole_batch(gens: list[_Generation], request: Request) -> Response:
     """Several prompts of one completions request, run at once: choice i is prompt i's; usage
     sums them; `pd_local` holds each prompt's extension under `choices`."""
-    done = await asyncio.gather(*(g.whole(request) for g in gens))
+    done = await asyncio.gather(*(g.whole(request) for g in gens))  # each abandons itself at its end
     for d in done:
         if isinstance(d, Response):
-            for g in gens:
-                g.abandon()
             return d
     usage = [g.usage() for g in gens]
     total = {k: sum(u[k] for u in usage) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}

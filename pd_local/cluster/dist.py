@@ -141,8 +141,6 @@ class DistContext:
     role: Role
     device: torch.device
     links: Links
-    threads: int = 1  # torch intra-op threads in effect
-    cpus: tuple[int, ...] = ()  # the rank's affinity mask in effect
 
     def close(self) -> None:
         """Clean shutdown: wait for every rank on the default group, then destroy all groups.
@@ -190,8 +188,7 @@ def init_distributed(cfg: ServeConfig, env: Mapping[str, str] | None = None) -> 
     plan = cpu_threads.plan_world(cores, len(topo.worker_ranks), cfg.engine.threads,
                                   cfg.device)[rank]
     threads, cpus = cpu_threads.apply(plan)
-    log.info("rank %d (%s): %d threads on CPUs %s (%s)", rank, role.value, threads,
-             cpu_threads.format_cpu_list(cpus), plan.why)
+    log.info("rank %d (%s): %d threads on CPUs %s (%s)", rank, role.value, threads, cpus, plan.why)
 
     timeout = datetime.timedelta(seconds=cfg.timeouts.group_s)
     store = _store(rank, world_size, timeout, env)
@@ -200,7 +197,7 @@ def init_distributed(cfg: ServeConfig, env: Mapping[str, str] | None = None) -> 
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
                             timeout=timeout)
     links = _create_links(cfg, topo, rank, cuda_count, timeout)
-    ctx = DistContext(cfg, rank, topo, role, device, links, threads, cpus)
+    ctx = DistContext(cfg, rank, topo, role, device, links)
     _warm_up_data_links(ctx)
     dist.barrier()
     log.info("rank %d/%d: %s on %s, %d links", rank, world_size, role.value, device,

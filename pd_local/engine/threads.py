@@ -4,15 +4,12 @@ affinity mask, grouped into physical cores), bound to them so ranks don't fight 
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-log = logging.getLogger(__name__)
 
 GPU_THREADS = 2  # a GPU rank's host work is launches and bookkeeping, not math
 
@@ -75,32 +72,30 @@ def plan_world(cores: Sequence[tuple[int, ...]], workers: int, threads: int = 0,
     n = len(cores)
     if workers < 1 or n < 1:
         raise ValueError(f"plan_world needs >= 1 worker and >= 1 core, got {workers} and {n}")
+    router = ThreadPlan(1, (), "router")
+
     def flat(cs: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
         return tuple(c for core in cs for c in core)
 
     if threads == 0 and device != "cpu":
         share = max(1, n // workers)
-        plans = [ThreadPlan(min(GPU_THREADS, share), flat(cores[i * share:(i + 1) * share])
-                            if n >= workers else (), f"auto, {device}")
-                 for i in range(workers)]
-        return [ThreadPlan(1, (), "router"), *plans]
+        return [router] + [ThreadPlan(min(GPU_THREADS, share), flat(cores[i * share:(i + 1) * share])
+                                      if n >= workers else (), f"auto, {device}")
+                           for i in range(workers)]
+    if threads and threads * workers > n:
+        why = f"{threads} each, {workers} workers > {n} cores: not bound"
+        return [router] + [ThreadPlan(threads, (), why)] * workers
+    if not threads and n < workers:  # fewer cores than workers: one thread each, cores in turn
+        return [router] + [ThreadPlan(1, cores[i % n], f"auto: {workers} workers on {n} cores")
+                           for i in range(workers)]
     if threads:
-        if threads * workers > n:
-            why = f"{threads} each, {workers} workers > {n} cores: not bound"
-            return [ThreadPlan(1, (), "router")] + [ThreadPlan(threads, (), why)] * workers
-        return [ThreadPlan(1, (), "router")] + [
-            ThreadPlan(threads, flat(cores[i * threads:(i + 1) * threads]), f"{threads} each")
-            for i in range(workers)]
-    if n < workers:  # fewer cores than workers: one thread each, sharing cores in turn
-        return [ThreadPlan(1, (), "router")] + [
-            ThreadPlan(1, cores[i % n], f"auto: {workers} workers on {n} cores")
-            for i in range(workers)]
-    plans = [ThreadPlan(1, (), "router")]
-    base, extra = divmod(n, workers)
-    start = 0
-    for i in range(workers):
-        k = base + (1 if i < extra else 0)
-        plans.append(ThreadPlan(k, flat(cores[start:start + k]), f"auto: {n} cores, {workers} workers"))
+        sizes, why = [threads] * workers, f"{threads} each"
+    else:  # an even split, the extra cores to the lowest ranks
+        base, extra = divmod(n, workers)
+        sizes, why = [base + (i < extra) for i in range(workers)], f"auto: {n} cores, {workers} workers"
+    plans, start = [router], 0
+    for k in sizes:  # each worker the next k cores
+        plans.append(ThreadPlan(k, flat(cores[start:start + k]), why))
         start += k
     return plans
 
@@ -110,13 +105,13 @@ def usable_cores() -> list[tuple[int, ...]]:
     return physical_cores(sorted(os.sched_getaffinity(0)))
 
 
-def apply(plan: ThreadPlan) -> tuple[int, tuple[int, ...]]:
+def apply(plan: ThreadPlan) -> tuple[int, str]:
     """Bind the calling thread (and the threads it starts later) to `plan.cpus`, set torch's
-    intra-op threads; returns what is now in effect: (threads, affinity)."""
+    intra-op threads; returns what is now in effect, as `in_effect`."""
     if plan.cpus:
         os.sched_setaffinity(0, plan.cpus)
     torch.set_num_threads(plan.threads)
-    return torch.get_num_threads(), tuple(sorted(os.sched_getaffinity(0)))
+    return in_effect()
 
 
 def in_effect() -> tuple[int, str]:
