@@ -1,0 +1,141 @@
+"""The CPU decode linear: native_linear.c, built once per CPU and source with the system C
+compiler, cached, and called through ctypes. Rows are batch-invariant by construction, and at
+one row it reads weights 1.5-2x faster than torch's bf16 GEMV (docs/benchmarks/linear.md)."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native_linear.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+ISA_NAMES = {1: "AVX2+FMA", 2: "AVX-512"}
+
+
+class NativeKernelError(RuntimeError):
+    """The kernel could not be built or loaded here (the message says why)."""
+
+
+def cache_dir() -> Path:
+    """Where built kernels live: $PD_LOCAL_CACHE, else $XDG_CACHE_HOME/pd_local, else ~/.cache/pd_local."""
+    if os.environ.get("PD_LOCAL_CACHE"):
+        return Path(os.environ["PD_LOCAL_CACHE"]) / "kernels"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "pd_local" / "kernels"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+class NativeLinear:
+    """The loaded library: `__call__(x, weight)` = x @ weight.T for CPU bf16/fp32 tensors."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lib = ctypes.CDLL(str(path))
+        self.isa = self.lib.pdl_isa()
+        fn = self.lib.pdl_linear
+        fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int] * 3
+        fn.restype = None
+        self._fn = fn
+
+    def supports(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        return (self.isa > 0 and x.device.type == "cpu" and weight.device.type == "cpu"
+                and x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float32)
+                and not weight.is_mkldnn and x.dim() == 2)
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [M, K], weight [N, K] (same dtype) -> [M, N] in that dtype."""
+        m, k = x.shape
+        n = weight.shape[0]
+        if weight.shape[1] != k:
+            raise ValueError(f"native linear: x has {k} columns, weight {tuple(weight.shape)}")
+        xf = x.float().contiguous()  # a no-op for fp32; the kernel multiplies in fp32
+        w = weight.contiguous()
+        y = torch.empty(m, n, dtype=x.dtype)
+        if m:
+            self._fn(xf.data_ptr(), w.data_ptr(), y.data_ptr(), m, n, k, int(w.dtype == torch.bfloat16),
+                     int(y.dtype == torch.bfloat16), torch.get_num_threads())
+        return y if bias is None else y + bias
+
+
+def build(directory: Path | None = None, compiler: str | None = None) -> Path:
+    """The kernel's shared library for this source, CPU and compiler, building it if it is not in
+    the cache (about a second). Raises NativeKernelError naming what failed."""
+    cc = compiler or os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if not cc:
+        raise NativeKernelError("no C compiler (gcc or cc) on PATH; set CC")
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise NativeKernelError(f"C compiler {cc!r} does not run: {e}") from None
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, version.encode(), _cpu_flags().encode(), " ".join(FLAGS).encode()]))
+    directory = directory or cache_dir()
+    path = directory / f"native_linear-{key.hexdigest()[:16]}.so"
+    if path.exists():
+        return path
+    directory.mkdir(parents=True, exist_ok=True)
+    log.info("building the native linear kernel with %s (%s), once per CPU and compiler ...", cc, " ".join(FLAGS))
+    t0 = time.monotonic()
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)  # then renamed: ranks build at once
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            err = (done.stderr or done.stdout).strip().splitlines()
+            raise NativeKernelError(f"{cc} failed ({done.returncode}): {' '.join(err[:3])[:300]}")
+        os.replace(tmp, path)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise NativeKernelError(f"{cc} failed: {e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    log.info("native linear kernel built in %.1f s: %s", time.monotonic() - t0, path)
+    return path
+
+
+def load(directory: Path | None = None, compiler: str | None = None) -> NativeLinear:
+    """Build (or find) and load the kernel; NativeKernelError if it cannot run on this CPU."""
+    try:
+        kernel = NativeLinear(build(directory, compiler))
+    except OSError as e:
+        raise NativeKernelError(f"cannot load the built kernel: {e}") from None
+    if kernel.isa == 0:
+        raise NativeKernelError("this CPU has neither AVX2+FMA nor AVX-512")
+    return kernel
+
+
+@functools.cache
+def kernel() -> NativeLinear | None:
+    """The process's kernel, or None (with one warning saying why) where it cannot be had:
+    callers then use torch's kernels, which are exact too, only slower at one row."""
+    if os.environ.get("PD_LOCAL_NATIVE_LINEAR", "1") == "0":
+        log.info("native linear kernel off (PD_LOCAL_NATIVE_LINEAR=0)")
+        return None
+    try:
+        k = load()
+    except NativeKernelError as e:
+        log.warning("native linear kernel unavailable, decode linears use torch's kernels: %s", e)
+        return None
+    log.info("native linear kernel: %s, %s", ISA_NAMES.get(k.isa, k.isa), k.path.name)
+    return k

@@ -1,0 +1,96 @@
+"""The native CPU linear kernel: built with the real compiler into a cache, rows identical at every
+M and thread count, close to torch's linear, and a clear error (then torch's kernels) where it
+cannot be built."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pd_local.model import native_linear
+from pd_local.model.native_linear import NativeKernelError, build, load
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory):
+    try:
+        return load(tmp_path_factory.mktemp("kernels"))
+    except NativeKernelError as e:
+        pytest.skip(f"the native kernel cannot run here: {e}")
+
+
+SHAPES = [(960, 576), (576, 1536), (100, 37), (7, 1000), (3, 5), (49, 17)]  # (N, K): tails of every kind
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rows_do_not_depend_on_m_or_threads(kernel, dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
+    try:
+        for n, k in SHAPES:
+            w = (torch.randn(n, k, generator=g) * 0.05).to(dtype)
+            x = torch.randn(70, k, generator=g).to(dtype)
+            torch.set_num_threads(threads)
+            full = kernel(x, w)  # [70, N]
+            for nt in (1, 2, 3):
+                torch.set_num_threads(nt)
+                for m in (*range(1, 18), 33, 64, 65):
+                    part = kernel(x[:m].clone(), w)
+                    assert torch.equal(part, full[:m]), f"{dtype} N={n} K={k}: M={m} threads={nt} differs"
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_close_to_torch_linear_with_bias(kernel, dtype) -> None:
+    g = torch.Generator().manual_seed(1)
+    for n, k in SHAPES:
+        w = (torch.randn(n, k, generator=g) * 0.05).to(dtype)
+        b = torch.randn(n, generator=g).to(dtype)
+        x = torch.randn(9, k, generator=g).to(dtype)
+        exact = F.linear(x.double(), w.double(), b.double())
+        ours = kernel(x, w, b)
+        assert ours.dtype == dtype and ours.shape == (9, n)
+        tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+        assert (ours.double() - exact).abs().max().item() <= tol * max(1.0, exact.abs().max().item())
+        # no worse than torch's own kernel in the same dtype
+        theirs = (F.linear(x, w, b).double() - exact).abs().max().item()
+        assert (ours.double() - exact).abs().max().item() <= 2 * theirs + 1e-6
+
+
+def test_empty_batch_and_shape_mismatch(kernel) -> None:
+    w = torch.randn(8, 16)
+    assert kernel(torch.randn(0, 16), w).shape == (0, 8)
+    with pytest.raises(ValueError, match="16"):
+        kernel(torch.randn(2, 15), w)
+
+
+def test_built_once_then_taken_from_the_cache(tmp_path) -> None:
+    try:
+        first = build(tmp_path)
+    except NativeKernelError as e:
+        pytest.skip(f"no compiler here: {e}")
+    mtime = first.stat().st_mtime_ns
+    assert build(tmp_path) == first and first.stat().st_mtime_ns == mtime
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary file left behind
+
+
+def test_a_failing_compiler_is_named_and_the_server_falls_back(tmp_path, monkeypatch, caplog) -> None:
+    with pytest.raises(NativeKernelError, match="false"):
+        build(tmp_path, compiler="false")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(NativeKernelError, match="no-such-cc"):
+        build(tmp_path, compiler="/no-such-cc")
+    # the process-wide accessor: one warning, then None (torch's kernels)
+    monkeypatch.setenv("CC", "false")
+    monkeypatch.setenv("PD_LOCAL_CACHE", str(tmp_path))
+    native_linear.kernel.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="pd_local.model.native_linear"):
+            assert native_linear.kernel() is None
+        assert any("unavailable" in r.getMessage() and "false" in r.getMessage() for r in caplog.records)
+    finally:
+        native_linear.kernel.cache_clear()
