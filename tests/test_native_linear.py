@@ -94,3 +94,25 @@ def test_a_failing_compiler_is_named_and_the_server_falls_back(tmp_path, monkeyp
         assert any("unavailable" in r.getMessage() and "false" in r.getMessage() for r in caplog.records)
     finally:
         native_linear.kernel.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_linear_sends_decode_rows_to_the_kernel_and_prompt_rows_to_torch(kernel, dtype, monkeypatch) -> None:
+    from pd_local.model import layers
+
+    monkeypatch.setattr(native_linear, "kernel", lambda: kernel)
+    if dtype == torch.float32 and layers.onednn_packing():
+        pytest.skip("fp32 takes oneDNN's packed kernel on this CPU, for every row")
+    g = torch.Generator().manual_seed(2)
+    w = (torch.randn(96, 40, generator=g) * 0.1).to(dtype)
+    x = torch.randn(13, 40, generator=g).to(dtype)
+    plain = layers.linear(x, w)  # outside decode_rows: torch's kernel for every row
+    for n in (1, 5, 13, 20):
+        with layers.decode_rows(n):
+            mixed = layers.linear(x, w)
+        d = min(n, 13)
+        assert torch.equal(mixed[:d], kernel(x[:d], w)), f"decode rows of a {n}-row split"
+        assert torch.equal(mixed[d:], plain[d:]), f"prompt rows of a {n}-row split"
+        for r in range(13):  # each row as it would come out alone, in its own kind
+            with layers.decode_rows(1 if r < d else 0):
+                assert torch.equal(layers.linear(x[r:r + 1], w), mixed[r:r + 1])

@@ -73,6 +73,7 @@ class Engine:
         self.model = model.set_batch_invariant(cfg.batch_invariant)
         self.cfg = cfg
         self.device = torch.device(device)
+        model.native_decode = cfg.native_linear and self.device.type == "cpu"
         self.stop_token_ids = frozenset(stop_token_ids)
         mc = model.config
         self.dtype = model.model.embed_tokens.weight.dtype
@@ -262,7 +263,7 @@ class Engine:
         hidden = self.model(host_to_device(ids, dev), host_to_device(pos, dev), meta, self.kv_cache)  # [T, hidden]
         if not rows:
             return hidden.new_zeros(0, self.model.config.vocab_size, dtype=torch.float32)  # [0, V]
-        return self.model.compute_logits(hidden[host_to_device(rows, dev)])  # [S, V]
+        return self.model.compute_logits(hidden[host_to_device(rows, dev)], len(out.decode))  # [S, V]
 
     def _append_tokens(self, seqs: list[Sequence], logits: torch.Tensor) -> list[TokenEvent]:
         tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])

@@ -5,6 +5,8 @@ the first-use probe finds it invariant (fp32), else M padded to where the BLAS k
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 
@@ -12,7 +14,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pd_local.model import native_linear
 from pd_local.model.config import ModelConfig
+
+# How many leading rows of the forward in progress are decode rows (generated tokens): those go
+# through the native kernel, the rest (prompt rows) through torch's. Set by `decode_rows`.
+_DECODE_ROWS: contextvars.ContextVar[int] = contextvars.ContextVar("pd_local_decode_rows", default=0)
+
+
+@contextlib.contextmanager
+def decode_rows(n: int):
+    """Within this block, `linear(..., invariant=True)` on CPU sends the first n rows of x to the
+    native decode kernel (when it is available). A row's kernel is then fixed by what it is, a
+    generated token or a prompt token, never by what shares its batch."""
+    token = _DECODE_ROWS.set(n)
+    try:
+        yield
+    finally:
+        _DECODE_ROWS.reset(token)
 
 
 @functools.cache
@@ -84,22 +103,35 @@ def linear(
 ) -> torch.Tensor:
     """F.linear over x [M, in] -> [M, out]; with `invariant` its rows do not depend on M (see
     module docstring), without it this is plain F.linear. `packed` caches the fp32 weight's
-    oneDNN copy across calls (without it, a call reorders the weight itself: fine for tests)."""
+    oneDNN copy across calls (without it, a call reorders the weight itself: fine for tests).
+    Inside `decode_rows(n)`, the first n rows take the native kernel where the weight is plain."""
     if weight.is_mkldnn:  # a packed Linear (Linear.pack): its only copy, M-invariant as below
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")  # [M, out]
-    if invariant and x.device.type == "cpu":
-        if x.dtype == torch.float32 and weight.dtype == torch.float32 and onednn_packing():
-            w = (packed or PackedWeight()).get(weight)
-            return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")  # [M, out]
-        m = x.shape[0]
-        pad = 0
-        if x.dtype == torch.float32 and m < 12 and m % 4:
-            pad = 4 - m % 4
-        elif x.dtype == torch.bfloat16 and m == 1:
-            pad = 1
-        if pad:
-            padded = torch.cat([x, x.new_zeros(pad, x.shape[1])])  # [M + pad, in]
-            return F.linear(padded, weight, bias)[:m]
+    if not (invariant and x.device.type == "cpu"):
+        return F.linear(x, weight, bias)
+    if x.dtype == torch.float32 and weight.dtype == torch.float32 and onednn_packing():
+        w = (packed or PackedWeight()).get(weight)
+        return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")  # [M, out]
+    n = _DECODE_ROWS.get()
+    nk = native_linear.kernel() if n else None
+    if nk is None or not nk.supports(x, weight):
+        return _padded_linear(x, weight, bias)
+    if n >= x.shape[0]:
+        return nk(x, weight, bias)
+    return torch.cat([nk(x[:n], weight, bias), _padded_linear(x[n:], weight, bias)])  # [M, out]
+
+
+def _padded_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear with M padded to where torch's CPU kernels give every row the same bits."""
+    m = x.shape[0]
+    pad = 0
+    if x.dtype == torch.float32 and m < 12 and m % 4:
+        pad = 4 - m % 4
+    elif x.dtype == torch.bfloat16 and m == 1:
+        pad = 1
+    if pad:
+        padded = torch.cat([x, x.new_zeros(pad, x.shape[1])])  # [M + pad, in]
+        return F.linear(padded, weight, bias)[:m]
     return F.linear(x, weight, bias)
 
 

@@ -20,7 +20,7 @@ from pd_local.model.attention import (
 )
 from pd_local.model.config import ModelConfig
 from pd_local.model.layers import (
-    Linear, PackedWeight, RMSNorm, RotaryEmbedding, apply_rope, concat_linears, linear,
+    Linear, PackedWeight, RMSNorm, RotaryEmbedding, apply_rope, concat_linears, decode_rows, linear,
     return_freed_memory,
 )
 
@@ -184,6 +184,7 @@ class LlamaForCausalLM(nn.Module):
         return self
 
     batch_invariant: bool = True
+    native_decode: bool = False  # decode rows' linears in the native CPU kernel (Engine sets it)
 
     def set_batch_invariant(self, on: bool) -> LlamaForCausalLM:
         """Exact batch invariance of every linear and lm_head (default on). Where the exact kernel
@@ -220,16 +221,19 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions [T] -> final normed hidden states [T, hidden]."""
         x = self.model.embed_tokens(input_ids)  # [T, hidden]
         cos, sin = self.rotary.cos_sin(positions, x.dtype)  # [T, 1, D]
-        for i, layer in enumerate(self.model.layers):
-            k_cache = kv_cache.k[i] if kv_cache is not None else None
-            v_cache = kv_cache.v[i] if kv_cache is not None else None
-            x, k, v = layer(x, cos, sin, meta, k_cache, v_cache)
-            if on_layer_kv is not None:
-                on_layer_kv(i, k, v)
+        with decode_rows(meta.num_decode if self.native_decode else 0):
+            for i, layer in enumerate(self.model.layers):
+                k_cache = kv_cache.k[i] if kv_cache is not None else None
+                v_cache = kv_cache.v[i] if kv_cache is not None else None
+                x, k, v = layer(x, cos, sin, meta, k_cache, v_cache)
+                if on_layer_kv is not None:
+                    on_layer_kv(i, k, v)
         return self.model.norm(x)
 
     @torch.inference_mode()
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] -> logits [N, vocab] in fp32."""
-        return linear(hidden, self.lm_head_weight, invariant=self.batch_invariant,
-                      packed=self.lm_head_packed).float()
+    def compute_logits(self, hidden: torch.Tensor, num_decode: int = 0) -> torch.Tensor:
+        """hidden [N, hidden] -> logits [N, vocab] in fp32; the first num_decode rows are decode
+        rows (see forward)."""
+        with decode_rows(num_decode if self.native_decode else 0):
+            return linear(hidden, self.lm_head_weight, invariant=self.batch_invariant,
+                          packed=self.lm_head_packed).float()
