@@ -78,9 +78,11 @@ class NativeLinear:
         return y if bias is None else y + bias
 
 
-def build(directory: Path | None = None, compiler: str | None = None) -> Path:
+def build(directory: Path | None = None, compiler: str | None = None, extra_flags: tuple[str, ...] = ()) -> Path:
     """The kernel's shared library for this source, CPU and compiler, building it if it is not in
-    the cache (about a second). Raises NativeKernelError naming what failed."""
+    the cache (about a second). Raises NativeKernelError naming what failed. `extra_flags` (tests):
+    e.g. -mno-avx512f builds the AVX2 variant on an AVX-512 CPU."""
+    flags = [*FLAGS, *extra_flags]
     cc = compiler or os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if not cc:
         raise NativeKernelError("no C compiler (gcc or cc) on PATH; set CC")
@@ -89,18 +91,18 @@ def build(directory: Path | None = None, compiler: str | None = None) -> Path:
     except (OSError, subprocess.TimeoutExpired) as e:
         raise NativeKernelError(f"C compiler {cc!r} does not run: {e}") from None
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, version.encode(), _cpu_flags().encode(), " ".join(FLAGS).encode()]))
+    key = hashlib.sha256(b"\0".join([source, version.encode(), _cpu_flags().encode(), " ".join(flags).encode()]))
     directory = directory or cache_dir()
     path = directory / f"native_linear-{key.hexdigest()[:16]}.so"
     if path.exists():
         return path
     directory.mkdir(parents=True, exist_ok=True)
-    log.info("building the native linear kernel with %s (%s), once per CPU and compiler ...", cc, " ".join(FLAGS))
+    log.info("building the native linear kernel with %s (%s), once per CPU and compiler ...", cc, " ".join(flags))
     t0 = time.monotonic()
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)  # then renamed: ranks build at once
     os.close(fd)
     try:
-        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             err = (done.stderr or done.stdout).strip().splitlines()
             raise NativeKernelError(f"{cc} failed ({done.returncode}): {' '.join(err[:3])[:300]}")
@@ -114,10 +116,10 @@ def build(directory: Path | None = None, compiler: str | None = None) -> Path:
     return path
 
 
-def load(directory: Path | None = None, compiler: str | None = None) -> NativeLinear:
+def load(directory: Path | None = None, compiler: str | None = None, extra_flags: tuple[str, ...] = ()) -> NativeLinear:
     """Build (or find) and load the kernel; NativeKernelError if it cannot run on this CPU."""
     try:
-        kernel = NativeLinear(build(directory, compiler))
+        kernel = NativeLinear(build(directory, compiler, extra_flags))
     except OSError as e:
         raise NativeKernelError(f"cannot load the built kernel: {e}") from None
     if kernel.isa == 0:
