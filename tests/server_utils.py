@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import threading
@@ -24,13 +23,7 @@ from pd_local.engine.engine import Engine
 from pd_local.model.weights import load_model
 from pd_local.api.server import ServerSettings, create_app
 from pd_local.tokenizer import Tokenizer
-from tests.dist_scripts.harness import REPO, env_for, kill_tagged, new_tag, tagged_pids
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.dist_scripts.harness import REPO, env_for, free_port, kill_tagged, new_tag, tagged_pids
 
 
 @contextmanager
@@ -136,7 +129,10 @@ def serving(model_dir: Path, *flags: str) -> Iterator[Served]:
             wait_healthy(served.url, proc=proc)  # /health needs no key
         except RuntimeError as e:
             kill_tagged(tag)
-            pytest.fail(f"{e}:\n{proc.communicate()[0][-4000:]}")
+            out = proc.communicate()[0]
+            # the first rank to fail says why; the others' tracebacks come after and fill the tail
+            first = [ln for ln in out.splitlines() if "ERROR" in ln or "Error:" in ln][:8]
+            pytest.fail(f"{e}; first error lines:\n" + "\n".join(first) + f"\n...\n{out[-3000:]}")
         yield served
     finally:
         kill_tagged(tag)

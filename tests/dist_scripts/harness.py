@@ -10,6 +10,7 @@ nothing of a run is left behind; `kill_tagged` cleans up after a run that overst
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -98,7 +99,25 @@ def torchrun(script: str, nproc: int, args: list[str], timeout: float = 120.0,
 
 
 def free_port() -> int:
-    with socket.socket() as s:
+    """A loopback port that is free now and BELOW the kernel's ephemeral range. A port the kernel
+    hands out (bind to 0) can be handed out again before the server binds it: to one of the gloo
+    or TCPStore connections the world opens while it starts, and then the server exits 1 on a
+    suite that runs hundreds of them. Ports under the range are never handed out."""
+    low = 32768
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # everything below the range taken: the kernel's choice after all
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
