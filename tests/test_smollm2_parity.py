@@ -36,9 +36,9 @@ def native_calls(monkeypatch) -> list[int]:
     calls: list[int] = []
     real = NativeLinear.__call__
 
-    def spy(self, x, weight, bias=None):
+    def spy(self, x, weight, bias=None, panel=None):
         calls.append(x.shape[0])
-        return real(self, x, weight, bias)
+        return real(self, x, weight, bias, panel)
 
     monkeypatch.setattr(NativeLinear, "__call__", spy)
     return calls

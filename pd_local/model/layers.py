@@ -100,11 +100,13 @@ def linear(
     bias: torch.Tensor | None = None,
     invariant: bool = True,
     packed: PackedWeight | None = None,
+    panel: native_linear.PanelCache | None = None,
 ) -> torch.Tensor:
     """F.linear over x [M, in] -> [M, out]; with `invariant` its rows do not depend on M (see
     module docstring), without it this is plain F.linear. `packed` caches the fp32 weight's
     oneDNN copy across calls (without it, a call reorders the weight itself: fine for tests).
-    Inside `decode_rows(n)`, the first n rows take the native kernel where the weight is plain."""
+    Inside `decode_rows(n)`, the first n rows take the native kernel where the weight is plain
+    (`panel` caches the weight packed for it)."""
     if weight.is_mkldnn:  # a packed Linear (Linear.pack): its only copy, M-invariant as below
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")  # [M, out]
     if not (invariant and x.device.type == "cpu"):
@@ -116,9 +118,10 @@ def linear(
     nk = native_linear.kernel() if n else None
     if nk is None or not nk.supports(x, weight):
         return _padded_linear(x, weight, bias)
+    w = (panel or native_linear.PanelCache()).get(nk, weight)
     if n >= x.shape[0]:
-        return nk(x, weight, bias)
-    return torch.cat([nk(x[:n], weight, bias), _padded_linear(x[n:], weight, bias)])  # [M, out]
+        return nk(x, weight, bias, w)
+    return torch.cat([nk(x[:n], weight, bias, w), _padded_linear(x[n:], weight, bias)])  # [M, out]
 
 
 def _padded_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -146,9 +149,10 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.packed = PackedWeight()
+        self.panel = native_linear.PanelCache()  # the weight packed for the native decode kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.batch_invariant, self.packed)
+        return linear(x, self.weight, self.bias, self.batch_invariant, self.packed, self.panel)
 
     def pack(self) -> bool:
         """Replace the weight by its oneDNN copy, freeing the plain one (where the packed kernel is

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pd_local.model import native_linear
 from pd_local.model.kv_cache import PagedKVCache
 from pd_local.model.attention import (
     AttentionMetadata,
@@ -171,6 +172,7 @@ class LlamaForCausalLM(nn.Module):
         else:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         self.lm_head_packed = PackedWeight()  # lm_head_weight's oneDNN copy (tied or not)
+        self.lm_head_panel = native_linear.PanelCache()  # and its native kernel's copy
 
     def fuse_projections(self) -> LlamaForCausalLM:
         """Fuse q/k/v and gate/up projections, in place, after the weights are loaded.
@@ -205,6 +207,23 @@ class LlamaForCausalLM(nn.Module):
                      "freed", packed / 2**20)
         return self
 
+    def set_native_decode(self, on: bool) -> LlamaForCausalLM:
+        """Decode rows' linears in the native CPU kernel (model/native_linear.py), which keeps
+        its own copy of each plain weight, packed here so the first step does not pay for it.
+        Where the kernel cannot be had (one warning says why), or every weight is packed for
+        oneDNN, nothing changes."""
+        nk = native_linear.kernel() if on else None
+        self.native_decode = nk is not None
+        if nk is None:
+            return self
+        total = 0
+        pairs = [(m.panel, m.weight) for m in self.modules() if isinstance(m, Linear)]
+        for cache, w in [*pairs, (self.lm_head_panel, self.lm_head_weight)]:
+            if w.device.type == "cpu" and not w.is_mkldnn and w.dtype in (torch.bfloat16, torch.float32):
+                total += cache.get(nk, w).numel() * w.element_size()
+        log.info("native decode kernel on: %.0f MB of weights packed into its panels", total / 2**20)
+        return self
+
     @property
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
@@ -236,4 +255,4 @@ class LlamaForCausalLM(nn.Module):
         rows (see forward)."""
         with decode_rows(num_decode if self.native_decode else 0):
             return linear(hidden, self.lm_head_weight, invariant=self.batch_invariant,
-                          packed=self.lm_head_packed).float()
+                          packed=self.lm_head_packed, panel=self.lm_head_panel).float()

@@ -47,12 +47,14 @@ def _cpu_flags() -> str:
 
 
 class NativeLinear:
-    """The loaded library: `__call__(x, weight)` = x @ weight.T for CPU bf16/fp32 tensors."""
+    """The loaded library: `__call__(x, weight)` = x @ weight.T for CPU bf16/fp32 tensors, the
+    weight packed into the kernel's panels (`pack`; pass `panel` to reuse a packed copy)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.lib = ctypes.CDLL(str(path))
         self.isa = self.lib.pdl_isa()
+        self.panel_width = self.lib.pdl_panel_width()
         fn = self.lib.pdl_linear
         fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int] * 3
         fn.restype = None
@@ -63,19 +65,49 @@ class NativeLinear:
                 and x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float32)
                 and not weight.is_mkldnn and x.dim() == 2)
 
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+        """weight [N, K] -> panels [ceil(N / W), K, W] of W output columns (zeros past N)."""
+        n, k = weight.shape
+        w = weight.detach()
+        panels = -(-n // self.panel_width)
+        if panels * self.panel_width != n:
+            w = torch.cat([w, w.new_zeros(panels * self.panel_width - n, k)])
+        return w.view(panels, self.panel_width, k).transpose(1, 2).contiguous()
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 panel: torch.Tensor | None = None) -> torch.Tensor:
         """x [M, K], weight [N, K] (same dtype) -> [M, N] in that dtype."""
         m, k = x.shape
         n = weight.shape[0]
         if weight.shape[1] != k:
             raise ValueError(f"native linear: x has {k} columns, weight {tuple(weight.shape)}")
+        panel = self.pack(weight) if panel is None else panel
         xf = x.float().contiguous()  # a no-op for fp32; the kernel multiplies in fp32
-        w = weight.contiguous()
         y = torch.empty(m, n, dtype=x.dtype)
         if m:
-            self._fn(xf.data_ptr(), w.data_ptr(), y.data_ptr(), m, n, k, int(w.dtype == torch.bfloat16),
+            self._fn(xf.data_ptr(), panel.data_ptr(), y.data_ptr(), m, n, k, int(panel.dtype == torch.bfloat16),
                      int(y.dtype == torch.bfloat16), torch.get_num_threads())
         return y if bias is None else y + bias
+
+
+class PanelCache:
+    """One weight's packed panels, repacked whenever the weight changes (new storage, in-place
+    update, dtype or shape); a Linear (or the model, for lm_head) keeps one."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._panel: torch.Tensor | None = None
+
+    def get(self, kernel: NativeLinear, weight: torch.Tensor) -> torch.Tensor:
+        key = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape), tuple(weight.stride()))
+        if self._panel is None or key != self._key:
+            self._panel = kernel.pack(weight)
+            self._key = key
+        return self._panel
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self._panel is None else self._panel.numel() * self._panel.element_size()
 
 
 def build(directory: Path | None = None, compiler: str | None = None, extra_flags: tuple[str, ...] = ()) -> Path:
