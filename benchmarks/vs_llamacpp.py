@@ -8,6 +8,8 @@ a markdown table with the ratios (ours / llama.cpp). Where it cannot build, it s
 
     python benchmarks/vs_llamacpp.py [--topologies colocated-1,1P1D] [--dtype auto]
                                      [--llama-server PATH] [--cache DIR] [--out FILE]
+
+A topology with `+native` (e.g. `colocated-1+native`) runs with engine.native_linear = true.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ TOPOLOGIES = {"colocated-1": ["--colocated", "1"], "1P1D": ["--prefill", "1", "-
               "colocated-2": ["--colocated", "2"]}
 LOADS = {"1 stream": (1, 6), "16 streams": (16, 48)}  # (max concurrency, requests)
 GGUF_TYPES = {"bfloat16": "bf16", "float32": "f32"}
+VARIANTS = {"native": ["--set", "engine.native_linear=true"]}
 
 
 class Unavailable(RuntimeError):
@@ -177,7 +180,9 @@ def main() -> int:
         return 1
     rows = [peer]
     for topo in args.topologies.split(","):
-        flags = [*TOPOLOGIES[topo], "--model", str(args.model), "--dtype", dtype]
+        base, *variants = topo.split("+")
+        flags = [*TOPOLOGIES[base], *(f for v in variants for f in VARIANTS[v]), "--model", str(args.model),
+                 "--dtype", dtype]
         rows.append(measure(f"pd-local {topo}", lambda: servers.start_server(
             topo, flags, tmp / f"pd-local-{topo}.log"), tmp))
     md = markdown(rows, peer)
