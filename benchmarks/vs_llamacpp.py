@@ -9,7 +9,8 @@ a markdown table with the ratios (ours / llama.cpp). Where it cannot build, it s
     python benchmarks/vs_llamacpp.py [--topologies colocated-1,1P1D] [--dtype auto]
                                      [--llama-server PATH] [--cache DIR] [--out FILE]
 
-A topology with `+native` (e.g. `colocated-1+native`) runs with engine.native_linear = true.
+A topology with `+native` (e.g. `colocated-1+native`) forces engine.native_linear = true, with
+`+torch` false (the default is "auto": docs/benchmarks/linear.md).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ TOPOLOGIES = {"colocated-1": ["--colocated", "1"], "1P1D": ["--prefill", "1", "-
               "colocated-2": ["--colocated", "2"]}
 LOADS = {"1 stream": (1, 6), "16 streams": (16, 48)}  # (max concurrency, requests)
 GGUF_TYPES = {"bfloat16": "bf16", "float32": "f32"}
-VARIANTS = {"native": ["--set", "engine.native_linear=true"]}
+VARIANTS = {"native": ["--set", "engine.native_linear=true"], "torch": ["--set", "engine.native_linear=false"]}
 
 
 class Unavailable(RuntimeError):

@@ -117,12 +117,13 @@ class EngineConfig:
     batch_invariant: bool = True  # false: faster on CPU, logits may depend on the batch
     enable_prefix_caching: bool = True
     threads: int = 0  # CPU threads per worker rank; 0: its share of the cores (engine/threads.py)
-    native_linear: bool = False  # CPU: decode rows' linears in model/native_linear.c (batch-invariant)
+    native_linear: bool | str = "auto"  # CPU decode rows in model/native_linear.c; auto: RAM allowing
     num_blocks: int | None = field(default=None, metadata={"toml": False})
 
     def __post_init__(self) -> None:
         _bool("engine.batch_invariant", self.batch_invariant)
-        _bool("engine.native_linear", self.native_linear)
+        if self.native_linear not in (True, False, "auto"):
+            raise ConfigError(f'engine.native_linear must be true, false or "auto", got {self.native_linear!r}')
         _int("engine.block_size", self.block_size, minimum=1, maximum=1024)
         if self.block_size & (self.block_size - 1):
             raise ConfigError(f"engine.block_size must be a power of two, got {self.block_size}")

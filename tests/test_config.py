@@ -123,6 +123,7 @@ def write(tmp_path: Path, text: str) -> Path:
     ("[engine]\nprefill_policy = 'sjf'", "engine.prefill_policy must be one of"),
     ("[engine]\nnum_blocks = 64", r"unknown key 'engine.num_blocks' \(known: block_size"),
     ("[engine]\nbatch_invariant = 'no'", "engine.batch_invariant must be true or false, got 'no'"),
+    ("[engine]\nnative_linear = 'yes'", 'engine.native_linear must be true, false or "auto", got \'yes\''),
     ("[server]\nport = 70000", "server.port must be <= 65535, got 70000"),
     ("[server]\nshutdown_grace_s = -1", "server.shutdown_grace_s must be a finite number >= 0, got -1"),
     ("[server]\nshutdown_grace_s = 'soon'", "server.shutdown_grace_s must be a number, got 'soon'"),

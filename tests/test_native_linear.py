@@ -122,3 +122,33 @@ def test_linear_sends_decode_rows_to_the_kernel_and_prompt_rows_to_torch(kernel,
         for r in range(13):  # each row as it would come out alone, in its own kind
             with layers.decode_rows(1 if r < d else 0):
                 assert torch.equal(layers.linear(x[r:r + 1], w), mixed[r:r + 1])
+
+
+def test_auto_takes_the_kernel_when_its_copy_fits_an_eighth_of_memory() -> None:
+    gb = 2**30
+    assert native_linear.auto_on(270 * 2**20, 24 * gb)  # SmolLM2 bf16 on this machine
+    assert native_linear.auto_on(3 * gb, 24 * gb)
+    assert not native_linear.auto_on(16 * gb, 64 * gb)  # an 8B model in bf16 on 64 GB
+    assert native_linear.auto_on(16 * gb, None)
+    total = native_linear.total_memory()
+    assert total is None or total > 2**27
+
+
+def test_engine_setting_decides_and_logs(caplog) -> None:
+    from pd_local.config import EngineConfig
+    from pd_local.engine.engine import Engine
+    from tests.tiny_models import hf_tiny, ours_from_hf
+
+    model = ours_from_hf(hf_tiny("llama"))
+    if native_linear.kernel() is None:
+        pytest.skip("the native kernel cannot run here")
+    with caplog.at_level(logging.INFO, logger="pd_local.model.llama"):
+        Engine(model, EngineConfig(num_blocks=8, native_linear="auto"))
+    packed_for_onednn = all(m.weight.is_mkldnn for m in model.modules() if hasattr(m, "pack"))
+    assert model.native_decode is not packed_for_onednn
+    if model.native_decode:
+        assert any("native decode kernel on" in r.getMessage() for r in caplog.records)
+    Engine(model, EngineConfig(num_blocks=8, native_linear=False))
+    assert model.native_decode is False
+    Engine(model, EngineConfig(num_blocks=8, batch_invariant=False, native_linear=True))
+    assert model.native_decode is False, "the kernel serves the batch-invariant path only"

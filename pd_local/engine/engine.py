@@ -73,7 +73,7 @@ class Engine:
         self.model = model.set_batch_invariant(cfg.batch_invariant)
         self.cfg = cfg
         self.device = torch.device(device)
-        model.set_native_decode(cfg.native_linear and cfg.batch_invariant and self.device.type == "cpu")
+        model.set_native_decode(cfg.native_linear if cfg.batch_invariant and self.device.type == "cpu" else False)
         self.stop_token_ids = frozenset(stop_token_ids)
         mc = model.config
         self.dtype = model.model.embed_tokens.weight.dtype

@@ -207,20 +207,30 @@ class LlamaForCausalLM(nn.Module):
                      "freed", packed / 2**20)
         return self
 
-    def set_native_decode(self, on: bool) -> LlamaForCausalLM:
-        """Decode rows' linears in the native CPU kernel (model/native_linear.py), which keeps
-        its own copy of each plain weight, packed here so the first step does not pay for it.
-        Where the kernel cannot be had (one warning says why), or every weight is packed for
-        oneDNN, nothing changes."""
-        nk = native_linear.kernel() if on else None
-        self.native_decode = nk is not None
+    def set_native_decode(self, mode: bool | str) -> LlamaForCausalLM:
+        """Decode rows' linears in the native CPU kernel (model/native_linear.py): True, False or
+        "auto" (on if its copy of the weights is at most an eighth of the machine's memory). The copy
+        is packed here, so the first step does not pay for it. Where the kernel cannot be had
+        (one warning says why), or every weight is packed for oneDNN, nothing changes."""
+        self.native_decode = False
+        nk = native_linear.kernel() if mode else None
         if nk is None:
             return self
-        total = 0
         pairs = [(m.panel, m.weight) for m in self.modules() if isinstance(m, Linear)]
-        for cache, w in [*pairs, (self.lm_head_panel, self.lm_head_weight)]:
-            if w.device.type == "cpu" and not w.is_mkldnn and w.dtype in (torch.bfloat16, torch.float32):
-                total += cache.get(nk, w).numel() * w.element_size()
+        pairs = [(c, w) for c, w in [*pairs, (self.lm_head_panel, self.lm_head_weight)]
+                 if w.device.type == "cpu" and not w.is_mkldnn and w.dtype in (torch.bfloat16, torch.float32)]
+        total = sum(w.numel() * w.element_size() for _, w in pairs)
+        if not pairs:
+            return self
+        memory = native_linear.total_memory()
+        if mode == "auto" and not native_linear.auto_on(total, memory):
+            log.info("native decode kernel off (auto): its copy of the weights, %.0f MB, is over an eighth "
+                     "of this machine's %.0f MB; engine.native_linear = true forces it", total / 2**20,
+                     (memory or 0) / 2**20)
+            return self
+        for cache, w in pairs:
+            cache.get(nk, w)
+        self.native_decode = True
         log.info("native decode kernel on: %.0f MB of weights packed into its panels", total / 2**20)
         return self
 

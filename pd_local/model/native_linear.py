@@ -159,6 +159,24 @@ def load(directory: Path | None = None, compiler: str | None = None, extra_flags
     return kernel
 
 
+def total_memory() -> int | None:
+    """MemTotal from /proc/meminfo, in bytes (None where there is no such file)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def auto_on(copy_bytes: int, total: int | None) -> bool:
+    """`native_linear = "auto"`: take the kernel when its copy of the weights is at most an eighth
+    of the machine's memory (unknown: yes). MemTotal, not what is free now, so every rank of a
+    world, and every run, decides the same: outputs must not depend on the topology."""
+    return total is None or copy_bytes <= total // 8
+
+
 @functools.cache
 def kernel() -> NativeLinear | None:
     """The process's kernel, or None (with one warning saying why) where it cannot be had:
