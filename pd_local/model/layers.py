@@ -124,6 +124,13 @@ def linear(
     return torch.cat([nk(x[:n], weight, bias, w), _padded_linear(x[n:], weight, bias)])  # [M, out]
 
 
+def native_eligible(weight: torch.Tensor) -> bool:
+    """Whether `linear` would send decode rows against this weight to the native kernel (fp32
+    weights on a CPU whose oneDNN probe passed take the packed kernel for every row instead)."""
+    return (weight.device.type == "cpu" and not weight.is_mkldnn
+            and (weight.dtype == torch.bfloat16 or (weight.dtype == torch.float32 and not onednn_packing())))
+
+
 def _padded_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear with M padded to where torch's CPU kernels give every row the same bits."""
     m = x.shape[0]

@@ -22,7 +22,7 @@ from pd_local.model.attention import (
 from pd_local.model.config import ModelConfig
 from pd_local.model.layers import (
     Linear, PackedWeight, RMSNorm, RotaryEmbedding, apply_rope, concat_linears, decode_rows, linear,
-    return_freed_memory,
+    native_eligible, return_freed_memory,
 )
 
 log = logging.getLogger(__name__)
@@ -217,8 +217,7 @@ class LlamaForCausalLM(nn.Module):
         if nk is None:
             return self
         pairs = [(m.panel, m.weight) for m in self.modules() if isinstance(m, Linear)]
-        pairs = [(c, w) for c, w in [*pairs, (self.lm_head_panel, self.lm_head_weight)]
-                 if w.device.type == "cpu" and not w.is_mkldnn and w.dtype in (torch.bfloat16, torch.float32)]
+        pairs = [(c, w) for c, w in [*pairs, (self.lm_head_panel, self.lm_head_weight)] if native_eligible(w)]
         total = sum(w.numel() * w.element_size() for _, w in pairs)
         if not pairs:
             return self
