@@ -218,9 +218,9 @@ class LlamaForCausalLM(nn.Module):
             return self
         pairs = [(m.panel, m.weight) for m in self.modules() if isinstance(m, Linear)]
         pairs = [(c, w) for c, w in [*pairs, (self.lm_head_panel, self.lm_head_weight)] if native_eligible(w)]
-        total = sum(w.numel() * w.element_size() for _, w in pairs)
         if not pairs:
             return self
+        total = sum(w.numel() * w.element_size() for _, w in pairs)
         memory = native_linear.total_memory()
         if mode == "auto" and not native_linear.auto_on(total, memory):
             log.info("native decode kernel off (auto): its copy of the weights, %.0f MB, is over an eighth "

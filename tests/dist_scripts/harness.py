@@ -100,9 +100,9 @@ def torchrun(script: str, nproc: int, args: list[str], timeout: float = 120.0,
 
 def free_port() -> int:
     """A loopback port that is free now and BELOW the kernel's ephemeral range. A port the kernel
-    hands out (bind to 0) can be handed out again before the server binds it: to one of the gloo
-    or TCPStore connections the world opens while it starts, and then the server exits 1 on a
-    suite that runs hundreds of them. Ports under the range are never handed out."""
+    hands out (bind to 0) can be handed out again before the server binds it, to one of the gloo
+    or TCPStore connections the world opens while it starts: the suspected cause of a server that
+    once exited 1 before healthy mid-suite. Ports under the range are never handed out."""
     low = 32768
     try:
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
