@@ -1,10 +1,11 @@
-"""Decode step time with the native decode-row linear (engine.native_linear) vs torch's, same run.
+"""Decode step time, same run: torch's ops, the native decode-row linear, and the native whole layer.
 
     python benchmarks/native_linear.py [--model DIR] [--dtype auto] [--batches 1,4,16] [--out FILE]
 
-For each batch size: both engines prefill the same prompts, then time decode steps, alternating
-between them in rounds so both see the same background load; the figure is the best round's
-ms/step and the ratio torch / native (above 1: native is faster). Writes JSON, prints a table.
+For each batch size: three engines (torch's kernels; engine.native_linear with decode rows' linears
+only; with whole decoder layers, the default where the model allows) prefill the same prompts, then
+time decode steps, alternating in rounds so all see the same background load; the figure is the
+best round's ms/step and the ratios torch / native (above 1: native is faster). Writes JSON.
 """
 
 from __future__ import annotations
@@ -65,18 +66,26 @@ def main() -> int:
         return 1
     dtype_name, why = resolve_dtype_name(args.dtype, "cpu", read_cpu_flags())
     model, _ = load_model(args.model, getattr(torch, dtype_name))
+    model.set_native_decode(True)
+    layers = model.decode_layers
+    if layers is None:
+        print("this model cannot take the whole-layer kernel: its column is the per-linear path", file=sys.stderr)
+    variants = {"torch": (False, None), "linear": (True, None), "layers": (True, layers)}
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
-        engines = {n: started_engine(model, batch, n, args.prompt_len, args.steps * args.rounds) for n in (False, True)}
-        best = {False: float("inf"), True: float("inf")}
+        engines = {n: started_engine(model, batch, n != "torch", args.prompt_len, args.steps * args.rounds)
+                   for n in variants}
+        best = dict.fromkeys(variants, float("inf"))
         for _ in range(args.rounds):
-            for native, eng in engines.items():
-                model.native_decode = native  # the engines share the model
-                best[native] = min(best[native], ms_per_step(eng, args.steps))
-        rows.append({"batch": batch, "torch_ms": round(best[False], 2), "native_ms": round(best[True], 2),
-                     "speedup": round(best[False] / best[True], 2)})
-        print(f"batch {batch:3d}: torch {best[False]:6.1f} ms/step  native {best[True]:6.1f} ms/step  "
-              f"torch/native {best[False] / best[True]:.2f}x", flush=True)
+            for name, eng in engines.items():
+                model.native_decode, model.decode_layers = variants[name]  # the engines share the model
+                best[name] = min(best[name], ms_per_step(eng, args.steps))
+        rows.append({"batch": batch, **{f"{n}_ms": round(v, 2) for n, v in best.items()},
+                     "torch/linear": round(best["torch"] / best["linear"], 2),
+                     "torch/layers": round(best["torch"] / best["layers"], 2)})
+        print(f"batch {batch:3d}: ms/step torch {best['torch']:6.1f}  native linear {best['linear']:6.1f}  "
+              f"native layers {best['layers']:6.1f}  torch/linear {rows[-1]['torch/linear']:.2f}x  "
+              f"torch/layers {rows[-1]['torch/layers']:.2f}x", flush=True)
     out = {"dtype": dtype_name, "dtype_reason": why, "threads": torch.get_num_threads(), "cpu": cpu_kind(),
            "prompt_len": args.prompt_len, "date": time.strftime("%Y-%m-%d"), "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

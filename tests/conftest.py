@@ -35,3 +35,20 @@ def smollm2_f32_dir(smollm2_gguf: Path) -> Path:
     from pd_local.cli.weights import ensure_converted
 
     return ensure_converted(smollm2_gguf, smollm2_gguf.parent.parent / "smollm2-135m-instruct-f32", "float32")
+
+
+@pytest.fixture(scope="session", params=["native", "avx2"])
+def native_kernel(request, tmp_path_factory):
+    """The native CPU kernel (model/native_linear.c) as this CPU builds it, and its AVX2 variant
+    (on an AVX-512 CPU: built with -mno-avx512f, so both code paths are checked wherever AVX-512
+    runs)."""
+    from pd_local.model.native_linear import NativeKernelError, load
+
+    extra = ("-mno-avx512f",) if request.param == "avx2" else ()
+    try:
+        k = load(tmp_path_factory.mktemp("kernels"), extra_flags=extra)
+    except NativeKernelError as e:
+        pytest.skip(f"the native kernel cannot run here: {e}")
+    if request.param == "avx2" and k.isa != 1:
+        pytest.skip(f"no AVX2-only build here (isa {k.isa})")
+    return k

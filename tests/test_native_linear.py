@@ -11,21 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from pd_local.model import native_linear
-from pd_local.model.native_linear import NativeKernelError, build, load
+from pd_local.model.native_linear import NativeKernelError, build
 
 
-@pytest.fixture(scope="module", params=["native", "avx2"])
-def kernel(request, tmp_path_factory):
-    """The kernel as this CPU builds it, and its AVX2 variant (on an AVX-512 CPU: built with
-    -mno-avx512f, so both code paths are checked wherever AVX-512 runs)."""
-    extra = ("-mno-avx512f",) if request.param == "avx2" else ()
-    try:
-        k = load(tmp_path_factory.mktemp("kernels"), extra_flags=extra)
-    except NativeKernelError as e:
-        pytest.skip(f"the native kernel cannot run here: {e}")
-    if request.param == "avx2" and k.isa != 1:
-        pytest.skip(f"no AVX2-only build here (isa {k.isa})")
-    return k
+@pytest.fixture
+def kernel(native_kernel):
+    return native_kernel
 
 
 SHAPES = [(960, 576), (576, 1536), (100, 37), (7, 1000), (3, 5), (49, 17)]  # (N, K): tails of every kind

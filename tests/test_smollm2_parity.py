@@ -30,7 +30,8 @@ NEW_TOKENS = 64
 
 
 def native_calls(monkeypatch) -> list[int]:
-    """Rows per call of the native decode kernel from now on (a spy: the real kernel runs)."""
+    """Rows per call of the native decode kernels (linear and whole layer) from now on (spies:
+    the real kernels run)."""
     from pd_local.model.native_linear import NativeLinear
 
     calls: list[int] = []
@@ -41,6 +42,13 @@ def native_calls(monkeypatch) -> list[int]:
         return real(self, x, weight, bias, panel)
 
     monkeypatch.setattr(NativeLinear, "__call__", spy)
+    real_layer = NativeLinear.decode_layer
+
+    def layer_spy(self, spec, x, *args):
+        calls.append(x.shape[0])
+        return real_layer(self, spec, x, *args)
+
+    monkeypatch.setattr(NativeLinear, "decode_layer", layer_spy)
     return calls
 
 

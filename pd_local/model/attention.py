@@ -4,6 +4,7 @@ batch-invariant, and prefill is chunk-invariant, bit for bit on CPU."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +65,12 @@ class AttentionMetadata:
         for n in self.seq_lens:
             out.append(out[-1] + n)
         return out
+
+    def without_decode_rows(self) -> AttentionMetadata:
+        """The prefill chunks alone (rows num_decode.. of this step), for running them apart."""
+        slots = None if self.slot_mapping is None else self.slot_mapping[self.num_decode:]
+        return dataclasses.replace(self, slot_mapping=slots, block_tables=None, context_lens=None,
+                                   decode_groups=(), num_decode=0)
 
     @classmethod
     def prefill(

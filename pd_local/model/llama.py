@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pd_local.model import native_linear
+from pd_local.model import native_decode, native_linear
 from pd_local.model.kv_cache import PagedKVCache
 from pd_local.model.attention import (
     AttentionMetadata,
@@ -187,6 +187,7 @@ class LlamaForCausalLM(nn.Module):
 
     batch_invariant: bool = True
     native_decode: bool = False  # decode rows' linears in the native CPU kernel (Engine sets it)
+    decode_layers: native_decode.DecodeLayers | None = None  # and their whole layers, where it can
 
     def set_batch_invariant(self, on: bool) -> LlamaForCausalLM:
         """Exact batch invariance of every linear and lm_head (default on). Where the exact kernel
@@ -213,6 +214,7 @@ class LlamaForCausalLM(nn.Module):
         is packed here, so the first step does not pay for it. Where the kernel cannot be had
         (one warning says why), or every weight is packed for oneDNN, nothing changes."""
         self.native_decode = False
+        self.decode_layers = None
         nk = native_linear.kernel() if mode else None
         if nk is None:
             return self
@@ -230,7 +232,10 @@ class LlamaForCausalLM(nn.Module):
         for cache, w in pairs:
             cache.get(nk, w)
         self.native_decode = True
-        log.info("native decode kernel on: %.0f MB of weights packed into its panels", total / 2**20)
+        why = native_decode.why_not(self)
+        self.decode_layers = None if why else native_decode.DecodeLayers(nk, self)
+        log.info("native decode kernel on: %.0f MB of weights packed into its panels; %s", total / 2**20,
+                 f"per linear ({why})" if why else "whole layers")
         return self
 
     @property
@@ -249,6 +254,21 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions [T] -> final normed hidden states [T, hidden]."""
         x = self.model.embed_tokens(input_ids)  # [T, hidden]
         cos, sin = self.rotary.cos_sin(positions, x.dtype)  # [T, 1, D]
+        nd = meta.num_decode
+        if (nd and self.decode_layers is not None and kv_cache is not None and on_layer_kv is None
+                and meta.slot_mapping is not None and meta.block_tables is not None):
+            # decode rows through the native layer kernel, prompt rows (if any) through torch's ops
+            xd = self.decode_layers(x[:nd], cos[:nd], sin[:nd], meta, kv_cache)  # [nd, hidden]
+            if nd < x.shape[0]:
+                rest = self._layers(x[nd:], cos[nd:], sin[nd:], meta.without_decode_rows(), kv_cache, None)
+                xd = torch.cat([xd, rest])  # [T, hidden]
+            return self.model.norm(xd)
+        return self.model.norm(self._layers(x, cos, sin, meta, kv_cache, on_layer_kv))
+
+    def _layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
+                kv_cache: PagedKVCache | None, on_layer_kv: LayerKVHook | None) -> torch.Tensor:
+        """x [T, hidden] through every decoder layer in torch's ops (decode rows' linears in the
+        native kernel where it is on)."""
         with decode_rows(meta.num_decode if self.native_decode else 0):
             for i, layer in enumerate(self.model.layers):
                 k_cache = kv_cache.k[i] if kv_cache is not None else None
@@ -256,7 +276,7 @@ class LlamaForCausalLM(nn.Module):
                 x, k, v = layer(x, cos, sin, meta, k_cache, v_cache)
                 if on_layer_kv is not None:
                     on_layer_kv(i, k, v)
-        return self.model.norm(x)
+        return x
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor, num_decode: int = 0) -> torch.Tensor:

@@ -8,6 +8,7 @@
 // block's sum added to a running total. A tile is MB x rows by one panel; threads split panels
 // only, so no sum is ever split.
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -19,6 +20,8 @@ typedef __m512 vec;
 #define VSET1(f) _mm512_set1_ps(f)
 #define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define VADD(a, b) _mm512_add_ps(a, b)
+#define VMUL(a, b) _mm512_mul_ps(a, b)
+#define VHSUM(v) _mm512_reduce_add_ps(v)
 #define VLOADF(p) _mm512_loadu_ps(p)
 #define VSTOREF(p, v) _mm512_storeu_ps(p, v)
 static inline vec load_bf16(const uint16_t *p) {
@@ -33,6 +36,12 @@ typedef __m256 vec;
 #define VSET1(f) _mm256_set1_ps(f)
 #define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
 #define VADD(a, b) _mm256_add_ps(a, b)
+#define VMUL(a, b) _mm256_mul_ps(a, b)
+static inline float VHSUM(__m256 v) {  // a fixed order of adds
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    __m128 sh = _mm_movehdup_ps(lo), sum = _mm_add_ps(lo, sh);
+    return _mm_cvtss_f32(_mm_add_ss(sum, _mm_movehl_ps(sh, sum)));
+}
 #define VLOADF(p) _mm256_loadu_ps(p)
 #define VSTOREF(p, v) _mm256_storeu_ps(p, v)
 static inline vec load_bf16(const uint16_t *p) {
@@ -140,9 +149,190 @@ void pdl_linear(const float *x, const void *w, void *y, long M, long N, long K, 
         else panel_f32(x, (const float *)w, y, y_bf16, M, N, K, p);
     }
 }
+
+// ---- A whole decoder layer for decode rows (one query token per sequence) ------------------
+// x [M, hidden] is updated in place: x += attn(norm1(x)); x += mlp(norm2(x)). Activations are
+// rounded to the model dtype where torch's ops would round them (each op's output), while sums
+// run in fp32, so a bf16 layer stays close to the torch path; every row is computed alone, by
+// the same instructions whatever M or the thread count.
+typedef struct {
+    long hidden, heads, kv_heads, head_dim, inter, block_size;
+    float eps, scale;
+    int bf16;    // activations, norm weights, cos / sin and the KV cache in bf16 (else fp32)
+    int w_bf16;  // the panels in bf16 (else fp32)
+    const void *ln1, *ln2;                 // [hidden]
+    const void *qkv, *o, *gate_up, *down;  // panels of [q | k | v], o, [gate | up], down
+    void *k_cache, *v_cache;               // [slots, kv_heads, head_dim]
+} pdl_layer;
+
+#define CH 64  // keys per softmax chunk; chunks start at multiples of CH from position 0
+#define MAXG 16  // query heads per KV head, at most
+#define MAXD 256  // head_dim, at most (a multiple of 16)
+
+static inline float from_bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+static inline float ld(const void *p, long i, int bf16) {
+    return bf16 ? from_bf16(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+static inline void st(void *p, long i, float f, int bf16) {
+    if (bf16) ((uint16_t *)p)[i] = to_bf16(f);
+    else ((float *)p)[i] = f;
+}
+static inline float rnd(float f, int bf16) { return bf16 ? from_bf16(to_bf16(f)) : f; }
+
+// exp(x) = 2^n e^r, |r| <= ln2 / 2, degree-6 polynomial: ~1e-7 relative; x clamped to [-87, 88].
+static inline float pdl_exp(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    int n = (int)(x * 1.44269504f + (x >= 0 ? 0.5f : -0.5f));
+    float r = x - (float)n * 0.693145752f - (float)n * 1.42860677e-6f;
+    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
+    uint32_t b = (uint32_t)(n + 127) << 23;
+    float scale;
+    memcpy(&scale, &b, 4);
+    return p * scale;
+}
+
+long pdl_layer_scratch(const pdl_layer *L, long M) {  // floats of scratch one call needs
+    long qkv = (L->heads + 2 * L->kv_heads) * L->head_dim, q = L->heads * L->head_dim;
+    return M * (3 * L->hidden + qkv + 2 * q + 3 * L->inter);
+}
+
+// out[m] = w * norm(x[m]), rounded as RMSNorm's ops round (fp32 values of the model dtype).
+static void rmsnorm_rows(const void *x, const void *w, float *out, long M, long H, float eps, int bf16, int nt) {
+#pragma omp parallel for num_threads(nt) if (M > 1) schedule(static)
+    for (long m = 0; m < M; m++) {
+        double ss = 0;
+        for (long k = 0; k < H; k++) {
+            float v = ld(x, m * H + k, bf16);
+            ss += (double)v * v;
+        }
+        float r = 1.0f / sqrtf((float)(ss / H) + eps);
+        for (long k = 0; k < H; k++)
+            out[m * H + k] = rnd(ld(w, k, bf16) * rnd(ld(x, m * H + k, bf16) * r, bf16), bf16);
+    }
+}
+
+#define LOADX(p, bf16) ((bf16) ? load_bf16((const uint16_t *)(p)) : VLOADF((const float *)(p)))
+
+// Row m, KV head g: its G query heads against the row's context, chunk by chunk (online softmax);
+// vectors along head_dim. `bf16` is a constant at each call, so the loads specialise.
+static inline __attribute__((always_inline)) void attend_t(const pdl_layer *L, const float *q, float *out,
+                                                           const long *tables, long ctx, long g, const int bf16) {
+    const long D = L->head_dim, KV = L->kv_heads, G = L->heads / KV, bs = L->block_size, nv = D / VL;
+    const long row_bytes = D * (bf16 ? 2 : 4);
+    vec acc[MAXG][MAXD / VL];
+    float mx[MAXG], sum[MAXG], s[MAXG][CH];
+    for (long i = 0; i < G; i++) {
+        mx[i] = -87.0f;  // below any score's exp range: the first chunk's max replaces it
+        sum[i] = 0;
+        for (long v = 0; v < nv; v++) acc[i][v] = VZERO();
+    }
+    for (long c0 = 0; c0 < ctx; c0 += CH) {
+        long n = ctx - c0 < CH ? ctx - c0 : CH;
+        for (long p = 0; p < n; p++) {
+            long pos = c0 + p, slot = tables[pos / bs] * bs + pos % bs;
+            const char *kp = (const char *)L->k_cache + (slot * KV + g) * row_bytes;
+            vec kv[MAXD / VL];
+            for (long v = 0; v < nv; v++) kv[v] = LOADX(kp + v * VL * (bf16 ? 2 : 4), bf16);
+            for (long i = 0; i < G; i++) {
+                vec t = VZERO();
+                for (long v = 0; v < nv; v++) t = VFMA(VLOADF(q + (g * G + i) * D + v * VL), kv[v], t);
+                s[i][p] = VHSUM(t) * L->scale;
+            }
+        }
+        for (long i = 0; i < G; i++) {
+            float cm = mx[i];
+            for (long p = 0; p < n; p++) cm = s[i][p] > cm ? s[i][p] : cm;
+            float alpha = pdl_exp(mx[i] - cm);
+            sum[i] *= alpha;
+            for (long v = 0; v < nv; v++) acc[i][v] = VMUL(acc[i][v], VSET1(alpha));
+            for (long p = 0; p < n; p++) {
+                s[i][p] = pdl_exp(s[i][p] - cm);
+                sum[i] += s[i][p];
+            }
+            mx[i] = cm;
+        }
+        for (long p = 0; p < n; p++) {
+            long pos = c0 + p, slot = tables[pos / bs] * bs + pos % bs;
+            const char *vp = (const char *)L->v_cache + (slot * KV + g) * row_bytes;
+            for (long v = 0; v < nv; v++) {
+                vec vv = LOADX(vp + v * VL * (bf16 ? 2 : 4), bf16);
+                for (long i = 0; i < G; i++) acc[i][v] = VFMA(VSET1(s[i][p]), vv, acc[i][v]);
+            }
+        }
+    }
+    for (long i = 0; i < G; i++) {
+        float buf[VL];
+        for (long v = 0; v < nv; v++) {
+            VSTOREF(buf, acc[i][v]);
+            for (int l = 0; l < VL; l++) out[(g * G + i) * D + v * VL + l] = rnd(buf[l] / sum[i], bf16);
+        }
+    }
+}
+
+static void attend(const pdl_layer *L, const float *q, float *out, const long *tables, long ctx, long g) {
+    if (L->bf16) attend_t(L, q, out, tables, ctx, g, 1);
+    else attend_t(L, q, out, tables, ctx, g, 0);
+}
+
+// x [M, hidden] (model dtype) in place; cos, sin [M, head_dim] (sin's first half negated, as
+// RotaryEmbedding.cos_sin gives it); slots [M]; tables [M, W] block ids; ctx [M] context lengths
+// counting this token; scratch: pdl_layer_scratch(L, M) floats.
+void pdl_decode_layer(const pdl_layer *L, void *x, const void *cos, const void *sin, const long *slots,
+                      const long *tables, long W, const long *ctx, long M, float *scratch, int nt) {
+    const long H = L->hidden, D = L->head_dim, NQ = L->heads, KV = L->kv_heads, I = L->inter;
+    const long NQKV = (NQ + 2 * KV) * D, half = D / 2;
+    const int bf16 = L->bf16;
+    float *h = scratch, *y1 = h + M * H, *q = y1 + M * NQKV, *att = q + M * NQ * D;
+    float *y2 = att + M * NQ * D, *y3 = y2 + M * H, *a = y3 + M * 2 * I;
+    rmsnorm_rows(x, L->ln1, h, M, H, L->eps, bf16, nt);
+    pdl_linear(h, L->qkv, y1, M, NQKV, H, L->w_bf16, 0, nt);
+#pragma omp parallel for num_threads(nt) if (M > 1) schedule(static)
+    for (long m = 0; m < M; m++) {  // rope on q and k (x * cos + roll(x) * sin), K and V to the cache
+        const float *row = y1 + m * NQKV;
+        for (long hh = 0; hh < NQ + KV; hh++) {
+            const float *src = row + hh * D;
+            float roped[MAXD];
+            for (long j = 0; j < D; j++) {
+                float xj = rnd(src[j], bf16), xr = rnd(src[(j + half) % D], bf16);
+                roped[j] = rnd(rnd(xj * ld(cos, m * D + j, bf16), bf16) + rnd(xr * ld(sin, m * D + j, bf16), bf16), bf16);
+            }
+            if (hh < NQ) memcpy(q + (m * NQ + hh) * D, roped, D * sizeof(float));
+            else for (long j = 0; j < D; j++) st(L->k_cache, (slots[m] * KV + hh - NQ) * D + j, roped[j], bf16);
+        }
+        for (long j = 0; j < KV * D; j++) st(L->v_cache, slots[m] * KV * D + j, row[(NQ + KV) * D + j], bf16);
+    }
+#pragma omp parallel for num_threads(nt) if (M * KV > 1) schedule(static)
+    for (long mg = 0; mg < M * KV; mg++) {
+        long m = mg / KV;
+        attend(L, q + m * NQ * D, att + m * NQ * D, tables + m * W, ctx[m], mg % KV);
+    }
+    pdl_linear(att, L->o, y2, M, H, NQ * D, L->w_bf16, 0, nt);
+    for (long i = 0; i < M * H; i++) st(x, i, ld(x, i, bf16) + rnd(y2[i], bf16), bf16);
+    rmsnorm_rows(x, L->ln2, h, M, H, L->eps, bf16, nt);
+    pdl_linear(h, L->gate_up, y3, M, 2 * I, H, L->w_bf16, 0, nt);
+    for (long m = 0; m < M; m++)
+        for (long j = 0; j < I; j++) {  // silu(gate) * up
+            float gt = rnd(y3[m * 2 * I + j], bf16), up = rnd(y3[m * 2 * I + I + j], bf16);
+            a[m * I + j] = rnd(rnd(gt / (1.0f + pdl_exp(-gt)), bf16) * up, bf16);
+        }
+    pdl_linear(a, L->down, y2, M, H, I, L->w_bf16, 0, nt);
+    for (long i = 0; i < M * H; i++) st(x, i, ld(x, i, bf16) + rnd(y2[i], bf16), bf16);
+}
 #else
 void pdl_linear(const float *x, const void *w, void *y, long M, long N, long K, int w_bf16, int y_bf16,
                 int nt) {
     (void)x; (void)w; (void)y; (void)M; (void)N; (void)K; (void)w_bf16; (void)y_bf16; (void)nt;
 }
+long pdl_layer_scratch(const void *L, long M) { (void)L; (void)M; return 0; }
+void pdl_decode_layer(const void *L, void *x, const void *cos, const void *sin, const long *slots,
+                      const long *tables, long W, const long *ctx, long M, float *scratch, int nt) {
+    (void)L; (void)x; (void)cos; (void)sin; (void)slots; (void)tables; (void)W; (void)ctx; (void)M;
+    (void)scratch; (void)nt;
+}
 #endif
+

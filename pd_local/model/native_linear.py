@@ -21,7 +21,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native_linear.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC"]
 ISA_NAMES = {1: "AVX2+FMA", 2: "AVX-512"}
 
 
@@ -60,6 +60,13 @@ class NativeLinear:
         fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int] * 3
         fn.restype = None
         self._fn = fn
+        layer = self.lib.pdl_decode_layer
+        layer.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p,
+                                                  ctypes.c_int]
+        layer.restype = None
+        self._layer = layer
+        self.lib.pdl_layer_scratch.argtypes = [ctypes.c_void_p, ctypes.c_long]
+        self.lib.pdl_layer_scratch.restype = ctypes.c_long
 
     def supports(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         return (self.isa > 0 and x.device.type == "cpu" and weight.device.type == "cpu"
@@ -89,6 +96,18 @@ class NativeLinear:
             self._fn(xf.data_ptr(), panel.data_ptr(), y.data_ptr(), m, n, k, int(panel.dtype == torch.bfloat16),
                      int(y.dtype == torch.bfloat16), torch.get_num_threads())
         return y if bias is None else y + bias
+
+
+    def layer_scratch(self, spec: ctypes.Structure, rows: int) -> int:
+        """Floats of scratch one decode_layer call over `rows` rows needs."""
+        return self.lib.pdl_layer_scratch(ctypes.byref(spec), rows)
+
+    def decode_layer(self, spec: ctypes.Structure, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     slots: torch.Tensor, tables: torch.Tensor, ctx: torch.Tensor, scratch: torch.Tensor,
+                     threads: int) -> None:
+        """One decoder layer on decode rows x [B, hidden], in place (model/native_decode.py)."""
+        self._layer(ctypes.byref(spec), x.data_ptr(), cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
+                    tables.data_ptr(), tables.shape[1], ctx.data_ptr(), x.shape[0], scratch.data_ptr(), threads)
 
 
 class PanelCache:
