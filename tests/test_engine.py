@@ -205,6 +205,38 @@ def test_top_k_one_and_tiny_top_p_are_greedy() -> None:
         assert sample(logits, [sp] * 4, [sp.make_generator() for _ in range(4)]) == want
 
 
+def draws(logits: torch.Tensor, sp: SamplingParams, n: int) -> torch.Tensor:
+    """How often each token of logits [V] is sampled in n draws of one generator -> [V]."""
+    g = sp.make_generator()
+    got = [sample(logits[None], [sp], [g])[0] for _ in range(n)]
+    return torch.bincount(torch.tensor(got), minlength=logits.shape[0]).double() / n
+
+
+def test_sampled_tokens_follow_the_distribution_within_the_nucleus() -> None:
+    probs = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
+    freq = draws(probs.log(), SamplingParams(temperature=1.0, seed=3), 8000)
+    assert (freq - probs.double()).abs().max() < 0.025, freq
+    # top_p 0.75: a token stays while the mass before it is under 0.75: 0.4, 0.25 and 0.15 (0.65
+    # before it) stay, 0.1 (0.8 before it) goes
+    freq = draws(probs.log(), SamplingParams(temperature=1.0, top_p=0.75, seed=4), 8000)
+    assert (freq[3:] == 0).all() and (freq[:3] - probs[:3].double() / 0.8).abs().max() < 0.025, freq
+    freq = draws(probs.log(), SamplingParams(temperature=1.0, top_k=2, seed=5), 4000)
+    assert (freq[2:] == 0).all() and abs(freq[0] - 0.4 / 0.65) < 0.03, freq
+
+
+def test_top_p_over_a_wide_nucleus_keeps_what_a_full_sort_keeps() -> None:
+    """A flat distribution: the nucleus holds thousands of tokens, past the first top-k looks."""
+    from pd_local.engine.sampling import _top_p
+
+    row = torch.linspace(0, -3, 20000) + torch.randn(20000, generator=torch.Generator().manual_seed(0)) * 0.01
+    for top_p in (0.3, 0.9, 0.999):
+        probs = row.softmax(-1)
+        ranked = probs.sort(descending=True).values
+        want = int(((ranked.cumsum(-1) - ranked) < top_p).sum())  # the rule, by a full sort
+        kept = torch.isfinite(_top_p(row, top_p)).sum().item()
+        assert abs(kept - want) <= 1 and kept > 64, (top_p, kept, want)
+
+
 def test_kv_budget_sizes_the_cache(pair) -> None:
     _, ours = pair
     mc = ours.config
