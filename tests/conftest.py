@@ -37,18 +37,20 @@ def smollm2_f32_dir(smollm2_gguf: Path) -> Path:
     return ensure_converted(smollm2_gguf, smollm2_gguf.parent.parent / "smollm2-135m-instruct-f32", "float32")
 
 
-@pytest.fixture(scope="session", params=["native", "avx2"])
+@pytest.fixture(scope="session", params=["native", "avx512-fma", "avx2"])
 def native_kernel(request, tmp_path_factory):
-    """The native CPU kernel (model/native_linear.c) as this CPU builds it, and its AVX2 variant
-    (on an AVX-512 CPU: built with -mno-avx512f, so both code paths are checked wherever AVX-512
-    runs)."""
+    """The native CPU kernel (model/native_linear.c) as this CPU builds it, and the variants it
+    would build on lesser CPUs: without VDPBF16PS (-mno-avx512bf16: bf16 weights through fp32
+    FMAs) and AVX2 only (-mno-avx512f), so every code path is checked where the CPU has them."""
     from pd_local.model.native_linear import NativeKernelError, load
 
-    extra = ("-mno-avx512f",) if request.param == "avx2" else ()
+    extra = {"avx2": ("-mno-avx512f",), "avx512-fma": ("-mno-avx512bf16",)}.get(request.param, ())
     try:
         k = load(tmp_path_factory.mktemp("kernels"), extra_flags=extra)
     except NativeKernelError as e:
         pytest.skip(f"the native kernel cannot run here: {e}")
     if request.param == "avx2" and k.isa != 1:
         pytest.skip(f"no AVX2-only build here (isa {k.isa})")
+    if request.param == "avx512-fma" and (k.isa != 2 or k.bf16_pairs):
+        pytest.skip("no AVX-512 build without VDPBF16PS here")
     return k

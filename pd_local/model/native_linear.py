@@ -56,6 +56,7 @@ class NativeLinear:
         self.lib = ctypes.CDLL(str(path))
         self.isa = self.lib.pdl_isa()
         self.panel_width = self.lib.pdl_panel_width()
+        self.bf16_pairs = bool(self.lib.pdl_bf16_pairs())  # bf16 panels hold k pairs (VDPBF16PS)
         fn = self.lib.pdl_linear
         fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int] * 3
         fn.restype = None
@@ -74,12 +75,17 @@ class NativeLinear:
                 and not weight.is_mkldnn and x.dim() == 2)
 
     def pack(self, weight: torch.Tensor) -> torch.Tensor:
-        """weight [N, K] -> panels [ceil(N / W), K, W] of W output columns (zeros past N)."""
+        """weight [N, K] -> panels [ceil(N / W), K, W] of W output columns (zeros past N); bf16
+        where the kernel takes k pairs: [ceil(N / W), ceil(K / 2), W, 2] (a zero k past K)."""
         n, k = weight.shape
         w = weight.detach()
         panels = -(-n // self.panel_width)
         if panels * self.panel_width != n:
             w = torch.cat([w, w.new_zeros(panels * self.panel_width - n, k)])
+        if self.bf16_pairs and w.dtype == torch.bfloat16:
+            if k % 2:
+                w = torch.cat([w, w.new_zeros(w.shape[0], 1)], dim=1)
+            return w.view(panels, self.panel_width, -1, 2).permute(0, 2, 1, 3).contiguous()
         return w.view(panels, self.panel_width, k).transpose(1, 2).contiguous()
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
