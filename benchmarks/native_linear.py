@@ -1,6 +1,7 @@
 """Decode step time, same run: torch's ops, the native decode-row linear, and the native whole layer.
 
     python benchmarks/native_linear.py [--model DIR] [--dtype auto] [--batches 1,4,16] [--out FILE]
+                                       [--kernel-only]
 
 For each batch size: three engines (torch's kernels; engine.native_linear with decode rows' linears
 only; with whole decoder layers, the default where the model allows) prefill the same prompts, then
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from pd_local.config import EngineConfig
 from pd_local.engine.engine import Engine
 from pd_local.engine.sampling import SamplingParams
 from pd_local.model.dtype import DTYPE_CHOICES, read_cpu_flags, resolve_dtype_name
-from pd_local.model.native_linear import kernel
+from pd_local.model.native_linear import kernel, load
 from pd_local.model.weights import load_model
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -51,6 +53,31 @@ def ms_per_step(eng: Engine, steps: int) -> float:
     return (time.perf_counter() - t0) / steps * 1e3
 
 
+def kernel_only(model, batches: list[int], rounds: int) -> list[dict]:
+    """The native kernel alone over every linear of the model (and lm_head), this CPU's build
+    against the -mno-avx512bf16 one (fp32 FMAs for bf16 weights), interleaved: ms per pass."""
+    builds = {"this_cpu": load(Path(tempfile.mkdtemp())),
+              "fma_only": load(Path(tempfile.mkdtemp()), extra_flags=("-mno-avx512bf16",))}
+    weights = [m.weight for m in model.modules() if hasattr(m, "panel")] + [model.lm_head_weight]
+    panels = {n: [k.pack(w) for w in weights] for n, k in builds.items()}
+    gbytes = sum(w.numel() * w.element_size() for w in weights) / 1e9
+    rows = []
+    for m in batches:
+        xs = [torch.randn(m, w.shape[1]).to(w.dtype) for w in weights]
+        best = dict.fromkeys(builds, float("inf"))
+        for _ in range(rounds):
+            for name, k in builds.items():
+                t0 = time.perf_counter()
+                for x, w, p in zip(xs, weights, panels[name]):
+                    k(x, w, None, p)
+                best[name] = min(best[name], time.perf_counter() - t0)
+        rows.append({"rows": m, **{f"{n}_ms": round(v * 1e3, 2) for n, v in best.items()},
+                     **{f"{n}_gb_s": round(gbytes / v, 1) for n, v in best.items()}})
+        print(f"kernel alone, {m:3d} rows: this CPU's build {best['this_cpu'] * 1e3:6.2f} ms  "
+              f"FMA-only build {best['fma_only'] * 1e3:6.2f} ms", flush=True)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="weights/smollm2-135m-instruct")
@@ -60,12 +87,22 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=10, help="decode steps per round")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--out", default="benchmarks/results/native_linear.json")
+    ap.add_argument("--kernel-only", action="store_true",
+                    help="time the kernel alone over the model's linears (this CPU's build vs FMA-only)")
     args = ap.parse_args()
     if kernel() is None:
         print("the native kernel is unavailable here (see the warning above)", file=sys.stderr)
         return 1
     dtype_name, why = resolve_dtype_name(args.dtype, "cpu", read_cpu_flags())
     model, _ = load_model(args.model, getattr(torch, dtype_name))
+    if args.kernel_only:
+        out = {"dtype": dtype_name, "threads": torch.get_num_threads(), "cpu": cpu_kind(),
+               "date": time.strftime("%Y-%m-%d"),
+               "kernel_rows": kernel_only(model, [int(b) for b in args.batches.split(",")], args.rounds)}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {args.out}")
+        return 0
     model.set_native_decode(True)
     layers = model.decode_layers
     if layers is None:
