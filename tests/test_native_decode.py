@@ -119,3 +119,22 @@ def test_models_it_cannot_run_keep_the_per_linear_path(arch, extra, why, caplog)
     if not model.native_decode:
         pytest.skip("the native kernel is unavailable here")
     assert model.decode_layers is None and f"per linear ({why_not(model)})" in caplog.text
+
+
+def test_weights_packed_for_onednn_give_the_layer_kernel_their_exact_panels(native_kernel, monkeypatch) -> None:
+    """The AVX2 kind packs fp32 weights for oneDNN (opaque copies): decode rows still take whole
+    native layers, with panels from the exact dense copies, so their bits equal an unpacked
+    model's. The probe is forced here (this CPU's oneDNN may fail it); the real kernels run."""
+    import pd_local.model.layers as layers
+    from pd_local.model import native_linear
+
+    monkeypatch.setattr(layers, "onednn_packing", lambda: True)
+    monkeypatch.setattr(native_linear, "kernel", lambda: native_kernel)
+    plain, packed = tiny(torch.float32), tiny(torch.float32).set_batch_invariant(True)
+    assert packed.model.layers[0].self_attn.qkv_proj.weight.is_mkldnn
+    plain.decode_layers = DecodeLayers(native_kernel, plain)
+    packed.set_native_decode(True)
+    assert packed.decode_layers is not None and not packed.native_decode  # lm_head stays oneDNN's
+    cache, tables = prefilled(plain, torch.float32)
+    rows = list(range(len(LENS)))
+    assert torch.equal(decode_step(packed, copy(cache), tables, rows), decode_step(plain, copy(cache), tables, rows))

@@ -209,30 +209,33 @@ class LlamaForCausalLM(nn.Module):
         return self
 
     def set_native_decode(self, mode: bool | str) -> LlamaForCausalLM:
-        """Decode rows' linears in the native CPU kernel (model/native_linear.py): True, False or
-        "auto" (on if its copy of the weights is at most an eighth of the machine's memory). The copy
-        is packed here, so the first step does not pay for it. Where the kernel cannot be had
-        (one warning says why), or every weight is packed for oneDNN, nothing changes."""
+        """Decode rows in the native CPU kernels (model/native_linear.py): whole layers where
+        `native_decode.why_not` allows, else each linear whose weight is plain; True, False or
+        "auto" (on if the kernel's copy of the weights is at most an eighth of the machine's
+        memory). The copy is packed here, so the first step does not pay for it. Where the kernel
+        cannot be had (one warning says why), or nothing would take it, nothing changes."""
         self.native_decode = False
         self.decode_layers = None
         nk = native_linear.kernel() if mode else None
         if nk is None:
             return self
         pairs = [(m.panel, m.weight) for m in self.modules() if isinstance(m, Linear)]
-        pairs = [(c, w) for c, w in [*pairs, (self.lm_head_panel, self.lm_head_weight)] if native_eligible(w)]
-        if not pairs:
+        per_linear = [(c, w) for c, w in [*pairs, (self.lm_head_panel, self.lm_head_weight)] if native_eligible(w)]
+        why = native_decode.why_not(self)
+        layer = [] if why else [(m.panel, m.weight) for m in native_decode.layer_linears(self)]
+        todo = list({id(c): (c, w) for c, w in [*per_linear, *layer]}.values())
+        if not todo:
             return self
-        total = sum(w.numel() * w.element_size() for _, w in pairs)
+        total = sum(w.numel() * w.element_size() for _, w in todo)
         memory = native_linear.total_memory()
         if mode == "auto" and not native_linear.auto_on(total, memory):
             log.info("native decode kernel off (auto): its copy of the weights, %.0f MB, is over an eighth "
                      "of this machine's %.0f MB; engine.native_linear = true forces it", total / 2**20,
                      (memory or 0) / 2**20)
             return self
-        for cache, w in pairs:
+        for cache, w in todo:
             cache.get(nk, w)
-        self.native_decode = True
-        why = native_decode.why_not(self)
+        self.native_decode = bool(per_linear)
         self.decode_layers = None if why else native_decode.DecodeLayers(nk, self)
         log.info("native decode kernel on: %.0f MB of weights packed into its panels; %s", total / 2**20,
                  f"per linear ({why})" if why else "whole layers")

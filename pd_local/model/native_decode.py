@@ -40,11 +40,18 @@ def why_not(model) -> str | None:
         if attn.qkv_proj is None or mlp.gate_up_proj is None:
             return "projections not fused"
         linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        if any(m.bias is not None or m.weight.dtype != dtype or m.weight.is_mkldnn for m in linears):
-            return "a projection with a bias, another dtype or a packed weight"
+        if any(m.bias is not None or m.weight.dtype != dtype for m in linears):
+            return "a projection with a bias or in another dtype"
         if any(n.weight.dtype != dtype for n in (layer.input_layernorm, layer.post_attention_layernorm)):
             return "norm weights in another dtype"
     return None
+
+
+def layer_linears(model) -> list:
+    """The projections the layer kernel reads (their panels; fp32 weights packed for oneDNN
+    included: their panels come from the exact dense copy)."""
+    return [m for layer in model.model.layers
+            for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
 
 
 class DecodeLayers:

@@ -125,9 +125,13 @@ class PanelCache:
         self._panel: torch.Tensor | None = None
 
     def get(self, kernel: NativeLinear, weight: torch.Tensor) -> torch.Tensor:
-        key = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape), tuple(weight.stride()))
+        """The panels of `weight` (plain, or packed for oneDNN: then from its exact dense copy)."""
+        if weight.is_mkldnn:  # opaque, and replaced rather than updated in place
+            key: tuple = ("mkldnn", id(weight), weight.dtype, tuple(weight.shape))
+        else:
+            key = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape), tuple(weight.stride()))
         if self._panel is None or key != self._key:
-            self._panel = kernel.pack(weight)
+            self._panel = kernel.pack(weight.to_dense() if weight.is_mkldnn else weight)
             self._key = key
         return self._panel
 
