@@ -7,7 +7,11 @@ output tokens, ignore_eos) at 1 and 16 streams against each server in turn, and 
 a markdown table with the ratios (ours / llama.cpp). Where it cannot build, it says why and stops.
 
     python benchmarks/vs_llamacpp.py [--topologies colocated-1,1P1D] [--dtype auto]
-                                     [--llama-server PATH] [--cache DIR] [--out FILE]
+                                     [--llama-server PATH] [--cache DIR] [--out FILE] [--emulate-avx2]
+
+`--emulate-avx2` measures the AVX2 kind on an AVX-512 CPU: llama-server built without AVX-512,
+pd-local with ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 and its native kernel built
+-mno-avx512f, and `--dtype auto` resolved as on an AVX2 CPU (float32 both sides).
 
 A topology with `+native` (e.g. `colocated-1+native`) forces engine.native_linear = true, with
 `+torch` false (the default is "auto": docs/benchmarks/linear.md).
@@ -77,19 +81,26 @@ def fetch_source(cache: Path) -> Path:
     return found[-1].parent
 
 
-def build_server(src: Path) -> Path:
-    """llama-server built for this CPU (GGML_NATIVE) under src/build-native, once."""
-    binary = src / "build-native" / "bin" / "llama-server"
+AVX2_ONLY = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+             "-DGGML_BMI2=ON", "-DGGML_AVX512=OFF"]
+AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "PD_LOCAL_NATIVE_CFLAGS": "-mno-avx512f"}
+
+
+def build_server(src: Path, avx2: bool = False) -> Path:
+    """llama-server built for this CPU (GGML_NATIVE) under src/build-native, or for AVX2 without
+    AVX-512 under src/build-avx2, once."""
+    build = "build-avx2" if avx2 else "build-native"
+    binary = src / build / "bin" / "llama-server"
     if binary.is_file():
         return binary
     for tool in ("cmake", "ninja"):
         if shutil.which(tool) is None:
             raise Unavailable(f"{tool} is not installed (apt-get install -y cmake ninja-build)")
     say("building llama-server (about 7 min on 2 cores; once, cached)")
-    steps = [["cmake", "-S", ".", "-B", "build-native", "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
-              "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DGGML_NATIVE=ON",
+    steps = [["cmake", "-S", ".", "-B", build, "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
+              "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", *(AVX2_ONLY if avx2 else ["-DGGML_NATIVE=ON"]),
               "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"],
-             ["cmake", "--build", "build-native", "--target", "llama-server",
+             ["cmake", "--build", build, "--target", "llama-server",
               "-j", str(os.cpu_count() or 2)]]
     for cmd in steps:
         r = subprocess.run(cmd, cwd=src, capture_output=True, text=True)
@@ -166,13 +177,20 @@ def main() -> int:
     ap.add_argument("--llama-server", type=Path, default=None, help="use this binary, build nothing")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache/pd_local")
     ap.add_argument("--out", type=Path, default=servers.REPO / "benchmarks/results/vs_llamacpp.json")
+    ap.add_argument("--emulate-avx2", action="store_true",
+                    help="the AVX2 kind on an AVX-512 CPU: llama-server built without AVX-512, pd-local "
+                         "with torch and oneDNN held to AVX2 and its native kernel built -mno-avx512f")
     args = ap.parse_args()
-    dtype, why = resolve_dtype_name(args.dtype, "cpu", read_cpu_flags())
+    flags = read_cpu_flags()
+    if args.emulate_avx2:
+        flags = " ".join(f for f in flags.split() if not f.startswith(("avx512", "amx")))
+        os.environ.update(AVX2_ENV)  # for the pd-local servers started below
+    dtype, why = resolve_dtype_name(args.dtype, "cpu", flags)
     tmp = args.cache / "runs"
     tmp.mkdir(parents=True, exist_ok=True)
     try:
         src = fetch_source(args.cache)
-        binary = args.llama_server or build_server(src)
+        binary = args.llama_server or build_server(src, args.emulate_avx2)
         gguf = convert(src, args.model, dtype, args.cache)
         peer = measure(f"llama-server {GGUF_TYPES[dtype]}, {args.threads} threads, -np 16",
                        lambda: start_llama(binary, gguf, args.threads, tmp / "llama-server.log"), tmp)
@@ -188,6 +206,7 @@ def main() -> int:
             topo, flags, tmp / f"pd-local-{topo}.log"), tmp))
     md = markdown(rows, peer)
     result = {"when": time.strftime("%Y-%m-%d %H:%M"), "dtype": dtype, "dtype_why": why,
+              "emulated_avx2": args.emulate_avx2,
               "cpu_flags_avx512_bf16": "avx512_bf16" in read_cpu_flags(),
               "llama_cpp": src.parent.name, "rows": rows, "markdown": md}
     args.out.parent.mkdir(parents=True, exist_ok=True)

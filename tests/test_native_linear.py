@@ -93,6 +93,28 @@ def test_a_failing_compiler_is_named_and_the_server_falls_back(tmp_path, monkeyp
         native_linear.kernel.cache_clear()
 
 
+def test_extra_compiler_flags_and_switching_it_off(tmp_path, monkeypatch) -> None:
+    """PD_LOCAL_NATIVE_CFLAGS reaches the compiler (-mno-avx512f builds the AVX2 path, the way
+    benchmarks/vs_llamacpp.py --emulate-avx2 measures that kind); PD_LOCAL_NATIVE_LINEAR=0 is off."""
+    monkeypatch.setenv("PD_LOCAL_CACHE", str(tmp_path))
+    monkeypatch.setenv("PD_LOCAL_NATIVE_CFLAGS", "-mno-avx512f")
+    native_linear.kernel.cache_clear()
+    try:
+        k = native_linear.kernel()
+        if k is None:
+            pytest.skip("the native kernel cannot run here")
+        assert k.isa == 1 and not k.bf16_pairs and k.path.parent == tmp_path / "kernels"
+        monkeypatch.setenv("PD_LOCAL_NATIVE_CFLAGS", "--no-such-flag")
+        native_linear.kernel.cache_clear()
+        assert native_linear.kernel() is None  # a failed build: torch's kernels
+        monkeypatch.setenv("PD_LOCAL_NATIVE_LINEAR", "0")
+        monkeypatch.delenv("PD_LOCAL_NATIVE_CFLAGS")
+        native_linear.kernel.cache_clear()
+        assert native_linear.kernel() is None
+    finally:
+        native_linear.kernel.cache_clear()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_linear_sends_decode_rows_to_the_kernel_and_prompt_rows_to_torch(kernel, dtype, monkeypatch) -> None:
     from pd_local.model import layers

@@ -210,8 +210,9 @@ def kernel() -> NativeLinear | None:
     if os.environ.get("PD_LOCAL_NATIVE_LINEAR", "1") == "0":
         log.info("native linear kernel off (PD_LOCAL_NATIVE_LINEAR=0)")
         return None
+    extra = tuple(os.environ.get("PD_LOCAL_NATIVE_CFLAGS", "").split())  # e.g. -mno-avx512f: the AVX2 path
     try:
-        k = load()
+        k = load(extra_flags=extra)
     except NativeKernelError as e:
         log.warning("native linear kernel unavailable, decode linears use torch's kernels: %s", e)
         return None
