@@ -1,7 +1,7 @@
 """Decode step time, same run: torch's ops, the native decode-row linear, and the native whole layer.
 
     python benchmarks/native_linear.py [--model DIR] [--dtype auto] [--batches 1,4,16] [--out FILE]
-                                       [--kernel-only]
+                                       [--kernel-only | --profile]
 
 For each batch size: three engines (torch's kernels; engine.native_linear with decode rows' linears
 only; with whole decoder layers, the default where the model allows) prefill the same prompts, then
@@ -24,6 +24,7 @@ from pd_local.config import EngineConfig
 from pd_local.engine.engine import Engine
 from pd_local.engine.sampling import SamplingParams
 from pd_local.model.dtype import DTYPE_CHOICES, read_cpu_flags, resolve_dtype_name
+from pd_local.model import native_decode
 from pd_local.model.native_linear import kernel, load
 from pd_local.model.weights import load_model
 
@@ -78,6 +79,36 @@ def kernel_only(model, batches: list[int], rounds: int) -> list[dict]:
     return rows
 
 
+def profile(model, batches: list[int], prompt_len: int, steps: int) -> list[dict]:
+    """Where a decode step's time goes with whole native layers: the kernel's own counters
+    (linears, attention, layers) against the step's wall time; GB/s over the weights read."""
+    nk = kernel()
+    layer_bytes = sum(m.panel.get(nk, m.weight).nbytes for m in native_decode.layer_linears(model))
+    head = model.lm_head_weight
+    head_bytes = head.numel() * head.element_size()
+    rows = []
+    for batch in batches:
+        eng = started_engine(model, batch, True, prompt_len, steps * 2)
+        ms_per_step(eng, 3)  # warm
+        nk.profile(True)
+        step_ms = ms_per_step(eng, steps)
+        c = {k: v / steps * 1e3 for k, v in nk.profile(False).items()}  # ms per step
+        native_bytes = layer_bytes + (head_bytes if model.native_decode else 0)  # lm_head: native or oneDNN
+        row = {"batch": batch, "step_ms": round(step_ms, 2), "linear_ms": round(c["linear_s"], 2),
+               "attention_ms": round(c["attention_s"], 2),
+               "layers_ms": round(c["layers_s"], 2),
+               "outside_layers_ms": round(step_ms - c["layers_s"], 2),
+               "linear_share": round(c["linear_s"] / step_ms, 3),
+               "linear_gb_s": round(native_bytes / c["linear_s"] / 1e6, 1),
+               "step_gb_s": round((layer_bytes + head_bytes) / step_ms / 1e6, 1)}
+        rows.append(row)
+        print(f"batch {batch:3d}: step {step_ms:6.2f} ms; native linears {c['linear_s']:6.2f} ms "
+              f"({100 * row['linear_share']:.0f}%, {row['linear_gb_s']} GB/s), attention {c['attention_s']:.2f} ms, "
+              f"outside the layer kernel {row['outside_layers_ms']} ms; weights at {row['step_gb_s']} GB/s "
+              "over the whole step", flush=True)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="weights/smollm2-135m-instruct")
@@ -87,6 +118,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=10, help="decode steps per round")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--out", default="benchmarks/results/native_linear.json")
+    ap.add_argument("--profile", action="store_true",
+                    help="where a whole-layer decode step's time goes (the kernel's own counters)")
     ap.add_argument("--kernel-only", action="store_true",
                     help="time the kernel alone over the model's linears (this CPU's build vs FMA-only)")
     args = ap.parse_args()
@@ -95,10 +128,15 @@ def main() -> int:
         return 1
     dtype_name, why = resolve_dtype_name(args.dtype, "cpu", read_cpu_flags())
     model, _ = load_model(args.model, getattr(torch, dtype_name))
-    if args.kernel_only:
+    if args.kernel_only or args.profile:
+        batches = [int(b) for b in args.batches.split(",")]
         out = {"dtype": dtype_name, "threads": torch.get_num_threads(), "cpu": cpu_kind(),
-               "date": time.strftime("%Y-%m-%d"),
-               "kernel_rows": kernel_only(model, [int(b) for b in args.batches.split(",")], args.rounds)}
+               "date": time.strftime("%Y-%m-%d")}
+        if args.profile:
+            model.set_native_decode(True)
+            out["profile_rows"] = profile(model, batches, args.prompt_len, args.steps * args.rounds)
+        else:
+            out["kernel_rows"] = kernel_only(model, batches, args.rounds)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {args.out}")

@@ -12,6 +12,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #if defined(__AVX512F__)
 #define VL 16
@@ -57,6 +58,29 @@ static inline vec load_bf16(const uint16_t *p) {
 #define PW (4 * VL)  // panel width: 4 vectors of output columns
 #define KB 64  // k per block: each block's sum is added to the running total (bounds the error)
 #define PF_DIST 2048  // bytes ahead in the panel to prefetch (a panel row is 64-128 bytes)
+
+// Profiling (benchmarks/native_linear.py --profile): seconds in pdl_linear, in decode attention
+// and in whole decode layers since pdl_profile last reset them; off by default (no clock reads).
+static int prof_on;
+static double prof_s[3];
+static inline double now_s(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+#define TIMED(slot, stmt)                               \
+    do {                                                \
+        double t0_ = prof_on ? now_s() : 0;             \
+        stmt;                                           \
+        if (prof_on) prof_s[slot] += now_s() - t0_;     \
+    } while (0)
+
+// Copy the counters to out[3] (if not NULL), reset them, and turn profiling on or off.
+void pdl_profile(int on, double *out) {
+    if (out) memcpy(out, prof_s, sizeof prof_s);
+    memset(prof_s, 0, sizeof prof_s);
+    prof_on = on;
+}
 
 // 0: no kernel on this CPU (callers keep torch's path); 1: AVX2 + FMA; 2: AVX-512.
 int pdl_isa(void) { return ISA; }
@@ -179,8 +203,8 @@ PANEL_FN(panel_dp, uint32_t, uint32_t, tile_dp)
 
 // x fp32 [M, K]; w packed [ceil(N / PW)][K][PW], bf16 (w_bf16) or fp32; y [M, N] bf16 (y_bf16) or
 // fp32. Threads take whole panels.
-void pdl_linear(const float *x, const void *w, void *y, long M, long N, long K, int w_bf16, int y_bf16,
-                int nt) {
+static void linear_impl(const float *x, const void *w, void *y, long M, long N, long K, int w_bf16, int y_bf16,
+                        int nt) {
     long panels = (N + PW - 1) / PW;
     if (nt < 1) nt = 1;
 #if PAIRS
@@ -204,6 +228,11 @@ void pdl_linear(const float *x, const void *w, void *y, long M, long N, long K, 
         if (w_bf16) panel_bf16(x, (const uint16_t *)w, y, y_bf16, M, N, K, p);
         else panel_f32(x, (const float *)w, y, y_bf16, M, N, K, p);
     }
+}
+
+void pdl_linear(const float *x, const void *w, void *y, long M, long N, long K, int w_bf16, int y_bf16,
+                int nt) {
+    TIMED(0, linear_impl(x, w, y, M, N, K, w_bf16, y_bf16, nt));
 }
 
 // 1: bf16 weights are packed as k pairs (the VDPBF16PS tile), [ceil(N / PW)][ceil(K / 2)][PW][2].
@@ -341,8 +370,8 @@ static void attend(const pdl_layer *L, const float *q, float *out, const long *t
 // x [M, hidden] (model dtype) in place; cos, sin [M, head_dim] (sin's first half negated, as
 // RotaryEmbedding.cos_sin gives it); slots [M]; tables [M, W] block ids; ctx [M] context lengths
 // counting this token; scratch: pdl_layer_scratch(L, M) floats.
-void pdl_decode_layer(const pdl_layer *L, void *x, const void *cos, const void *sin, const long *slots,
-                      const long *tables, long W, const long *ctx, long M, float *scratch, int nt) {
+static void decode_layer(const pdl_layer *L, void *x, const void *cos, const void *sin, const long *slots,
+                         const long *tables, long W, const long *ctx, long M, float *scratch, int nt) {
     const long H = L->hidden, D = L->head_dim, NQ = L->heads, KV = L->kv_heads, I = L->inter;
     const long NQKV = (NQ + 2 * KV) * D, half = D / 2;
     const int bf16 = L->bf16;
@@ -365,11 +394,13 @@ void pdl_decode_layer(const pdl_layer *L, void *x, const void *cos, const void *
         }
         for (long j = 0; j < KV * D; j++) st(L->v_cache, slots[m] * KV * D + j, row[(NQ + KV) * D + j], bf16);
     }
+    double t0 = prof_on ? now_s() : 0;
 #pragma omp parallel for num_threads(nt) if (M * KV > 1) schedule(static)
     for (long mg = 0; mg < M * KV; mg++) {
         long m = mg / KV;
         attend(L, q + m * NQ * D, att + m * NQ * D, tables + m * W, ctx[m], mg % KV);
     }
+    if (prof_on) prof_s[1] += now_s() - t0;
     pdl_linear(att, L->o, y2, M, H, NQ * D, L->w_bf16, 0, nt);
     for (long i = 0; i < M * H; i++) st(x, i, ld(x, i, bf16) + rnd(y2[i], bf16), bf16);
     rmsnorm_rows(x, L->ln2, h, M, H, L->eps, bf16, nt);
@@ -381,6 +412,11 @@ void pdl_decode_layer(const pdl_layer *L, void *x, const void *cos, const void *
         }
     pdl_linear(a, L->down, y2, M, H, I, L->w_bf16, 0, nt);
     for (long i = 0; i < M * H; i++) st(x, i, ld(x, i, bf16) + rnd(y2[i], bf16), bf16);
+}
+
+void pdl_decode_layer(const pdl_layer *L, void *x, const void *cos, const void *sin, const long *slots,
+                      const long *tables, long W, const long *ctx, long M, float *scratch, int nt) {
+    TIMED(2, decode_layer(L, x, cos, sin, slots, tables, W, ctx, M, scratch, nt));
 }
 #else
 void pdl_linear(const float *x, const void *w, void *y, long M, long N, long K, int w_bf16, int y_bf16,

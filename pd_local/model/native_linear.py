@@ -104,6 +104,13 @@ class NativeLinear:
         return y if bias is None else y + bias
 
 
+    def profile(self, on: bool) -> dict[str, float]:
+        """Seconds spent, since the last call, in the kernel's linears, its decode attention and
+        its whole decode layers (counted only while on; reset by every call)."""
+        out = (ctypes.c_double * 3)()
+        self.lib.pdl_profile(int(on), out)
+        return {"linear_s": out[0], "attention_s": out[1], "layers_s": out[2]}
+
     def layer_scratch(self, spec: ctypes.Structure, rows: int) -> int:
         """Floats of scratch one decode_layer call over `rows` rows needs."""
         return self.lib.pdl_layer_scratch(ctypes.byref(spec), rows)
