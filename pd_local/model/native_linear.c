@@ -312,6 +312,7 @@ static inline __attribute__((always_inline)) void attend_t(const pdl_layer *L, c
                                                            const long *tables, long ctx, long g, const int bf16) {
     const long D = L->head_dim, KV = L->kv_heads, G = L->heads / KV, bs = L->block_size, nv = D / VL;
     const long row_bytes = D * (bf16 ? 2 : 4);
+    const int shift = (bs & (bs - 1)) == 0 ? __builtin_ctzl((unsigned long)bs) : -1;  // no division per key
     vec acc[MAXG][MAXD / VL];
     float mx[MAXG], sum[MAXG], s[MAXG][CH];
     for (long i = 0; i < G; i++) {
@@ -321,9 +322,18 @@ static inline __attribute__((always_inline)) void attend_t(const pdl_layer *L, c
     }
     for (long c0 = 0; c0 < ctx; c0 += CH) {
         long n = ctx - c0 < CH ? ctx - c0 : CH;
+        long off[CH];  // the chunk's K/V rows, as byte offsets into the caches
         for (long p = 0; p < n; p++) {
-            long pos = c0 + p, slot = tables[pos / bs] * bs + pos % bs;
-            const char *kp = (const char *)L->k_cache + (slot * KV + g) * row_bytes;
+            long pos = c0 + p;
+            long slot = shift >= 0 ? (tables[pos >> shift] << shift) + (pos & (bs - 1)) : tables[pos / bs] * bs + pos % bs;
+            off[p] = (slot * KV + g) * row_bytes;
+        }
+        for (long p = 0; p < n; p++) {
+            const char *kp = (const char *)L->k_cache + off[p];
+            // V rows are read after this chunk's softmax: ask for them now (they missed cache)
+            for (long b = 0; b < row_bytes; b += 64) _mm_prefetch((const char *)L->v_cache + off[p] + b, _MM_HINT_T0);
+            if (p + 4 < n)
+                for (long b = 0; b < row_bytes; b += 64) _mm_prefetch((const char *)L->k_cache + off[p + 4] + b, _MM_HINT_T0);
             vec kv[MAXD / VL];
             for (long v = 0; v < nv; v++) kv[v] = LOADX(kp + v * VL * (bf16 ? 2 : 4), bf16);
             for (long i = 0; i < G; i++) {
@@ -345,8 +355,7 @@ static inline __attribute__((always_inline)) void attend_t(const pdl_layer *L, c
             mx[i] = cm;
         }
         for (long p = 0; p < n; p++) {
-            long pos = c0 + p, slot = tables[pos / bs] * bs + pos % bs;
-            const char *vp = (const char *)L->v_cache + (slot * KV + g) * row_bytes;
+            const char *vp = (const char *)L->v_cache + off[p];
             for (long v = 0; v < nv; v++) {
                 vec vv = LOADX(vp + v * VL * (bf16 ? 2 : 4), bf16);
                 for (long i = 0; i < G; i++) acc[i][v] = VFMA(VSET1(s[i][p]), vv, acc[i][v]);
