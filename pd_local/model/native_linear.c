@@ -89,9 +89,8 @@ int pdl_panel_width(void) { return PW; }
 static inline uint16_t to_bf16(float f) {  // round to nearest even, NaN to 0x7fc0, as torch does
     uint32_t u;
     memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
+    uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // a select, not a branch: loops vectorise
+    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : r);
 }
 
 #if ISA
@@ -274,8 +273,8 @@ static inline float rnd(float f, int bf16) { return bf16 ? from_bf16(to_bf16(f))
 
 // exp(x) = 2^n e^r, |r| <= ln2 / 2, degree-6 polynomial: ~1e-7 relative; x clamped to [-87, 88].
 static inline float pdl_exp(float x) {
-    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-    int n = (int)(x * 1.44269504f + (x >= 0 ? 0.5f : -0.5f));
+    x = fminf(fmaxf(x, -87.0f), 88.0f);
+    int n = (int)(x * 1.44269504f + copysignf(0.5f, x));
     float r = x - (float)n * 0.693145752f - (float)n * 1.42860677e-6f;
     float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
     uint32_t b = (uint32_t)(n + 127) << 23;
@@ -376,6 +375,33 @@ static void attend(const pdl_layer *L, const float *q, float *out, const long *t
     else attend_t(L, q, out, tables, ctx, g, 0);
 }
 
+// x[m] += y[m] rounded as torch's add of two model-dtype tensors, rows in parallel; `bf16` is a
+// constant at each call, so the loop specialises (and vectorises).
+static inline __attribute__((always_inline)) void residual_t(void *x, const float *y, long M, long H, int nt,
+                                                             const int bf16) {
+#pragma omp parallel for num_threads(nt) if (M > 1) schedule(static)
+    for (long m = 0; m < M; m++)
+        for (long k = m * H; k < (m + 1) * H; k++) st(x, k, ld(x, k, bf16) + rnd(y[k], bf16), bf16);
+}
+static void residual_rows(void *x, const float *y, long M, long H, int bf16, int nt) {
+    if (bf16) residual_t(x, y, M, H, nt, 1);
+    else residual_t(x, y, M, H, nt, 0);
+}
+
+// a[m] = silu(gate) * up from gu[m] = [gate | up], rounded as torch's two ops round; one function
+// per dtype so the loop has no branch (and vectorises).
+#define SILU_FN(name, BF16)                                                                    \
+    static void name(const float *gu, float *a, long M, long I, int nt) {                     \
+        _Pragma("omp parallel for num_threads(nt) if (M > 1) schedule(static)")               \
+        for (long m = 0; m < M; m++)                                                          \
+            for (long j = 0; j < I; j++) {                                                    \
+                float gt = rnd(gu[m * 2 * I + j], BF16), up = rnd(gu[m * 2 * I + I + j], BF16); \
+                a[m * I + j] = rnd(rnd(gt / (1.0f + pdl_exp(-gt)), BF16) * up, BF16);         \
+            }                                                                                 \
+    }
+SILU_FN(silu_bf16, 1)
+SILU_FN(silu_f32, 0)
+
 // x [M, hidden] (model dtype) in place; cos, sin [M, head_dim] (sin's first half negated, as
 // RotaryEmbedding.cos_sin gives it); slots [M]; tables [M, W] block ids; ctx [M] context lengths
 // counting this token; scratch: pdl_layer_scratch(L, M) floats.
@@ -411,16 +437,13 @@ static void decode_layer(const pdl_layer *L, void *x, const void *cos, const voi
     }
     if (prof_on) prof_s[1] += now_s() - t0;
     pdl_linear(att, L->o, y2, M, H, NQ * D, L->w_bf16, 0, nt);
-    for (long i = 0; i < M * H; i++) st(x, i, ld(x, i, bf16) + rnd(y2[i], bf16), bf16);
+    residual_rows(x, y2, M, H, bf16, nt);
     rmsnorm_rows(x, L->ln2, h, M, H, L->eps, bf16, nt);
     pdl_linear(h, L->gate_up, y3, M, 2 * I, H, L->w_bf16, 0, nt);
-    for (long m = 0; m < M; m++)
-        for (long j = 0; j < I; j++) {  // silu(gate) * up
-            float gt = rnd(y3[m * 2 * I + j], bf16), up = rnd(y3[m * 2 * I + I + j], bf16);
-            a[m * I + j] = rnd(rnd(gt / (1.0f + pdl_exp(-gt)), bf16) * up, bf16);
-        }
+    if (bf16) silu_bf16(y3, a, M, I, nt);
+    else silu_f32(y3, a, M, I, nt);
     pdl_linear(a, L->down, y2, M, H, I, L->w_bf16, 0, nt);
-    for (long i = 0; i < M * H; i++) st(x, i, ld(x, i, bf16) + rnd(y2[i], bf16), bf16);
+    residual_rows(x, y2, M, H, bf16, nt);
 }
 
 void pdl_decode_layer(const pdl_layer *L, void *x, const void *cos, const void *sin, const long *slots,
