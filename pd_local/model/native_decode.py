@@ -1,4 +1,4 @@
-"""Decode rows through native_linear.c's whole-layer kernel: one C call per decoder layer (norms,
+"""Decode rows through native_decode.c's whole-layer kernel: one C call per decoder layer (norms,
 fused projections, rope, the KV write, paged attention, SiLU, residuals) instead of ~40 torch ops.
 Prompt rows never come here; a row's path is fixed by what it is, never by its batch."""
 
@@ -12,11 +12,11 @@ from pd_local.model.attention import AttentionMetadata
 from pd_local.model.kv_cache import PagedKVCache
 from pd_local.model.native_linear import NativeLinear
 
-MAX_GROUP, MAX_HEAD_DIM = 16, 256  # the kernel's stack buffers (MAXG, MAXD in native_linear.c)
+MAX_GROUP, MAX_HEAD_DIM = 16, 256  # the kernel's stack buffers (MAXG, MAXD in native_decode.c)
 
 
 class LayerSpec(ctypes.Structure):
-    """native_linear.c's pdl_layer: one layer's shapes and pointers."""
+    """native_decode.c's pdl_layer: one layer's shapes and pointers."""
 
     _fields_ = [(name, ctypes.c_long) for name in ("hidden", "heads", "kv_heads", "head_dim", "inter", "block_size")]
     _fields_ += [("eps", ctypes.c_float), ("scale", ctypes.c_float), ("bf16", ctypes.c_int), ("w_bf16", ctypes.c_int)]

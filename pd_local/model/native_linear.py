@@ -1,7 +1,7 @@
-"""The CPU decode linear: native_linear.c, built once per CPU and source with the system C
-compiler, cached, and called through ctypes. Rows are batch-invariant by construction, and at
-one row it reads weights at about the memory's speed, 2-2.6x torch's bf16 GEMV here
-(docs/benchmarks/linear.md)."""
+"""The native CPU kernels: native_linear.c (the decode-row linear) and native_decode.c (whole
+decoder layers, model/native_decode.py), built into one library once per CPU and source with the
+system C compiler, cached, and called through ctypes. Rows are batch-invariant by construction;
+at one row the linear reads weights at about the memory's speed (docs/benchmarks/linear.md)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("native_linear.c")
+SOURCES = [Path(__file__).with_name(n) for n in ("native_linear.c", "native_decode.c")]  # one library
+HEADER = Path(__file__).with_name("native_simd.h")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC"]
 ISA_NAMES = {1: "AVX2+FMA", 2: "AVX-512"}
 
@@ -155,7 +156,7 @@ def build(directory: Path | None = None, compiler: str | None = None, extra_flag
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.TimeoutExpired) as e:
         raise NativeKernelError(f"C compiler {cc!r} does not run: {e}") from None
-    source = SOURCE.read_bytes()
+    source = b"\0".join(p.read_bytes() for p in (*SOURCES, HEADER))
     key = hashlib.sha256(b"\0".join([source, version.encode(), _cpu_flags().encode(), " ".join(flags).encode()]))
     directory = directory or cache_dir()
     path = directory / f"native_linear-{key.hexdigest()[:16]}.so"
@@ -167,7 +168,8 @@ def build(directory: Path | None = None, compiler: str | None = None, extra_flag
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)  # then renamed: ranks build at once
     os.close(fd)
     try:
-        done = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([cc, *flags, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True,
+                              timeout=300)
         if done.returncode != 0:
             err = (done.stderr or done.stdout).strip().splitlines()
             raise NativeKernelError(f"{cc} failed ({done.returncode}): {' '.join(err[:3])[:300]}")
