@@ -138,3 +138,12 @@ def test_weights_packed_for_onednn_give_the_layer_kernel_their_exact_panels(nati
     cache, tables = prefilled(plain, torch.float32)
     rows = list(range(len(LENS)))
     assert torch.equal(decode_step(packed, copy(cache), tables, rows), decode_step(plain, copy(cache), tables, rows))
+
+
+def test_a_cache_in_another_dtype_is_refused_by_name(native_kernel) -> None:
+    model = tiny(torch.bfloat16)
+    cache, tables = prefilled(model, torch.bfloat16)
+    cache.k = [t.float() for t in cache.k]
+    model.decode_layers = DecodeLayers(native_kernel, model)
+    with pytest.raises(ValueError, match="KV cache torch.float32, activations torch.bfloat16"):
+        decode_step(model, cache, tables, [0])
