@@ -109,6 +109,31 @@ def profile(model, batches: list[int], prompt_len: int, steps: int) -> list[dict
     return rows
 
 
+def compare(model, batches: list[int], prompt_len: int, steps: int, rounds: int) -> list[dict]:
+    """Decode steps through torch's ops, the per-linear native path and whole native layers,
+    interleaved in rounds: the best round's ms per step, and the ratios."""
+    model.set_native_decode(True)
+    layers = model.decode_layers
+    if layers is None:
+        print("this model cannot take the whole-layer kernel: its column is the per-linear path", file=sys.stderr)
+    variants = {"torch": (False, None), "linear": (True, None), "layers": (True, layers)}
+    rows = []
+    for batch in batches:
+        engines = {n: started_engine(model, batch, n != "torch", prompt_len, steps * rounds) for n in variants}
+        best = dict.fromkeys(variants, float("inf"))
+        for _ in range(rounds):
+            for name, eng in engines.items():
+                model.native_decode, model.decode_layers = variants[name]  # the engines share the model
+                best[name] = min(best[name], ms_per_step(eng, steps))
+        rows.append({"batch": batch, **{f"{n}_ms": round(v, 2) for n, v in best.items()},
+                     "torch/linear": round(best["torch"] / best["linear"], 2),
+                     "torch/layers": round(best["torch"] / best["layers"], 2)})
+        print(f"batch {batch:3d}: ms/step torch {best['torch']:6.1f}  native linear {best['linear']:6.1f}  "
+              f"native layers {best['layers']:6.1f}  torch/linear {rows[-1]['torch/linear']:.2f}x  "
+              f"torch/layers {rows[-1]['torch/layers']:.2f}x", flush=True)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="weights/smollm2-135m-instruct")
@@ -128,41 +153,16 @@ def main() -> int:
         return 1
     dtype_name, why = resolve_dtype_name(args.dtype, "cpu", read_cpu_flags())
     model, _ = load_model(args.model, getattr(torch, dtype_name))
-    if args.kernel_only or args.profile:
-        batches = [int(b) for b in args.batches.split(",")]
-        out = {"dtype": dtype_name, "threads": torch.get_num_threads(), "cpu": cpu_kind(),
-               "date": time.strftime("%Y-%m-%d")}
-        if args.profile:
-            model.set_native_decode(True)
-            out["profile_rows"] = profile(model, batches, args.prompt_len, args.steps * args.rounds)
-        else:
-            out["kernel_rows"] = kernel_only(model, batches, args.rounds)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-        print(f"wrote {args.out}")
-        return 0
-    model.set_native_decode(True)
-    layers = model.decode_layers
-    if layers is None:
-        print("this model cannot take the whole-layer kernel: its column is the per-linear path", file=sys.stderr)
-    variants = {"torch": (False, None), "linear": (True, None), "layers": (True, layers)}
-    rows = []
-    for batch in [int(b) for b in args.batches.split(",")]:
-        engines = {n: started_engine(model, batch, n != "torch", args.prompt_len, args.steps * args.rounds)
-                   for n in variants}
-        best = dict.fromkeys(variants, float("inf"))
-        for _ in range(args.rounds):
-            for name, eng in engines.items():
-                model.native_decode, model.decode_layers = variants[name]  # the engines share the model
-                best[name] = min(best[name], ms_per_step(eng, args.steps))
-        rows.append({"batch": batch, **{f"{n}_ms": round(v, 2) for n, v in best.items()},
-                     "torch/linear": round(best["torch"] / best["linear"], 2),
-                     "torch/layers": round(best["torch"] / best["layers"], 2)})
-        print(f"batch {batch:3d}: ms/step torch {best['torch']:6.1f}  native linear {best['linear']:6.1f}  "
-              f"native layers {best['layers']:6.1f}  torch/linear {rows[-1]['torch/linear']:.2f}x  "
-              f"torch/layers {rows[-1]['torch/layers']:.2f}x", flush=True)
+    batches = [int(b) for b in args.batches.split(",")]
     out = {"dtype": dtype_name, "dtype_reason": why, "threads": torch.get_num_threads(), "cpu": cpu_kind(),
-           "prompt_len": args.prompt_len, "date": time.strftime("%Y-%m-%d"), "rows": rows}
+           "prompt_len": args.prompt_len, "date": time.strftime("%Y-%m-%d")}
+    if args.kernel_only:
+        out["kernel_rows"] = kernel_only(model, batches, args.rounds)
+    elif args.profile:
+        model.set_native_decode(True)
+        out["profile_rows"] = profile(model, batches, args.prompt_len, args.steps * args.rounds)
+    else:
+        out["rows"] = compare(model, batches, args.prompt_len, args.steps, args.rounds)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -162,10 +162,10 @@ def test_engine_setting_decides_and_logs(caplog) -> None:
     eligible = [m.weight for m in model.modules() if hasattr(m, "pack") and native_eligible(m.weight)]
     assert model.native_decode is bool(eligible or native_eligible(model.lm_head_weight))
     if layers_packed := [m for m in model.modules() if hasattr(m, "pack") and m.weight.is_mkldnn]:
-        assert not model.native_decode, f"{len(layers_packed)} weights packed for oneDNN: nothing for the kernel"
+        assert not model.native_decode, f"{len(layers_packed)} weights packed for oneDNN: none for the per-linear path"
     if model.native_decode:
         assert any("native decode kernel on" in r.getMessage() for r in caplog.records)
     Engine(model, EngineConfig(num_blocks=8, native_linear=False))
-    assert model.native_decode is False
+    assert model.native_decode is False and model.decode_layers is None
     Engine(model, EngineConfig(num_blocks=8, batch_invariant=False, native_linear=True))
     assert model.native_decode is False, "the kernel serves the batch-invariant path only"

@@ -1,7 +1,7 @@
 """Llama building blocks: batch-invariant linear, RMSNorm, rotary embedding. `linear(...,
 invariant=True)` gives a row the same bits at any batch size on CPU: oneDNN's packed kernel where
-the first-use probe finds it invariant (fp32), else M padded to where the BLAS kernels agree
-(docs/benchmarks/linear.md)."""
+the first-use probe finds it invariant (fp32), else M padded to where the BLAS kernels agree,
+and inside `decode_rows` the native kernel for decode rows (docs/benchmarks/linear.md)."""
 
 from __future__ import annotations
 
@@ -70,6 +70,14 @@ def _rows_invariant() -> bool:
     return True
 
 
+def _weight_key(weight: torch.Tensor) -> tuple:
+    """What changes when a weight does (new storage, in-place update, dtype or shape); an opaque
+    oneDNN-packed weight is replaced, never updated, so its identity is its key."""
+    if weight.is_mkldnn:
+        return ("mkldnn", id(weight), weight.dtype, tuple(weight.shape))
+    return (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape), tuple(weight.stride()))
+
+
 class PackedWeight:
     """oneDNN's blocked copy of one fp32 CPU weight, rebuilt whenever the weight changes (new
     storage, in-place update, dtype or shape); the holder (a Linear, or the model for lm_head)
@@ -81,7 +89,7 @@ class PackedWeight:
 
     def get(self, weight: torch.Tensor) -> torch.Tensor:
         """weight [out, in] (plain) -> its packed copy (an mkldnn tensor of the same shape)."""
-        key = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape), tuple(weight.stride()))
+        key = _weight_key(weight)
         if self._packed is None or key != self._key:
             self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
             self._key = key
@@ -94,13 +102,30 @@ class PackedWeight:
         return {"_key": None, "_packed": None}
 
 
+class PanelCache:
+    """One weight's copy packed into the native kernel's panels, repacked whenever the weight
+    changes; a Linear (or the model, for lm_head) keeps one."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._panel: torch.Tensor | None = None
+
+    def get(self, kernel: native_linear.NativeLinear, weight: torch.Tensor) -> torch.Tensor:
+        """The panels of `weight` (plain, or packed for oneDNN: then from its exact dense copy)."""
+        key = _weight_key(weight)
+        if self._panel is None or key != self._key:
+            self._panel = kernel.pack(weight.to_dense() if weight.is_mkldnn else weight)
+            self._key = key
+        return self._panel
+
+
 def linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     invariant: bool = True,
     packed: PackedWeight | None = None,
-    panel: native_linear.PanelCache | None = None,
+    panel: PanelCache | None = None,
 ) -> torch.Tensor:
     """F.linear over x [M, in] -> [M, out]; with `invariant` its rows do not depend on M (see
     module docstring), without it this is plain F.linear. `packed` caches the fp32 weight's
@@ -118,7 +143,7 @@ def linear(
     nk = native_linear.kernel() if n else None
     if nk is None or not nk.supports(x, weight):
         return _padded_linear(x, weight, bias)
-    w = (panel or native_linear.PanelCache()).get(nk, weight)
+    w = (panel or PanelCache()).get(nk, weight)
     if n >= x.shape[0]:
         return nk(x, weight, bias, w)
     return torch.cat([nk(x[:n], weight, bias, w), _padded_linear(x[n:], weight, bias)])  # [M, out]
@@ -156,7 +181,7 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.packed = PackedWeight()
-        self.panel = native_linear.PanelCache()  # the weight packed for the native decode kernel
+        self.panel = PanelCache()  # the weight packed for the native decode kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, self.batch_invariant, self.packed, self.panel)

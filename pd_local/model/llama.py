@@ -21,7 +21,7 @@ from pd_local.model.attention import (
 )
 from pd_local.model.config import ModelConfig
 from pd_local.model.layers import (
-    Linear, PackedWeight, RMSNorm, RotaryEmbedding, apply_rope, concat_linears, decode_rows, linear,
+    Linear, PackedWeight, PanelCache, RMSNorm, RotaryEmbedding, apply_rope, concat_linears, decode_rows, linear,
     native_eligible, return_freed_memory,
 )
 
@@ -172,7 +172,7 @@ class LlamaForCausalLM(nn.Module):
         else:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         self.lm_head_packed = PackedWeight()  # lm_head_weight's oneDNN copy (tied or not)
-        self.lm_head_panel = native_linear.PanelCache()  # and its native kernel's copy
+        self.lm_head_panel = PanelCache()  # and its native kernel's copy
 
     def fuse_projections(self) -> LlamaForCausalLM:
         """Fuse q/k/v and gate/up projections, in place, after the weights are loaded.

@@ -23,6 +23,12 @@ class LayerSpec(ctypes.Structure):
     _fields_ += [(name, ctypes.c_void_p) for name in ("ln1", "ln2", "qkv", "o", "gate_up", "down", "k_cache", "v_cache")]
 
 
+def projections(layer) -> tuple:
+    """A decoder layer's projections in the order the kernel takes them: qkv, o, gate_up, down."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj
+
+
 def why_not(model) -> str | None:
     """Why the layer kernel cannot run this model (None: it can). Models with q/k norms or
     projection biases keep the per-linear path."""
@@ -36,10 +42,9 @@ def why_not(model) -> str | None:
             or cfg.num_heads // cfg.num_kv_heads > MAX_GROUP:
         return f"head_dim {cfg.head_dim}, {cfg.num_heads} heads over {cfg.num_kv_heads}"
     for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        if attn.qkv_proj is None or mlp.gate_up_proj is None:
+        linears = projections(layer)
+        if None in linears:
             return "projections not fused"
-        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
         if any(m.bias is not None or m.weight.dtype != dtype for m in linears):
             return "a projection with a bias or in another dtype"
         if any(n.weight.dtype != dtype for n in (layer.input_layernorm, layer.post_attention_layernorm)):
@@ -50,8 +55,7 @@ def why_not(model) -> str | None:
 def layer_linears(model) -> list:
     """The projections the layer kernel reads (their panels; fp32 weights packed for oneDNN
     included: their panels come from the exact dense copy)."""
-    return [m for layer in model.model.layers
-            for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+    return [m for layer in model.model.layers for m in projections(layer)]
 
 
 class DecodeLayers:
@@ -73,11 +77,10 @@ class DecodeLayers:
 
     def _spec(self, layer, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int) -> LayerSpec:
         cfg, nk = self.model.config, self.kernel
-        attn, mlp = layer.self_attn, layer.mlp
-        panels = [m.panel.get(nk, m.weight) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+        panels = [m.panel.get(nk, m.weight) for m in projections(layer)]
         bf16 = int(k_cache.dtype == torch.bfloat16)
         return LayerSpec(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
-                         block_size, cfg.rms_norm_eps, attn.scale, bf16, int(panels[0].dtype == torch.bfloat16),
+                         block_size, cfg.rms_norm_eps, layer.self_attn.scale, bf16, int(panels[0].dtype == torch.bfloat16),
                          layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
                          *(p.data_ptr() for p in panels), k_cache.data_ptr(), v_cache.data_ptr())
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from pd_local.model.dtype import read_cpu_flags
+
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(n) for n in ("native_linear.c", "native_decode.c")]  # one library
@@ -36,16 +38,6 @@ def cache_dir() -> Path:
         return Path(os.environ["PD_LOCAL_CACHE"]) / "kernels"
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "pd_local" / "kernels"
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return ""
 
 
 class NativeLinear:
@@ -104,7 +96,6 @@ class NativeLinear:
                      int(y.dtype == torch.bfloat16), torch.get_num_threads())
         return y if bias is None else y + bias
 
-
     def profile(self, on: bool) -> dict[str, float]:
         """Seconds spent, since the last call, in the kernel's linears, its decode attention and
         its whole decode layers (counted only while on; reset by every call)."""
@@ -124,26 +115,6 @@ class NativeLinear:
                     tables.data_ptr(), tables.shape[1], ctx.data_ptr(), x.shape[0], scratch.data_ptr(), threads)
 
 
-class PanelCache:
-    """One weight's packed panels, repacked whenever the weight changes (new storage, in-place
-    update, dtype or shape); a Linear (or the model, for lm_head) keeps one."""
-
-    def __init__(self) -> None:
-        self._key: tuple | None = None
-        self._panel: torch.Tensor | None = None
-
-    def get(self, kernel: NativeLinear, weight: torch.Tensor) -> torch.Tensor:
-        """The panels of `weight` (plain, or packed for oneDNN: then from its exact dense copy)."""
-        if weight.is_mkldnn:  # opaque, and replaced rather than updated in place
-            key: tuple = ("mkldnn", id(weight), weight.dtype, tuple(weight.shape))
-        else:
-            key = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape), tuple(weight.stride()))
-        if self._panel is None or key != self._key:
-            self._panel = kernel.pack(weight.to_dense() if weight.is_mkldnn else weight)
-            self._key = key
-        return self._panel
-
-
 def build(directory: Path | None = None, compiler: str | None = None, extra_flags: tuple[str, ...] = ()) -> Path:
     """The kernel's shared library for this source, CPU and compiler, building it if it is not in
     the cache (about a second). Raises NativeKernelError naming what failed. `extra_flags` (tests):
@@ -157,7 +128,7 @@ def build(directory: Path | None = None, compiler: str | None = None, extra_flag
     except (OSError, subprocess.TimeoutExpired) as e:
         raise NativeKernelError(f"C compiler {cc!r} does not run: {e}") from None
     source = b"\0".join(p.read_bytes() for p in (*SOURCES, HEADER))
-    key = hashlib.sha256(b"\0".join([source, version.encode(), _cpu_flags().encode(), " ".join(flags).encode()]))
+    key = hashlib.sha256(b"\0".join([source, version.encode(), read_cpu_flags().encode(), " ".join(flags).encode()]))
     directory = directory or cache_dir()
     path = directory / f"native_linear-{key.hexdigest()[:16]}.so"
     if path.exists():
