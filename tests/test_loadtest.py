@@ -393,8 +393,8 @@ def test_scripted_metrics_match_hand_computed(fresh: ServerHandle, tmp_path: Pat
 
 
 def check_exact(r: dict[str, Any], out: str, endpoint: str, requests: list[Recorded]) -> None:
-    """What does not depend on timing: the requests sent, counts, errors, token totals,
-    goodput (the SLO separates the scripts by 30+ ms), server timings, the table."""
+    """What does not depend on timing: the requests sent, counts, errors, token totals, server
+    timings, the table."""
     assert len(requests) == 7
     for rec in requests:
         assert rec.path == endpoint
@@ -419,11 +419,6 @@ def check_exact(r: dict[str, Any], out: str, endpoint: str, requests: list[Recor
     assert r["output_throughput"] == pytest.approx(21 / r["duration"])
     assert r["request_throughput"] == pytest.approx(4 / r["duration"])
     assert r["total_token_throughput"] == pytest.approx((21 + 44) / r["duration"])
-    # Good: steady, multi, multi_nousage (TPOT <= 50, E2EL <= 300); not stall (TPOT 112.5,
-    # E2EL 600) nor the three failures. (TTFT is 100-150 plus the trip to the server, which on
-    # a busy host can be tens of ms: a TTFT bound between them would make this check flaky.)
-    assert r["slo_attainment"] == pytest.approx(3 / 7)
-    assert r["request_goodput"] == pytest.approx(3 / r["duration"])
     t = r["pd_local_timings"]  # the pd_local extension, over successful requests
     assert t["timings_ms.queue"]["count"] == 4 and t["timings_ms.queue"]["mean"] == 1.0
     assert t["timings_ms.prefill"]["mean"] == pytest.approx(112.5)
@@ -451,6 +446,13 @@ def check_timing(r: dict[str, Any], requests: list[Recorded]) -> list[str]:
         tm.near(f"tpot[{i}]", ms(r["tpots"][i]), EXP_TPOT[i])
         for k, (got, exp) in enumerate(zip(r["itls"][i], EXP_ITL[i])):
             tm.near(f"itl[{i}][{k}]", ms(got), exp)
+    # Good: steady, multi, multi_nousage (TPOT <= 50, E2EL <= 300); not stall (TPOT 112.5,
+    # E2EL 600) nor the three failures. (TTFT is 100-150 plus the trip to the server, which on
+    # a busy host can be tens of ms: a TTFT bound between them would make this check flaky.)
+    # The SLO separates the scripts by 30+ ms, so a host stall spoils it like the times above:
+    # a clean CI run once measured 0 of 3 good.
+    if r["slo_attainment"] != pytest.approx(3 / 7) or r["request_goodput"] != pytest.approx(3 / r["duration"]):
+        tm.errors.append(f"slo_attainment {r['slo_attainment']} != 3/7, goodput {r['request_goodput']}")
     tm.late("mean_ttft", r["mean_ttft_ms"], 112.5, lo, hi)
     tm.late("median_ttft", r["median_ttft_ms"], 100.0, lo, hi)
     tm.late("p90_ttft", r["p90_ttft_ms"], 135.0, lo, hi)  # rank 0.9*3 = 2.7: 100 + 0.7*50
