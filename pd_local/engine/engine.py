@@ -16,6 +16,7 @@ from pd_local.engine.kv_cache import BlockAllocator, slots_for
 from pd_local.model.kv_cache import PagedKVCache
 from pd_local.model.attention import AttentionMetadata, host_to_device, write_kv
 from pd_local.model.llama import LayerKVHook, LlamaForCausalLM
+from pd_local.engine.logprobs import Logprob, logprobs_of, prompt_logprobs
 from pd_local.engine.sampling import SamplingParams, sample
 from pd_local.engine.scheduler import Scheduler, SchedulerOutput, Sequence
 
@@ -30,6 +31,9 @@ class TokenEvent:
     finish_reason: str | None  # "stop" | "length" when finished
     # on a request's first token: its prompt tokens whose KV came from the prefix cache
     cached_tokens: int = 0
+    logprob: Logprob | None = None  # the token's, when the request asked (params.logprobs)
+    # on the first token, when the request asked (params.prompt_logprobs): prompt tokens 1..n-1
+    prompt_logprobs: tuple[Logprob, ...] = ()
 
 
 def prefill_hidden(
@@ -261,20 +265,40 @@ class Engine:
             [slots_for(c.seq.block_ids, 0, c.start, bs) for c in out.prefill], slots, bs, dev,
         )
         hidden = self.model(host_to_device(ids, dev), host_to_device(pos, dev), meta, self.kv_cache)  # [T, hidden]
+        self._prompt_logprobs(out, hidden)
         if not rows:
             return hidden.new_zeros(0, self.model.config.vocab_size, dtype=torch.float32)  # [0, V]
         return self.model.compute_logits(hidden[host_to_device(rows, dev)], len(out.decode))  # [S, V]
 
+    def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor) -> None:
+        """Extend the asking sequences' prompt_logprobs from their chunks' rows of hidden [T, H]."""
+        row = len(out.decode)
+        for c in out.prefill:
+            k, seq = c.seq.params.prompt_logprobs, c.seq
+            first, end = len(seq.prompt_logprobs), min(c.end, len(seq.prompt_ids) - 1)
+            if k is not None and first < end:
+                if first < c.start:  # no prefix cache for such a sequence: cannot happen
+                    raise RuntimeError(f"request {seq.req_id}: prompt logprobs from {first}, "
+                                       f"chunk starts at {c.start}")
+                rows = hidden[row + first - c.start:row + end - c.start]  # positions [first, end)
+                seq.prompt_logprobs += prompt_logprobs(self.model.compute_logits, rows,
+                                                       seq.prompt_ids[first + 1:end + 1], k)
+            row += c.end - c.start
+
     def _append_tokens(self, seqs: list[Sequence], logits: torch.Tensor) -> list[TokenEvent]:
         tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         events = []
-        for seq, tok in zip(seqs, tokens):
+        for i, (seq, tok) in enumerate(zip(seqs, tokens)):
             seq.output_ids.append(tok)
             reason = self._finish_reason(seq, tok)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
-            cached = seq.num_cached if len(seq.output_ids) == 1 else 0
-            events.append(TokenEvent(seq.req_id, tok, reason is not None, reason, cached))
+            first = len(seq.output_ids) == 1
+            k = seq.params.logprobs
+            lp = logprobs_of(logits[i:i + 1], [tok], k)[0] if k is not None else None
+            events.append(TokenEvent(seq.req_id, tok, reason is not None, reason,
+                                     seq.num_cached if first else 0, lp,
+                                     tuple(seq.prompt_logprobs) if first else ()))
         return events
 
     def _finish_reason(self, seq: Sequence, tok: int) -> str | None:

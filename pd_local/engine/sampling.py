@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pd_local.engine.logprobs import MAX_TOP_LOGPROBS
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -18,6 +20,8 @@ class SamplingParams:
     max_tokens: int = 16
     stop_token_ids: tuple[int, ...] = ()  # in addition to the model's stop ids unless ignore_eos
     ignore_eos: bool = False
+    logprobs: int | None = None  # sampled tokens' logprobs with this many top ones; None = off
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.temperature <= 100.0):
@@ -30,6 +34,10 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.seed is not None and not (0 <= self.seed < 2**63):
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and not 0 <= k <= MAX_TOP_LOGPROBS:
+                raise ValueError(f"{name} must be None or in [0, {MAX_TOP_LOGPROBS}], got {k}")
 
     @property
     def greedy(self) -> bool:

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from pd_local.engine.kv_cache import BlockAllocator, block_hashes, blocks_for
 from pd_local.engine.prefill_queue import Chunk, PrefillJob, PrefillQueue
 from pd_local.engine.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from pd_local.engine.logprobs import Logprob
 
 
 class SeqStatus(Enum):
@@ -39,6 +43,8 @@ class Sequence:
     num_cached: int = 0
     block_hashes: list[bytes] = field(default_factory=list)
     num_registered: int = 0
+    # params.prompt_logprobs: position p's holds prompt token p + 1's (no prefix cache then)
+    prompt_logprobs: list[Logprob] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -185,7 +191,8 @@ class Scheduler:
         """Hold the blocks of all of seq's tokens, the cached prefix's first, leaving at least
         `keep_free` blocks free; False (nothing held) when they do not fit."""
         bs = self.block_size
-        hashes = block_hashes(seq.all_ids, bs, self.prefix_salt) if self.allocator.caching else []
+        caching = self.allocator.caching and seq.params.prompt_logprobs is None
+        hashes = block_hashes(seq.all_ids, bs, self.prefix_salt) if caching else []
         got = self.allocator.hold(hashes[:(seq.num_tokens - 1) // bs], blocks_for(seq.num_tokens, bs),
                                   keep_free)
         if got is None:
