@@ -18,6 +18,7 @@ from pd_local.cluster.messages import (MAGIC, MESSAGE_TYPES, Abort, DType, Fatal
                                        TransferMode, TransferRecord, decode, encode, pack,
                                        unpack)
 from pd_local.cluster.codec import float_to_word, word_to_float
+from pd_local.engine.logprobs import Logprob
 
 i64 = st.integers(min_value=-(1 << 63), max_value=(1 << 63) - 1)
 ids = st.integers(min_value=0, max_value=(1 << 62))
@@ -28,8 +29,13 @@ any_float = st.floats(allow_nan=True, allow_infinity=True)
 token_lists = st.lists(tok, max_size=600).map(tuple)
 
 samplings = st.builds(Sampling, any_float, any_float, small, st.none() | i64, small,
-                      st.booleans(), st.lists(tok, max_size=8).map(tuple))
-token_entries = st.builds(TokenEntry, ids, tok, st.booleans(), st.sampled_from(FinishReason), small)
+                      st.booleans(), st.lists(tok, max_size=8).map(tuple), st.none() | small,
+                      st.none() | small)
+logprobs = st.builds(Logprob, tok, any_float, st.lists(tok, max_size=5).map(tuple),
+                     st.lists(any_float, max_size=5).map(tuple))
+token_entries = st.builds(TokenEntry, ids, tok, st.booleans(), st.sampled_from(FinishReason), small,
+                          st.lists(logprobs, max_size=1).map(tuple),
+                          st.lists(logprobs, max_size=30).map(tuple))
 records = st.builds(TransferRecord, ids, small, any_float, any_float)
 messages = st.one_of(
     st.builds(Reserve, ids, token_lists, samplings),

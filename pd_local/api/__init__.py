@@ -2,7 +2,8 @@
 
 | module | owns | never does |
 |---|---|---|
-| `server.py` | Starlette app (OpenAI routes, SSE, health, metrics) | block the event loop |
+| `server.py` | Starlette app (OpenAI routes, health, metrics, the page) | block the event loop |
+| `generation.py` | one request's life: outputs -> text, logprobs -> OpenAI objects, SSE or whole | touch a rank |
 | `backend.py` | the `Backend` contract the app talks to, and `InProcessBackend` (one engine in this process) | know about ranks |
 | `openai_request.py` | OpenAI request validation -> `GenerationRequest` (shared with `pd-local generate`) | tokenize twice |
 | `textstream.py` | token ids -> text deltas with stop strings | |

@@ -16,7 +16,8 @@ from typing import Protocol
 import torch
 
 from pd_local.engine import threads as cpu_threads
-from pd_local.engine.engine import Engine
+from pd_local.engine.engine import Engine, TokenEvent
+from pd_local.engine.logprobs import Logprob
 from pd_local.engine.sampling import SamplingParams
 from pd_local.engine.scheduler import SeqStatus
 
@@ -41,6 +42,8 @@ class RequestOutput:
     # (colocated: the same rank twice; None: not routed there before it ended)
     prefill_rank: int | None = None
     decode_rank: int | None = None
+    logprobs: list[Logprob] | None = None  # one per token of token_ids, when the request asked
+    prompt_logprobs: tuple[Logprob, ...] | None = None  # prompt tokens 1..n-1, on one output
 
 
 @dataclass
@@ -183,16 +186,16 @@ class InProcessBackend:
             self._queues.pop(out.req_id, None)
         self._loop.call_soon_threadsafe(q.put_nowait, out)
 
-    def _finish(self, req_id: int, reason: str, tokens: list[int], error: str | None = None,
-                cached_tokens: int = 0) -> None:
+    def _finish(self, req_id: int, reason: str, error: str | None = None,
+                ev: TokenEvent | None = None) -> None:
         tl = self._timelines.pop(req_id, None)
         self._prompt_lens.pop(req_id, None)
         timings = None
         if tl is not None:
             tl.mark("finished")
             timings = tl.durations_ms()
-        self._deliver(RequestOutput(req_id, tokens, True, reason, error, timings, cached_tokens,
-                                    0, 0))
+        out = RequestOutput(req_id, [], True, reason, error, timings, prefill_rank=0, decode_rank=0)
+        self._deliver(out if ev is None else _with_token(out, ev))
 
     def _handle(self, kind: str, arg: object) -> None:
         if kind == "add":
@@ -202,11 +205,11 @@ class InProcessBackend:
             try:
                 self.engine.add_request(req_id, prompt_ids, params)
             except ValueError as e:
-                self._finish(req_id, "error", [], str(e))
+                self._finish(req_id, "error", str(e))
         elif kind == "abort":
             req_id = int(arg)  # type: ignore[arg-type]
             if self.engine.abort(req_id):
-                self._finish(req_id, "abort", [])
+                self._finish(req_id, "abort")
 
     def _run(self) -> None:
         if self.engine.cfg.threads:
@@ -247,13 +250,20 @@ class InProcessBackend:
                             tl.mark("prefill_end", t1)
                         tl.mark("first_token", t1)
                     if ev.finished:
-                        self._finish(ev.req_id, ev.finish_reason or "stop", [ev.token_id],
-                                     cached_tokens=ev.cached_tokens)
+                        self._finish(ev.req_id, ev.finish_reason or "stop", ev=ev)
                     else:
-                        self._deliver(RequestOutput(ev.req_id, [ev.token_id],
-                                                    cached_tokens=ev.cached_tokens))
+                        self._deliver(_with_token(RequestOutput(ev.req_id, []), ev))
         except Exception as e:  # the engine is broken: fail every request loudly, stay unhealthy
             log.exception("engine thread died")
             self._error = f"engine thread died: {e!r}"
             for req_id in list(self._queues):
-                self._finish(req_id, "error", [], self._error)
+                self._finish(req_id, "error", self._error)
+
+
+def _with_token(out: RequestOutput, ev: TokenEvent) -> RequestOutput:
+    """out carrying ev's token, its logprob and (first token) the prompt's and the cache hit."""
+    out.token_ids = [ev.token_id]
+    out.cached_tokens = ev.cached_tokens
+    out.logprobs = None if ev.logprob is None else [ev.logprob]
+    out.prompt_logprobs = ev.prompt_logprobs or None
+    return out

@@ -39,7 +39,8 @@ def token_entry(ev: TokenEvent, cached_tokens: int | None = None) -> TokenEntry:
     event's own (a colocated rank's prefill). A PD decode rank's own hit is not the request's
     (it saves bytes, not compute): it passes the prefill rank's, from the KV header."""
     return TokenEntry(ev.req_id, ev.token_id, ev.finished, FINISH_CODES[ev.finish_reason],
-                      ev.cached_tokens if cached_tokens is None else cached_tokens)
+                      ev.cached_tokens if cached_tokens is None else cached_tokens,
+                      () if ev.logprob is None else (ev.logprob,), ev.prompt_logprobs)
 
 
 class DecodeLoop:

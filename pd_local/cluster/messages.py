@@ -12,6 +12,7 @@ from typing import ClassVar, Union
 import torch
 
 from pd_local.cluster.codec import ProtocolError, Reader, Writer, codec
+from pd_local.engine.logprobs import Logprob
 
 MAGIC = 0x5044 << 16  # "PD" in the high bits of word 0: a stray tensor is not read as a message
 
@@ -89,6 +90,8 @@ class Sampling:
     max_tokens: int = 16
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None  # top entries with each sampled token's logprob; None: none
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens
 
 
 @dataclass(frozen=True)
@@ -170,6 +173,8 @@ class TokenEntry:
     # first token: prompt tokens not computed for it (colocated: its own prefix cache; PD: the
     # prefill rank's, from the KV header entry that completed the prompt)
     cached_tokens: int = 0
+    logprob: tuple[Logprob, ...] = ()  # the token's (one), when the request asked
+    prompt_logprobs: tuple[Logprob, ...] = ()  # first token, colocated: prompt tokens 1..n-1
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from pd_local.cluster.dist import DistContext
 from pd_local.cluster.channel import Heartbeater, Inbox, LinkDown, Receiver, Sender
 from pd_local.cluster.messages import (Abort, Fatal, FinishReason, Prefill, PrefillDone, Ready,
                                        RejectReason, Rejected, Reserve, Reserved, Sampling,
-                                       Shutdown, Stats, Tokens)
+                                       Shutdown, Stats, TokenEntry, Tokens)
 from pd_local.cluster.prefix_index import Candidate, PrefixIndex, choose
 from pd_local.engine.kv_cache import block_hashes
 from pd_local.engine.sampling import SamplingParams
@@ -200,15 +200,15 @@ class Router:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(req.queue.put_nowait, out)
 
-    def _finish(self, req: _Request, reason: str, last: list[int] | None = None,
+    def _finish(self, req: _Request, reason: str, last: TokenEntry | None = None,
                 error: str | None = None) -> None:
         self.requests.pop(req.req_id, None)
         self.decode[req.decode].unfinished -= 1
         req.timeline.mark("finished")
         prefill = req.decode if self.colocated else req.prefill  # None: not routed to one yet
-        self._deliver(req, RequestOutput(req.req_id, last or [], True, reason, error,
-                                         req.timeline.durations_ms(), req.cached_tokens,
-                                         prefill, req.decode))
+        out = RequestOutput(req.req_id, [], True, reason, error, req.timeline.durations_ms(),
+                            req.cached_tokens, prefill, req.decode)
+        self._deliver(req, out if last is None else _with_token(out, last))
 
     def _command(self, kind: str, arg: object) -> None:
         if kind == "submit":
@@ -330,10 +330,10 @@ class Router:
             if e.cached_tokens:  # the first token's prefix hit (PD: the prefill rank's, as in PrefillDone)
                 req.cached_tokens = e.cached_tokens
             if e.finished:
-                self._finish(req, FINISH_NAMES.get(e.finish_reason, "stop"), [e.token_id])
+                self._finish(req, FINISH_NAMES.get(e.finish_reason, "stop"), e)
             else:
-                self._deliver(req, RequestOutput(req.req_id, [e.token_id],
-                                                 cached_tokens=req.cached_tokens))
+                self._deliver(req, _with_token(RequestOutput(req.req_id, [],
+                                                             cached_tokens=req.cached_tokens), e))
 
     def _rank(self, rank: int) -> _Rank:
         return self.decode[rank] if rank in self.decode else self.prefill[rank]
@@ -396,3 +396,11 @@ class Router:
         for r in self.receivers:
             r.thread.join(timeout=self.ctx.cfg.timeouts.group_s)
         log.info("all workers shut down")
+
+
+def _with_token(out: RequestOutput, e: TokenEntry) -> RequestOutput:
+    """out carrying e's token, its logprob and (colocated, first token) the prompt's."""
+    out.token_ids = [e.token_id]
+    out.logprobs = list(e.logprob) or None
+    out.prompt_logprobs = e.prompt_logprobs or None
+    return out

@@ -1,0 +1,207 @@
+"""One request's life on the front-end: backend outputs -> text deltas -> OpenAI objects, streamed
+(SSE) or whole; a client that goes away becomes `backend.abort(req_id)`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from pd_local.api.backend import RequestOutput
+from pd_local.api.openai_request import GenerationRequest, RequestError
+from pd_local.api.textstream import TextStream
+
+if TYPE_CHECKING:
+    from pd_local.api.server import App
+
+
+def error_response(err: RequestError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(err.to_body(), status_code=err.status, headers=headers)
+
+
+class Generation:
+    """One request's life on the front-end: outputs -> text deltas -> OpenAI objects."""
+
+    def __init__(self, app: App, req: GenerationRequest, req_id: int, outputs: asyncio.Queue[RequestOutput]) -> None:
+        self.app = app
+        self.req = req
+        self.req_id = req_id
+        self.outputs = outputs
+        self.text = TextStream(app.tokenizer, req.stop)
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self.timings: dict[str, float] | None = None
+        self.ranks: tuple[int | None, int | None] = (None, None)  # (prefill, decode)
+        self.cached_tokens = 0
+        self.done = False
+        self.id = ("chatcmpl-" if req.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.t_start = time.monotonic()
+        self.t_last: float | None = None
+
+    async def next_delta(self) -> str | None:
+        """Wait for the next backend output; returns its text delta, None once finished."""
+        if self.done:
+            return None
+        out = await self.outputs.get()
+        now = time.monotonic()
+        m = self.app.metrics
+        if out.token_ids:
+            if self.t_last is None:
+                m.observe_ttft(now - self.t_start)
+            else:
+                m.observe_itl(now - self.t_last)
+            self.t_last = now
+        delta = ""
+        for tok in out.token_ids:
+            if self.text.stopped:
+                break
+            self.completion_tokens += 1
+            delta += self.text.push(tok)
+        if out.cached_tokens:  # known from the first token on (a stop string may end it early)
+            self.cached_tokens = out.cached_tokens
+        if out.finished:
+            self.ranks = (out.prefill_rank, out.decode_rank)
+        if out.error is not None:
+            self._finish("error", out.timings_ms)
+            raise RuntimeError(out.error)
+        if self.text.stopped:
+            if not out.finished:  # free its blocks; its final output brings the timings
+                self.app.backend.abort(self.req_id)
+                while not out.finished:
+                    out = await self.outputs.get()
+                self.ranks = (out.prefill_rank, out.decode_rank)
+            self._finish("stop", out.timings_ms)
+        elif out.finished:
+            delta += self.text.finish()
+            self._finish(out.finish_reason or "stop", out.timings_ms)
+        return delta
+
+    def _finish(self, reason: str, timings: dict[str, float] | None) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.finish_reason = "stop" if reason == "abort" else reason
+        self.timings = timings or {}
+        self.app.in_flight -= 1
+        m = self.app.metrics
+        m.count_request(reason)
+        m.observe_e2e(time.monotonic() - self.t_start)
+
+    def abandon(self) -> None:
+        """The client went away before the end: abort on every rank, count it once."""
+        if not self.done:
+            self.app.backend.abort(self.req_id)
+            self._finish("abort", None)
+            self.app.metrics.count_disconnect()
+
+    def usage(self) -> dict[str, Any]:
+        """OpenAI's usage object; prompt_tokens_details.cached_tokens: prompt tokens whose KV
+        came from a prefix cache (in PD, the prefill rank's: the tokens it did not compute)."""
+        p = len(self.req.prompt_ids)
+        return {"prompt_tokens": p, "completion_tokens": self.completion_tokens, "total_tokens": p + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+
+    def extension(self) -> dict[str, Any]:
+        """The `pd_local` object of the last chunk or the whole response."""
+        return {"timings_ms": self.timings, "prefill_rank": self.ranks[0], "decode_rank": self.ranks[1]}
+
+    def _chunk(self, delta: dict[str, Any] | str | None, finish: str | None) -> dict[str, Any]:
+        if self.req.kind == "chat":
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            obj = "chat.completion.chunk"
+        else:
+            choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish}
+            obj = "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.app.settings.model_name,
+                "choices": [choice]}
+
+    async def sse_events(self) -> AsyncIterator[dict[str, str]]:
+        try:
+            if self.req.kind == "chat":
+                yield {"data": json.dumps(self._chunk({"role": "assistant", "content": ""}, None))}
+            while True:
+                try:
+                    delta = await self.next_delta()
+                except RuntimeError as e:
+                    err = {"error": {"message": str(e), "type": "server_error", "param": None, "code": "generation_failed"}}
+                    yield {"data": json.dumps(err)}
+                    break
+                if delta is None:
+                    break
+                if delta:
+                    yield {"data": json.dumps(self._chunk({"content": delta} if self.req.kind == "chat" else delta, None))}
+                if self.done:
+                    last = self._chunk({} if self.req.kind == "chat" else "", self.finish_reason)
+                    ext = {"pd_local": self.extension()}
+                    if self.req.include_usage:
+                        yield {"data": json.dumps(last)}
+                        usage_chunk = {**self._chunk(None, None), "choices": [], "usage": self.usage(), **ext}
+                        yield {"data": json.dumps(usage_chunk)}
+                    else:
+                        yield {"data": json.dumps({**last, **ext})}
+                    break
+            yield {"data": "[DONE]"}
+        finally:
+            self.abandon()  # no-op when finished; a disconnect lands here via cancellation
+
+    async def whole_response(self, request: Request) -> Response:
+        done = await self.whole(request)
+        if isinstance(done, Response):
+            return done
+        return JSONResponse({
+            "id": self.id, "object": "chat.completion" if self.req.kind == "chat" else "text_completion",
+            "created": self.created, "model": self.app.settings.model_name,
+            "choices": [done], "usage": self.usage(), "pd_local": self.extension(),
+        })
+
+    async def whole(self, request: Request) -> dict[str, Any] | Response:
+        """Run to the end: the choice (index 0), or the Response to send instead (an error, or
+        499 when the client went away)."""
+        parts: list[str] = []
+        try:
+            while not self.done:
+                task = asyncio.ensure_future(self.next_delta())
+                while not task.done():
+                    await asyncio.wait({task}, timeout=self.app.settings.disconnect_poll_s)
+                    if not task.done() and await request.is_disconnected():
+                        task.cancel()
+                        self.abandon()
+                        return Response(status_code=499)
+                delta = task.result()
+                if delta:
+                    parts.append(delta)
+        except RuntimeError as e:
+            return error_response(RequestError(str(e), code="generation_failed", status=500, type="server_error"))
+        finally:
+            self.abandon()
+        text = "".join(parts)
+        if self.req.kind == "chat":
+            return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                    "finish_reason": self.finish_reason}
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": self.finish_reason}
+
+
+async def whole_batch(gens: list[Generation], request: Request) -> Response:
+    """Several prompts of one completions request, run at once: choice i is prompt i's; usage
+    sums them; `pd_local` holds each prompt's extension under `choices`."""
+    done = await asyncio.gather(*(g.whole(request) for g in gens))  # each abandons itself at its end
+    for d in done:
+        if isinstance(d, Response):
+            return d
+    usage = [g.usage() for g in gens]
+    total = {k: sum(u[k] for u in usage) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    total["prompt_tokens_details"] = {"cached_tokens": sum(u["prompt_tokens_details"]["cached_tokens"]
+                                                           for u in usage)}
+    first = gens[0]
+    return JSONResponse({
+        "id": first.id, "object": "text_completion", "created": first.created,
+        "model": first.app.settings.model_name,
+        "choices": [{**d, "index": i} for i, d in enumerate(done)],  # type: ignore[dict-item]
+        "usage": total, "pd_local": {"choices": [g.extension() for g in gens]},
+    })
