@@ -22,6 +22,19 @@ CHAT_ROLES: frozenset[str] = frozenset({"system", "user", "assistant", "tool"})
 _REPLACEMENT = "\ufffd"  # what a decoder writes for bytes that are not (yet) a whole character
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's character for each byte (GPT-2's map), inverted: char -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    chars = {b: chr(b) for b in printable}
+    for n, b in enumerate(b for b in range(256) if b not in chars):
+        chars[b] = chr(256 + n)
+    return {c: b for b, c in chars.items()}
+
+
+_BYTE_OF = _byte_level_alphabet()
+
+
 class ChatTemplateError(ValueError):
     """The chat template could not be rendered (it called raise_exception, or is broken)."""
 
@@ -159,6 +172,8 @@ class Tokenizer:
         # Variables transformers hands every template (its special_tokens_map).
         self._template_vars: dict[str, Any] = dict(special_tokens_map or {})
         self._template_vars.update(bos_token=bos_token, eos_token=eos_token)
+        self._byte_level = type(tokenizer.decoder).__name__ == "ByteLevel"
+        self._bytes: dict[int, bytes] = {}
 
     def _id_of(self, token: str | None) -> int | None:
         if token is None:
@@ -224,6 +239,22 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for: exact for byte-level BPE, also for part of a character."""
+        got = self._bytes.get(token_id)
+        if got is None:
+            piece = self._tok.id_to_token(token_id) or ""
+            if self._byte_level and all(c in _BYTE_OF for c in piece):
+                got = bytes(_BYTE_OF[c] for c in piece)
+            else:
+                got = self.decode([token_id], skip_special_tokens=False).encode()
+            self._bytes[token_id] = got
+        return got
+
+    def token_text(self, token_id: int) -> str:
+        """One token as text (U+FFFD for a part of a character), as logprobs name it."""
+        return self.token_bytes(token_id).decode("utf-8", errors="replace")
 
     def apply_chat_template(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True

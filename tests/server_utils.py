@@ -27,9 +27,10 @@ from tests.dist_scripts.harness import REPO, env_for, free_port, kill_tagged, ne
 
 
 @contextmanager
-def inprocess_server(model_dir: Path, engine_cfg: EngineConfig | None = None, **settings: object) -> Iterator[str]:
+def inprocess_server(model_dir: Path, engine_cfg: EngineConfig | None = None,
+                     dtype: torch.dtype = torch.bfloat16, **settings: object) -> Iterator[str]:
     """Yields the base URL of a server running in a thread of this process."""
-    model, _ = load_model(model_dir, torch.bfloat16)
+    model, _ = load_model(model_dir, dtype)
     tok = Tokenizer.from_dir(model_dir)
     engine = Engine(model, engine_cfg or EngineConfig(kv_cache_gb=0.1), stop_token_ids=tok.stop_token_ids)
     app = create_app(InProcessBackend(engine), tok, ServerSettings(**{"model_name": "smollm2-135m-instruct", **settings}))

@@ -267,7 +267,7 @@ BAD = [
     ("absurd max_tokens", {**CHAT, "max_tokens": 10**12}, 400, "max_tokens"),
     ("string temperature", {**CHAT, "temperature": "hot"}, 400, "temperature"),
     ("n > 1", {**CHAT, "n": 3}, 400, "n"),
-    ("logprobs", {**CHAT, "logprobs": True}, 400, "logprobs"),
+    ("top_logprobs without logprobs", {**CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
     ("tools", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
     ("presence_penalty", {**CHAT, "presence_penalty": 0.5}, 400, "presence_penalty"),
     ("frequency_penalty", {**CHAT, "frequency_penalty": -1}, 400, "frequency_penalty"),

@@ -6,6 +6,7 @@
 | `generation.py` | one request's life: outputs -> text, logprobs -> OpenAI objects, SSE or whole | touch a rank |
 | `backend.py` | the `Backend` contract the app talks to, and `InProcessBackend` (one engine in this process) | know about ranks |
 | `openai_request.py` | OpenAI request validation -> `GenerationRequest` (shared with `pd-local generate`) | tokenize twice |
+| `logprob_format.py` | logprobs as chat's `content` and completions' parallel lists | compute them |
 | `textstream.py` | token ids -> text deltas with stop strings | |
 | `metrics.py` | the Prometheus `/metrics` exposition | |
 | `cluster.py` | the `/v1/cluster` view: per-rank load, KV blocks, token rates | |

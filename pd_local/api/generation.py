@@ -13,8 +13,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from pd_local.api.backend import RequestOutput
+from pd_local.api.logprob_format import chat_logprobs, completion_logprobs
 from pd_local.api.openai_request import GenerationRequest, RequestError
 from pd_local.api.textstream import TextStream
+from pd_local.engine.logprobs import Logprob
 
 if TYPE_CHECKING:
     from pd_local.api.server import App
@@ -43,6 +45,9 @@ class Generation:
         self.created = int(time.time())
         self.t_start = time.monotonic()
         self.t_last: float | None = None
+        self.new_tokens: list[tuple[int, Logprob | None]] = []  # since the last logprobs()
+        self.prompt_lps: tuple[Logprob, ...] | None = None
+        self.text_offset = 0  # completions' text_offset of the next token
 
     async def next_delta(self) -> str | None:
         """Wait for the next backend output; returns its text delta, None once finished."""
@@ -58,11 +63,15 @@ class Generation:
                 m.observe_itl(now - self.t_last)
             self.t_last = now
         delta = ""
-        for tok in out.token_ids:
-            if self.text.stopped:
+        lps = out.logprobs or [None] * len(out.token_ids)
+        for tok, lp in zip(out.token_ids, lps):
+            if self.text.stopped or self.req.score_only:  # score_only: its one token is dropped
                 break
             self.completion_tokens += 1
+            self.new_tokens.append((tok, lp))
             delta += self.text.push(tok)
+        if out.prompt_logprobs is not None:
+            self.prompt_lps = out.prompt_logprobs
         if out.cached_tokens:  # known from the first token on (a stop string may end it early)
             self.cached_tokens = out.cached_tokens
         if out.finished:
@@ -79,7 +88,7 @@ class Generation:
             self._finish("stop", out.timings_ms)
         elif out.finished:
             delta += self.text.finish()
-            self._finish(out.finish_reason or "stop", out.timings_ms)
+            self._finish("length" if self.req.score_only else out.finish_reason or "stop", out.timings_ms)
         return delta
 
     def _finish(self, reason: str, timings: dict[str, float] | None) -> None:
@@ -111,12 +120,32 @@ class Generation:
         """The `pd_local` object of the last chunk or the whole response."""
         return {"timings_ms": self.timings, "prefill_rank": self.ranks[0], "decode_rank": self.ranks[1]}
 
-    def _chunk(self, delta: dict[str, Any] | str | None, finish: str | None) -> dict[str, Any]:
+    def logprobs(self, echo: bool = False) -> dict[str, Any] | None:
+        """The logprobs object of the tokens since the last call (None when not asked); `echo`:
+        the prompt's tokens first (completions; the first has none)."""
+        req, tok = self.req, self.app.tokenizer
+        if req.logprobs is None:
+            return None
+        new, self.new_tokens = self.new_tokens, []
+        if req.kind == "chat":
+            return {"content": chat_logprobs(tok, [lp for _, lp in new if lp is not None]), "refusal": None}
+        ids, lps = [t for t, _ in new], [lp for _, lp in new]
+        if echo:
+            if self.prompt_lps is None or len(self.prompt_lps) != len(req.prompt_ids) - 1:
+                raise RuntimeError("the prompt's logprobs did not come back with the request")
+            ids, lps = req.prompt_ids + ids, [None, *self.prompt_lps, *lps]
+        out = completion_logprobs(tok, ids, lps, self.text_offset)
+        if out["tokens"]:
+            self.text_offset = out["text_offset"][-1] + len(out["tokens"][-1])
+        return out
+
+    def _chunk(self, delta: dict[str, Any] | str | None, finish: str | None,
+               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
         if self.req.kind == "chat":
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             obj = "chat.completion.chunk"
         else:
-            choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": delta, "logprobs": logprobs, "finish_reason": finish}
             obj = "text_completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.app.settings.model_name,
                 "choices": [choice]}
@@ -125,17 +154,23 @@ class Generation:
         try:
             if self.req.kind == "chat":
                 yield {"data": json.dumps(self._chunk({"role": "assistant", "content": ""}, None))}
+            first = True
             while True:
                 try:
                     delta = await self.next_delta()
+                    if delta is None:
+                        break
+                    echo, first = first and self.req.echo is not None, False
+                    delta = (self.req.echo or "") + delta if echo else delta
+                    asked = self.new_tokens and self.req.logprobs is not None
+                    lps = self.logprobs(echo) if delta or echo or asked else None
                 except RuntimeError as e:
                     err = {"error": {"message": str(e), "type": "server_error", "param": None, "code": "generation_failed"}}
                     yield {"data": json.dumps(err)}
                     break
-                if delta is None:
-                    break
-                if delta:
-                    yield {"data": json.dumps(self._chunk({"content": delta} if self.req.kind == "chat" else delta, None))}
+                if delta or echo or asked:
+                    yield {"data": json.dumps(self._chunk({"content": delta} if self.req.kind == "chat" else delta,
+                                                          None, lps))}
                 if self.done:
                     last = self._chunk({} if self.req.kind == "chat" else "", self.finish_reason)
                     ext = {"pd_local": self.extension()}
@@ -176,15 +211,16 @@ class Generation:
                 delta = task.result()
                 if delta:
                     parts.append(delta)
+            lps = self.logprobs(echo=self.req.echo is not None)
         except RuntimeError as e:
             return error_response(RequestError(str(e), code="generation_failed", status=500, type="server_error"))
         finally:
             self.abandon()
-        text = "".join(parts)
+        text = (self.req.echo or "") + "".join(parts)
         if self.req.kind == "chat":
-            return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lps,
                     "finish_reason": self.finish_reason}
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": self.finish_reason}
+        return {"index": 0, "text": text, "logprobs": lps, "finish_reason": self.finish_reason}
 
 
 async def whole_batch(gens: list[Generation], request: Request) -> Response:

@@ -9,10 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from pd_local.engine.logprobs import MAX_TOP_LOGPROBS
 from pd_local.engine.sampling import SamplingParams
 from pd_local.tokenizer import Tokenizer
 
 MAX_STOP_STRINGS = 4
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's bound for /v1/completions' logprobs (chat's: 20)
 MAX_TOKENS_LIMIT = 2**31 - 1  # beyond this a value is an error, not something to clip
 
 # Fields OpenAI defines that we do not implement: refusing beats silently ignoring them.
@@ -21,11 +23,8 @@ UNSUPPORTED = {
     "tool_choice": "tool calling is not supported",
     "functions": "function calling is not supported",
     "function_call": "function calling is not supported",
-    "logprobs": "logprobs are not supported",
-    "top_logprobs": "logprobs are not supported",
     "logit_bias": "logit_bias is not supported",
     "best_of": "best_of is not supported",
-    "echo": "echo is not supported",
     "suffix": "suffix is not supported",
     "parallel_tool_calls": "tool calling is not supported",
     "store": "stored completions are not supported",
@@ -73,6 +72,9 @@ class GenerationRequest:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
+    logprobs: int | None = None  # top entries per token in the response's logprobs; None: off
+    echo: str | None = None  # completions: the prompt's text, sent before the completion's
+    score_only: bool = False  # max_tokens 0 with echo: the prompt's logprobs, no completion
 
 
 def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
@@ -117,6 +119,28 @@ def _stop(body: dict[str, Any]) -> tuple[str, ...]:
     if any(s == "" for s in items):
         raise RequestError("'stop' strings must not be empty", "stop")
     return tuple(items)
+
+
+def _logprobs(body: dict[str, Any], kind: str) -> tuple[int | None, bool]:
+    """(top entries per token or None, echo). Chat: logprobs true + top_logprobs 0-20;
+    completions: logprobs 0-5 and echo."""
+    if kind == "chat":
+        if body.get("echo") not in (None, False):
+            raise RequestError("'echo' is a /v1/completions field", "echo", code="unsupported_parameter")
+        on = _boolean(body, "logprobs")
+        top = _integer(body, "top_logprobs")
+        if top is not None and not on:
+            raise RequestError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise RequestError(f"'top_logprobs' must be in [0, {MAX_TOP_LOGPROBS}], got {top}", "top_logprobs")
+        return (top or 0) if on else None, False
+    if body.get("top_logprobs") is not None:
+        raise RequestError("'top_logprobs' is a chat field; /v1/completions takes 'logprobs': 0-5",
+                           "top_logprobs", code="unsupported_parameter")
+    k = _integer(body, "logprobs")
+    if k is not None and not 0 <= k <= MAX_COMPLETION_LOGPROBS:
+        raise RequestError(f"'logprobs' must be in [0, {MAX_COMPLETION_LOGPROBS}], got {k}", "logprobs")
+    return k, _boolean(body, "echo")
 
 
 def _prompt_ids(body: dict[str, Any], kind: str, tokenizer: Tokenizer) -> list[int]:
@@ -212,8 +236,11 @@ def parse_request(
         include_usage = _boolean(opts, "include_usage")
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _integer(body, name)
-    if max_tokens is not None and not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
-        raise RequestError(f"'{name}' must be in [1, {MAX_TOKENS_LIMIT}], got {max_tokens}", name)
+    logprobs, echo = _logprobs(body, kind)
+    score_only = echo and max_tokens == 0  # score the prompt, generate nothing
+    if max_tokens is not None and not score_only and not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
+        lo = "1 (0 only with 'echo')" if kind == "completion" else "1"
+        raise RequestError(f"'{name}' must be in [{lo}, {MAX_TOKENS_LIMIT}], got {max_tokens}", name)
     stop = _stop(body)
     ignore_eos = _boolean(body, "ignore_eos")
     prompt_ids = _prompt_ids(body, kind, tokenizer)
@@ -229,7 +256,14 @@ def parse_request(
         top_p=top_p,
         top_k=max(top_k or 0, 0),
         seed=seed,
-        max_tokens=min(max_tokens or room, room),
+        max_tokens=1 if score_only else min(max_tokens or room, room),  # score_only: one, dropped
         ignore_eos=ignore_eos,
+        logprobs=logprobs,
+        prompt_logprobs=logprobs if echo else None,
     )
-    return GenerationRequest(kind, model, prompt_ids, params, stop, stream, include_usage)
+    echo_text = None
+    if echo:
+        prompt = body["prompt"]
+        echo_text = prompt if isinstance(prompt, str) else tokenizer.decode(prompt_ids, skip_special_tokens=False)
+    return GenerationRequest(kind, model, prompt_ids, params, stop, stream, include_usage,
+                             logprobs, echo_text, score_only)

@@ -126,6 +126,9 @@ def main(argv: list[str]) -> int:
             continue
         try:
             requests[n] = parse_request(body, "chat", tokenizer, engine.max_model_len)
+            if requests[n].logprobs is not None:
+                del requests[n]
+                raise RequestError("'logprobs': served by the HTTP API, not by generate", "logprobs")
         except RequestError as e:
             records[n] = {"line": n, "error": {"message": f"line {n}: {e.message}", "param": e.param}}
     log.info("%d requests, %d refused", len(requests), len(records))
