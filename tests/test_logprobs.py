@@ -112,3 +112,53 @@ def test_logprobs_do_not_depend_on_the_batch(smollm2) -> None:
     assert [ev.logprob for ev in alone] == [ev.logprob for ev in together]
     assert alone[0].prompt_logprobs == together[0].prompt_logprobs
     assert all(p.top_ids == () for p in alone[0].prompt_logprobs)
+
+
+def test_router_holds_a_pd_requests_outputs_until_its_prompt_logprobs_come() -> None:
+    """PD: the decode rank's tokens (even the last) can reach the router before the prefill
+    rank's PromptLogprobs; the client still gets them on its first output, then the rest in
+    order, and the finish last. An abort meanwhile ends it at once."""
+    import asyncio
+
+    from pd_local.api.backend import BackendStats
+    from pd_local.cluster.messages import FinishReason, PromptLogprobs, Sampling, TokenEntry, Tokens
+    from pd_local.cluster.router import Router, _Rank, _Request
+
+    router = Router.__new__(Router)  # the routing state alone: no threads, no links
+    router.colocated, router.decode, router.requests, router.kv = False, {2: _Rank(2, "decode")}, {}, BackendStats()
+    got: list = []
+    router._deliver = lambda req, out: got.append(out)  # type: ignore[method-assign]
+    prompt = (Logprob(7, -1.5), Logprob(8, -0.25))
+
+    def request(req_id: int) -> _Request:
+        req = _Request(req_id, (5, 7, 8), Sampling(prompt_logprobs=0), asyncio.Queue(), 2)
+        router.requests[req_id] = req
+        router.decode[2].unfinished += 1
+        return req
+
+    def tokens(*entries: TokenEntry) -> Tokens:
+        return Tokens(entries, 0, 0, 0, 0, 0.0)
+
+    request(1)
+    router._tokens(2, tokens(TokenEntry(1, 40)))
+    router._tokens(2, tokens(TokenEntry(1, 41, True, FinishReason.LENGTH)))
+    assert got == [] and 1 in router.requests
+    router._prompt_logprobs(PromptLogprobs(1, prompt))
+    assert [o.token_ids for o in got] == [[40], [41]] and [o.finished for o in got] == [False, True]
+    assert got[0].prompt_logprobs == prompt and got[1].prompt_logprobs is None
+    assert got[1].finish_reason == "length" and not router.requests and router.decode[2].unfinished == 0
+
+    got.clear()
+    request(2)
+    router._prompt_logprobs(PromptLogprobs(2, ()))  # a one-token prompt's: empty, but here
+    router._tokens(2, tokens(TokenEntry(2, 40, True, FinishReason.STOP)))
+    assert len(got) == 1 and got[0].prompt_logprobs == () and got[0].finished
+
+    got.clear()
+    req = request(3)
+    router._tokens(2, tokens(TokenEntry(3, 40, True, FinishReason.STOP)))
+    router.to_decode = {2: type("S", (), {"send": lambda self, m: None})()}
+    router._abort(req, "abort")
+    assert [o.finish_reason for o in got] == ["abort"] and not router.requests
+    router._prompt_logprobs(PromptLogprobs(3, prompt))  # late: dropped
+    assert len(got) == 1

@@ -21,7 +21,13 @@ pytestmark = pytest.mark.slow
 TOL = 1e-4
 PROMPTS = ["The capital of France is", "def add(a, b):\n    return"]
 CHAT = {"messages": [{"role": "user", "content": "Name three colors."}], "max_tokens": 6, "temperature": 0}
-TOPOLOGIES = {"inprocess": None, "colocated-1": ["--colocated", "1"]}
+TOPOLOGIES = {  # the PD ones with both prefill paths: chunked, and whole prompts
+    "inprocess": None,
+    "colocated-1": ["--colocated", "1"],
+    "1P1D": ["--prefill", "1", "--decode", "1"],
+    "1P2D-whole-unchunked": ["--prefill", "1", "--decode", "2", "--transfer", "whole",
+                             "--set", "engine.chunked_prefill=false"],
+}
 
 
 @pytest.fixture(scope="module", params=list(TOPOLOGIES))

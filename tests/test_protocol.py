@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from pd_local.cluster.messages import (MAGIC, MESSAGE_TYPES, Abort, DType, Fatal, FinishReason,
                                        Heartbeat, KVEntry, KVHeader, Kind, Prefill, PrefillDone,
-                                       ProtocolError, Ready, RejectReason, Rejected, Reserve,
+                                       ProtocolError, PromptLogprobs, Ready, RejectReason, Rejected, Reserve,
                                        Reserved, Sampling, Shutdown, Stats, TokenEntry, Tokens,
                                        TransferMode, TransferRecord, decode, encode, pack,
                                        unpack)
@@ -39,7 +39,8 @@ token_entries = st.builds(TokenEntry, ids, tok, st.booleans(), st.sampled_from(F
 records = st.builds(TransferRecord, ids, small, any_float, any_float)
 messages = st.one_of(
     st.builds(Reserve, ids, token_lists, samplings),
-    st.builds(Prefill, ids, token_lists, small),
+    st.builds(Prefill, ids, token_lists, small, small, st.none() | small),
+    st.builds(PromptLogprobs, ids, st.lists(logprobs, max_size=40).map(tuple)),
     st.builds(Abort, ids),
     st.builds(KVHeader, st.lists(st.builds(KVEntry, ids, small, small, st.booleans(), small),
                                  max_size=20).map(tuple),

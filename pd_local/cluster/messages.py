@@ -31,6 +31,7 @@ class Kind(enum.IntEnum):
     HEARTBEAT = 11
     SHUTDOWN = 12
     READY = 13
+    PROMPT_LOGPROBS = 14
 
 
 class FinishReason(enum.IntEnum):
@@ -113,6 +114,7 @@ class Prefill:
     prompt_ids: tuple[int, ...]
     decode_rank: int
     skip_tokens: int = 0  # the decode rank holds the KV of [0, skip_tokens) (its prefix cache)
+    prompt_logprobs: int | None = None  # send PromptLogprobs with this many top entries
 
 
 @dataclass(frozen=True)
@@ -235,6 +237,16 @@ class PrefillDone:
 
 
 @dataclass(frozen=True)
+class PromptLogprobs:
+    """Prefill -> router, before the prompt's hidden state leaves for its decode rank: the
+    logprobs of prompt tokens 1..n-1 of a request that asked (Prefill.prompt_logprobs)."""
+
+    KIND: ClassVar[Kind] = Kind.PROMPT_LOGPROBS
+    req_id: int
+    entries: tuple[Logprob, ...]
+
+
+@dataclass(frozen=True)
 class Stats:
     """Worker -> router when idle (a decode rank's Tokens carry the same numbers when busy)."""
 
@@ -283,7 +295,7 @@ class Shutdown:
 
 
 Message = Union[Reserve, Prefill, Abort, KVHeader, Tokens, Reserved, Rejected, PrefillDone,
-                Stats, Fatal, Ready, Heartbeat, Shutdown]
+                Stats, Fatal, Ready, Heartbeat, Shutdown, PromptLogprobs]
 MESSAGE_TYPES: dict[Kind, type] = {cls.KIND: cls for cls in typing.get_args(Message)}
 
 

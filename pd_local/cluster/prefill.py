@@ -1,5 +1,5 @@
 """The prefill rank loop: computes the prompts it is sent and streams each layer's K/V to the
-decode rank that reserved the blocks; never runs lm_head. Chunked (the default) through a
+decode rank that reserved the blocks; runs lm_head only for prompt logprobs. Chunked (the default) through a
 `ChunkedPrefiller`, else whole prompts up to max_prefill_tokens. PrefillDone follows a prompt's
 last sends; an aborted prompt is dropped, sends under way finish."""
 
@@ -15,6 +15,7 @@ import torch
 
 from pd_local.cluster.dist import DistContext
 from pd_local.engine.engine import prefill_hidden, prefix_salt
+from pd_local.engine.logprobs import prompt_logprobs
 from pd_local.engine.kv_cache import blocks_for
 from pd_local.engine import threads as cpu_threads
 from pd_local.engine.prefiller import ChunkedPrefiller
@@ -23,8 +24,8 @@ from pd_local.model.dtype import resolve_dtype
 from pd_local.model.llama import LlamaForCausalLM
 from pd_local.model.weights import load_model
 from pd_local.cluster.channel import Heartbeater, Inbox, Receiver, Sender
-from pd_local.cluster.messages import (Abort, Fatal, KVEntry, Prefill, PrefillDone, ProtocolError,
-                                       Ready, Shutdown, Stats, TransferMode)
+from pd_local.cluster.messages import (Abort, Fatal, KVEntry, Prefill, PrefillDone, PromptLogprobs,
+                                       ProtocolError, Ready, Shutdown, Stats, TransferMode)
 from pd_local.cluster.ipc_transfer import kv_sender
 from pd_local.cluster.transfer import KVShape
 
@@ -117,7 +118,8 @@ class PrefillLoop:
         if self.prefiller is None:
             self.pending.append(msg)
             return
-        self.prefiller.add(msg.req_id, list(msg.prompt_ids), skip=msg.skip_tokens)
+        self.prefiller.add(msg.req_id, list(msg.prompt_ids), skip=msg.skip_tokens,
+                           prompt_logprobs=msg.prompt_logprobs)
         self.dest[msg.req_id] = msg.decode_rank
 
     def _abort(self, req_id: int) -> None:
@@ -160,6 +162,9 @@ class PrefillLoop:
 
         hidden = self.prefiller.run(chunks, on_layer_kv)  # [R, hidden]: the completed prompts
         t_computed = time.monotonic()
+        for req_id, lps in self.prefiller.done_logprobs.items():  # before the hidden states
+            self.to_router.send(PromptLogprobs(req_id, tuple(lps)))
+        self.prefiller.done_logprobs.clear()
         for d, (a, b) in rows.items():
             self.kv[d].hidden(hidden[a:b])
         for d in rows:
@@ -188,6 +193,7 @@ class PrefillLoop:
         pieces: dict[int, list[tuple[int, int]]] = {}  # destination -> its token ranges to send
         rows: dict[int, tuple[int, int]] = {}  # destination -> (first row, end row) of its requests
         tok, row = 0, 0
+        starts: list[int] = []  # each prompt's first row of the batch
         for d, group in itertools.groupby(batch, key=lambda p: p.decode_rank):
             group = list(group)
             if d not in self.kv:
@@ -195,6 +201,7 @@ class PrefillLoop:
                                     f"rank {self.ctx.rank} (links: {sorted(self.kv)})")
             pieces[d] = []
             for p in group:  # the decode rank's prefix cache holds [0, skip_tokens)
+                starts.append(tok)
                 pieces[d].append((tok + p.skip_tokens, tok + len(p.prompt_ids)))
                 tok += len(p.prompt_ids)
             rows[d] = (row, row + len(group))
@@ -207,9 +214,17 @@ class PrefillLoop:
             for d, ranges in pieces.items():
                 self.kv[d].layer(layer, *rows_of(k, v, ranges))
 
+        asked = [(p, a) for p, a in zip(batch, starts) if p.prompt_logprobs is not None]
         hidden = prefill_hidden(self.model, [list(p.prompt_ids) for p in batch], self.ctx.device,
-                                on_layer_kv=on_layer_kv)  # [B, hidden]
+                                on_layer_kv=on_layer_kv, all_rows=bool(asked))  # [B or T, hidden]
         t_computed = time.monotonic()
+        for p, a in asked:  # before the hidden states
+            n = len(p.prompt_ids)
+            lps = prompt_logprobs(self.model.compute_logits, hidden[a:a + n - 1], list(p.prompt_ids[1:]),
+                                  p.prompt_logprobs or 0)
+            self.to_router.send(PromptLogprobs(p.req_id, tuple(lps)))
+        if asked:
+            hidden = hidden[[a + len(p.prompt_ids) - 1 for p, a in zip(batch, starts)]]  # [B, hidden]
         for d, (a, b) in rows.items():
             self.kv[d].hidden(hidden[a:b])
         for d in rows:

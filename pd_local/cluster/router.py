@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from pd_local.api.backend import BackendStats, RankStats, RequestOutput, Timeline
 from pd_local.cluster.dist import DistContext
 from pd_local.cluster.channel import Heartbeater, Inbox, LinkDown, Receiver, Sender
-from pd_local.cluster.messages import (Abort, Fatal, FinishReason, Prefill, PrefillDone, Ready,
-                                       RejectReason, Rejected, Reserve, Reserved, Sampling,
-                                       Shutdown, Stats, TokenEntry, Tokens)
+from pd_local.cluster.messages import (Abort, Fatal, FinishReason, Prefill, PrefillDone,
+                                       PromptLogprobs, Ready, RejectReason, Rejected, Reserve,
+                                       Reserved, Sampling, Shutdown, Stats, TokenEntry, Tokens)
 from pd_local.cluster.prefix_index import Candidate, PrefixIndex, choose
 from pd_local.engine.kv_cache import block_hashes
+from pd_local.engine.logprobs import Logprob
 from pd_local.engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,17 @@ class _Request:
     first_token: bool = True
     hashes: list[bytes] = field(default_factory=list)  # full-block hashes ("prefix" routing)
     cached_tokens: int = 0  # prompt tokens its prefill rank did not compute (prefix cache)
+    # sampling.prompt_logprobs: the prompt's, once here (colocated: with the first token; PD:
+    # PromptLogprobs from the prefill rank, which may come after the decode rank's tokens:
+    # outputs wait in `held`, a normal finish in `deferred`, so the first output carries them)
+    prompt_lps: tuple[Logprob, ...] | None = None
+    lps_sent: bool = False
+    held: list[RequestOutput] = field(default_factory=list)
+    deferred: tuple[str, TokenEntry | None] | None = None
+
+    @property
+    def awaits_prompt_lps(self) -> bool:
+        return self.sampling.prompt_logprobs is not None and self.prompt_lps is None
 
 
 @dataclass
@@ -200,15 +212,42 @@ class Router:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(req.queue.put_nowait, out)
 
+    def _emit(self, req: _Request, out: RequestOutput) -> None:
+        """Deliver out, the prompt's logprobs on the first output; hold it while they are due."""
+        if req.awaits_prompt_lps:
+            req.held.append(out)
+            return
+        if req.prompt_lps is not None and not req.lps_sent:
+            out.prompt_logprobs, req.lps_sent = req.prompt_lps, True
+        self._deliver(req, out)
+
+    def _prompt_logprobs(self, msg: PromptLogprobs) -> None:
+        req = self.requests.get(msg.req_id)
+        if req is None:
+            return  # ended meanwhile (abort, error): nothing waits for them
+        req.prompt_lps = msg.entries
+        held, req.held = req.held, []
+        for out in held:
+            self._emit(req, out)
+        if req.deferred is not None:
+            self._finish(req, *req.deferred)
+
     def _finish(self, req: _Request, reason: str, last: TokenEntry | None = None,
                 error: str | None = None) -> None:
+        if error is None and reason in ("stop", "length") and req.awaits_prompt_lps:
+            req.deferred = (reason, last)  # finished on its decode rank: ends once they come
+            return
         self.requests.pop(req.req_id, None)
         self.decode[req.decode].unfinished -= 1
         req.timeline.mark("finished")
         prefill = req.decode if self.colocated else req.prefill  # None: not routed to one yet
         out = RequestOutput(req.req_id, [], True, reason, error, req.timeline.durations_ms(),
                             req.cached_tokens, prefill, req.decode)
-        self._deliver(req, out if last is None else _with_token(out, last))
+        out = out if last is None else _with_token(out, last)
+        if error is not None or reason not in ("stop", "length"):
+            self._deliver(req, out)  # aborted or failed: what was held no longer matters
+        else:
+            self._emit(req, out)
 
     def _command(self, kind: str, arg: object) -> None:
         if kind == "submit":
@@ -266,7 +305,7 @@ class Router:
             self.prefill[p].unfinished += 1
             self._prefill_tokens[req.req_id] = (p, n, len(req.prompt_ids))
             self.to_prefill[p].send(Prefill(req.req_id, req.prompt_ids, req.decode,
-                                            msg.cached_tokens))
+                                            msg.cached_tokens, req.sampling.prompt_logprobs))
         elif isinstance(msg, PrefillDone):
             cached = msg.cached_tokens or (0,) * len(msg.req_ids)
             for req_id, n in zip(msg.req_ids, cached):
@@ -279,6 +318,8 @@ class Router:
                     req.cached_tokens = n
                     req.timeline.mark("prefill_start", msg.t_start)
                     req.timeline.mark("prefill_end", msg.t_end)
+        elif isinstance(msg, PromptLogprobs):
+            self._prompt_logprobs(msg)
         elif isinstance(msg, Rejected):
             req = self.requests.get(msg.req_id)
             if req is not None:
@@ -327,13 +368,15 @@ class Router:
                 req.timeline.mark("first_token", msg.t)
                 if self.colocated:  # its prompt was computed here
                     rank.prefilled_tokens += len(req.prompt_ids) - e.cached_tokens
+                if self.colocated and req.sampling.prompt_logprobs is not None:
+                    req.prompt_lps = e.prompt_logprobs  # computed with the first token
             if e.cached_tokens:  # the first token's prefix hit (PD: the prefill rank's, as in PrefillDone)
                 req.cached_tokens = e.cached_tokens
             if e.finished:
                 self._finish(req, FINISH_NAMES.get(e.finish_reason, "stop"), e)
             else:
-                self._deliver(req, _with_token(RequestOutput(req.req_id, [],
-                                                             cached_tokens=req.cached_tokens), e))
+                self._emit(req, _with_token(RequestOutput(req.req_id, [],
+                                                          cached_tokens=req.cached_tokens), e))
 
     def _rank(self, rank: int) -> _Rank:
         return self.decode[rank] if rank in self.decode else self.prefill[rank]
@@ -399,8 +442,7 @@ class Router:
 
 
 def _with_token(out: RequestOutput, e: TokenEntry) -> RequestOutput:
-    """out carrying e's token, its logprob and (colocated, first token) the prompt's."""
+    """out carrying e's token and its logprob."""
     out.token_ids = [e.token_id]
     out.logprobs = list(e.logprob) or None
-    out.prompt_logprobs = e.prompt_logprobs or None
     return out

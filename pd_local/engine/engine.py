@@ -43,10 +43,11 @@ def prefill_hidden(
     kv_cache: PagedKVCache | None = None,
     slot_mapping: list[int] | None = None,
     on_layer_kv: LayerKVHook | None = None,
+    all_rows: bool = False,
 ) -> torch.Tensor:
     """Prefill a batch of token lists; returns the final hidden state of each one's last
-    position, [B, hidden]. The K/V of every layer go to kv_cache (at slot_mapping) and/or to
-    on_layer_kv; a prefill rank passes only the hook and keeps nothing."""
+    position, [B, hidden] (all_rows: of every position, [T, hidden]). The K/V of every layer go
+    to kv_cache (at slot_mapping) and/or to on_layer_kv; a prefill rank passes only the hook."""
     lens = [len(p) for p in prompts]
     ids = host_to_device([t for p in prompts for t in p], device)  # [T]
     pos = host_to_device([i for n in lens for i in range(n)], device)  # [T]
@@ -55,6 +56,8 @@ def prefill_hidden(
         slots = host_to_device(slot_mapping, device)  # [T]
     meta = AttentionMetadata.prefill(lens, slots)
     hidden = model(ids, pos, meta, kv_cache, on_layer_kv)  # [T, hidden]
+    if all_rows:
+        return hidden
     last = host_to_device(meta.cu_seqlens[1:], device) - 1  # [B]
     return hidden[last]
 

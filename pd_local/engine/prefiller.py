@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from pd_local.engine.kv_cache import BlockAllocator, block_hashes, blocks_for, slots_for
+from pd_local.engine.logprobs import Logprob, prompt_logprobs
 from pd_local.engine.prefill_queue import Chunk, PrefillJob, PrefillQueue
 from pd_local.model.attention import AttentionMetadata, host_to_device
 from pd_local.model.kv_cache import PagedKVCache
@@ -62,15 +63,23 @@ class ChunkedPrefiller:
         self.hashes: dict[int, list[bytes]] = {}  # req_id -> its full blocks' ids (caching)
         self.registered: dict[int, int] = {}  # req_id -> its blocks registered so far
         self.prefix_hit_tokens = 0  # prompt tokens not computed thanks to the cache, since start
+        self.logprobs: dict[int, tuple[int, list[Logprob]]] = {}  # req_id -> (top k, so far)
+        self.done_logprobs: dict[int, list[Logprob]] = {}  # completed by run(): take them
 
-    def add(self, req_id: int, prompt_ids: list[int], skip: int = 0) -> None:
-        """Queue a prompt; its destination holds the KV of [0, skip) already."""
+    def add(self, req_id: int, prompt_ids: list[int], skip: int = 0,
+            prompt_logprobs: int | None = None) -> None:
+        """Queue a prompt; its destination holds the KV of [0, skip) already. With
+        prompt_logprobs (top k; then skip must be 0), run() completes done_logprobs[req_id]."""
         if not 0 <= skip < len(prompt_ids):
             raise ValueError(f"request {req_id}: skip {skip} outside [0, {len(prompt_ids)})")
         need = blocks_for(len(prompt_ids), self.block_size)
         if need > self.allocator.num_total:
             raise ValueError(f"request {req_id}: {len(prompt_ids)} tokens need {need} blocks, "
                              f"the prefill cache has {self.allocator.num_total}")
+        if prompt_logprobs is not None:
+            if skip:
+                raise ValueError(f"request {req_id}: prompt logprobs need every position, skip is {skip}")
+            self.logprobs[req_id] = (prompt_logprobs, [])
         self.queue.add(req_id, len(prompt_ids))
         self.prompts[req_id] = list(prompt_ids)
         self.skip[req_id] = skip
@@ -85,6 +94,7 @@ class ChunkedPrefiller:
     def _forget(self, req_id: int) -> None:
         del self.prompts[req_id], self.skip[req_id]
         self.hashes.pop(req_id, None)
+        self.logprobs.pop(req_id, None)
         self.registered.pop(req_id, None)
         self.allocator.free(self.blocks.pop(req_id, []))
 
@@ -162,6 +172,14 @@ class ChunkedPrefiller:
         last = [c.row + c.end - c.start - 1 for c in chunks if c.is_last]
         for c in chunks:
             self._register(c.req_id, c.end)
+            if c.req_id in self.logprobs:
+                k, got = self.logprobs[c.req_id]
+                prompt = self.prompts[c.req_id]
+                end = min(c.end, len(prompt) - 1)  # the last position predicts no prompt token
+                rows = hidden[c.row:c.row + end - c.start]
+                got += prompt_logprobs(self.model.compute_logits, rows, prompt[c.start + 1:end + 1], k)
+                if c.is_last:
+                    self.done_logprobs[c.req_id] = got
         for job in self.queue.advance([c.planned for c in chunks]):
             self._forget(job.key)
         return hidden[host_to_device(last, dev)]
