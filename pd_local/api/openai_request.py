@@ -23,7 +23,6 @@ UNSUPPORTED = {
     "tool_choice": "tool calling is not supported",
     "functions": "function calling is not supported",
     "function_call": "function calling is not supported",
-    "logit_bias": "logit_bias is not supported",
     "best_of": "best_of is not supported",
     "suffix": "suffix is not supported",
     "parallel_tool_calls": "tool calling is not supported",
@@ -34,11 +33,8 @@ UNSUPPORTED = {
     "reasoning_effort": "this server has no reasoning-effort setting",
     "web_search_options": "web search is not supported",
 }
-# Sampling fields accepted at the value that changes nothing; any other value is refused.
-NO_OP_ONLY: dict[str, Any] = {
-    "presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1, "min_tokens": 0,
-    "min_p": 0, "stop_token_ids": [],
-}
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI
+MAX_STOP_TOKEN_IDS = 64
 
 
 class RequestError(ValueError):
@@ -143,6 +139,39 @@ def _logprobs(body: dict[str, Any], kind: str) -> tuple[int | None, bool]:
     return k, _boolean(body, "echo")
 
 
+def _token_ids(body: dict[str, Any], name: str, vocab: int) -> list[int]:
+    v = body.get(name)
+    if v is None:
+        return []
+    if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+        raise RequestError(f"'{name}' must be a list of token ids", name)
+    if len(v) > MAX_STOP_TOKEN_IDS or any(not 0 <= t < vocab for t in v):
+        raise RequestError(f"'{name}' takes at most {MAX_STOP_TOKEN_IDS} ids in [0, {vocab})", name)
+    return v
+
+
+def _logit_bias(body: dict[str, Any], vocab: int) -> dict[int, float]:
+    """OpenAI's {"token id": bias in [-100, 100]}."""
+    v = body.get("logit_bias")
+    if v is None:
+        return {}
+    if not isinstance(v, dict) or len(v) > MAX_LOGIT_BIAS:
+        raise RequestError(f"'logit_bias' must be an object of at most {MAX_LOGIT_BIAS} "
+                           "token id -> bias entries", "logit_bias")
+    out: dict[int, float] = {}
+    for key, bias in v.items():
+        try:
+            tid = int(key)
+        except (TypeError, ValueError):
+            tid = -1
+        if not 0 <= tid < vocab:
+            raise RequestError(f"'logit_bias' key {key!r} is not a token id in [0, {vocab})", "logit_bias")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise RequestError(f"'logit_bias' of token {key}: a number in [-100, 100], got {bias!r}", "logit_bias")
+        out[tid] = float(bias)
+    return out
+
+
 def _prompt_ids(body: dict[str, Any], kind: str, tokenizer: Tokenizer) -> list[int]:
     if kind == "chat":
         if "messages" not in body:
@@ -197,10 +226,6 @@ def parse_request(
     for name, why in UNSUPPORTED.items():
         if body.get(name) not in (None, False, [], {}):
             raise RequestError(f"'{name}': {why}", name, code="unsupported_parameter")
-    for name, neutral in NO_OP_ONLY.items():
-        if body.get(name) is not None and body[name] != neutral:
-            raise RequestError(f"'{name}': only {neutral!r} (no effect) is supported, got "
-                               f"{body[name]!r}", name, code="unsupported_parameter")
     fmt = body.get("response_format")
     if fmt is not None and fmt != {"type": "text"}:
         kind_ = fmt.get("type") if isinstance(fmt, dict) else fmt
@@ -243,6 +268,15 @@ def parse_request(
         raise RequestError(f"'{name}' must be in [{lo}, {MAX_TOKENS_LIMIT}], got {max_tokens}", name)
     stop = _stop(body)
     ignore_eos = _boolean(body, "ignore_eos")
+    presence = _number(body, "presence_penalty", 0.0, -2.0, 2.0)
+    frequency = _number(body, "frequency_penalty", 0.0, -2.0, 2.0)
+    repetition = _number(body, "repetition_penalty", 1.0, 0.0, 2.0, lo_open=True)
+    min_p = _number(body, "min_p", 0.0, 0.0, 1.0)
+    min_tokens = _integer(body, "min_tokens") or 0
+    if not 0 <= min_tokens <= (max_tokens if max_tokens is not None else MAX_TOKENS_LIMIT):
+        raise RequestError(f"'min_tokens' must be in [0, max_tokens], got {min_tokens}", "min_tokens")
+    stop_ids = _token_ids(body, "stop_token_ids", tokenizer.vocab_size)
+    bias = _logit_bias(body, tokenizer.vocab_size)
     prompt_ids = _prompt_ids(body, kind, tokenizer)
     room = max_model_len - len(prompt_ids)
     if room < 1:
@@ -258,8 +292,16 @@ def parse_request(
         seed=seed,
         max_tokens=1 if score_only else min(max_tokens or room, room),  # score_only: one, dropped
         ignore_eos=ignore_eos,
+        stop_token_ids=tuple(stop_ids),
         logprobs=logprobs,
         prompt_logprobs=logprobs if echo else None,
+        presence_penalty=presence,
+        frequency_penalty=frequency,
+        repetition_penalty=repetition,
+        min_tokens=min_tokens,
+        min_p=min_p,
+        logit_bias_ids=tuple(bias),
+        logit_bias_values=tuple(bias.values()),
     )
     echo_text = None
     if echo:

@@ -93,6 +93,13 @@ class Sampling:
     stop_token_ids: tuple[int, ...] = ()
     logprobs: int | None = None  # top entries with each sampled token's logprob; None: none
     prompt_logprobs: int | None = None  # the same for the prompt's tokens
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    min_p: float = 0.0
+    logit_bias_ids: tuple[int, ...] = ()
+    logit_bias_values: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from pd_local.model.kv_cache import PagedKVCache
 from pd_local.model.attention import AttentionMetadata, host_to_device, write_kv
 from pd_local.model.llama import LayerKVHook, LlamaForCausalLM
 from pd_local.engine.logprobs import Logprob, logprobs_of, prompt_logprobs
-from pd_local.engine.sampling import SamplingParams, sample
+from pd_local.engine.sampling import SamplingParams, adjust_logits, sample
 from pd_local.engine.scheduler import Scheduler, SchedulerOutput, Sequence
 
 log = logging.getLogger(__name__)
@@ -289,7 +289,14 @@ class Engine:
             row += c.end - c.start
 
     def _append_tokens(self, seqs: list[Sequence], logits: torch.Tensor) -> list[TokenEvent]:
-        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        params = [s.params for s in seqs]
+        adjusted = logits
+        if any(p.adjusts_logits for p in params):  # penalties, logit bias, min_tokens
+            stops = [frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.stop_token_ids)
+                     for p in params]
+            adjusted = adjust_logits(logits, params, [s.prompt_ids for s in seqs],
+                                     [s.output_ids for s in seqs], stops)
+        tokens = sample(adjusted, params, [s.generator for s in seqs])  # logprobs: of the raw logits
         events = []
         for i, (seq, tok) in enumerate(zip(seqs, tokens)):
             seq.output_ids.append(tok)

@@ -1,5 +1,6 @@
-"""Sampling (greedy, temperature, top-k, top-p) with a `torch.Generator` per request: a seeded
-request's tokens depend only on its logits and seed, never on its batch or topology."""
+"""Sampling (penalties, logit bias, greedy, temperature, top-k, top-p, min-p) with a
+`torch.Generator` per request: a seeded request's tokens depend only on its logits, its own
+tokens and its seed, never on its batch or topology."""
 
 from __future__ import annotations
 
@@ -22,6 +23,14 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # sampled tokens' logprobs with this many top ones; None = off
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
+    # as vLLM: presence/frequency over the output's tokens, repetition over prompt + output
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0  # stop tokens cannot be sampled before this many outputs
+    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one
+    logit_bias_ids: tuple[int, ...] = ()  # added to these tokens' logits
+    logit_bias_values: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.temperature <= 100.0):
@@ -38,6 +47,18 @@ class SamplingParams:
             k = getattr(self, name)
             if k is not None and not 0 <= k <= MAX_TOP_LOGPROBS:
                 raise ValueError(f"{name} must be None or in [0, {MAX_TOP_LOGPROBS}], got {k}")
+        if not (0.0 < self.repetition_penalty <= 100.0):
+            raise ValueError(f"repetition_penalty must be in (0, 100], got {self.repetition_penalty}")
+        if not (0.0 <= self.min_p <= 1.0) or self.min_tokens < 0:
+            raise ValueError(f"min_p must be in [0, 1] and min_tokens >= 0, got {self.min_p}, {self.min_tokens}")
+        if len(self.logit_bias_ids) != len(self.logit_bias_values):
+            raise ValueError("logit_bias_ids and logit_bias_values must have the same length")
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Anything for adjust_logits to do (a request without it costs nothing there)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.min_tokens or self.logit_bias_ids)
 
     @property
     def greedy(self) -> bool:
@@ -50,6 +71,33 @@ class SamplingParams:
         g = torch.Generator(device="cpu")
         g.manual_seed(self.seed if self.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
         return g
+
+
+def adjust_logits(logits: torch.Tensor, params: list[SamplingParams], prompts: list[list[int]],
+                  outputs: list[list[int]], stop_ids: list[frozenset[int]]) -> torch.Tensor:
+    """logits [B, V] with each row's penalties, logit bias and min_tokens applied (a copy; the
+    same tensor when no row asks): row i's request has prompts[i], outputs[i] so far, and
+    stop_ids[i] are the tokens min_tokens keeps out."""
+    rows = [i for i, p in enumerate(params) if p.adjusts_logits]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    dev, vocab = logits.device, logits.shape[1]
+    for i in rows:
+        p, row = params[i], logits[i]
+        if p.logit_bias_ids:
+            ids = torch.tensor(p.logit_bias_ids, device=dev)
+            row.index_add_(0, ids, torch.tensor(p.logit_bias_values, device=dev, dtype=row.dtype))
+        if p.repetition_penalty != 1.0:  # seen tokens: positive logits divided, negative multiplied
+            seen = torch.tensor(sorted(set(prompts[i]) | set(outputs[i])), device=dev, dtype=torch.long)
+            x = row[seen]
+            row[seen] = torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and outputs[i]:
+            counts = torch.bincount(torch.tensor(outputs[i], device=dev), minlength=vocab)[:vocab]
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+        if len(outputs[i]) < p.min_tokens and stop_ids[i]:
+            row[torch.tensor(sorted(stop_ids[i]), device=dev)] = float("-inf")
+    return logits
 
 
 def sample(
@@ -71,7 +119,10 @@ def sample(
             row = row.masked_fill(row < kth, float("-inf"))
         if p.top_p < 1.0:
             row = _top_p(row, p.top_p)
-        out[i] = _draw(row.softmax(-1), g)
+        probs = row.softmax(-1)
+        if p.min_p:
+            probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+        out[i] = _draw(probs, g)
     return out
 
 

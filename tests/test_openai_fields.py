@@ -1,6 +1,7 @@
-"""Logprobs over HTTP, float32 SmolLM2 in every topology, against transformers: completions'
-`logprobs` + `echo` (also `max_tokens: 0` and a batch of prompts, as lm-eval sends them) and
-chat's `logprobs` / `top_logprobs`, streamed and whole."""
+"""OpenAI fields as clients send them, over HTTP, float32 SmolLM2 in every topology, against
+transformers: completions' `logprobs` + `echo` (also `max_tokens: 0` and a batch of prompts, as
+lm-eval sends them), chat's `logprobs` / `top_logprobs`, streamed and whole; the sampling
+fields (penalties, logit bias, min_tokens, min_p, stop_token_ids)."""
 
 from __future__ import annotations
 
@@ -165,6 +166,14 @@ def test_chat_logprobs_equal_transformers_streamed_or_not(url: str, hf, tok: Tok
 
 
 BAD = [
+    ("chat/completions", {**CHAT, "presence_penalty": 2.5}, "presence_penalty"),
+    ("chat/completions", {**CHAT, "frequency_penalty": "high"}, "frequency_penalty"),
+    ("chat/completions", {**CHAT, "repetition_penalty": 0}, "repetition_penalty"),
+    ("chat/completions", {**CHAT, "min_tokens": 7}, "min_tokens"),  # past max_tokens
+    ("chat/completions", {**CHAT, "min_p": 1.5}, "min_p"),
+    ("chat/completions", {**CHAT, "stop_token_ids": [-1]}, "stop_token_ids"),
+    ("chat/completions", {**CHAT, "logit_bias": {"cat": 3}}, "logit_bias"),
+    ("chat/completions", {**CHAT, "logit_bias": {"5": 101}}, "logit_bias"),
     ("chat/completions", {**CHAT, "top_logprobs": 3}, "top_logprobs"),
     ("chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ("chat/completions", {**CHAT, "echo": True}, "echo"),
@@ -190,3 +199,48 @@ def test_offline_generate_refuses_logprobs_naming_them(smollm2_f32_dir: Path, tm
     first, second = [json.loads(line) for line in dst.read_text().splitlines()]
     assert first["error"]["param"] == "logprobs" and "HTTP API" in first["error"]["message"]
     assert second["text"] and "error" not in second
+
+
+@pytest.fixture(scope="module")
+def engine(smollm2_f32_dir: Path, tok: Tokenizer):
+    from pd_local.engine.engine import Engine
+    from pd_local.model.weights import load_model
+
+    return Engine(load_model(smollm2_f32_dir, torch.float32)[0], EngineConfig(kv_cache_gb=0.1),
+                  stop_token_ids=tok.stop_token_ids)
+
+
+def test_sampling_fields_do_what_they_say_in_every_topology(url: str, hf, tok: Tokenizer, engine) -> None:
+    """Greedy with repetition_penalty equals transformers'; neutral values change nothing;
+    stop_token_ids, logit_bias and min_tokens act; a seeded sample with every field set gives
+    the offline engine's tokens (the same seed gives the same text in any topology)."""
+    from pd_local.engine.sampling import SamplingParams
+
+    poem = {"messages": [{"role": "user", "content": "Write a poem about the sea."}], "max_tokens": 16,
+            "temperature": 0}
+    prompt = tok.encode_chat(poem["messages"])
+    plain = post(url, "chat/completions", poem)["choices"][0]["message"]["content"]
+    neutral = {"presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1, "min_tokens": 0,
+               "min_p": 0, "stop_token_ids": [], "logit_bias": {}}
+    assert post(url, "chat/completions", {**poem, **neutral})["choices"][0]["message"]["content"] == plain
+    rep = post(url, "chat/completions", {**poem, "repetition_penalty": 1.5})["choices"][0]["message"]["content"]
+    assert rep != plain and rep == tok.decode(hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
+                                                          pad_token_id=0, repetition_penalty=1.5)[0, len(prompt):].tolist())
+    first = greedy(hf, prompt, 3)
+    stopped = post(url, "chat/completions", {**poem, "stop_token_ids": [first[2]]})
+    assert stopped["choices"][0]["finish_reason"] == "stop" and stopped["usage"]["completion_tokens"] == 3
+    biased = post(url, "chat/completions", {**poem, "logit_bias": {str(first[0]): -100}})
+    assert not biased["choices"][0]["message"]["content"].startswith(tok.decode(first[:1]))
+    hi = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 60}
+    short = post(url, "chat/completions", hi)["usage"]["completion_tokens"]
+    longer = post(url, "chat/completions", {**hi, "min_tokens": short + 4})["usage"]["completion_tokens"]
+    assert short < 60 and longer >= short + 4
+
+    fields = {"presence_penalty": 0.4, "frequency_penalty": 0.3, "repetition_penalty": 1.1, "min_p": 0.05,
+              "min_tokens": 2, "logit_bias": {"13": 1.5}}
+    body = {**poem, "temperature": 0.9, "seed": 5, **fields}
+    got = post(url, "chat/completions", body)["choices"][0]["message"]["content"]
+    params = SamplingParams(temperature=0.9, seed=5, max_tokens=16, presence_penalty=0.4, frequency_penalty=0.3,
+                            repetition_penalty=1.1, min_p=0.05, min_tokens=2, logit_bias_ids=(13,),
+                            logit_bias_values=(1.5,))
+    assert got == tok.decode(engine.generate([prompt], params)[0][0])
