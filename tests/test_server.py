@@ -229,8 +229,20 @@ def test_a_batch_of_prompts_gives_each_prompts_own_completion(url: str) -> None:
     by_ids = httpx.post(f"{url}/v1/completions", json={**common, "prompt": ids}, timeout=60).json()
     one = httpx.post(f"{url}/v1/completions", json={**common, "prompt": ids[1]}, timeout=60).json()
     assert by_ids["choices"][1]["text"] == one["choices"][0]["text"]
-    r = httpx.post(f"{url}/v1/completions", json={**common, "prompt": prompts, "stream": True}, timeout=60)
-    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    # streamed: one stream, every chunk naming its prompt's index, each index's text as alone
+    with httpx.stream("POST", f"{url}/v1/completions", timeout=60,
+                      json={**common, "prompt": prompts, "stream": True,
+                            "stream_options": {"include_usage": True}}) as r:
+        chunks = sse_chunks(r)
+    assert chunks[-1] == "[DONE]"
+    usage = chunks[-2]
+    assert usage["choices"] == [] and usage["usage"] == batch["usage"] and len(usage["pd_local"]["choices"]) == 3
+    body = [c for c in chunks[:-2] if isinstance(c, dict)]
+    assert len({c["id"] for c in body} | {usage["id"]}) == 1
+    texts = ["".join(c["choices"][0]["text"] for c in body if c["choices"][0]["index"] == i) for i in range(3)]
+    assert texts == [a["choices"][0]["text"] for a in alone]
+    finishes = [c["choices"][0]["index"] for c in body if c["choices"][0]["finish_reason"]]
+    assert sorted(finishes) == [0, 1, 2]
 
 
 @pytest.mark.parametrize("stream", [False, True])

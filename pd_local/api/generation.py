@@ -41,6 +41,7 @@ class Generation:
         self.ranks: tuple[int | None, int | None] = (None, None)  # (prefill, decode)
         self.cached_tokens = 0
         self.done = False
+        self.index = 0  # the choice's index in its response (a batch of prompts: the prompt's)
         self.id = ("chatcmpl-" if req.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.t_start = time.monotonic()
@@ -142,48 +143,38 @@ class Generation:
     def _chunk(self, delta: dict[str, Any] | str | None, finish: str | None,
                logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
         if self.req.kind == "chat":
-            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+            choice = {"index": self.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             obj = "chat.completion.chunk"
         else:
-            choice = {"index": 0, "text": delta, "logprobs": logprobs, "finish_reason": finish}
+            choice = {"index": self.index, "text": delta, "logprobs": logprobs, "finish_reason": finish}
             obj = "text_completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.app.settings.model_name,
                 "choices": [choice]}
 
-    async def sse_events(self) -> AsyncIterator[dict[str, str]]:
-        try:
-            if self.req.kind == "chat":
-                yield {"data": json.dumps(self._chunk({"role": "assistant", "content": ""}, None))}
-            first = True
-            while True:
-                try:
-                    delta = await self.next_delta()
-                    if delta is None:
-                        break
-                    echo, first = first and self.req.echo is not None, False
-                    delta = (self.req.echo or "") + delta if echo else delta
-                    asked = self.new_tokens and self.req.logprobs is not None
-                    lps = self.logprobs(echo) if delta or echo or asked else None
-                except RuntimeError as e:
-                    err = {"error": {"message": str(e), "type": "server_error", "param": None, "code": "generation_failed"}}
-                    yield {"data": json.dumps(err)}
-                    break
-                if delta or echo or asked:
-                    yield {"data": json.dumps(self._chunk({"content": delta} if self.req.kind == "chat" else delta,
-                                                          None, lps))}
-                if self.done:
-                    last = self._chunk({} if self.req.kind == "chat" else "", self.finish_reason)
-                    ext = {"pd_local": self.extension()}
-                    if self.req.include_usage:
-                        yield {"data": json.dumps(last)}
-                        usage_chunk = {**self._chunk(None, None), "choices": [], "usage": self.usage(), **ext}
-                        yield {"data": json.dumps(usage_chunk)}
-                    else:
-                        yield {"data": json.dumps({**last, **ext})}
-                    break
-            yield {"data": "[DONE]"}
-        finally:
-            self.abandon()  # no-op when finished; a disconnect lands here via cancellation
+    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
+        """This choice's stream chunks, its last with finish_reason (and its `pd_local` unless a
+        usage chunk follows); an error ends it with an `error` object."""
+        if self.req.kind == "chat":
+            yield self._chunk({"role": "assistant", "content": ""}, None)
+        first = True
+        while True:
+            try:
+                delta = await self.next_delta()
+                if delta is None:
+                    return
+                echo, first = first and self.req.echo is not None, False
+                delta = (self.req.echo or "") + delta if echo else delta
+                asked = self.new_tokens and self.req.logprobs is not None
+                lps = self.logprobs(echo) if delta or echo or asked else None
+            except RuntimeError as e:
+                yield {"error": {"message": str(e), "type": "server_error", "param": None, "code": "generation_failed"}}
+                return
+            if delta or echo or asked:
+                yield self._chunk({"content": delta} if self.req.kind == "chat" else delta, None, lps)
+            if self.done:
+                last = self._chunk({} if self.req.kind == "chat" else "", self.finish_reason)
+                yield last if self.req.include_usage else {**last, "pd_local": self.extension()}
+                return
 
     async def whole_response(self, request: Request) -> Response:
         done = await self.whole(request)
@@ -230,14 +221,58 @@ async def whole_batch(gens: list[Generation], request: Request) -> Response:
     for d in done:
         if isinstance(d, Response):
             return d
-    usage = [g.usage() for g in gens]
-    total = {k: sum(u[k] for u in usage) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
-    total["prompt_tokens_details"] = {"cached_tokens": sum(u["prompt_tokens_details"]["cached_tokens"]
-                                                           for u in usage)}
+    total = total_usage(gens)
     first = gens[0]
     return JSONResponse({
         "id": first.id, "object": "text_completion", "created": first.created,
         "model": first.app.settings.model_name,
-        "choices": [{**d, "index": i} for i, d in enumerate(done)],  # type: ignore[dict-item]
+        "choices": [{**d, "index": g.index} for g, d in zip(gens, done)],  # type: ignore[dict-item]
         "usage": total, "pd_local": {"choices": [g.extension() for g in gens]},
     })
+
+
+async def sse_events(gens: list[Generation]) -> AsyncIterator[dict[str, str]]:
+    """One SSE stream of every choice's chunks as they come (each with its index), then the
+    usage chunk (include_usage: summed, with the `pd_local` extension) and [DONE]. An error in
+    one choice ends the stream after its error event; the others are aborted."""
+    merged: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+
+    async def pump(g: Generation) -> None:
+        try:
+            async for chunk in g.chunks():
+                await merged.put(chunk)
+        finally:
+            await merged.put(None)
+
+    tasks = [asyncio.ensure_future(pump(g)) for g in gens]
+    try:
+        running = len(gens)
+        while running:
+            chunk = await merged.get()
+            if chunk is None:
+                running -= 1
+                continue
+            yield {"data": json.dumps(chunk)}
+            if "error" in chunk:
+                break
+        else:
+            if gens[0].req.include_usage:
+                first = gens[0]
+                ext = first.extension() if len(gens) == 1 else {"choices": [g.extension() for g in gens]}
+                chunk = {**first._chunk(None, None), "choices": [], "usage": total_usage(gens), "pd_local": ext}
+                yield {"data": json.dumps(chunk)}
+        yield {"data": "[DONE]"}
+    finally:
+        for t in tasks:
+            t.cancel()
+        for g in gens:
+            g.abandon()  # no-op when finished; a disconnect lands here via cancellation
+
+
+def total_usage(gens: list[Generation]) -> dict[str, Any]:
+    """The usage of several choices together: sums (n > 1 would count its one prompt once)."""
+    usage = [g.usage() for g in gens]
+    total = {k: sum(u[k] for u in usage) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    total["prompt_tokens_details"] = {"cached_tokens": sum(u["prompt_tokens_details"]["cached_tokens"]
+                                                           for u in usage)}
+    return total

@@ -203,9 +203,6 @@ def split_prompts(body: Any) -> list[Any]:
     if not isinstance(prompt, list) or not prompt:
         return [body]
     if all(isinstance(p, str) for p in prompt) or all(isinstance(p, list) for p in prompt):
-        if body.get("stream"):
-            raise RequestError("'prompt': several prompts cannot be streamed yet; send one per "
-                               "request", "prompt", code="unsupported_parameter")
         return [{**body, "prompt": p} for p in prompt]
     return [body]
 

@@ -28,7 +28,7 @@ from pd_local.api.backend import Backend
 from pd_local.api.cluster import RateMeter, cluster_view
 from pd_local.api.metrics import Metrics
 from pd_local.api.openai_request import RequestError, parse_request, split_prompts
-from pd_local.api.generation import Generation, error_response, whole_batch
+from pd_local.api.generation import Generation, error_response, sse_events, whole_batch
 from pd_local.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -140,8 +140,9 @@ class App:
                     g.abandon()
                 raise
             gens.append(Generation(self, req, req_id, outputs))
+            gens[-1].index, gens[-1].id, gens[-1].created = len(gens) - 1, gens[0].id, gens[0].created
         if reqs[0].stream:
-            return EventSourceResponse(gens[0].sse_events(), sep="\n", ping=15)
+            return EventSourceResponse(sse_events(gens), sep="\n", ping=15)
         if len(gens) == 1:
             return await gens[0].whole_response(request)
         return await whole_batch(gens, request)
