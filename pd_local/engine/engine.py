@@ -5,6 +5,7 @@ owns it; no torch.distributed."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from pd_local.config import EngineConfig
-from pd_local.engine.kv_cache import BlockAllocator, slots_for
+from pd_local.engine.kv_cache import BlockAllocator, OutOfBlocks, slots_for
 from pd_local.model.kv_cache import PagedKVCache
 from pd_local.model.attention import AttentionMetadata, host_to_device, write_kv
 from pd_local.model.llama import LayerKVHook, LlamaForCausalLM
@@ -100,6 +101,7 @@ class Engine:
         self.scheduler = Scheduler(self.allocator, cfg.block_size, cfg.max_num_seqs, cfg.max_prefill_tokens,
                                    cfg.chunked_prefill, cfg.prefill_policy,
                                    prefix_salt=prefix_salt(model, self.dtype))
+        self._leader: dict[int, Sequence] = {}  # a choice riding on another (n > 1) -> that one
         self.graphs = None
         if use_graphs:
             from pd_local.model.cuda_graphs import DecodeGraphRunner
@@ -180,19 +182,48 @@ class Engine:
             raise ValueError(f"request {req_id}: token ids {bad[:5]} outside the vocabulary [0, {vocab})")
         return Sequence(req_id, list(prompt_ids), params, generator=params.make_generator())
 
-    def add_request(self, req_id: int, prompt_ids: list[int], params: SamplingParams) -> None:
-        self.scheduler.add(self._new_sequence(req_id, prompt_ids, params))
+    def _with_followers(self, seq: Sequence, followers: tuple[int, ...]) -> Sequence:
+        """n > 1: the other choices' sequences ride on seq until its first token (fork there);
+        choice i's seed is seed + i, so each equals that seed's request alone."""
+        p = seq.params
+        for i, fid in enumerate(followers, start=1):
+            seed = None if p.seed is None else (p.seed + i) % 2**63
+            fp = dataclasses.replace(p, seed=seed, prompt_logprobs=None)
+            seq.followers.append(Sequence(fid, seq.prompt_ids, fp, generator=fp.make_generator()))
+            self._leader[fid] = seq
+        return seq
+
+    def add_request(self, req_id: int, prompt_ids: list[int], params: SamplingParams,
+                    followers: tuple[int, ...] = ()) -> None:
+        """Queue a request; `followers`: the ids of its other n - 1 choices (prefilled once)."""
+        self.scheduler.add(self._with_followers(self._new_sequence(req_id, prompt_ids, params), followers))
 
     def abort(self, req_id: int) -> bool:
-        """Free whatever the request holds, in any phase. False if it is not here (finished)."""
+        """Free whatever the request holds, in any phase. False if it is not here (finished).
+        A choice still riding on its leader leaves it; a leader's riders go on alone."""
+        leader = self._leader.pop(req_id, None)
+        if leader is not None:
+            leader.followers = [f for f in leader.followers if f.req_id != req_id]
+            return True
+        seq = self.scheduler.by_id.get(req_id)
+        if seq is not None and seq.followers:
+            for f in seq.followers:  # queued: they prefill the prompt themselves
+                del self._leader[f.req_id]
+                self.scheduler.add(f)
+            seq.followers = []
         return self.scheduler.abort(req_id) is not None
 
     # -- PD decode-rank hooks --------------------------------------------------------------
 
-    def reserve(self, req_id: int, prompt_ids: list[int], params: SamplingParams) -> bool:
+    def reserve(self, req_id: int, prompt_ids: list[int], params: SamplingParams,
+                followers: tuple[int, ...] = ()) -> bool:
         """Pre-allocate the prompt's blocks (the cached prefix's from the prefix cache); False
         (nothing held) when there is no room now. `cached_tokens` says how much is cached."""
-        return self.scheduler.try_reserve(self._new_sequence(req_id, prompt_ids, params))
+        seq = self._new_sequence(req_id, prompt_ids, params)
+        if not self.scheduler.try_reserve(seq):
+            return False
+        self._with_followers(seq, followers)
+        return True
 
     def cached_tokens(self, req_id: int) -> int:
         """A reserved request's prompt tokens [0, n) whose KV this rank already holds: a
@@ -288,7 +319,32 @@ class Engine:
                                                        seq.prompt_ids[first + 1:end + 1], k)
             row += c.end - c.start
 
+    def _fork(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
+        """Sequences about to sample their first token fork their followers, which sample theirs
+        from the same logits row (a follower without a block for its copy queues instead)."""
+        rows: list[int] = []
+        forked: list[Sequence] = []
+        for i, seq in enumerate(seqs):
+            if not seq.followers or seq.output_ids:
+                continue
+            for f in seq.followers:
+                del self._leader[f.req_id]
+                try:
+                    copy = self.scheduler.fork(seq, f)
+                except OutOfBlocks:
+                    self.scheduler.add(f)
+                    continue
+                if copy is not None:
+                    self.kv_cache.copy_block(*copy)
+                forked.append(f)
+                rows.append(i)
+            seq.followers = []
+        if not forked:
+            return seqs, logits
+        return seqs + forked, torch.cat([logits, logits[rows]])
+
     def _append_tokens(self, seqs: list[Sequence], logits: torch.Tensor) -> list[TokenEvent]:
+        seqs, logits = self._fork(seqs, logits)
         params = [s.params for s in seqs]
         adjusted = logits
         if any(p.adjusts_logits for p in params):  # penalties, logit bias, min_tokens

@@ -87,6 +87,13 @@ class BlockAllocator:
         for i in reversed(newly_cached):
             self._cached[i] = None
 
+    def share(self, ids: list[int]) -> None:
+        """One more reference to each held block (a forked sequence shares its parent's)."""
+        for i in ids:
+            if i not in self._refs:
+                raise ValueError(f"block {i} shared but not held")
+            self._refs[i] += 1
+
     # -- prefix cache ------------------------------------------------------------------------
 
     def register(self, block: int, block_hash: bytes) -> bool:

@@ -45,6 +45,8 @@ class Sequence:
     num_registered: int = 0
     # params.prompt_logprobs: position p's holds prompt token p + 1's (no prefix cache then)
     prompt_logprobs: list[Logprob] = field(default_factory=list)
+    # n > 1: the other choices, forked off this one's prompt KV when it samples its first token
+    followers: list[Sequence] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -237,6 +239,22 @@ class Scheduler:
         seq.status = SeqStatus.WAITING
         seq.num_preemptions += 1
         self.queue.add(seq.req_id, seq.num_tokens, seq.arrival)  # all_ids, recomputed in chunks
+
+    def fork(self, parent: Sequence, child: Sequence) -> tuple[int, int] | None:
+        """child (parent's prompt, no output yet) joins the running batch on parent's prompt
+        KV: the full blocks shared, the partial last one copied into a new block (returned as
+        (src, dst) for the caller to copy). OutOfBlocks when there is no block for the copy."""
+        full = len(parent.prompt_ids) // self.block_size
+        shared = parent.block_ids[:full]
+        new = self.allocator.allocate(len(parent.block_ids) - full)  # 0 or 1
+        self.allocator.share(shared)
+        child.block_ids = shared + new
+        child.block_hashes, child.num_registered = parent.block_hashes[:full], min(parent.num_registered, full)
+        child.num_cached = parent.num_cached
+        child.status = SeqStatus.RUNNING
+        self.running.append(child)
+        self.by_id[child.req_id] = child
+        return (parent.block_ids[full], new[0]) if new else None
 
     # -- completion ------------------------------------------------------------------------
 
