@@ -165,7 +165,7 @@ def test_decode_rank_lands_kv_chunk_by_chunk_from_a_chunked_prefiller(monkeypatc
 
         hidden = pre.run(chunks, land)
         for c, h in zip([c for c in chunks if c.is_last], hidden):
-            first[c.req_id] = dec.add_prefilled(c.req_id, h).token_id
+            first[c.req_id] = dec.add_prefilled(c.req_id, h)[0].token_id
     assert pre.allocator.num_free == pre.allocator.num_total and not pre.prompts
     toks = {i: [first[i]] for i in range(len(prompts))}
     while dec.has_unfinished():

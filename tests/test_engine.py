@@ -148,7 +148,7 @@ def test_decode_rank_hooks_give_the_colocated_tokens(pair) -> None:
         hidden = prefill_hidden(ours, [p], "cpu", on_layer_kv=lambda i, k, v: layers.append((k.clone(), v.clone())))
         for layer, (k, v) in enumerate(layers):
             dec.write_prompt_kv(i, layer, k, v)
-        ev = dec.add_prefilled(i, hidden[0])
+        [ev] = dec.add_prefilled(i, hidden[0])
         assert ev.token_id == ref[i][0][0]
     got: dict[int, list[int]] = {i: [ref[i][0][0]] for i in range(3)}
     while dec.has_unfinished():

@@ -122,16 +122,17 @@ def test_router_holds_a_pd_requests_outputs_until_its_prompt_logprobs_come() -> 
 
     from pd_local.api.backend import BackendStats
     from pd_local.cluster.messages import FinishReason, PromptLogprobs, Sampling, TokenEntry, Tokens
-    from pd_local.cluster.router import Router, _Rank, _Request
+    from pd_local.cluster.router import Router
+    from pd_local.cluster.router_state import RankState, RequestState
 
     router = Router.__new__(Router)  # the routing state alone: no threads, no links
-    router.colocated, router.decode, router.requests, router.kv = False, {2: _Rank(2, "decode")}, {}, BackendStats()
+    router.colocated, router.decode, router.requests, router.kv = False, {2: RankState(2, "decode")}, {}, BackendStats()
     got: list = []
     router._deliver = lambda req, out: got.append(out)  # type: ignore[method-assign]
     prompt = (Logprob(7, -1.5), Logprob(8, -0.25))
 
-    def request(req_id: int) -> _Request:
-        req = _Request(req_id, (5, 7, 8), Sampling(prompt_logprobs=0), asyncio.Queue(), 2)
+    def request(req_id: int) -> RequestState:
+        req = RequestState(req_id, (5, 7, 8), Sampling(prompt_logprobs=0), asyncio.Queue(), 2)
         router.requests[req_id] = req
         router.decode[2].unfinished += 1
         return req

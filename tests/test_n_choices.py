@@ -94,3 +94,22 @@ def test_a_choice_without_a_block_for_its_copy_prefills_alone(smollm2) -> None:
     greedy = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
     got = run(engine, [(1, prompt, greedy, (2, 3))])
     assert got[1] == got[2] == got[3] and len(got[1]) == 3
+
+
+def test_a_decode_rank_aborting_a_queued_request_keeps_its_other_choices() -> None:
+    """A Reserve waiting for blocks: aborting one of its other choices drops it once reserved;
+    aborting the request itself leaves its other choices queued alone, each with its own seed."""
+    from collections import deque
+
+    from pd_local.cluster.decode import DecodeLoop
+    from pd_local.cluster.messages import Abort, Reserve, Sampling
+
+    loop = DecodeLoop.__new__(DecodeLoop)  # the admission queue alone: no links, no engine
+    loop.admission, loop.aborted_followers, loop.engine = deque(), set(), None
+    sampling = Sampling(seed=40, prompt_logprobs=None)
+    loop.admission.extend([Reserve(1, (5, 6), sampling, (2, 3, 4)), Reserve(9, (7,), Sampling())])
+    loop._handle(Abort(3))
+    assert loop.aborted_followers == {3} and len(loop.admission) == 2
+    loop._handle(Abort(1))
+    assert [(r.req_id, r.sampling.seed, r.followers) for r in loop.admission] == [(2, 41, ()), (4, 43, ()), (9, None, ())]
+    assert loop.aborted_followers == set()

@@ -244,3 +244,41 @@ def test_sampling_fields_do_what_they_say_in_every_topology(url: str, hf, tok: T
                             repetition_penalty=1.1, min_p=0.05, min_tokens=2, logit_bias_ids=(13,),
                             logit_bias_values=(1.5,))
     assert got == tok.decode(engine.generate([prompt], params)[0][0])
+
+
+def prefilled(url: str) -> int:
+    return sum(r["prefilled_tokens"] for r in httpx.get(f"{url}/v1/cluster", timeout=10).json()["ranks"])
+
+
+def test_n_choices_are_their_seeds_alone_and_the_prompt_is_prefilled_once(url: str) -> None:
+    import uuid
+
+    chat = {"messages": [{"role": "user", "content": f"Invent a name for a cat ({uuid.uuid4().hex[:8]})."}],
+            "max_tokens": 8, "temperature": 0.9, "seed": 5}
+    before = prefilled(url)
+    got = post(url, "chat/completions", {**chat, "n": 3})
+    usage = got["usage"]
+    assert prefilled(url) - before == usage["prompt_tokens"] - usage["prompt_tokens_details"]["cached_tokens"]
+    assert [c["index"] for c in got["choices"]] == [0, 1, 2] and got["object"] == "chat.completion"
+    alone = [post(url, "chat/completions", {**chat, "seed": 5 + i}) for i in range(3)]
+    assert [c["message"]["content"] for c in got["choices"]] == [a["choices"][0]["message"]["content"] for a in alone]
+    assert usage["prompt_tokens"] == alone[0]["usage"]["prompt_tokens"]  # once, not three times
+    assert usage["completion_tokens"] == sum(a["usage"]["completion_tokens"] for a in alone)
+    assert len(got["pd_local"]["choices"]) == 3
+
+    chunks = stream(url, "chat/completions", {**chat, "n": 3})
+    texts = ["".join(c["choices"][0]["delta"].get("content", "") for c in chunks
+                     if c["choices"] and c["choices"][0]["index"] == i) for i in range(3)]
+    assert texts == [c["message"]["content"] for c in got["choices"]]
+
+    prompts = ["Once upon a time", "The weather today"]
+    batch = post(url, "completions", {"prompt": prompts, "n": 2, "max_tokens": 6, "temperature": 0.9, "seed": 1})
+    assert [c["index"] for c in batch["choices"]] == [0, 1, 2, 3]
+    for i, p in enumerate(prompts):
+        for j in range(2):
+            one = post(url, "completions", {"prompt": p, "max_tokens": 6, "temperature": 0.9, "seed": 1 + j})
+            assert batch["choices"][2 * i + j]["text"] == one["choices"][0]["text"]
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "n": 2, "echo": True}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "n": 65}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"

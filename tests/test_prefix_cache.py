@@ -158,7 +158,7 @@ def land(dec: Engine, pre: ChunkedPrefiller) -> dict[int, int]:
 
         hidden = pre.run(chunks, hook)
         for c, h in zip([c for c in chunks if c.is_last], hidden):
-            first[c.req_id] = dec.add_prefilled(c.req_id, h).token_id
+            first[c.req_id] = dec.add_prefilled(c.req_id, h)[0].token_id
     return first
 
 

@@ -39,7 +39,7 @@ token_entries = st.builds(TokenEntry, ids, tok, st.booleans(), st.sampled_from(F
                           st.lists(logprobs, max_size=30).map(tuple))
 records = st.builds(TransferRecord, ids, small, any_float, any_float)
 messages = st.one_of(
-    st.builds(Reserve, ids, token_lists, samplings),
+    st.builds(Reserve, ids, token_lists, samplings, st.lists(ids, max_size=4).map(tuple)),
     st.builds(Prefill, ids, token_lists, small, small, st.none() | small),
     st.builds(PromptLogprobs, ids, st.lists(logprobs, max_size=40).map(tuple)),
     st.builds(Abort, ids),

@@ -278,7 +278,7 @@ BAD = [
     ("negative max_tokens", {**CHAT, "max_tokens": -3}, 400, "max_tokens"),
     ("absurd max_tokens", {**CHAT, "max_tokens": 10**12}, 400, "max_tokens"),
     ("string temperature", {**CHAT, "temperature": "hot"}, 400, "temperature"),
-    ("n > 1", {**CHAT, "n": 3}, 400, "n"),
+    ("n = 0", {**CHAT, "n": 0}, 400, "n"),
     ("top_logprobs without logprobs", {**CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
     ("tools", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
     ("presence_penalty out of range", {**CHAT, "presence_penalty": 2.5}, 400, "presence_penalty"),

@@ -82,6 +82,11 @@ class Backend(Protocol):
 
     def submit(self, req_id: int, prompt_ids: list[int], params: SamplingParams) -> asyncio.Queue[RequestOutput]: ...
 
+    def submit_n(self, req_ids: list[int], prompt_ids: list[int],
+                 params: SamplingParams) -> list[asyncio.Queue[RequestOutput]]:
+        """n choices of one prompt, prefilled once; choice i samples with seed + i."""
+        ...
+
     def abort(self, req_id: int) -> None: ...
 
     def healthy(self) -> tuple[bool, str]: ...
@@ -134,6 +139,7 @@ class InProcessBackend:
         self._queues: dict[int, asyncio.Queue[RequestOutput]] = {}
         self._timelines: dict[int, Timeline] = {}
         self._prompt_lens: dict[int, int] = {}  # requests whose first token has not come yet
+        self._leader_tl: dict[int, Timeline] = {}  # n > 1: a choice -> its leader's timeline
         self._prefilled = 0
         self._generated = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -148,10 +154,14 @@ class InProcessBackend:
         self._thread.start()
 
     def submit(self, req_id: int, prompt_ids: list[int], params: SamplingParams) -> asyncio.Queue[RequestOutput]:
-        q: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        self._queues[req_id] = q
-        self._cmds.put(("add", (req_id, prompt_ids, params, Timeline())))
-        return q
+        return self.submit_n([req_id], prompt_ids, params)[0]
+
+    def submit_n(self, req_ids: list[int], prompt_ids: list[int],
+                 params: SamplingParams) -> list[asyncio.Queue[RequestOutput]]:
+        queues: list[asyncio.Queue[RequestOutput]] = [asyncio.Queue() for _ in req_ids]
+        self._queues.update(zip(req_ids, queues))
+        self._cmds.put(("add", (req_ids, prompt_ids, params, [Timeline() for _ in req_ids])))
+        return queues
 
     def abort(self, req_id: int) -> None:
         self._cmds.put(("abort", req_id))
@@ -190,6 +200,7 @@ class InProcessBackend:
                 ev: TokenEvent | None = None) -> None:
         tl = self._timelines.pop(req_id, None)
         self._prompt_lens.pop(req_id, None)
+        self._leader_tl.pop(req_id, None)
         timings = None
         if tl is not None:
             tl.mark("finished")
@@ -199,13 +210,15 @@ class InProcessBackend:
 
     def _handle(self, kind: str, arg: object) -> None:
         if kind == "add":
-            req_id, prompt_ids, params, tl = arg  # type: ignore[misc]
-            self._timelines[req_id] = tl
-            self._prompt_lens[req_id] = len(prompt_ids)
+            req_ids, prompt_ids, params, tls = arg  # type: ignore[misc]
+            self._timelines.update(zip(req_ids, tls))
+            self._prompt_lens[req_ids[0]] = len(prompt_ids)  # computed once for all n
+            self._leader_tl.update((r, tls[0]) for r in req_ids[1:])
             try:
-                self.engine.add_request(req_id, prompt_ids, params)
+                self.engine.add_request(req_ids[0], prompt_ids, params, tuple(req_ids[1:]))
             except ValueError as e:
-                self._finish(req_id, "error", str(e))
+                for req_id in req_ids:
+                    self._finish(req_id, "error", str(e))
         elif kind == "abort":
             req_id = int(arg)  # type: ignore[arg-type]
             if self.engine.abort(req_id):
@@ -245,9 +258,14 @@ class InProcessBackend:
                     if n is not None:  # its first token: the prompt is done
                         self._prefilled += n - ev.cached_tokens
                     tl = self._timelines.get(ev.req_id)
+                    leader = self._leader_tl.pop(ev.req_id, None)
                     if tl is not None:
                         if ev.req_id in pending_prefill:
                             tl.mark("prefill_end", t1)
+                        elif leader is not None:  # forked off its leader's prefill
+                            for phase in ("prefill_start", "prefill_end"):
+                                if phase in leader.t:
+                                    tl.mark(phase, leader.t[phase])
                         tl.mark("first_token", t1)
                     if ev.finished:
                         self._finish(ev.req_id, ev.finish_reason or "stop", ev=ev)

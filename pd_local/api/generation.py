@@ -41,7 +41,8 @@ class Generation:
         self.ranks: tuple[int | None, int | None] = (None, None)  # (prefill, decode)
         self.cached_tokens = 0
         self.done = False
-        self.index = 0  # the choice's index in its response (a batch of prompts: the prompt's)
+        self.index = 0  # the choice's index in its response
+        self.group = 0  # its prompt's index (n > 1: n choices of one prompt share it)
         self.id = ("chatcmpl-" if req.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.t_start = time.monotonic()
@@ -215,8 +216,8 @@ class Generation:
 
 
 async def whole_batch(gens: list[Generation], request: Request) -> Response:
-    """Several prompts of one completions request, run at once: choice i is prompt i's; usage
-    sums them; `pd_local` holds each prompt's extension under `choices`."""
+    """Several choices of one request, run at once (a batch of prompts, n per prompt): usage
+    counts each prompt once; `pd_local` holds each prompt's extension under `choices`."""
     done = await asyncio.gather(*(g.whole(request) for g in gens))  # each abandons itself at its end
     for d in done:
         if isinstance(d, Response):
@@ -224,7 +225,8 @@ async def whole_batch(gens: list[Generation], request: Request) -> Response:
     total = total_usage(gens)
     first = gens[0]
     return JSONResponse({
-        "id": first.id, "object": "text_completion", "created": first.created,
+        "id": first.id, "object": "chat.completion" if first.req.kind == "chat" else "text_completion",
+        "created": first.created,
         "model": first.app.settings.model_name,
         "choices": [{**d, "index": g.index} for g, d in zip(gens, done)],  # type: ignore[dict-item]
         "usage": total, "pd_local": {"choices": [g.extension() for g in gens]},
@@ -270,9 +272,11 @@ async def sse_events(gens: list[Generation]) -> AsyncIterator[dict[str, str]]:
 
 
 def total_usage(gens: list[Generation]) -> dict[str, Any]:
-    """The usage of several choices together: sums (n > 1 would count its one prompt once)."""
-    usage = [g.usage() for g in gens]
-    total = {k: sum(u[k] for u in usage) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
-    total["prompt_tokens_details"] = {"cached_tokens": sum(u["prompt_tokens_details"]["cached_tokens"]
-                                                           for u in usage)}
-    return total
+    """The usage of several choices together: each prompt once (its first choice's prefix
+    hit), every choice's completion tokens."""
+    firsts = {g.group: g.usage() for g in reversed(gens)}.values()
+    prompt = sum(u["prompt_tokens"] for u in firsts)
+    completion = sum(g.completion_tokens for g in gens)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(u["prompt_tokens_details"]["cached_tokens"]
+                                                           for u in firsts)}}

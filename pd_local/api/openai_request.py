@@ -14,6 +14,7 @@ from pd_local.engine.sampling import SamplingParams
 from pd_local.tokenizer import Tokenizer
 
 MAX_STOP_STRINGS = 4
+MAX_N = 64  # choices per prompt
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's bound for /v1/completions' logprobs (chat's: 20)
 MAX_TOKENS_LIMIT = 2**31 - 1  # beyond this a value is an error, not something to clip
 
@@ -71,6 +72,7 @@ class GenerationRequest:
     logprobs: int | None = None  # top entries per token in the response's logprobs; None: off
     echo: str | None = None  # completions: the prompt's text, sent before the completion's
     score_only: bool = False  # max_tokens 0 with echo: the prompt's logprobs, no completion
+    n: int = 1  # choices of this prompt (prefilled once; choice i's seed is seed + i)
 
 
 def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
@@ -228,9 +230,10 @@ def parse_request(
         kind_ = fmt.get("type") if isinstance(fmt, dict) else fmt
         raise RequestError(f"'response_format': only {{\"type\": \"text\"}} is supported, got "
                            f"{kind_!r}", "response_format", code="unsupported_parameter")
-    n = body.get("n", 1)
-    if n != 1:
-        raise RequestError(f"'n': only n=1 is supported, got {n!r}", "n", code="unsupported_parameter")
+    n = _integer(body, "n")
+    n = 1 if n is None else n
+    if not 1 <= n <= MAX_N:
+        raise RequestError(f"'n' must be in [1, {MAX_N}], got {n}", "n")
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise RequestError("'model' must be a string", "model")
@@ -260,6 +263,8 @@ def parse_request(
     max_tokens = _integer(body, name)
     logprobs, echo = _logprobs(body, kind)
     score_only = echo and max_tokens == 0  # score the prompt, generate nothing
+    if n > 1 and echo:
+        raise RequestError("'n' > 1 with 'echo' is not supported", "n", code="unsupported_parameter")
     if max_tokens is not None and not score_only and not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
         lo = "1 (0 only with 'echo')" if kind == "completion" else "1"
         raise RequestError(f"'{name}' must be in [{lo}, {MAX_TOKENS_LIMIT}], got {max_tokens}", name)
@@ -305,4 +310,4 @@ def parse_request(
         prompt = body["prompt"]
         echo_text = prompt if isinstance(prompt, str) else tokenizer.decode(prompt_ids, skip_special_tokens=False)
     return GenerationRequest(kind, model, prompt_ids, params, stop, stream, include_usage,
-                             logprobs, echo_text, score_only)
+                             logprobs, echo_text, score_only, n)

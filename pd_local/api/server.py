@@ -114,7 +114,7 @@ class App:
             reqs = [parse_request(b, kind, self.tokenizer, self.backend.max_model_len,  # type: ignore[arg-type]
                                   (self.settings.model_name,))
                     for b in (split_prompts(body) if kind == "completion" else [body])]
-            if self.in_flight + len(reqs) > self.settings.max_queue:
+            if self.in_flight + sum(r.n for r in reqs) > self.settings.max_queue:
                 self.metrics.count_request("rejected")
                 raise RequestError(
                     f"server overloaded: {self.in_flight} requests in flight (limit {self.settings.max_queue}); retry later",
@@ -128,19 +128,20 @@ class App:
             retry = e.status in (429, 503)
             headers = {"Retry-After": str(self.settings.retry_after_s)} if retry else None
             return error_response(e, headers)
-        gens = []
-        for req in reqs:
-            req_id = next(self._ids)
-            self.in_flight += 1
+        gens: list[Generation] = []
+        for group, req in enumerate(reqs):  # prompt i's choices are i * n .. i * n + n - 1
+            req_ids = [next(self._ids) for _ in range(req.n)]
             try:
-                outputs = self.backend.submit(req_id, req.prompt_ids, req.params)
+                outputs = self.backend.submit_n(req_ids, req.prompt_ids, req.params)
             except Exception:
-                self.in_flight -= 1
                 for g in gens:
                     g.abandon()
                 raise
-            gens.append(Generation(self, req, req_id, outputs))
-            gens[-1].index, gens[-1].id, gens[-1].created = len(gens) - 1, gens[0].id, gens[0].created
+            for req_id, out in zip(req_ids, outputs):
+                self.in_flight += 1
+                gens.append(Generation(self, req, req_id, out))
+                g = gens[-1]
+                g.index, g.group, g.id, g.created = len(gens) - 1, group, gens[0].id, gens[0].created
         if reqs[0].stream:
             return EventSourceResponse(sse_events(gens), sep="\n", ping=15)
         if len(gens) == 1:

@@ -11,6 +11,7 @@
 | `ipc_transfer.py` | KV through a shared staging slot for a same-GPU pair (CUDA IPC; /dev/shm on CPU) | reuse a slot before the receiver's ack |
 | `prefix_index.py` | the router's shadow of each rank's prefix cache (LRU of block hashes) and the `prefix` routing rule; pure Python | ask a rank what it caches |
 | `router.py` | rank 0: the `api.backend.Backend` over the workers; routing | block the asyncio loop |
+| `router_state.py` | what the router keeps per request and per rank | talk to a rank |
 | `frontend.py` | rank 0's entry point: the router, then the HTTP app under uvicorn until stopped | |
 | `prefill.py` | a prefill rank's loop: batch prompts (or, chunked, steps of prompt chunks via `engine.prefiller`), stream each layer's KV to its decode rank | keep KV past a prompt's last chunk |
 | `decode.py` | a decode (or colocated) rank's loop: reserve, receive KV, sample, decode | compute a prompt's KV it was sent |

@@ -61,6 +61,7 @@ class DecodeLoop:
         self.heartbeat = Heartbeater([self.to_router], ctx.cfg.timeouts.heartbeat_s, self.inbox)
         self.engine: Engine  # built by run()
         self.admission: deque[Reserve] = deque()
+        self.aborted_followers: set[int] = set()  # choices aborted while their Reserve queued
         self.entries: list[TokenEntry] = []
         self.transfers: list[TransferRecord] = []
         self.last_load: tuple[int, int, int, int] | None = None
@@ -115,8 +116,8 @@ class DecodeLoop:
             if msg.req_id in engine.scheduler.reserved:
                 # the receiver counts a prompt's positions [0, end); its cached prefix never came
                 cached = engine.cached_tokens(msg.req_id) * self.shape.bytes_per_token
-                self.entries.append(token_entry(engine.add_prefilled(msg.req_id, msg.hidden),
-                                                        msg.cached_tokens))
+                self.entries += [token_entry(ev, msg.cached_tokens)
+                                 for ev in engine.add_prefilled(msg.req_id, msg.hidden)]
                 self.transfers.append(dataclasses.replace(msg.record,
                                                           num_bytes=msg.record.num_bytes - cached))
         elif isinstance(msg, StagingDone):
@@ -124,15 +125,26 @@ class DecodeLoop:
         elif isinstance(msg, Reserve):
             if self.colocated:
                 try:
-                    engine.add_request(msg.req_id, list(msg.prompt_ids), self._params(msg))
+                    engine.add_request(msg.req_id, list(msg.prompt_ids), self._params(msg), msg.followers)
                 except ValueError as e:
                     self._reject(msg.req_id, e)
             else:
                 self.admission.append(msg)
         elif isinstance(msg, Abort):
-            queued = next((r for r in self.admission if r.req_id == msg.req_id), None)
-            if queued is not None:
-                self.admission.remove(queued)
+            queued = next((r for r in self.admission if msg.req_id in (r.req_id, *r.followers)), None)
+            if queued is not None and queued.req_id == msg.req_id:
+                # its other choices go on alone, each with its own seed (seed + i)
+                i, seed = self.admission.index(queued), queued.sampling.seed
+                del self.admission[i]
+                for n, f in reversed(list(enumerate(queued.followers, start=1))):
+                    if f in self.aborted_followers:
+                        self.aborted_followers.discard(f)
+                        continue
+                    alone = dataclasses.replace(queued.sampling, prompt_logprobs=None,
+                                                seed=None if seed is None else (seed + n) % 2**63)
+                    self.admission.insert(i, Reserve(f, queued.prompt_ids, alone))
+            elif queued is not None:  # a choice of a queued request: dropped once it is reserved
+                self.aborted_followers.add(msg.req_id)
             else:
                 engine.abort(msg.req_id)  # False when it already finished: nothing to free
         else:
@@ -153,7 +165,7 @@ class DecodeLoop:
             msg = self.admission[0]
             try:
                 params = self._params(msg)
-                ok = self.engine.reserve(msg.req_id, list(msg.prompt_ids), params)
+                ok = self.engine.reserve(msg.req_id, list(msg.prompt_ids), params, msg.followers)
             except ValueError as e:
                 self.admission.popleft()
                 self._reject(msg.req_id, e)
@@ -161,6 +173,9 @@ class DecodeLoop:
             if not ok:
                 return
             self.admission.popleft()
+            for f in self.aborted_followers.intersection(msg.followers):
+                self.aborted_followers.discard(f)
+                self.engine.abort(f)
             self.to_router.send(Reserved(msg.req_id, time.monotonic(),
                                          self.engine.cached_tokens(msg.req_id)))
 

@@ -110,6 +110,7 @@ class Reserve:
     req_id: int
     prompt_ids: tuple[int, ...]
     sampling: Sampling
+    followers: tuple[int, ...] = ()  # n > 1: the other choices' ids, forked off this one
 
 
 @dataclass(frozen=True)

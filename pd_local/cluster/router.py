@@ -10,17 +10,16 @@ import dataclasses
 import itertools
 import logging
 import threading
-from dataclasses import dataclass, field
 
-from pd_local.api.backend import BackendStats, RankStats, RequestOutput, Timeline
+from pd_local.api.backend import BackendStats, RankStats, RequestOutput
 from pd_local.cluster.dist import DistContext
 from pd_local.cluster.channel import Heartbeater, Inbox, LinkDown, Receiver, Sender
 from pd_local.cluster.messages import (Abort, Fatal, FinishReason, Prefill, PrefillDone,
                                        PromptLogprobs, Ready, RejectReason, Rejected, Reserve,
                                        Reserved, Sampling, Shutdown, Stats, TokenEntry, Tokens)
-from pd_local.cluster.prefix_index import Candidate, PrefixIndex, choose
+from pd_local.cluster.prefix_index import Candidate, choose
+from pd_local.cluster.router_state import RankState, RequestState, with_token
 from pd_local.engine.kv_cache import block_hashes
-from pd_local.engine.logprobs import Logprob
 from pd_local.engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -40,62 +39,6 @@ REJECT_TEXT = {
 PREFIX_DECODE_MARGIN = 4
 
 
-@dataclass
-class _Request:
-    req_id: int
-    prompt_ids: tuple[int, ...]
-    sampling: Sampling
-    queue: asyncio.Queue[RequestOutput]
-    decode: int
-    timeline: Timeline = field(default_factory=Timeline)
-    prefill: int | None = None
-    prefill_done: bool = False
-    first_token: bool = True
-    hashes: list[bytes] = field(default_factory=list)  # full-block hashes ("prefix" routing)
-    cached_tokens: int = 0  # prompt tokens its prefill rank did not compute (prefix cache)
-    # sampling.prompt_logprobs: the prompt's, once here (colocated: with the first token; PD:
-    # PromptLogprobs from the prefill rank, which may come after the decode rank's tokens:
-    # outputs wait in `held`, a normal finish in `deferred`, so the first output carries them)
-    prompt_lps: tuple[Logprob, ...] | None = None
-    lps_sent: bool = False
-    held: list[RequestOutput] = field(default_factory=list)
-    deferred: tuple[str, TokenEntry | None] | None = None
-
-    @property
-    def awaits_prompt_lps(self) -> bool:
-        return self.sampling.prompt_logprobs is not None and self.prompt_lps is None
-
-
-@dataclass
-class _Rank:
-    """What the router knows of one worker's load."""
-
-    rank: int
-    role: str
-    free_blocks: int = 0
-    total_blocks: int = 0
-    running: int = 0
-    waiting: int = 0
-    unfinished: int = 0  # requests routed here and not finished (router's own count)
-    queued_tokens: int = 0  # prefill ranks: prompt tokens sent and not yet PrefillDone
-    cached_blocks: int = 0  # the rank's prefix cache, as last reported
-    prefix_hit_tokens: int = 0
-    max_model_len: int = 0
-    ready: bool = False
-    threads: int = 0  # torch threads the rank runs with, and its CPUs (from Ready)
-    cpus: str = ""
-    routed: int = 0  # requests routed here, ever
-    routed_prefix_tokens: int = 0  # prompt tokens the index said this rank held when routed
-    prefilled_tokens: int = 0  # prompt tokens this rank computed (not cached), ever
-    generated_tokens: int = 0  # tokens this rank sampled, ever
-    index: PrefixIndex = field(default_factory=PrefixIndex)  # "prefix" routing only
-
-    def update(self, load: Tokens | Stats) -> None:
-        self.free_blocks, self.total_blocks = load.free_blocks, load.total_blocks
-        self.running, self.waiting = load.running, load.waiting
-        self.cached_blocks, self.prefix_hit_tokens = load.cached_blocks, load.prefix_hit_tokens
-
-
 class Router:
     """The `Backend` of a torchrun launch. Construct on rank 0 after init_distributed."""
 
@@ -113,11 +56,11 @@ class Router:
         self.heartbeat = Heartbeater([*self.to_prefill.values(), *self.to_decode.values()],
                                      ctx.cfg.timeouts.heartbeat_s, self.inbox)
         role = "colocated" if self.colocated else "decode"
-        self.decode = {d: _Rank(d, role) for d in topo.decode_ranks}
-        self.prefill = {p: _Rank(p, "prefill") for p in topo.prefill_ranks}
+        self.decode = {d: RankState(d, role) for d in topo.decode_ranks}
+        self.prefill = {p: RankState(p, "prefill") for p in topo.prefill_ranks}
         self._rr_decode = itertools.cycle(sorted(self.decode))
         self._rr_prefill = itertools.cycle(sorted(self.prefill))
-        self.requests: dict[int, _Request] = {}
+        self.requests: dict[int, RequestState] = {}
         # req_id -> (prefill rank, tokens to compute at most, prompt tokens)
         self._prefill_tokens: dict[int, tuple[int, int, int]] = {}
         self.kv = BackendStats()
@@ -139,10 +82,19 @@ class Router:
 
     def submit(self, req_id: int, prompt_ids: list[int],
                params: SamplingParams) -> asyncio.Queue[RequestOutput]:
-        q: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        sampling = Sampling(**dataclasses.asdict(params))
-        self.inbox.put(LOCAL, ("submit", _Request(req_id, tuple(prompt_ids), sampling, q, -1)))
-        return q
+        return self.submit_n([req_id], prompt_ids, params)[0]
+
+    def submit_n(self, req_ids: list[int], prompt_ids: list[int],
+                 params: SamplingParams) -> list[asyncio.Queue[RequestOutput]]:
+        """n choices of one prompt: the first is routed and reserved, the others fork off it
+        on its decode rank (the engine gives choice i the seed seed + i)."""
+        reqs = []
+        for i, req_id in enumerate(req_ids):
+            p = params if i == 0 else dataclasses.replace(params, prompt_logprobs=None)
+            reqs.append(RequestState(req_id, tuple(prompt_ids), Sampling(**dataclasses.asdict(p)),
+                                     asyncio.Queue(), -1))
+        self.inbox.put(LOCAL, ("submit", reqs))
+        return [r.queue for r in reqs]
 
     def abort(self, req_id: int) -> None:
         self.inbox.put(LOCAL, ("abort", req_id))
@@ -208,11 +160,11 @@ class Router:
             self._finish(req, "error", error=self.error)
         self.on_fatal()
 
-    def _deliver(self, req: _Request, out: RequestOutput) -> None:
+    def _deliver(self, req: RequestState, out: RequestOutput) -> None:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(req.queue.put_nowait, out)
 
-    def _emit(self, req: _Request, out: RequestOutput) -> None:
+    def _emit(self, req: RequestState, out: RequestOutput) -> None:
         """Deliver out, the prompt's logprobs on the first output; hold it while they are due."""
         if req.awaits_prompt_lps:
             req.held.append(out)
@@ -232,7 +184,7 @@ class Router:
         if req.deferred is not None:
             self._finish(req, *req.deferred)
 
-    def _finish(self, req: _Request, reason: str, last: TokenEntry | None = None,
+    def _finish(self, req: RequestState, reason: str, last: TokenEntry | None = None,
                 error: str | None = None) -> None:
         if error is None and reason in ("stop", "length") and req.awaits_prompt_lps:
             req.deferred = (reason, last)  # finished on its decode rank: ends once they come
@@ -243,7 +195,7 @@ class Router:
         prefill = req.decode if self.colocated else req.prefill  # None: not routed to one yet
         out = RequestOutput(req.req_id, [], True, reason, error, req.timeline.durations_ms(),
                             req.cached_tokens, prefill, req.decode)
-        out = out if last is None else _with_token(out, last)
+        out = out if last is None else with_token(out, last)
         if error is not None or reason not in ("stop", "length"):
             self._deliver(req, out)  # aborted or failed: what was held no longer matters
         else:
@@ -251,13 +203,18 @@ class Router:
 
     def _command(self, kind: str, arg: object) -> None:
         if kind == "submit":
-            req: _Request = arg  # type: ignore[assignment]
+            reqs: list[RequestState] = arg  # type: ignore[assignment]
+            req = reqs[0]
             if self.policy == "prefix":
                 req.hashes = block_hashes(list(req.prompt_ids), self.block_size)
             req.decode = self._pick_decode(req)
-            self.decode[req.decode].unfinished += 1
-            self.requests[req.req_id] = req
-            self.to_decode[req.decode].send(Reserve(req.req_id, req.prompt_ids, req.sampling))
+            for r in reqs:
+                r.decode, r.leader = req.decode, (req if r is not req else None)
+                self.decode[req.decode].unfinished += 1
+                self.requests[r.req_id] = r
+            req.followers = [r.req_id for r in reqs[1:]]
+            self.to_decode[req.decode].send(Reserve(req.req_id, req.prompt_ids, req.sampling,
+                                                    tuple(req.followers)))
         elif kind == "abort":
             req = self.requests.get(arg)  # type: ignore[arg-type]
             if req is not None:  # None: finished already (or never known), nothing holds it
@@ -268,7 +225,7 @@ class Router:
         else:
             raise ValueError(f"unknown router command {kind!r}")
 
-    def _abort(self, req: _Request, reason: str, error: str | None = None) -> None:
+    def _abort(self, req: RequestState, reason: str, error: str | None = None) -> None:
         """Abort on every rank holding the request (each frees its part once), then finish it."""
         self.to_decode[req.decode].send(Abort(req.req_id))
         if req.prefill is not None and not req.prefill_done:
@@ -297,7 +254,8 @@ class Router:
             req = self.requests.get(msg.req_id)
             if req is None:
                 return  # aborted meanwhile; the decode rank got the Abort after the Reserve
-            req.timeline.mark("reserved", msg.t)
+            for r in self._group(req):
+                r.timeline.mark("reserved", msg.t)
             p = self._pick_prefill(req)
             req.prefill = p
             n = len(req.prompt_ids) - msg.cached_tokens  # at most this much to compute and send
@@ -313,17 +271,16 @@ class Router:
                 if prompt_len is not None:  # its request may have finished already
                     self.prefill[peer].prefilled_tokens += prompt_len - n
                 req = self.requests.get(req_id)
-                if req is not None:
-                    req.prefill_done = True
-                    req.cached_tokens = n
-                    req.timeline.mark("prefill_start", msg.t_start)
-                    req.timeline.mark("prefill_end", msg.t_end)
+                for r in self._group(req) if req is not None else ():
+                    r.prefill, r.prefill_done, r.cached_tokens = peer, True, n
+                    r.timeline.mark("prefill_start", msg.t_start)
+                    r.timeline.mark("prefill_end", msg.t_end)
         elif isinstance(msg, PromptLogprobs):
             self._prompt_logprobs(msg)
         elif isinstance(msg, Rejected):
             req = self.requests.get(msg.req_id)
-            if req is not None:
-                self._finish(req, "error", error=REJECT_TEXT[msg.reason])
+            for r in self._group(req) if req is not None else ():
+                self._finish(r, "error", error=REJECT_TEXT[msg.reason])
         elif isinstance(msg, Stats):
             self._rank(peer).update(msg)
         elif isinstance(msg, Ready):
@@ -366,7 +323,7 @@ class Router:
             if req.first_token:
                 req.first_token = False
                 req.timeline.mark("first_token", msg.t)
-                if self.colocated:  # its prompt was computed here
+                if self.colocated and req.leader is None:  # its prompt was computed here
                     rank.prefilled_tokens += len(req.prompt_ids) - e.cached_tokens
                 if self.colocated and req.sampling.prompt_logprobs is not None:
                     req.prompt_lps = e.prompt_logprobs  # computed with the first token
@@ -375,13 +332,17 @@ class Router:
             if e.finished:
                 self._finish(req, FINISH_NAMES.get(e.finish_reason, "stop"), e)
             else:
-                self._emit(req, _with_token(RequestOutput(req.req_id, [],
+                self._emit(req, with_token(RequestOutput(req.req_id, [],
                                                           cached_tokens=req.cached_tokens), e))
 
-    def _rank(self, rank: int) -> _Rank:
+    def _group(self, req: RequestState) -> list[RequestState]:
+        """req and the other choices still here that fork off it (n > 1)."""
+        return [req, *(self.requests[f] for f in req.followers if f in self.requests)]
+
+    def _rank(self, rank: int) -> RankState:
         return self.decode[rank] if rank in self.decode else self.prefill[rank]
 
-    def _pick_decode(self, req: _Request) -> int:
+    def _pick_decode(self, req: RequestState) -> int:
         if self.policy == "round_robin":
             rank, matched = next(self._rr_decode), 0
         elif self.policy == "prefix":
@@ -394,7 +355,7 @@ class Router:
             matched = 0
         return self._routed(self.decode[rank], req, matched)
 
-    def _pick_prefill(self, req: _Request) -> int:
+    def _pick_prefill(self, req: RequestState) -> int:
         if self.policy == "round_robin":
             rank, matched = next(self._rr_prefill), 0
         elif self.policy == "prefix":  # load: queued tokens + the prompt tokens the rank lacks
@@ -408,7 +369,7 @@ class Router:
             matched = 0
         return self._routed(self.prefill[rank], req, matched)
 
-    def _routed(self, r: _Rank, req: _Request, matched: int) -> int:
+    def _routed(self, r: RankState, req: RequestState, matched: int) -> int:
         """Count the request on rank `r`; "prefix" records its blocks there (req.hashes is
         empty under other policies)."""
         r.routed += 1
@@ -440,9 +401,3 @@ class Router:
             r.thread.join(timeout=self.ctx.cfg.timeouts.group_s)
         log.info("all workers shut down")
 
-
-def _with_token(out: RequestOutput, e: TokenEntry) -> RequestOutput:
-    """out carrying e's token and its logprob."""
-    out.token_ids = [e.token_id]
-    out.logprobs = list(e.logprob) or None
-    return out

@@ -246,12 +246,13 @@ class Engine:
         write_kv(self.kv_cache.k[layer], self.kv_cache.v[layer],
                  k.to(self.device, self.dtype), v.to(self.device, self.dtype), slots)
 
-    def add_prefilled(self, req_id: int, hidden: torch.Tensor) -> TokenEvent:
+    def add_prefilled(self, req_id: int, hidden: torch.Tensor) -> list[TokenEvent]:
         """The KV of a reserved request has fully landed: sample its first token from the last
-        prompt position's hidden state [hidden] and let it join the running batch."""
+        prompt position's hidden state [hidden] and let it join the running batch. Its event
+        first, then its other choices' (n > 1: forked here)."""
         seq = self.scheduler.promote_reserved(req_id)
         logits = self.model.compute_logits(hidden.to(self.device, self.dtype).view(1, -1))  # [1, V]
-        return self._append_tokens([seq], logits)[0]
+        return self._append_tokens([seq], logits)
 
     # -- the step --------------------------------------------------------------------------
 

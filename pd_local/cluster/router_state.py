@@ -1,0 +1,77 @@
+"""What rank 0's router keeps per request and per rank (cluster/router.py owns and mutates it;
+nothing here talks to a rank)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from pd_local.api.backend import RequestOutput, Timeline
+from pd_local.cluster.messages import Sampling, Stats, TokenEntry, Tokens
+from pd_local.cluster.prefix_index import PrefixIndex
+from pd_local.engine.logprobs import Logprob
+
+
+@dataclass
+class RequestState:
+    req_id: int
+    prompt_ids: tuple[int, ...]
+    sampling: Sampling
+    queue: asyncio.Queue[RequestOutput]
+    decode: int
+    timeline: Timeline = field(default_factory=Timeline)
+    prefill: int | None = None
+    prefill_done: bool = False
+    first_token: bool = True
+    hashes: list[bytes] = field(default_factory=list)  # full-block hashes ("prefix" routing)
+    cached_tokens: int = 0  # prompt tokens its prefill rank did not compute (prefix cache)
+    # sampling.prompt_logprobs: the prompt's, once here (colocated: with the first token; PD:
+    # PromptLogprobs from the prefill rank, which may come after the decode rank's tokens:
+    # outputs wait in `held`, a normal finish in `deferred`, so the first output carries them)
+    prompt_lps: tuple[Logprob, ...] | None = None
+    lps_sent: bool = False
+    held: list[RequestOutput] = field(default_factory=list)
+    deferred: tuple[str, TokenEntry | None] | None = None
+    followers: list[int] = field(default_factory=list)  # n > 1: the other choices' ids
+    leader: RequestState | None = None  # n > 1, another choice: the one it forks from
+
+    @property
+    def awaits_prompt_lps(self) -> bool:
+        return self.sampling.prompt_logprobs is not None and self.prompt_lps is None
+
+
+@dataclass
+class RankState:
+    """What the router knows of one worker's load."""
+
+    rank: int
+    role: str
+    free_blocks: int = 0
+    total_blocks: int = 0
+    running: int = 0
+    waiting: int = 0
+    unfinished: int = 0  # requests routed here and not finished (router's own count)
+    queued_tokens: int = 0  # prefill ranks: prompt tokens sent and not yet PrefillDone
+    cached_blocks: int = 0  # the rank's prefix cache, as last reported
+    prefix_hit_tokens: int = 0
+    max_model_len: int = 0
+    ready: bool = False
+    threads: int = 0  # torch threads the rank runs with, and its CPUs (from Ready)
+    cpus: str = ""
+    routed: int = 0  # requests routed here, ever
+    routed_prefix_tokens: int = 0  # prompt tokens the index said this rank held when routed
+    prefilled_tokens: int = 0  # prompt tokens this rank computed (not cached), ever
+    generated_tokens: int = 0  # tokens this rank sampled, ever
+    index: PrefixIndex = field(default_factory=PrefixIndex)  # "prefix" routing only
+
+    def update(self, load: Tokens | Stats) -> None:
+        self.free_blocks, self.total_blocks = load.free_blocks, load.total_blocks
+        self.running, self.waiting = load.running, load.waiting
+        self.cached_blocks, self.prefix_hit_tokens = load.cached_blocks, load.prefix_hit_tokens
+
+
+def with_token(out: RequestOutput, e: TokenEntry) -> RequestOutput:
+    """out carrying e's token and its logprob."""
+    out.token_ids = [e.token_id]
+    out.logprobs = list(e.logprob) or None
+    return out
