@@ -180,7 +180,8 @@ def test_messages_and_fields_as_clients_send_them_give_the_plain_requests_text(u
         {"role": "user", "name": "ann", "content": [{"type": "text", "text": "Name a colour."},
                                                     {"type": "text", "text": "Then a fruit."}]}],
         "response_format": {"type": "text"}, "presence_penalty": 0, "frequency_penalty": 0.0,
-        "repetition_penalty": 1, "min_p": 0, "min_tokens": 0, "stop_token_ids": [], "user": "u1"}
+        "repetition_penalty": 1, "min_p": 0, "min_tokens": 0, "stop_token_ids": [], "user": "u1",
+        "metadata": {"team": "a"}, "service_tier": "auto", "prompt_cache_key": "k", "safety_identifier": "s"}
     a, b = (httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60) for body in (plain, sent))
     assert a.status_code == b.status_code == 200, (a.text, b.text)
     assert a.json()["choices"][0]["message"]["content"] == b.json()["choices"][0]["message"]["content"]
@@ -284,6 +285,10 @@ BAD = [
     ("presence_penalty out of range", {**CHAT, "presence_penalty": 2.5}, 400, "presence_penalty"),
     ("json response_format", {**CHAT, "response_format": {"type": "json_object"}}, 400, "response_format"),
     ("store", {**CHAT, "store": True}, 400, "store"),
+    ("verbosity", {**CHAT, "verbosity": "low"}, 400, "verbosity"),
+    ("service_tier flex", {**CHAT, "service_tier": "flex"}, 400, "service_tier"),
+    ("metadata not strings", {**CHAT, "metadata": {"a": 1}}, 400, "metadata"),
+    ("user not a string", {**CHAT, "user": 5}, 400, "user"),
     ("image part", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      400, "messages"),
     ("bad stop", {**CHAT, "stop": 7}, 400, "stop"),

@@ -33,7 +33,12 @@ UNSUPPORTED = {
     "prediction": "predicted outputs are not supported",
     "reasoning_effort": "this server has no reasoning-effort setting",
     "web_search_options": "web search is not supported",
+    "verbosity": "this server has no verbosity setting",
 }
+# Fields accepted that change nothing here (the values are still checked): who the end user is,
+# tags for stored completions, and a prefix-cache hint (the cache is automatic).
+NO_EFFECT_STRINGS = ("user", "prompt_cache_key", "safety_identifier")
+SERVICE_TIERS = ("auto", "default")
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI
 MAX_STOP_TOKEN_IDS = 64
 
@@ -225,6 +230,15 @@ def parse_request(
     for name, why in UNSUPPORTED.items():
         if body.get(name) not in (None, False, [], {}):
             raise RequestError(f"'{name}': {why}", name, code="unsupported_parameter")
+    for name in NO_EFFECT_STRINGS:
+        if body.get(name) is not None and not isinstance(body[name], str):
+            raise RequestError(f"'{name}' must be a string", name)
+    meta = body.get("metadata")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise RequestError("'metadata' must be an object of strings", "metadata")
+    if body.get("service_tier") not in (None, *SERVICE_TIERS):
+        raise RequestError(f"'service_tier': only {' or '.join(SERVICE_TIERS)} (one tier here), got "
+                           f"{body['service_tier']!r}", "service_tier", code="unsupported_parameter")
     fmt = body.get("response_format")
     if fmt is not None and fmt != {"type": "text"}:
         kind_ = fmt.get("type") if isinstance(fmt, dict) else fmt
