@@ -22,6 +22,7 @@ from pd_local.config import EngineConfig
 from pd_local.engine.engine import Engine
 from pd_local.model.weights import load_model
 from pd_local.api.server import ServerSettings, create_app
+from pd_local.engine.structured import GrammarTokenizer
 from pd_local.tokenizer import Tokenizer
 from tests.dist_scripts.harness import REPO, env_for, free_port, kill_tagged, new_tag, tagged_pids
 
@@ -32,7 +33,8 @@ def inprocess_server(model_dir: Path, engine_cfg: EngineConfig | None = None,
     """Yields the base URL of a server running in a thread of this process."""
     model, _ = load_model(model_dir, dtype)
     tok = Tokenizer.from_dir(model_dir)
-    engine = Engine(model, engine_cfg or EngineConfig(kv_cache_gb=0.1), stop_token_ids=tok.stop_token_ids)
+    engine = Engine(model, engine_cfg or EngineConfig(kv_cache_gb=0.1), stop_token_ids=tok.stop_token_ids,
+                    grammar_tokenizer=GrammarTokenizer.of(tok))
     app = create_app(InProcessBackend(engine), tok, ServerSettings(**{"model_name": "smollm2-135m-instruct", **settings}))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))

@@ -282,3 +282,42 @@ def test_n_choices_are_their_seeds_alone_and_the_prompt_is_prefilled_once(url: s
     assert r.status_code == 400 and r.json()["error"]["param"] == "n"
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "n": 65}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+
+
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
+          "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"}}}
+
+
+def test_response_format_json_gives_json_that_matches_in_every_topology(url: str) -> None:
+    ask = {"messages": [{"role": "user", "content": "Describe a person."}], "max_tokens": 64}
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    for sampling in ({"temperature": 0}, {"temperature": 1.0, "seed": 3}):
+        got = post(url, "chat/completions", {**ask, **sampling, "response_format": fmt})["choices"][0]
+        person = json.loads(got["message"]["content"])
+        assert set(person) == {"name", "age"} and isinstance(person["name"], str), person
+        assert isinstance(person["age"], int) and got["finish_reason"] == "stop"
+    chunks = stream(url, "chat/completions", {**ask, "temperature": 0, "response_format": fmt})
+    streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert json.loads(streamed) == json.loads(post(url, "chat/completions", {**ask, "temperature": 0,
+                                                                              "response_format": fmt})
+                                              ["choices"][0]["message"]["content"])
+    obj = post(url, "completions", {"prompt": "A JSON object describing a cat:", "max_tokens": 48, "temperature": 0,
+                                    "response_format": {"type": "json_object"}})["choices"][0]
+    if obj["finish_reason"] == "stop":  # a free-form object may outgrow 48 tokens
+        assert isinstance(json.loads(obj["text"]), dict)
+    assert obj["text"].lstrip().startswith("{")
+    for bad in ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}},
+                {"type": "regex"}, "json"):
+        r = httpx.post(f"{url}/v1/chat/completions", json={**ask, "response_format": bad}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", r.text
+
+
+def test_content_parts_developer_role_and_names_give_the_plain_text(url: str) -> None:
+    plain = {"messages": [{"role": "system", "content": "Be brief."},
+                          {"role": "user", "content": "Name a colour.\nThen a fruit."}], "max_tokens": 10, "temperature": 0}
+    parts = {**plain, "messages": [
+        {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "name": "ann", "content": [{"type": "text", "text": "Name a colour."},
+                                                    {"type": "text", "text": "Then a fruit."}]}]}
+    a, b = (post(url, "chat/completions", body)["choices"][0]["message"]["content"] for body in (plain, parts))
+    assert a == b and a

@@ -31,7 +31,8 @@ token_lists = st.lists(tok, max_size=600).map(tuple)
 samplings = st.builds(Sampling, any_float, any_float, small, st.none() | i64, small,
                       st.booleans(), st.lists(tok, max_size=8).map(tuple), st.none() | small,
                       st.none() | small, any_float, any_float, any_float, small, any_float,
-                      st.lists(tok, max_size=8).map(tuple), st.lists(any_float, max_size=8).map(tuple))
+                      st.lists(tok, max_size=8).map(tuple), st.lists(any_float, max_size=8).map(tuple),
+                      st.text(max_size=40))
 logprobs = st.builds(Logprob, tok, any_float, st.lists(tok, max_size=5).map(tuple),
                      st.lists(any_float, max_size=5).map(tuple))
 token_entries = st.builds(TokenEntry, ids, tok, st.booleans(), st.sampled_from(FinishReason), small,

@@ -283,7 +283,7 @@ BAD = [
     ("top_logprobs without logprobs", {**CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
     ("tools", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
     ("presence_penalty out of range", {**CHAT, "presence_penalty": 2.5}, 400, "presence_penalty"),
-    ("json response_format", {**CHAT, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("xml response_format", {**CHAT, "response_format": {"type": "xml"}}, 400, "response_format"),
     ("store", {**CHAT, "store": True}, 400, "store"),
     ("verbosity", {**CHAT, "verbosity": "low"}, 400, "verbosity"),
     ("service_tier flex", {**CHAT, "service_tier": "flex"}, 400, "service_tier"),

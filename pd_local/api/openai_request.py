@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pd_local.engine.logprobs import MAX_TOP_LOGPROBS
 from pd_local.engine.sampling import SamplingParams
+from pd_local.engine.structured import json_grammar, schema_of
 from pd_local.tokenizer import Tokenizer
 
 MAX_STOP_STRINGS = 4
@@ -179,6 +180,21 @@ def _logit_bias(body: dict[str, Any], vocab: int) -> dict[int, float]:
     return out
 
 
+def _response_format(fmt: Any) -> str:
+    """The grammar a response_format asks for: "" for text (or none), JSON for json_object and
+    json_schema (structured.json_grammar); anything else is refused naming response_format."""
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if fmt is None or kind == "text":
+        return ""
+    if kind not in ("json_object", "json_schema"):
+        raise RequestError(f"'response_format': type must be text, json_object or json_schema, got {kind!r}",
+                           "response_format")
+    try:
+        return json_grammar(schema_of(fmt))
+    except ValueError as e:
+        raise RequestError(f"'response_format': {e}", "response_format") from None
+
+
 def _prompt_ids(body: dict[str, Any], kind: str, tokenizer: Tokenizer) -> list[int]:
     if kind == "chat":
         if "messages" not in body:
@@ -239,11 +255,7 @@ def parse_request(
     if body.get("service_tier") not in (None, *SERVICE_TIERS):
         raise RequestError(f"'service_tier': only {' or '.join(SERVICE_TIERS)} (one tier here), got "
                            f"{body['service_tier']!r}", "service_tier", code="unsupported_parameter")
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        kind_ = fmt.get("type") if isinstance(fmt, dict) else fmt
-        raise RequestError(f"'response_format': only {{\"type\": \"text\"}} is supported, got "
-                           f"{kind_!r}", "response_format", code="unsupported_parameter")
+    grammar = _response_format(body.get("response_format"))
     n = _integer(body, "n")
     n = 1 if n is None else n
     if not 1 <= n <= MAX_N:
@@ -318,6 +330,7 @@ def parse_request(
         min_p=min_p,
         logit_bias_ids=tuple(bias),
         logit_bias_values=tuple(bias.values()),
+        grammar=grammar,
     )
     echo_text = None
     if echo:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pd_local.engine.structured import GrammarTokenizer
 from pd_local.api.openai_request import GenerationRequest, RequestError, parse_request
 from pd_local.api.textstream import TextStream
 from pd_local.config import ConfigError, EngineConfig
@@ -113,7 +114,8 @@ def main(argv: list[str]) -> int:
     except (OSError, ValueError) as e:
         print(f"pd-local generate: cannot load the model: {e}", file=sys.stderr)
         return 2
-    engine = Engine(model, engine_cfg, stop_token_ids=tokenizer.stop_token_ids, device=args.device)
+    engine = Engine(model, engine_cfg, stop_token_ids=tokenizer.stop_token_ids, device=args.device,
+                    grammar_tokenizer=GrammarTokenizer.of(tokenizer))
     records: dict[int, dict[str, Any]] = {}
     requests: dict[int, GenerationRequest] = {}
     for n, line in enumerate(lines, start=1):

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pd_local.cluster.dist import DistContext, Role
 from pd_local.engine import threads as cpu_threads
 from pd_local.engine.engine import Engine, TokenEvent
+from pd_local.engine.structured import GrammarTokenizer
 from pd_local.model.config import ModelConfig
 from pd_local.model.dtype import resolve_dtype
 from pd_local.model.weights import load_model
@@ -221,6 +222,6 @@ def run(ctx: DistContext) -> None:
         model, _ = load_model(cfg.model, dtype, ctx.device)
         tokenizer = Tokenizer.from_dir(cfg.model)
         return Engine(model, cfg.engine, stop_token_ids=tokenizer.stop_token_ids,
-                      device=ctx.device)
+                      device=ctx.device, grammar_tokenizer=GrammarTokenizer.of(tokenizer))
 
     loop.run(make_engine)

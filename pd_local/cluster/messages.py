@@ -100,6 +100,7 @@ class Sampling:
     min_p: float = 0.0
     logit_bias_ids: tuple[int, ...] = ()
     logit_bias_values: tuple[float, ...] = ()
+    grammar: str = ""
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@
 | `kv_cache.py` | `BlockAllocator` (pure Python), `blocks_for`, `slots_for` | torch |
 | `threads.py` | CPU threads and cores per rank: `plan_world` (pure), `apply`, `in_effect` | ranks, the network |
 | `sampling.py` | `SamplingParams`, per-request generators, `sample()` | host syncs on the hot path |
+| `structured.py` | response_format: a JSON schema -> llguidance grammar; per-sequence matchers' token masks | cost for requests without one |
 | `logprobs.py` | `Logprob`, log-softmax of sampled tokens and of prompt rows, only where asked | cost for requests that ask nothing |
 
 Imports `pd_local.model` and the shared `pd_local.config` (`EngineConfig`); never `api`,

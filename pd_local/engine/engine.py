@@ -19,6 +19,7 @@ from pd_local.model.attention import AttentionMetadata, host_to_device, write_kv
 from pd_local.model.llama import LayerKVHook, LlamaForCausalLM
 from pd_local.engine.logprobs import Logprob, logprobs_of, prompt_logprobs
 from pd_local.engine.sampling import SamplingParams, adjust_logits, sample
+from pd_local.engine.structured import GrammarTokenizer, mask_row
 from pd_local.engine.scheduler import Scheduler, SchedulerOutput, Sequence
 
 log = logging.getLogger(__name__)
@@ -77,12 +78,14 @@ class Engine:
         cfg: EngineConfig,
         stop_token_ids: frozenset[int] | set[int] = frozenset(),
         device: torch.device | str = "cpu",
+        grammar_tokenizer: GrammarTokenizer | None = None,
     ) -> None:
         self.model = model.set_batch_invariant(cfg.batch_invariant)
         self.cfg = cfg
         self.device = torch.device(device)
         model.set_native_decode(cfg.native_linear if cfg.batch_invariant and self.device.type == "cpu" else False)
         self.stop_token_ids = frozenset(stop_token_ids)
+        self.grammar_tokenizer = grammar_tokenizer  # None: requests with a grammar are refused
         mc = model.config
         self.dtype = model.model.embed_tokens.weight.dtype
         self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
@@ -180,6 +183,8 @@ class Engine:
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"request {req_id}: token ids {bad[:5]} outside the vocabulary [0, {vocab})")
+        if params.grammar and self.grammar_tokenizer is None:
+            raise ValueError(f"request {req_id}: structured output needs the engine's grammar_tokenizer")
         return Sequence(req_id, list(prompt_ids), params, generator=params.make_generator())
 
     def _with_followers(self, seq: Sequence, followers: tuple[int, ...]) -> Sequence:
@@ -353,10 +358,19 @@ class Engine:
                      for p in params]
             adjusted = adjust_logits(logits, params, [s.prompt_ids for s in seqs],
                                      [s.output_ids for s in seqs], stops)
+        if any(p.grammar for p in params):  # structured output: the grammar's mask
+            adjusted = adjusted.clone() if adjusted is logits else adjusted
+            for i, s in enumerate(seqs):
+                if s.params.grammar:
+                    if s.matcher is None:
+                        s.matcher = self.grammar_tokenizer.matcher(s.params.grammar)  # type: ignore[union-attr]
+                    mask_row(s.matcher, adjusted[i])
         tokens = sample(adjusted, params, [s.generator for s in seqs])  # logprobs: of the raw logits
         events = []
         for i, (seq, tok) in enumerate(zip(seqs, tokens)):
             seq.output_ids.append(tok)
+            if seq.matcher is not None:
+                seq.matcher.consume_token(tok)  # type: ignore[attr-defined]
             reason = self._finish_reason(seq, tok)
             if reason is not None:
                 self.scheduler.finish(seq, reason)

@@ -31,6 +31,7 @@ class SamplingParams:
     min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one
     logit_bias_ids: tuple[int, ...] = ()  # added to these tokens' logits
     logit_bias_values: tuple[float, ...] = ()
+    grammar: str = ""  # llguidance grammar the output must match (structured.py); "" = none
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.temperature <= 100.0):

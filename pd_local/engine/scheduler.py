@@ -47,6 +47,7 @@ class Sequence:
     prompt_logprobs: list[Logprob] = field(default_factory=list)
     # n > 1: the other choices, forked off this one's prompt KV when it samples its first token
     followers: list[Sequence] = field(default_factory=list)
+    matcher: object | None = None  # params.grammar's llguidance matcher, made at its first sample
 
     @property
     def num_tokens(self) -> int:
