@@ -1,7 +1,7 @@
 """The prefill rank loop: computes the prompts it is sent and streams each layer's K/V to the
-decode rank that reserved the blocks; runs lm_head only for prompt logprobs. Chunked (the default) through a
-`ChunkedPrefiller`, else whole prompts up to max_prefill_tokens. PrefillDone follows a prompt's
-last sends; an aborted prompt is dropped, sends under way finish."""
+decode rank that reserved the blocks; runs lm_head only for prompt logprobs. Chunked (the
+default) through a `ChunkedPrefiller`, else whole prompts up to max_prefill_tokens. PrefillDone
+follows a prompt's last sends; an aborted prompt is dropped, sends under way finish."""
 
 from __future__ import annotations
 
