@@ -144,18 +144,36 @@ def test_decode_rank_hooks_give_the_colocated_tokens(pair) -> None:
     dec = engine(ours)
     for i, p in enumerate(prompts):
         assert dec.reserve(i, p, GREEDY)
+        assert dec.awaits_kv(i) and dec.has_work() == (i > 0)  # a reservation alone: nothing to step
         layers: list[tuple[torch.Tensor, torch.Tensor]] = []
         hidden = prefill_hidden(ours, [p], "cpu", on_layer_kv=lambda i, k, v: layers.append((k.clone(), v.clone())))
         for layer, (k, v) in enumerate(layers):
             dec.write_prompt_kv(i, layer, k, v)
         [ev] = dec.add_prefilled(i, hidden[0])
-        assert ev.token_id == ref[i][0][0]
+        assert ev.token_id == ref[i][0][0] and not dec.awaits_kv(i) and dec.has_work()
     got: dict[int, list[int]] = {i: [ref[i][0][0]] for i in range(3)}
     while dec.has_unfinished():
         for ev in dec.step():
             got[ev.req_id].append(ev.token_id)
     assert [got[i] for i in range(3)] == [r[0] for r in ref]
     assert dec.num_free_blocks == dec.num_total_blocks
+
+
+def test_the_facade_says_when_there_is_work_and_whose_prefill_began(pair) -> None:
+    """has_work / prefill_started: what rank loops and backends read instead of the scheduler."""
+    _, ours = pair
+    eng = engine(ours, max_prefill_tokens=8)
+    assert not eng.has_work()
+    eng.add_request(1, random_prompts([20])[0], GREEDY)
+    assert eng.has_work()
+    eng.step()
+    assert eng.prefill_started == [1]  # its first 8-token chunk
+    eng.add_request(2, random_prompts([5])[0], GREEDY)
+    eng.step()
+    assert eng.prefill_started == [2]  # 1's second chunk is not a start
+    while eng.has_unfinished():
+        eng.step()
+    assert not eng.has_work() and eng.prefill_started == []
 
 
 @pytest.mark.parametrize(

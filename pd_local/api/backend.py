@@ -19,9 +19,6 @@ from pd_local.engine import threads as cpu_threads
 from pd_local.engine.engine import Engine, TokenEvent
 from pd_local.engine.logprobs import Logprob
 from pd_local.engine.sampling import SamplingParams
-from pd_local.engine.scheduler import SeqStatus
-
-PREFILL_STATES = (SeqStatus.WAITING, SeqStatus.PREFILLING)  # a request whose prefill is not done
 
 log = logging.getLogger(__name__)
 
@@ -241,16 +238,12 @@ class InProcessBackend:
                     pass
                 if not self.engine.has_unfinished():
                     continue
-                sched = self.engine.scheduler
-                # queued or part-prefilled (chunked prefill spans steps; the first mark sticks)
-                pending_prefill = {r for r, s in sched.by_id.items() if s.status in PREFILL_STATES}
                 t0 = time.monotonic()
                 events = self.engine.step()
                 t1 = time.monotonic()
-                for r in pending_prefill:
-                    s = sched.by_id.get(r)
+                for r in self.engine.prefill_started:  # a recompute's start: the first mark sticks
                     tl = self._timelines.get(r)
-                    if tl is not None and (s is None or s.status is not SeqStatus.WAITING):
+                    if tl is not None:
                         tl.mark("prefill_start", t0)
                 self._generated += len(events)
                 for ev in events:
@@ -259,8 +252,8 @@ class InProcessBackend:
                         self._prefilled += n - ev.cached_tokens
                     tl = self._timelines.get(ev.req_id)
                     leader = self._leader_tl.pop(ev.req_id, None)
-                    if tl is not None:
-                        if ev.req_id in pending_prefill:
+                    if tl is not None and "first_token" not in tl.t:
+                        if "prefill_start" in tl.t:  # it prefilled here
                             tl.mark("prefill_end", t1)
                         elif leader is not None:  # forked off its leader's prefill
                             for phase in ("prefill_start", "prefill_end"):

@@ -105,16 +105,15 @@ class DecodeLoop:
             raise
 
     def _can_step(self) -> bool:
-        s = self.engine.scheduler
-        return bool(s.running or s.waiting)
+        return self.engine.has_work()
 
     def _handle(self, msg: object) -> None:
         engine = self.engine
         if isinstance(msg, LayerKV):
-            if msg.req_id in engine.scheduler.reserved:
+            if engine.awaits_kv(msg.req_id):
                 engine.write_prompt_kv(msg.req_id, msg.layer, msg.k, msg.v, start=msg.start)
         elif isinstance(msg, PromptHidden):
-            if msg.req_id in engine.scheduler.reserved:
+            if engine.awaits_kv(msg.req_id):
                 # the receiver counts a prompt's positions [0, end); its cached prefix never came
                 cached = engine.cached_tokens(msg.req_id) * self.shape.bytes_per_token
                 self.entries += [token_entry(ev, msg.cached_tokens)

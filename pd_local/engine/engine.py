@@ -105,6 +105,7 @@ class Engine:
                                    cfg.chunked_prefill, cfg.prefill_policy,
                                    prefix_salt=prefix_salt(model, self.dtype))
         self._leader: dict[int, Sequence] = {}  # a choice riding on another (n > 1) -> that one
+        self.prefill_started: list[int] = []  # requests whose prefill began in the last step()
         self.graphs = None
         if use_graphs:
             from pd_local.model.cuda_graphs import DecodeGraphRunner
@@ -168,6 +169,15 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def has_work(self) -> bool:
+        """A step() would run something: sequences holding blocks, or prompts queued for them
+        (not reservations still waiting for their KV)."""
+        return bool(self.scheduler.running) or self.scheduler.queue.num_unadmitted() > 0
+
+    def awaits_kv(self, req_id: int) -> bool:
+        """Decode rank: the request is reserved and its prompt's KV has not all landed."""
+        return req_id in self.scheduler.reserved
 
     # -- requests --------------------------------------------------------------------------
 
@@ -265,6 +275,8 @@ class Engine:
         """Run one scheduled step (decode rows of the running sequences plus prefill chunks);
         one event per sequence that got a token."""
         out = self.scheduler.schedule()
+        # a sequence's first chunk starts after its cached prefix (a recompute's too)
+        self.prefill_started = [c.seq.req_id for c in out.prefill if c.start == c.seq.num_cached]
         if out.is_empty:
             return []
         logits = self._run(out)
