@@ -121,7 +121,7 @@ def test_router_holds_a_pd_requests_outputs_until_its_prompt_logprobs_come() -> 
     import asyncio
 
     from pd_local.api.backend import BackendStats
-    from pd_local.cluster.messages import FinishReason, PromptLogprobs, Sampling, TokenEntry, Tokens
+    from pd_local.cluster.messages import FinishReason, PromptLogprobs, TokenEntry, Tokens
     from pd_local.cluster.router import Router
     from pd_local.cluster.router_state import RankState, RequestState
 
@@ -132,7 +132,7 @@ def test_router_holds_a_pd_requests_outputs_until_its_prompt_logprobs_come() -> 
     prompt = (Logprob(7, -1.5), Logprob(8, -0.25))
 
     def request(req_id: int) -> RequestState:
-        req = RequestState(req_id, (5, 7, 8), Sampling(prompt_logprobs=0), asyncio.Queue(), 2)
+        req = RequestState(req_id, (5, 7, 8), SamplingParams(prompt_logprobs=0), asyncio.Queue(), 2)
         router.requests[req_id] = req
         router.decode[2].unfinished += 1
         return req

@@ -102,12 +102,12 @@ def test_a_decode_rank_aborting_a_queued_request_keeps_its_other_choices() -> No
     from collections import deque
 
     from pd_local.cluster.decode import DecodeLoop
-    from pd_local.cluster.messages import Abort, Reserve, Sampling
+    from pd_local.cluster.messages import Abort, Reserve
 
     loop = DecodeLoop.__new__(DecodeLoop)  # the admission queue alone: no links, no engine
     loop.admission, loop.aborted_followers, loop.engine = deque(), set(), None
-    sampling = Sampling(seed=40, prompt_logprobs=None)
-    loop.admission.extend([Reserve(1, (5, 6), sampling, (2, 3, 4)), Reserve(9, (7,), Sampling())])
+    sampling = SamplingParams(seed=40)
+    loop.admission.extend([Reserve(1, (5, 6), sampling, (2, 3, 4)), Reserve(9, (7,), SamplingParams())])
     loop._handle(Abort(3))
     assert loop.aborted_followers == {3} and len(loop.admission) == 2
     loop._handle(Abort(1))

@@ -14,11 +14,12 @@ from hypothesis import strategies as st
 from pd_local.cluster.messages import (MAGIC, MESSAGE_TYPES, Abort, DType, Fatal, FinishReason,
                                        Heartbeat, KVEntry, KVHeader, Kind, Prefill, PrefillDone,
                                        ProtocolError, PromptLogprobs, Ready, RejectReason, Rejected, Reserve,
-                                       Reserved, Sampling, Shutdown, Stats, TokenEntry, Tokens,
+                                       Reserved, Shutdown, Stats, TokenEntry, Tokens,
                                        TransferMode, TransferRecord, decode, encode, pack,
                                        unpack)
 from pd_local.cluster.codec import float_to_word, word_to_float
 from pd_local.engine.logprobs import Logprob
+from pd_local.engine.sampling import SamplingParams
 
 i64 = st.integers(min_value=-(1 << 63), max_value=(1 << 63) - 1)
 ids = st.integers(min_value=0, max_value=(1 << 62))
@@ -28,11 +29,22 @@ small = st.integers(min_value=0, max_value=1 << 30)
 any_float = st.floats(allow_nan=True, allow_infinity=True)
 token_lists = st.lists(tok, max_size=600).map(tuple)
 
-samplings = st.builds(Sampling, any_float, any_float, small, st.none() | i64, small,
-                      st.booleans(), st.lists(tok, max_size=8).map(tuple), st.none() | small,
-                      st.none() | small, any_float, any_float, any_float, small, any_float,
-                      st.lists(tok, max_size=8).map(tuple), st.lists(any_float, max_size=8).map(tuple),
-                      st.text(max_size=40))
+finite = st.floats(allow_nan=False, allow_infinity=False)
+
+
+@st.composite
+def samplings(draw: st.DrawFn) -> SamplingParams:
+    """Any valid SamplingParams (the wire validates them again as it reads them)."""
+    bias = draw(st.lists(st.tuples(tok, st.floats(-100, 100)), max_size=6))
+    top = st.none() | st.integers(0, 20)
+    return SamplingParams(
+        draw(st.floats(0, 100)), draw(st.floats(1e-6, 1)), draw(small), draw(st.none() | st.integers(0, 2**63 - 1)),
+        draw(st.integers(1, 1 << 30)), draw(st.lists(tok, max_size=8).map(tuple)), draw(st.booleans()),
+        draw(top), draw(top), draw(finite), draw(finite), draw(st.floats(1e-6, 100)), draw(small),
+        draw(st.floats(0, 1)), tuple(b[0] for b in bias), tuple(b[1] for b in bias), draw(st.text(max_size=40)))
+
+
+
 logprobs = st.builds(Logprob, tok, any_float, st.lists(tok, max_size=5).map(tuple),
                      st.lists(any_float, max_size=5).map(tuple))
 token_entries = st.builds(TokenEntry, ids, tok, st.booleans(), st.sampled_from(FinishReason), small,
@@ -40,7 +52,7 @@ token_entries = st.builds(TokenEntry, ids, tok, st.booleans(), st.sampled_from(F
                           st.lists(logprobs, max_size=30).map(tuple))
 records = st.builds(TransferRecord, ids, small, any_float, any_float)
 messages = st.one_of(
-    st.builds(Reserve, ids, token_lists, samplings, st.lists(ids, max_size=4).map(tuple)),
+    st.builds(Reserve, ids, token_lists, samplings(), st.lists(ids, max_size=4).map(tuple)),
     st.builds(Prefill, ids, token_lists, small, small, st.none() | small),
     st.builds(PromptLogprobs, ids, st.lists(logprobs, max_size=40).map(tuple)),
     st.builds(Abort, ids),
@@ -92,14 +104,13 @@ def test_float_bits_exact(x: float) -> None:
 def test_float_edge_cases_bit_exact() -> None:
     nan_payload = struct.unpack("<d", struct.pack("<q", 0x7FF8_0000_DEAD_BEEF))[0]
     for x in (0.0, -0.0, math.inf, -math.inf, nan_payload, 5e-324, 0.1, 1 / 3, 0.7):
-        s = Sampling(temperature=x, top_p=x)
-        got = unpack(pack(Reserve(1, (1, 2), s))).sampling
-        assert bits(got.temperature) == bits(x) and bits(got.top_p) == bits(x)
+        got = unpack(pack(PrefillDone((1,), 2, x, x)))
+        assert bits(got.t_start) == bits(x) and bits(got.t_end) == bits(x)
 
 
 def test_seed_none_and_zero_differ() -> None:
-    assert unpack(pack(Reserve(1, (5,), Sampling(seed=None)))).sampling.seed is None
-    assert unpack(pack(Reserve(1, (5,), Sampling(seed=0)))).sampling.seed == 0
+    assert unpack(pack(Reserve(1, (5,), SamplingParams(seed=None)))).sampling.seed is None
+    assert unpack(pack(Reserve(1, (5,), SamplingParams(seed=0)))).sampling.seed == 0
 
 
 def test_every_kind_has_a_type() -> None:

@@ -22,7 +22,6 @@ from pd_local.cluster.channel import Heartbeater, Inbox, Receiver, Sender
 from pd_local.cluster.messages import (Abort, Fatal, FinishReason, ProtocolError, Ready,
                                        RejectReason, Rejected, Reserve, Reserved, Shutdown, Stats,
                                        TokenEntry, Tokens, TransferRecord)
-from pd_local.engine.sampling import SamplingParams
 from pd_local.tokenizer import Tokenizer
 from pd_local.cluster.ipc_transfer import kv_receiver
 from pd_local.cluster.transfer import KVShape, LayerKV, PromptHidden, StagingDone
@@ -125,7 +124,7 @@ class DecodeLoop:
         elif isinstance(msg, Reserve):
             if self.colocated:
                 try:
-                    engine.add_request(msg.req_id, list(msg.prompt_ids), self._params(msg), msg.followers)
+                    engine.add_request(msg.req_id, list(msg.prompt_ids), msg.sampling, msg.followers)
                 except ValueError as e:
                     self._reject(msg.req_id, e)
             else:
@@ -150,10 +149,6 @@ class DecodeLoop:
         else:
             raise ProtocolError(f"decode rank {self.ctx.rank}: unexpected {msg!r}")
 
-    @staticmethod
-    def _params(msg: Reserve) -> SamplingParams:
-        return SamplingParams(**dataclasses.asdict(msg.sampling))
-
     def _reject(self, req_id: int, e: Exception) -> None:
         log.warning("request %d rejected: %s", req_id, e)
         self.to_router.send(Rejected(req_id, RejectReason.BAD_REQUEST))
@@ -164,8 +159,7 @@ class DecodeLoop:
         while self.admission:
             msg = self.admission[0]
             try:
-                params = self._params(msg)
-                ok = self.engine.reserve(msg.req_id, list(msg.prompt_ids), params, msg.followers)
+                ok = self.engine.reserve(msg.req_id, list(msg.prompt_ids), msg.sampling, msg.followers)
             except ValueError as e:
                 self.admission.popleft()
                 self._reject(msg.req_id, e)

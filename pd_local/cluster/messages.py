@@ -13,6 +13,7 @@ import torch
 
 from pd_local.cluster.codec import ProtocolError, Reader, Writer, codec
 from pd_local.engine.logprobs import Logprob
+from pd_local.engine.sampling import SamplingParams
 
 MAGIC = 0x5044 << 16  # "PD" in the high bits of word 0: a stray tensor is not read as a message
 
@@ -80,37 +81,13 @@ class TransferMode(enum.IntEnum):
 
 
 @dataclass(frozen=True)
-class Sampling:
-    """A request's sampling settings as they cross ranks (the engine maps them onto its own
-    SamplingParams). top_k = 0 means no top-k; seed None means unseeded."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    max_tokens: int = 16
-    ignore_eos: bool = False
-    stop_token_ids: tuple[int, ...] = ()
-    logprobs: int | None = None  # top entries with each sampled token's logprob; None: none
-    prompt_logprobs: int | None = None  # the same for the prompt's tokens
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    min_tokens: int = 0
-    min_p: float = 0.0
-    logit_bias_ids: tuple[int, ...] = ()
-    logit_bias_values: tuple[float, ...] = ()
-    grammar: str = ""
-
-
-@dataclass(frozen=True)
 class Reserve:
     """Router -> decode (or colocated) rank: hold KV blocks for this prompt (colocated: run it)."""
 
     KIND: ClassVar[Kind] = Kind.RESERVE
     req_id: int
     prompt_ids: tuple[int, ...]
-    sampling: Sampling
+    sampling: SamplingParams  # validated again as it is read
     followers: tuple[int, ...] = ()  # n > 1: the other choices' ids, forked off this one
 
 

@@ -16,7 +16,7 @@ from pd_local.cluster.dist import DistContext
 from pd_local.cluster.channel import Heartbeater, Inbox, LinkDown, Receiver, Sender
 from pd_local.cluster.messages import (Abort, Fatal, FinishReason, Prefill, PrefillDone,
                                        PromptLogprobs, Ready, RejectReason, Rejected, Reserve,
-                                       Reserved, Sampling, Shutdown, Stats, TokenEntry, Tokens)
+                                       Reserved, Shutdown, Stats, TokenEntry, Tokens)
 from pd_local.cluster.prefix_index import Candidate, choose
 from pd_local.cluster.router_state import RankState, RequestState, with_token
 from pd_local.engine.kv_cache import block_hashes
@@ -91,7 +91,7 @@ class Router:
         reqs = []
         for i, req_id in enumerate(req_ids):
             p = params if i == 0 else dataclasses.replace(params, prompt_logprobs=None)
-            reqs.append(RequestState(req_id, tuple(prompt_ids), Sampling(**dataclasses.asdict(p)),
+            reqs.append(RequestState(req_id, tuple(prompt_ids), p,
                                      asyncio.Queue(), -1))
         self.inbox.put(LOCAL, ("submit", reqs))
         return [r.queue for r in reqs]

@@ -7,16 +7,17 @@ import asyncio
 from dataclasses import dataclass, field
 
 from pd_local.api.backend import RequestOutput, Timeline
-from pd_local.cluster.messages import Sampling, Stats, TokenEntry, Tokens
+from pd_local.cluster.messages import Stats, TokenEntry, Tokens
 from pd_local.cluster.prefix_index import PrefixIndex
 from pd_local.engine.logprobs import Logprob
+from pd_local.engine.sampling import SamplingParams
 
 
 @dataclass
 class RequestState:
     req_id: int
     prompt_ids: tuple[int, ...]
-    sampling: Sampling
+    sampling: SamplingParams
     queue: asyncio.Queue[RequestOutput]
     decode: int
     timeline: Timeline = field(default_factory=Timeline)

@@ -17,8 +17,9 @@ import time
 
 from common import say, start
 from pd_local.launch import run_guarded
+from pd_local.engine.sampling import SamplingParams
 from pd_local.cluster.channel import FRAME_WORDS, Heartbeater, Inbox, LinkDown, Receiver, Sender
-from pd_local.cluster.messages import (Abort, FinishReason, Prefill, Reserve, Sampling, TokenEntry,
+from pd_local.cluster.messages import (Abort, FinishReason, Prefill, Reserve, TokenEntry,
                                        Tokens)
 
 N = 600
@@ -29,10 +30,10 @@ def outgoing(i: int, rank: int):
         if i % 3 == 0:
             # Up to ~3 frames long: exercises the remainder send.
             prompt = tuple(range(i, i + (i * 7) % (3 * FRAME_WORDS)))
-            return Reserve(i, prompt, Sampling(temperature=0.1 * (i % 9), top_p=1 / (i + 1),
-                                               top_k=i % 50, seed=i if i % 2 else None,
-                                               max_tokens=i + 1, ignore_eos=bool(i % 2),
-                                               stop_token_ids=(2, i)))
+            return Reserve(i, prompt, SamplingParams(temperature=0.1 * (i % 9), top_p=1 / (i + 1),
+                                                     top_k=i % 50, seed=i if i % 2 else None,
+                                                     max_tokens=i + 1, ignore_eos=bool(i % 2),
+                                                     stop_token_ids=(2, i)))
         if i % 3 == 1:
             return Prefill(i, (i,), 1)
         return Abort(i)
