@@ -19,7 +19,9 @@ DTYPES: tuple[str, ...] = ("auto", "bfloat16", "float32")
 DEVICES: tuple[str, ...] = ("cpu", "cuda")
 TRANSFER_MODES: tuple[str, ...] = ("layerwise", "whole")
 ROUTING_POLICIES: tuple[str, ...] = ("load", "round_robin", "prefix")  # cluster/router.py
-PREFILL_POLICIES: tuple[str, ...] = ("fcfs", "srpf")  # pd_local.engine.prefill_queue.POLICIES
+PREFILL_POLICIES: tuple[str, ...] = ("fcfs", "srpf")  # engine/prefill_queue.py
+DEFAULT_PREFILL_POLICY = "srpf"  # the one default, for the engine and every constructor below it
+DEFAULT_MAX_PASSED_TOKENS = 4096  # srpf's aging bound
 DEFAULT_KV_CACHE_GB = 1.0
 DEFAULT_GPU_MEMORY_FRACTION = 0.85
 
@@ -112,7 +114,7 @@ class EngineConfig:
     max_prefill_tokens: int = 256  # prompt tokens per forward (docs/benchmarks/engine-settings.md)
     max_model_len: int | None = 2048
     chunked_prefill: bool = True
-    prefill_policy: str = "srpf"  # or "fcfs"
+    prefill_policy: str = DEFAULT_PREFILL_POLICY  # or "fcfs"
     cuda_graphs: bool = True  # CUDA only
     batch_invariant: bool = True  # false: faster on CPU, logits may depend on the batch
     enable_prefix_caching: bool = True

@@ -245,7 +245,7 @@ def test_srpf_lets_short_prompts_pass_but_never_starves_a_long_one() -> None:
 
 
 def test_queue_budget_unchunked_and_errors() -> None:
-    q = PrefillQueue(10, chunked=False)
+    q = PrefillQueue(10, chunked=False, policy="fcfs")
     q.add("a", 30)
     q.add("b", 4)
     q.add("c", 4)
@@ -253,7 +253,7 @@ def test_queue_budget_unchunked_and_errors() -> None:
     assert [(c.job.key, c.start, c.end) for c in first] == [("a", 0, 30)]  # alone, whole
     q.advance(first)
     assert [(c.job.key, c.end) for c in q.plan()] == [("b", 4), ("c", 4)]
-    chunked = PrefillQueue(10)
+    chunked = PrefillQueue(10, policy="fcfs")
     chunked.add("a", 25)
     ends = []
     while chunked:

@@ -15,7 +15,7 @@ from pd_local.engine.scheduler import Scheduler, Sequence, SeqStatus
 
 def make(num_blocks: int = 16, block_size: int = 4, max_num_seqs: int = 8, budget: int = 64,
          chunked: bool = True) -> Scheduler:
-    return Scheduler(BlockAllocator(num_blocks), block_size, max_num_seqs, budget, chunked)
+    return Scheduler(BlockAllocator(num_blocks), block_size, max_num_seqs, budget, chunked, "fcfs")
 
 
 def seq(i: int, n: int) -> Sequence:

@@ -9,7 +9,7 @@ import itertools
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 
-POLICIES = ("fcfs", "srpf")
+from pd_local.config import DEFAULT_MAX_PASSED_TOKENS, DEFAULT_PREFILL_POLICY, PREFILL_POLICIES
 
 
 @dataclass(eq=False)
@@ -49,16 +49,16 @@ class PrefillQueue:
 
     budget: int
     chunked: bool = True
-    policy: str = "fcfs"
-    max_passed_tokens: int = 4096
+    policy: str = DEFAULT_PREFILL_POLICY
+    max_passed_tokens: int = DEFAULT_MAX_PASSED_TOKENS
     jobs: dict[Hashable, PrefillJob] = field(default_factory=dict)
     _arrivals: Iterator[int] = field(default_factory=itertools.count)
 
     def __post_init__(self) -> None:
         if self.budget <= 0:
             raise ValueError(f"prefill token budget must be > 0, got {self.budget}")
-        if self.policy not in POLICIES:
-            raise ValueError(f"prefill policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.policy not in PREFILL_POLICIES:
+            raise ValueError(f"prefill policy must be one of {PREFILL_POLICIES}, got {self.policy!r}")
         if self.max_passed_tokens < 0:
             raise ValueError(f"max_passed_tokens must be >= 0, got {self.max_passed_tokens}")
 

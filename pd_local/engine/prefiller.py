@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pd_local.config import DEFAULT_MAX_PASSED_TOKENS, DEFAULT_PREFILL_POLICY
 from pd_local.engine.kv_cache import BlockAllocator, block_hashes, blocks_for, slots_for
 from pd_local.engine.logprobs import Logprob, prompt_logprobs
 from pd_local.engine.prefill_queue import Chunk, PrefillJob, PrefillQueue
@@ -41,8 +42,8 @@ class ChunkedPrefiller:
         num_blocks: int,
         block_size: int = 16,
         max_prefill_tokens: int = 256,
-        policy: str = "srpf",
-        max_passed_tokens: int = 4096,
+        policy: str = DEFAULT_PREFILL_POLICY,
+        max_passed_tokens: int = DEFAULT_MAX_PASSED_TOKENS,
         device: torch.device | str = "cpu",
         caching: bool = False,
         prefix_salt: bytes = b"",

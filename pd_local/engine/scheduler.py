@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
 
+from pd_local.config import DEFAULT_PREFILL_POLICY
 from pd_local.engine.kv_cache import BlockAllocator, block_hashes, blocks_for
 from pd_local.engine.prefill_queue import Chunk, PrefillJob, PrefillQueue
 from pd_local.engine.sampling import SamplingParams
@@ -108,7 +109,7 @@ class Scheduler:
         max_num_seqs: int,
         max_prefill_tokens: int,
         chunked_prefill: bool = True,
-        prefill_policy: str = "fcfs",
+        prefill_policy: str = DEFAULT_PREFILL_POLICY,
         prefix_salt: bytes = b"",
     ) -> None:
         self.allocator = allocator
