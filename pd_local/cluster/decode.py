@@ -133,15 +133,13 @@ class DecodeLoop:
             queued = next((r for r in self.admission if msg.req_id in (r.req_id, *r.followers)), None)
             if queued is not None and queued.req_id == msg.req_id:
                 # its other choices go on alone, each with its own seed (seed + i)
-                i, seed = self.admission.index(queued), queued.sampling.seed
+                i = self.admission.index(queued)
                 del self.admission[i]
                 for n, f in reversed(list(enumerate(queued.followers, start=1))):
                     if f in self.aborted_followers:
                         self.aborted_followers.discard(f)
                         continue
-                    alone = dataclasses.replace(queued.sampling, prompt_logprobs=None,
-                                                seed=None if seed is None else (seed + n) % 2**63)
-                    self.admission.insert(i, Reserve(f, queued.prompt_ids, alone))
+                    self.admission.insert(i, Reserve(f, queued.prompt_ids, queued.sampling.for_choice(n)))
             elif queued is not None:  # a choice of a queued request: dropped once it is reserved
                 self.aborted_followers.add(msg.req_id)
             else:

@@ -88,11 +88,8 @@ class Router:
                  params: SamplingParams) -> list[asyncio.Queue[RequestOutput]]:
         """n choices of one prompt: the first is routed and reserved, the others fork off it
         on its decode rank (the engine gives choice i the seed seed + i)."""
-        reqs = []
-        for i, req_id in enumerate(req_ids):
-            p = params if i == 0 else dataclasses.replace(params, prompt_logprobs=None)
-            reqs.append(RequestState(req_id, tuple(prompt_ids), p,
-                                     asyncio.Queue(), -1))
+        reqs = [RequestState(req_id, tuple(prompt_ids), params.for_choice(i), asyncio.Queue(), -1)
+                for i, req_id in enumerate(req_ids)]
         self.inbox.put(LOCAL, ("submit", reqs))
         return [r.queue for r in reqs]
 

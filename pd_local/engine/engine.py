@@ -5,7 +5,6 @@ owns it; no torch.distributed."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -198,12 +197,9 @@ class Engine:
         return Sequence(req_id, list(prompt_ids), params, generator=params.make_generator())
 
     def _with_followers(self, seq: Sequence, followers: tuple[int, ...]) -> Sequence:
-        """n > 1: the other choices' sequences ride on seq until its first token (fork there);
-        choice i's seed is seed + i, so each equals that seed's request alone."""
-        p = seq.params
+        """n > 1: the other choices' sequences ride on seq until its first token (fork there)."""
         for i, fid in enumerate(followers, start=1):
-            seed = None if p.seed is None else (p.seed + i) % 2**63
-            fp = dataclasses.replace(p, seed=seed, prompt_logprobs=None)
+            fp = seq.params.for_choice(i)
             seq.followers.append(Sequence(fid, seq.prompt_ids, fp, generator=fp.make_generator()))
             self._leader[fid] = seq
         return seq

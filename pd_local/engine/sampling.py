@@ -4,6 +4,7 @@ tokens and its seed, never on its batch or topology."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -54,6 +55,13 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1] and min_tokens >= 0, got {self.min_p}, {self.min_tokens}")
         if len(self.logit_bias_ids) != len(self.logit_bias_values):
             raise ValueError("logit_bias_ids and logit_bias_values must have the same length")
+
+    def for_choice(self, i: int) -> SamplingParams:
+        """Choice i of n (0: itself): seed + i, as that seed alone; prompt logprobs on choice 0 only."""
+        if i == 0:
+            return self
+        seed = None if self.seed is None else (self.seed + i) % 2**63
+        return dataclasses.replace(self, seed=seed, prompt_logprobs=None)
 
     @property
     def adjusts_logits(self) -> bool:
