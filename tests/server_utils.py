@@ -34,7 +34,7 @@ def inprocess_server(model_dir: Path, engine_cfg: EngineConfig | None = None,
     model, _ = load_model(model_dir, dtype)
     tok = Tokenizer.from_dir(model_dir)
     engine = Engine(model, engine_cfg or EngineConfig(kv_cache_gb=0.1), stop_token_ids=tok.stop_token_ids,
-                    grammar_tokenizer=GrammarTokenizer.of(tok))
+                    grammar_tokenizer=GrammarTokenizer(tok))
     app = create_app(InProcessBackend(engine), tok, ServerSettings(**{"model_name": "smollm2-135m-instruct", **settings}))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))

@@ -43,7 +43,7 @@ def test_every_choice_is_json_of_the_schema_and_other_rows_are_untouched(smollm2
     with pytest.raises(ValueError, match="grammar_tokenizer"):
         bare.add_request(1, prompt, SamplingParams(grammar=json_grammar(SCHEMA)))
     engine = Engine(model, EngineConfig(kv_cache_gb=0.05), stop_token_ids=tok.stop_token_ids,
-                    grammar_tokenizer=GrammarTokenizer.of(tok))
+                    grammar_tokenizer=GrammarTokenizer(tok))
     alone = engine.generate([prompt], plain)[0]
     params = SamplingParams(temperature=0.8, seed=2, max_tokens=48, grammar=json_grammar(SCHEMA))
     engine.add_request(10, prompt, params, followers=(11, 12))

@@ -115,7 +115,7 @@ def main(argv: list[str]) -> int:
         print(f"pd-local generate: cannot load the model: {e}", file=sys.stderr)
         return 2
     engine = Engine(model, engine_cfg, stop_token_ids=tokenizer.stop_token_ids, device=args.device,
-                    grammar_tokenizer=GrammarTokenizer.of(tokenizer))
+                    grammar_tokenizer=GrammarTokenizer(tokenizer))
     records: dict[int, dict[str, Any]] = {}
     requests: dict[int, GenerationRequest] = {}
     for n, line in enumerate(lines, start=1):

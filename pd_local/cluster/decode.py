@@ -213,6 +213,6 @@ def run(ctx: DistContext) -> None:
         model, _ = load_model(cfg.model, dtype, ctx.device)
         tokenizer = Tokenizer.from_dir(cfg.model)
         return Engine(model, cfg.engine, stop_token_ids=tokenizer.stop_token_ids,
-                      device=ctx.device, grammar_tokenizer=GrammarTokenizer.of(tokenizer))
+                      device=ctx.device, grammar_tokenizer=GrammarTokenizer(tokenizer))
 
     loop.run(make_engine)

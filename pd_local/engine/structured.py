@@ -4,9 +4,7 @@ applies before it draws; the matcher then consumes the token drawn."""
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -35,29 +33,24 @@ def json_grammar(schema: dict[str, Any] | None) -> str:
 
 
 class GrammarTokenizer:
-    """What llguidance needs of the model's tokenizer (every token's bytes, EOS, an encoder);
-    its LLTokenizer is built on first use (49k tokens: ~0.1 s) and shared by every matcher."""
+    """What llguidance needs of a pd_local Tokenizer; the token table and LLTokenizer (49k
+    tokens: ~0.2 s) are built at the first grammar, not at start-up, then shared."""
 
-    def __init__(self, tokens: list[bytes], eos_token_id: int, bos_token_id: int | None,
-                 encode: Callable[[str], list[int]]) -> None:
-        self.tokens, self.eos_token_id, self.bos_token_id = tokens, eos_token_id, bos_token_id
+    def __init__(self, tok: Any) -> None:
+        self._tok = tok
+        self.eos_token_id, self.bos_token_id = tok.eos_token_id, tok.bos_token_id
         self.special_token_ids: list[int] = []
-        self._encode = encode
+        self.tokens: list[bytes] = []  # filled by the first matcher()
         self._ll: Any = None
 
-    @classmethod
-    def of(cls, tok: Any) -> GrammarTokenizer:
-        """From a pd_local Tokenizer (token_bytes, vocab_size, eos/bos_token_id, encode)."""
-        return cls([tok.token_bytes(i) for i in range(tok.vocab_size)], tok.eos_token_id,
-                   tok.bos_token_id, tok.encode)
-
     def __call__(self, text: bytes | str) -> list[int]:
-        return self._encode(text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text)
+        return self._tok.encode(text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text)
 
     def matcher(self, grammar: str) -> Any:
         import llguidance
 
         if self._ll is None:
+            self.tokens = [self._tok.token_bytes(i) for i in range(self._tok.vocab_size)]
             self._ll = llguidance.LLTokenizer(llguidance.TokenizerWrapper(self), n_vocab=len(self.tokens))
         return llguidance.LLMatcher(self._ll, grammar, log_level=0)
 
@@ -82,4 +75,4 @@ def schema_of(fmt: dict[str, Any]) -> dict[str, Any] | None:
     spec = fmt.get("json_schema")
     if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
         raise ValueError("json_schema must be {\"name\": ..., \"schema\": {...}}")
-    return json.loads(json.dumps(spec.get("schema", {})))
+    return spec.get("schema", {})
