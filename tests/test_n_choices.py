@@ -113,3 +113,14 @@ def test_a_decode_rank_aborting_a_queued_request_keeps_its_other_choices() -> No
     loop._handle(Abort(1))
     assert [(r.req_id, r.sampling.seed, r.followers) for r in loop.admission] == [(2, 41, ()), (4, 43, ()), (9, None, ())]
     assert loop.aborted_followers == set()
+
+    class Refusing:  # an engine that rejects the request: its aborted choice is forgotten too
+        def reserve(self, *args) -> bool:
+            raise ValueError("prompt too long")
+
+    sent: list = []
+    loop.engine, loop.admission = Refusing(), deque([Reserve(20, (5,), sampling, (21, 22))])
+    loop.to_router = type("R", (), {"send": lambda self, m: sent.append(m)})()
+    loop._handle(Abort(21))
+    loop._admit()
+    assert loop.aborted_followers == set() and [m.req_id for m in sent] == [20] and not loop.admission

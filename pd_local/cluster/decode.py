@@ -160,6 +160,7 @@ class DecodeLoop:
                 ok = self.engine.reserve(msg.req_id, list(msg.prompt_ids), msg.sampling, msg.followers)
             except ValueError as e:
                 self.admission.popleft()
+                self.aborted_followers.difference_update(msg.followers)  # rejected with it
                 self._reject(msg.req_id, e)
                 continue
             if not ok:
