@@ -41,7 +41,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from pd_local.config import EngineConfig  # noqa: E402
-from pd_local.engine.engine import Engine, prefill_hidden  # noqa: E402
+from pd_local.engine.engine import Engine  # noqa: E402
+from pd_local.model.attention import AttentionMetadata  # noqa: E402
 from pd_local.model.config import ModelConfig  # noqa: E402
 from pd_local.model.llama import LlamaForCausalLM  # noqa: E402
 from pd_local.engine.sampling import SamplingParams  # noqa: E402
@@ -293,21 +294,26 @@ def check_decode(bw: float) -> dict[str, Any]:
     return out
 
 
+def model_prefill(model: LlamaForCausalLM, t: int) -> torch.Tensor:
+    """One cache-less forward of a t-token prompt (the model alone, no engine): [t, hidden]."""
+    ids = torch.arange(1, t + 1, device=DEV)
+    return model(ids, torch.arange(t, device=DEV), AttentionMetadata.prefill([t], None), None)
+
+
 def check_prefill() -> dict[str, Any]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     cfg = ModelConfig(**SIZE["model"])
     model = random_llama(cfg)
     t = SIZE["prefill_tokens"]
-    prompt = [list(range(1, t + 1))]
-    s = cuda_time(lambda: prefill_hidden(model, prompt, DEV), iters=5)
+    s = cuda_time(lambda: model_prefill(model, t), iters=5)
     layer_params = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n)
     attn = 2 * 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * t * t / 2  # QK^T, PV; causal
     flops = 2 * layer_params * t + attn
     flash = "yes"
     try:
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            prefill_hidden(model, prompt, DEV).sum().item()
+            model_prefill(model, t).sum().item()
     except RuntimeError as e:
         flash = f"no: {str(e)[:200]}"
     return {"tokens": t, "seconds": s, "tflops": flops / s / 1e12, "flash_attention": flash}

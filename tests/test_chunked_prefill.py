@@ -15,7 +15,8 @@ from pd_local.engine.engine import Engine
 from pd_local.engine.kv_cache import slots_for
 from pd_local.model.attention import QUERY_TILE, AttentionMetadata, prefill_attention, write_kv
 from pd_local.engine.prefill_queue import PrefillQueue
-from pd_local.engine.prefiller import ChunkedPrefiller
+from pd_local.engine.scheduler import PrefillChunk
+from pd_local.model.llama import LayerKVHook
 from pd_local.engine.sampling import SamplingParams
 from pd_local.engine.scheduler import SeqStatus
 from tests.tiny_models import random_prompts, tiny_model
@@ -143,30 +144,32 @@ def test_mixed_steps_keep_decoding_while_a_long_prompt_prefills() -> None:
     assert steps == -(-150 // 16)
 
 
-def test_decode_rank_lands_kv_chunk_by_chunk_from_a_chunked_prefiller(monkeypatch) -> None:
-    """ChunkedPrefiller (chunks, own cache) -> write_prompt_kv(start) -> add_prefilled == colocated."""
+def test_decode_rank_lands_kv_chunk_by_chunk_from_a_prefill_engine(monkeypatch) -> None:
+    """A prefill engine (add_prompt, chunks) -> write_prompt_kv(start) -> add_prefilled == colocated."""
     ours = tiny_model("llama")
     prompts = random_prompts([9, 70, 130, 4], seed=14)
     ref, _ = run_recording(engine(ours, None), prompts, GREEDY, monkeypatch)
-    pre = ChunkedPrefiller(ours, num_blocks=60, block_size=4, max_prefill_tokens=23, policy="srpf")
+    pre = engine(ours, 23, num_blocks=60, prefill_policy="srpf", enable_prefix_caching=False)
     dec = engine(ours, 16)
     for i, p in enumerate(prompts):
-        pre.add(i, p)
+        pre.add_prompt(i, p, send_to=1)
         assert dec.reserve(i, p, GREEDY)
     first: dict[int, int] = {}
-    while pre.has_pending():
-        chunks = pre.plan()
+
+    def on_plan(chunks: list[PrefillChunk]) -> LayerKVHook:
         assert sum(c.end - c.start for c in chunks) <= 23
 
         def land(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
             for c in chunks:
                 rows = slice(c.row, c.row + c.end - c.start)
-                dec.write_prompt_kv(c.req_id, layer, k[rows].clone(), v[rows].clone(), start=c.start)
+                dec.write_prompt_kv(c.seq.req_id, layer, k[rows].clone(), v[rows].clone(), start=c.start)
+        return land
 
-        hidden = pre.run(chunks, land)
-        for c, h in zip([c for c in chunks if c.is_last], hidden):
-            first[c.req_id] = dec.add_prefilled(c.req_id, h)[0].token_id
-    assert pre.allocator.num_free == pre.allocator.num_total and not pre.prompts
+    while pre.has_work():
+        assert pre.step(on_plan) == []  # it samples nothing
+        for p in pre.prompts_done:
+            first[p.req_id] = dec.add_prefilled(p.req_id, p.hidden)[0].token_id
+    assert pre.num_free_blocks == pre.num_total_blocks and not pre.has_unfinished()
     toks = {i: [first[i]] for i in range(len(prompts))}
     while dec.has_unfinished():
         for ev in dec.step():
@@ -175,6 +178,23 @@ def test_decode_rank_lands_kv_chunk_by_chunk_from_a_chunked_prefiller(monkeypatc
 
 
 # -- accounting ----------------------------------------------------------------------------
+
+def test_a_prefill_engine_refuses_what_it_cannot_send_and_frees_an_aborted_prompt() -> None:
+    ours = tiny_model("llama")
+    pre = engine(ours, 7, num_blocks=10)  # 40 tokens
+    p = random_prompts([30], seed=18)[0]
+    with pytest.raises(ValueError, match="skip 30 outside"):
+        pre.add_prompt(0, p, send_to=1, skip=30)
+    with pytest.raises(ValueError, match="prompt logprobs need every position"):
+        pre.add_prompt(0, p, send_to=1, skip=4, prompt_logprobs=1)
+    with pytest.raises(ValueError, match="prompt has 45 tokens"):
+        pre.add_prompt(0, random_prompts([45], seed=19)[0], send_to=1)
+    pre.add_prompt(0, p, send_to=1)
+    pre.step()
+    assert pre.num_free_blocks < pre.num_total_blocks and pre.prompts_done == []
+    assert pre.abort(0) and not pre.abort(0)
+    assert pre.num_free_blocks == pre.num_total_blocks and not pre.has_work()
+
 
 def test_abort_in_every_phase_of_a_chunked_prefill_returns_every_block() -> None:
     ours = tiny_model("llama")

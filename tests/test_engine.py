@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pd_local.config import EngineConfig
-from pd_local.engine.engine import Engine, prefill_hidden
+from pd_local.engine.engine import Engine
 from pd_local.engine.sampling import SamplingParams, sample
 from tests.tiny_models import hf_tiny, ours_from_hf, random_prompts
 
@@ -137,19 +137,24 @@ def test_abort_in_each_phase_frees_every_block(pair) -> None:
 
 
 def test_decode_rank_hooks_give_the_colocated_tokens(pair) -> None:
-    """reserve -> write_prompt_kv (from a cache-less prefill) -> add_prefilled -> step == colocated."""
+    """reserve -> write_prompt_kv (from a prefill engine, whole prompts) -> add_prefilled -> step
+    == colocated."""
     _, ours = pair
     prompts = random_prompts([9, 30, 4])
     ref = engine(ours).generate(prompts, GREEDY)
     dec = engine(ours)
+    pre = engine(ours, chunked_prefill=False)
     for i, p in enumerate(prompts):
         assert dec.reserve(i, p, GREEDY)
         assert dec.awaits_kv(i) and dec.has_work() == (i > 0)  # a reservation alone: nothing to step
         layers: list[tuple[torch.Tensor, torch.Tensor]] = []
-        hidden = prefill_hidden(ours, [p], "cpu", on_layer_kv=lambda i, k, v: layers.append((k.clone(), v.clone())))
+        pre.add_prompt(i, p, send_to=1)
+        assert pre.step(lambda chunks: lambda i, k, v: layers.append((k.clone(), v.clone()))) == []
+        [done] = pre.prompts_done
+        assert done.req_id == i and done.num_tokens == len(p) and not pre.has_unfinished()
         for layer, (k, v) in enumerate(layers):
             dec.write_prompt_kv(i, layer, k, v)
-        [ev] = dec.add_prefilled(i, hidden[0])
+        [ev] = dec.add_prefilled(i, done.hidden)
         assert ev.token_id == ref[i][0][0] and not dec.awaits_kv(i) and dec.has_work()
     got: dict[int, list[int]] = {i: [ref[i][0][0]] for i in range(3)}
     while dec.has_unfinished():

@@ -12,7 +12,8 @@ import torch
 import pd_local.engine.engine as engine_mod
 from pd_local.config import EngineConfig
 from pd_local.engine.engine import Engine
-from pd_local.engine.prefiller import ChunkedPrefiller
+from pd_local.engine.scheduler import PrefillChunk
+from pd_local.model.llama import LayerKVHook
 from pd_local.engine.sampling import SamplingParams
 from tests.tiny_models import random_prompts, tiny_model
 
@@ -142,23 +143,29 @@ def test_eviction_under_pressure_keeps_held_blocks_and_preemption_still_works(mo
     assert results[True] == results[False]
 
 
-def land(dec: Engine, pre: ChunkedPrefiller) -> dict[int, int]:
-    """Drive a prefiller to completion, landing on `dec` only the rows each destination lacks;
-    the first token of every prompt."""
-    first: dict[int, int] = {}
-    while pre.has_pending():
-        chunks = pre.plan()
+def prefiller(model: torch.nn.Module, chunk: int) -> Engine:
+    """A prefill rank's engine (cluster/prefill.py sizes its cache the same way)."""
+    return engine(model, True, chunk, num_blocks=60)
 
+
+def land(dec: Engine, pre: Engine) -> dict[int, int]:
+    """Drive a prefill engine to completion, landing on `dec` only the rows each destination
+    lacks; the first token of every prompt."""
+    first: dict[int, int] = {}
+
+    def on_plan(chunks: list[PrefillChunk]) -> LayerKVHook:
         def hook(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
             for c in chunks:
                 a, b = c.send_rows
                 if b > a:
-                    dec.write_prompt_kv(c.req_id, layer, k[a:b].clone(), v[a:b].clone(),
+                    dec.write_prompt_kv(c.seq.req_id, layer, k[a:b].clone(), v[a:b].clone(),
                                         start=c.send_from)
+        return hook
 
-        hidden = pre.run(chunks, hook)
-        for c, h in zip([c for c in chunks if c.is_last], hidden):
-            first[c.req_id] = dec.add_prefilled(c.req_id, h)[0].token_id
+    while pre.has_work():
+        pre.step(on_plan)
+        for p in pre.prompts_done:
+            first[p.req_id] = dec.add_prefilled(p.req_id, p.hidden)[0].token_id
     return first
 
 
@@ -184,25 +191,21 @@ def test_a_decode_rank_reserves_and_receives_only_what_it_lacks(prefiller_cache:
 
     dec = engine(model, True, 16)
 
-    def prefiller() -> ChunkedPrefiller:
-        return ChunkedPrefiller(model, num_blocks=60, block_size=BS, max_prefill_tokens=11,
-                                caching=True)
-
-    pre = prefiller()
+    pre = prefiller(model, 11)
     assert dec.reserve(1, t1, GREEDY) and dec.cached_tokens(1) == 0
-    pre.add(1, t1, skip=0)
+    pre.add_prompt(1, t1, send_to=1, skip=0)
     assert decode_all(dec, land(dec, pre)) == ref1
     assert dec.num_cached_blocks == len(t1) // BS
 
     if prefiller_cache == "none":
-        pre = prefiller()  # the decode rank now holds more than this prefill rank
+        pre = prefiller(model, 11)  # the decode rank now holds more than this prefill rank
     assert dec.reserve(2, t2, GREEDY)
     skip = dec.cached_tokens(2)
     assert skip == len(t1) // BS * BS
     with pytest.raises(ValueError, match="come from the prefix cache"):
         dec.write_prompt_kv(2, 0, torch.zeros(1, 2, 16), torch.zeros(1, 2, 16), start=skip - 1)
     hits = pre.prefix_hit_tokens
-    pre.add(2, t2, skip=skip)
+    pre.add_prompt(2, t2, send_to=1, skip=skip)
     assert decode_all(dec, land(dec, pre)) == ref2
     assert pre.prefix_hit_tokens - hits == (skip if prefiller_cache == "warm" else 0)
     assert dec.allocator.num_held == 0 and pre.allocator.num_held == 0
@@ -214,15 +217,15 @@ def test_a_prefiller_holding_more_than_its_destination_starts_at_the_destination
     model = tiny_model("llama")
     p = random_prompts([45], seed=11)[0]
     ref, _ = run(engine(model, False), {1: p}, GREEDY, monkeypatch)
-    pre = ChunkedPrefiller(model, num_blocks=60, block_size=BS, max_prefill_tokens=16, caching=True)
+    pre = prefiller(model, 16)
     warm = engine(model, True)
     assert warm.reserve(0, p, GREEDY)
-    pre.add(0, p)
+    pre.add_prompt(0, p, send_to=1)
     decode_all(warm, land(warm, pre))  # the prefiller now caches p's full blocks
     dec = engine(model, True)  # a decode rank that holds nothing
     assert dec.reserve(1, p, GREEDY) and dec.cached_tokens(1) == 0
     hits = pre.prefix_hit_tokens
-    pre.add(1, p, skip=0)
+    pre.add_prompt(1, p, send_to=2, skip=0)
     assert decode_all(dec, land(dec, pre)) == ref
     assert pre.prefix_hit_tokens == hits  # nothing reused: all of it had to be sent
 
@@ -242,13 +245,13 @@ def test_abort_of_a_request_holding_cached_blocks_frees_exactly_its_references(m
     assert eng.num_cached_blocks == cached and eng.allocator.num_held == 0
     eng.allocator.check()
     # a prefiller's abort mid-prompt frees its references too, and keeps what it had cached
-    pre = ChunkedPrefiller(model, num_blocks=60, block_size=BS, max_prefill_tokens=8, caching=True)
-    pre.add(1, p)
-    while pre.has_pending():
-        pre.run(pre.plan())
+    pre = prefiller(model, 8)
+    pre.add_prompt(1, p, send_to=1)
+    while pre.has_work():
+        pre.step()
     assert pre.num_cached_blocks == 10
-    pre.add(2, p + [7] * 9, skip=40)
-    pre.run(pre.plan())  # request 2's first 8 tokens after its 40 cached ones
+    pre.add_prompt(2, p + [7] * 9, send_to=1, skip=40)
+    pre.step()  # request 2's first 8 tokens after its 40 cached ones
     assert pre.prefix_hit_tokens == 40
     assert pre.abort(2) and not pre.abort(2) and pre.allocator.num_held == 0
     assert pre.num_cached_blocks >= 10

@@ -287,10 +287,6 @@ class Router:
             r.free_blocks = msg.total_blocks
             r.index.resize(msg.total_blocks)
             if all(x.ready for x in (*self.decode.values(), *self.prefill.values())):
-                # A prefill rank reporting no KV blocks: bound its index like a decode rank's.
-                for x in self.prefill.values():
-                    if x.total_blocks == 0:
-                        x.index.resize(max(d.total_blocks for d in self.decode.values()))
                 self.max_model_len = min(x.max_model_len for x in self.decode.values())
                 log.info("all %d workers ready; max_model_len %d",
                          len(self.decode) + len(self.prefill), self.max_model_len)

@@ -2,10 +2,9 @@
 
 | module | owns | never does |
 |---|---|---|
-| `engine.py` | `Engine`: one process's model + cache + scheduler; `step()`; the decode-rank entry points `reserve` / `write_prompt_kv` / `add_prefilled` | torch.distributed |
+| `engine.py` | `Engine`: one process's model + cache + scheduler; `step()`; the decode-rank entry points `reserve` / `write_prompt_kv` / `add_prefilled`; the prefill rank's `add_prompt` / `prompts_done` | torch.distributed |
 | `scheduler.py` | waiting/running queues, mixed steps (decode rows + prefill chunks within the prefill token budget), admission by free blocks, preemption by recompute | torch.distributed, tensors |
 | `prefill_queue.py` | `PrefillQueue`: which waiting prompts' chunks get a step's prefill budget (fcfs / srpf with aging) | tensors, blocks |
-| `prefiller.py` | `ChunkedPrefiller` for a prefill rank that chunks: own paged cache for prompts in progress, `plan()` / `run()` / `abort()` | torch.distributed, the decode rank's cache |
 | `kv_cache.py` | `BlockAllocator` (pure Python), `blocks_for`, `slots_for` | torch |
 | `threads.py` | CPU threads and cores per rank: `plan_world` (pure), `apply`, `in_effect` | ranks, the network |
 | `sampling.py` | `SamplingParams`, per-request generators, `sample()` | host syncs on the hot path |

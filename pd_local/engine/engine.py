@@ -1,12 +1,12 @@
-"""Engine: one process's model + paged KV cache + scheduler + sampler. Colocated: `add_request`,
-then `step()`. Decode rank: `reserve` -> `write_prompt_kv` -> `add_prefilled(hidden)` samples the
-first token, then `step()`. Prefill rank: `prefill_hidden`, or a `ChunkedPrefiller`. One rank loop
-owns it; no torch.distributed."""
+"""Engine: one process's model + paged KV cache + scheduler + sampler; `step()` runs each role.
+Colocated: `add_request`. Decode rank: `reserve` -> `write_prompt_kv` -> `add_prefilled(hidden)`.
+Prefill rank: `add_prompt(send_to)`, `step(on_plan)` -> `prompts_done`. No torch.distributed."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +19,7 @@ from pd_local.model.llama import LayerKVHook, LlamaForCausalLM
 from pd_local.engine.logprobs import Logprob, logprobs_of, prompt_logprobs
 from pd_local.engine.sampling import SamplingParams, adjust_logits, sample
 from pd_local.engine.structured import GrammarTokenizer, mask_row
-from pd_local.engine.scheduler import Scheduler, SchedulerOutput, Sequence
+from pd_local.engine.scheduler import PrefillChunk, Scheduler, SchedulerOutput, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -37,35 +37,23 @@ class TokenEvent:
     prompt_logprobs: tuple[Logprob, ...] = ()
 
 
-def prefill_hidden(
-    model: LlamaForCausalLM,
-    prompts: list[list[int]],
-    device: torch.device | str,
-    kv_cache: PagedKVCache | None = None,
-    slot_mapping: list[int] | None = None,
-    on_layer_kv: LayerKVHook | None = None,
-    all_rows: bool = False,
-) -> torch.Tensor:
-    """Prefill a batch of token lists; returns the final hidden state of each one's last
-    position, [B, hidden] (all_rows: of every position, [T, hidden]). The K/V of every layer go
-    to kv_cache (at slot_mapping) and/or to on_layer_kv; a prefill rank passes only the hook."""
-    lens = [len(p) for p in prompts]
-    ids = host_to_device([t for p in prompts for t in p], device)  # [T]
-    pos = host_to_device([i for n in lens for i in range(n)], device)  # [T]
-    slots = None
-    if slot_mapping is not None:
-        slots = host_to_device(slot_mapping, device)  # [T]
-    meta = AttentionMetadata.prefill(lens, slots)
-    hidden = model(ids, pos, meta, kv_cache, on_layer_kv)  # [T, hidden]
-    if all_rows:
-        return hidden
-    last = host_to_device(meta.cu_seqlens[1:], device) - 1  # [B]
-    return hidden[last]
+@dataclass(frozen=True)
+class PromptDone:
+    """A prompt prefilled for another rank ran its last chunk (its blocks here are freed)."""
+
+    req_id: int
+    send_to: int
+    hidden: torch.Tensor  # [hidden]: the last position's final hidden state
+    num_tokens: int  # the prompt's
+    num_cached: int  # prompt tokens whose KV came from this rank's prefix cache
+    prompt_logprobs: tuple[Logprob, ...] | None = None  # when the request asked
+
+
+PlanHook = Callable[[list[PrefillChunk]], LayerKVHook | None]
 
 
 def prefix_salt(model: LlamaForCausalLM, dtype: torch.dtype) -> bytes:
-    """What besides the tokens decides a block's KV: the model's shape and the dtype (blocks of
-    one engine always share both; the salt keeps ids from different engines apart)."""
+    """What besides the tokens decides a block's KV: the model's shape and the dtype."""
     mc = model.config
     return f"{mc.num_layers}x{mc.hidden_size}/{mc.num_kv_heads}x{mc.head_dim}/{dtype}".encode()
 
@@ -105,6 +93,7 @@ class Engine:
                                    prefix_salt=prefix_salt(model, self.dtype))
         self._leader: dict[int, Sequence] = {}  # a choice riding on another (n > 1) -> that one
         self.prefill_started: list[int] = []  # requests whose prefill began in the last step()
+        self.prompts_done: list[PromptDone] = []  # prompts for other ranks the last step() ended
         self.graphs = None
         if use_graphs:
             from pd_local.model.cuda_graphs import DecodeGraphRunner
@@ -170,9 +159,13 @@ class Engine:
         return self.scheduler.has_unfinished()
 
     def has_work(self) -> bool:
-        """A step() would run something: sequences holding blocks, or prompts queued for them
-        (not reservations still waiting for their KV)."""
+        """A step() would run something (a reservation awaiting its KV would not)."""
         return bool(self.scheduler.running) or self.scheduler.queue.num_unadmitted() > 0
+
+    def prefill_backlog(self) -> tuple[int, int]:
+        """(prompts queued or part-prefilled, their prompt tokens still to compute)."""
+        jobs = self.scheduler.queue.jobs.values()
+        return len(jobs), sum(j.remaining for j in jobs)
 
     def awaits_kv(self, req_id: int) -> bool:
         """Decode rank: the request is reserved and its prompt's KV has not all landed."""
@@ -208,6 +201,17 @@ class Engine:
                     followers: tuple[int, ...] = ()) -> None:
         """Queue a request; `followers`: the ids of its other n - 1 choices (prefilled once)."""
         self.scheduler.add(self._with_followers(self._new_sequence(req_id, prompt_ids, params), followers))
+
+    def add_prompt(self, req_id: int, prompt_ids: list[int], send_to: int, skip: int = 0,
+                   prompt_logprobs: int | None = None) -> None:
+        """Prefill rank: queue a prompt whose KV goes to rank send_to, which holds [0, skip)."""
+        if not 0 <= skip < len(prompt_ids):
+            raise ValueError(f"request {req_id}: skip {skip} outside [0, {len(prompt_ids)})")
+        if prompt_logprobs is not None and skip:
+            raise ValueError(f"request {req_id}: prompt logprobs need every position, skip is {skip}")
+        seq = self._new_sequence(req_id, prompt_ids, SamplingParams(prompt_logprobs=prompt_logprobs))
+        seq.send_to, seq.skip = send_to, skip
+        self.scheduler.add(seq)
 
     def abort(self, req_id: int) -> bool:
         """Free whatever the request holds, in any phase. False if it is not here (finished).
@@ -267,19 +271,22 @@ class Engine:
 
     # -- the step --------------------------------------------------------------------------
 
-    def step(self) -> list[TokenEvent]:
+    def step(self, on_plan: PlanHook | None = None) -> list[TokenEvent]:
         """Run one scheduled step (decode rows of the running sequences plus prefill chunks);
-        one event per sequence that got a token."""
+        one event per sequence that got a token. on_plan(chunks) may return a layer KV hook."""
         out = self.scheduler.schedule()
         # a sequence's first chunk starts after its cached prefix (a recompute's too)
         self.prefill_started = [c.seq.req_id for c in out.prefill if c.start == c.seq.num_cached]
+        self.prompts_done = []
         if out.is_empty:
             return []
-        logits = self._run(out)
+        logits = self._run(out, on_plan(out.prefill) if on_plan is not None else None)
         self.scheduler.advance(out)
+        for c in out.sent:  # its KV and hidden state are on their way: its blocks are free
+            self.scheduler.finish(c.seq, "sent")
         return self._append_tokens(out.sampled, logits) if out.sampled else []
 
-    def _run(self, out: SchedulerOutput) -> torch.Tensor:
+    def _run(self, out: SchedulerOutput, on_layer_kv: LayerKVHook | None = None) -> torch.Tensor:
         """One fused forward over [decode rows, prefill chunk rows]; logits [len(out.sampled), V]."""
         bs = self.cfg.block_size
         ids: list[int] = []
@@ -295,7 +302,7 @@ class Engine:
             ids += c.seq.all_ids[c.start:c.end]
             pos += range(c.start, c.end)
             slots += slots_for(c.seq.block_ids, c.start, c.end, bs)
-            if c.is_last:
+            if c.is_last and c.seq.send_to is None:
                 rows.append(len(ids) - 1)
         dev = self.device
         if not out.prefill and self.graphs is not None:  # pure decode on CUDA: replay a graph
@@ -312,8 +319,13 @@ class Engine:
             [c.end - c.start for c in out.prefill], [c.start for c in out.prefill],
             [slots_for(c.seq.block_ids, 0, c.start, bs) for c in out.prefill], slots, bs, dev,
         )
-        hidden = self.model(host_to_device(ids, dev), host_to_device(pos, dev), meta, self.kv_cache)  # [T, hidden]
+        hidden = self.model(host_to_device(ids, dev), host_to_device(pos, dev), meta, self.kv_cache,
+                            on_layer_kv)  # [T, hidden]
         self._prompt_logprobs(out, hidden)
+        self.prompts_done = [PromptDone(c.seq.req_id, c.seq.send_to, hidden[c.row + c.end - c.start - 1],  # type: ignore[arg-type]
+                                        c.end, c.seq.num_cached,
+                                        None if c.seq.params.prompt_logprobs is None else tuple(c.seq.prompt_logprobs))
+                             for c in out.sent]
         if not rows:
             return hidden.new_zeros(0, self.model.config.vocab_size, dtype=torch.float32)  # [0, V]
         return self.model.compute_logits(hidden[host_to_device(rows, dev)], len(out.decode))  # [S, V]

@@ -1,7 +1,8 @@
 """Continuous batching with chunked prefill (no tensors): `schedule()` returns one mixed step, a
 decode row per running sequence plus prefill chunks within `max_prefill_tokens`. A sequence
 takes its longest cached prefix (never its last token) and owns its blocks until finish, abort or
-preemption, which free them exactly once; a preempted one is prefilled again."""
+preemption, which free them exactly once; a preempted one is prefilled again. A prompt prefilled
+for another rank (`send_to`) ends with its last chunk: its KV and hidden state leave."""
 
 from __future__ import annotations
 
@@ -49,6 +50,9 @@ class Sequence:
     # n > 1: the other choices, forked off this one's prompt KV when it samples its first token
     followers: list[Sequence] = field(default_factory=list)
     matcher: object | None = None  # params.grammar's llguidance matcher, made at its first sample
+    # prefill rank: the decode rank that gets this prompt's KV, which holds [0, skip) already
+    send_to: int | None = None
+    skip: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -71,11 +75,22 @@ class PrefillChunk:
     start: int
     end: int
     planned: Chunk  # the queue's record, for advance()
+    row: int = 0  # its first row in the step's flattened batch (decode rows come first)
 
     @property
     def is_last(self) -> bool:
-        """Completes the prefill: the step samples the sequence's next token from its last row."""
+        """Completes the prefill: its last row is sampled (or, send_to: handed over)."""
         return self.end == self.seq.num_tokens
+
+    @property
+    def send_from(self) -> int:
+        """seq.send_to lacks positions [send_from, end) of this chunk."""
+        return max(self.start, self.seq.skip)
+
+    @property
+    def send_rows(self) -> tuple[int, int]:
+        """Rows of the step whose K/V seq.send_to needs (empty when it holds them all)."""
+        return self.row + min(self.send_from, self.end) - self.start, self.row + self.end - self.start
 
 
 @dataclass
@@ -90,7 +105,12 @@ class SchedulerOutput:
     @property
     def sampled(self) -> list[Sequence]:
         """The sequences that get a token this step, in row order of the logits."""
-        return self.decode + [c.seq for c in self.prefill if c.is_last]
+        return self.decode + [c.seq for c in self.prefill if c.is_last and c.seq.send_to is None]
+
+    @property
+    def sent(self) -> list[PrefillChunk]:
+        """The last chunks of prompts prefilled for another rank."""
+        return [c for c in self.prefill if c.is_last and c.seq.send_to is not None]
 
     @property
     def num_tokens(self) -> int:
@@ -167,8 +187,12 @@ class Scheduler:
         blocks run out), then prefill chunks fill the token budget with the blocks left."""
         preempted = self._reserve_decode_slots()
         decode = [s for s in self.running if s.status is SeqStatus.RUNNING]
-        chunks = self.queue.plan(admit=self._admit)
-        prefill = [PrefillChunk(self.by_id[c.job.key], c.start, c.end, c) for c in chunks]
+        # a prefill rank's chunks by destination: each one's rows are contiguous
+        chunks = sorted(self.queue.plan(admit=self._admit), key=lambda c: self.by_id[c.job.key].send_to or 0)
+        prefill, row = [], len(decode)
+        for c in chunks:
+            prefill.append(PrefillChunk(self.by_id[c.job.key], c.start, c.end, c, row))
+            row += c.num_tokens
         return SchedulerOutput(decode, prefill, preempted)
 
     def advance(self, out: SchedulerOutput) -> None:
@@ -197,8 +221,10 @@ class Scheduler:
         bs = self.block_size
         caching = self.allocator.caching and seq.params.prompt_logprobs is None
         hashes = block_hashes(seq.all_ids, bs, self.prefix_salt) if caching else []
-        got = self.allocator.hold(hashes[:(seq.num_tokens - 1) // bs], blocks_for(seq.num_tokens, bs),
-                                  keep_free)
+        usable = (seq.num_tokens - 1) // bs
+        if seq.send_to is not None:  # what the destination lacks is computed here, to be sent
+            usable = min(usable, seq.skip // bs)
+        got = self.allocator.hold(hashes[:usable], blocks_for(seq.num_tokens, bs), keep_free)
         if got is None:
             return False
         seq.block_ids, cached = got

@@ -4,8 +4,7 @@ header link starved the prefill rank's other links, and a decode rank's single w
 whole prefill).
 
 Real router, prefill and decode loops on a tiny model; the prefill rank's model call is made
-slow (`prefill_hidden`, or `ChunkedPrefiller.run` where the rank chunks, the default): 1.5
-group timeouts before the forward, then half a group timeout per layer (3 layers:
+slow (the prefill rank's `Engine._run`): 1.5 group timeouts before the forward, then half a group timeout per layer (3 layers:
 3 group timeouts in all). Rank 0 submits a batch of requests through the router's Backend API
 and checks that each one finishes with all its tokens and that the server is still healthy.
 
@@ -23,7 +22,7 @@ import pd_local.cluster.decode
 import pd_local.cluster.prefill
 from common import say, start
 from pd_local.cluster.dist import Role
-from pd_local.engine.prefiller import ChunkedPrefiller
+from pd_local.engine.engine import Engine
 from pd_local.engine.sampling import SamplingParams
 from pd_local.launch import run_guarded
 
@@ -52,28 +51,18 @@ async def submit_all(router) -> list:
 def main() -> None:
     ctx, _ = start(sys.argv[1:])
     group_s = ctx.cfg.timeouts.group_s
-    real = pd_local.cluster.prefill.prefill_hidden
+    real_run = Engine._run
 
-    def slow_prefill(model, prompts, device, on_layer_kv=None):
+    def slow_run(self, out, on_layer_kv=None):
         time.sleep(1.5 * group_s)
 
         def slow_layer(layer, k, v):
             time.sleep(0.5 * group_s)
             on_layer_kv(layer, k, v)
-        return real(model, prompts, device, on_layer_kv=slow_layer)
+        return real_run(self, out, slow_layer)
 
-    pd_local.cluster.prefill.prefill_hidden = slow_prefill
-    real_run = ChunkedPrefiller.run
-
-    def slow_run(self, chunks, on_layer_kv=None):  # the same, for a prefill rank that chunks
-        time.sleep(1.5 * group_s)
-
-        def slow_layer(layer, k, v):
-            time.sleep(0.5 * group_s)
-            on_layer_kv(layer, k, v)
-        return real_run(self, chunks, slow_layer)
-
-    ChunkedPrefiller.run = slow_run
+    if ctx.role is Role.PREFILL:  # the decode ranks' steps run at full speed
+        Engine._run = slow_run
     if ctx.role is Role.FRONTEND:
         from pd_local.cluster.router import Router
 
