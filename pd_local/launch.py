@@ -23,9 +23,9 @@ log = logging.getLogger("pd_local.launch")
 
 ROLE_MODULES: dict[str, str] = {
     "frontend": "pd_local.cluster.frontend",
-    "prefill": "pd_local.cluster.prefill",
-    "decode": "pd_local.cluster.decode",
-    "colocated": "pd_local.cluster.decode",
+    "prefill": "pd_local.cluster.worker",
+    "decode": "pd_local.cluster.worker",
+    "colocated": "pd_local.cluster.worker",
 }
 
 

@@ -101,11 +101,12 @@ def test_a_decode_rank_aborting_a_queued_request_keeps_its_other_choices() -> No
     aborting the request itself leaves its other choices queued alone, each with its own seed."""
     from collections import deque
 
-    from pd_local.cluster.decode import DecodeLoop
+    from pd_local.cluster.dist import Role
     from pd_local.cluster.messages import Abort, Reserve
+    from pd_local.cluster.worker import Worker
 
-    loop = DecodeLoop.__new__(DecodeLoop)  # the admission queue alone: no links, no engine
-    loop.admission, loop.aborted_followers, loop.engine = deque(), set(), None
+    loop = Worker.__new__(Worker)  # the admission queue alone: no links, no engine
+    loop.admission, loop.aborted_followers, loop.engine, loop.role = deque(), set(), None, Role.DECODE
     sampling = SamplingParams(seed=40)
     loop.admission.extend([Reserve(1, (5, 6), sampling, (2, 3, 4)), Reserve(9, (7,), SamplingParams())])
     loop._handle(Abort(3))

@@ -1,4 +1,4 @@
-"""The torchrun world: ranks -> roles, the wire between them, and the three rank loops.
+"""The torchrun world: ranks -> roles, the wire between them, the router and the worker loop.
 
 | module | owns | never does |
 |---|---|---|
@@ -13,8 +13,7 @@
 | `router.py` | rank 0: the `api.backend.Backend` over the workers; routing | block the asyncio loop |
 | `router_state.py` | what the router keeps per request and per rank | talk to a rank |
 | `frontend.py` | rank 0's entry point: the router, then the HTTP app under uvicorn until stopped | |
-| `prefill.py` | a prefill rank's loop: an `Engine` stepping prompt chunks (`add_prompt`), each layer's KV streamed to its decode rank | keep KV past a prompt's last chunk |
-| `decode.py` | a decode (or colocated) rank's loop: reserve, receive KV, sample, decode | compute a prompt's KV it was sent |
+| `worker.py` | every other rank's loop over one `Engine`, its role data: prefill (each layer's KV streamed to the decode rank), decode (reserve, land KV, decode), colocated (both) | keep KV past a prompt's last chunk on a prefill rank |
 | `shutdown.py` | how ranks stop: rank 0's drain on a signal, workers' signal policy, 503 after a failure | stop a worker on its own signal |
 
 The entry point that starts a rank is `pd_local.launch` (kept at the top, beside `__main__`,

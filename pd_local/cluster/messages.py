@@ -261,7 +261,7 @@ class Ready:
 
     KIND: ClassVar[Kind] = Kind.READY
     max_model_len: int  # the longest sequence this rank serves (0: a prefill rank, no limit)
-    total_blocks: int  # KV blocks (0 on a prefill rank)
+    total_blocks: int  # KV blocks
     threads: int = 0  # torch intra-op threads in effect
     cpus: str = ""  # the affinity mask in effect, e.g. "0-3"
 

@@ -1,6 +1,6 @@
 """Workers whose weights take 3 group timeouts to load must still come up: their receivers
 and heartbeats run while they load (a gloo send waits for the peer's recv and fails after the
-group timeout). Real router, prefill and decode loops; load_model made slow.
+group timeout). Real router and worker loops; load_model made slow.
 
 Run with `--model TINY_DIR --set engine.max_model_len=512 --set timeouts.group_s=2
 [--prefill 1 --decode 1 | --colocated 1]`. Prints 'RESULT rank R: up' from every rank.
@@ -11,8 +11,7 @@ from __future__ import annotations
 import sys
 import time
 
-import pd_local.cluster.decode
-import pd_local.cluster.prefill
+import pd_local.cluster.worker
 from common import say, start
 from pd_local.cluster.dist import Role
 from pd_local.launch import run_guarded
@@ -26,7 +25,7 @@ def main() -> None:
         time.sleep(3 * ctx.cfg.timeouts.group_s)
         return load_model(*args, **kwargs)
 
-    pd_local.cluster.decode.load_model = pd_local.cluster.prefill.load_model = slow_load
+    pd_local.cluster.worker.load_model = slow_load
     if ctx.role is Role.FRONTEND:
         from pd_local.cluster.router import Router
 
@@ -35,10 +34,8 @@ def main() -> None:
         assert router.error is None, router.error
         router.shutdown()
         assert router.clean_shutdown, router.error
-    elif ctx.role is Role.PREFILL:
-        pd_local.cluster.prefill.run(ctx)
     else:
-        pd_local.cluster.decode.run(ctx)
+        pd_local.cluster.worker.run(ctx)
     say(ctx, "up")
     ctx.close()
 

@@ -18,8 +18,7 @@ import asyncio
 import sys
 import time
 
-import pd_local.cluster.decode
-import pd_local.cluster.prefill
+import pd_local.cluster.worker
 from common import say, start
 from pd_local.cluster.dist import Role
 from pd_local.engine.engine import Engine
@@ -79,8 +78,7 @@ def main() -> None:
         assert router.clean_shutdown, router.error
         say(ctx, f"ok: {len(results)} requests in {took:.1f} s, group timeout {group_s} s")
     else:
-        (pd_local.cluster.prefill if ctx.role is Role.PREFILL
-         else pd_local.cluster.decode).run(ctx)
+        pd_local.cluster.worker.run(ctx)
         say(ctx, "ok")
     ctx.close()
 

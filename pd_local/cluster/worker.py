@@ -1,0 +1,310 @@
+"""The worker loop, run by every rank but the router: one Engine driven by messages, its role
+data (ctx.role: prefill, decode or colocated; docs/architecture.md). Each turn: messages,
+admission, one `engine.step()`, then tokens, KV and load out. KV for a request no longer held
+is dropped; its blocks are freed exactly once."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+
+import torch
+
+from pd_local.cluster.channel import Heartbeater, Inbox, Receiver, Sender
+from pd_local.cluster.dist import DistContext, Role
+from pd_local.cluster.ipc_transfer import kv_receiver, kv_sender
+from pd_local.cluster.messages import (Abort, Fatal, FinishReason, KVEntry, Prefill, PrefillDone,
+                                       PromptLogprobs, ProtocolError, Ready, RejectReason, Rejected,
+                                       Reserve, Reserved, Shutdown, Stats, TokenEntry, Tokens,
+                                       TransferMode, TransferRecord)
+from pd_local.cluster.transfer import KVShape, LayerKV, PromptHidden, StagingDone
+from pd_local.config import EngineConfig
+from pd_local.engine import threads as cpu_threads
+from pd_local.engine.engine import Engine, TokenEvent
+from pd_local.engine.kv_cache import blocks_for
+from pd_local.engine.scheduler import PrefillChunk
+from pd_local.engine.structured import GrammarTokenizer
+from pd_local.model.config import ModelConfig
+from pd_local.model.dtype import resolve_dtype
+from pd_local.model.llama import LayerKVHook, LlamaForCausalLM
+from pd_local.model.weights import load_model
+from pd_local.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+FINISH_CODES: dict[str | None, FinishReason] = {
+    None: FinishReason.NONE, "stop": FinishReason.STOP, "length": FinishReason.LENGTH,
+    "abort": FinishReason.ABORT, "error": FinishReason.ERROR,
+}
+
+
+def token_entry(ev: TokenEvent, cached_tokens: int | None = None) -> TokenEntry:
+    """`cached_tokens`: the request's prefix hit to report with its first token; None: the
+    event's own (a colocated rank's prefill). A PD decode rank's own hit is not the request's
+    (it saves bytes, not compute): it passes the prefill rank's, from the KV header."""
+    return TokenEntry(ev.req_id, ev.token_id, ev.finished, FINISH_CODES[ev.finish_reason],
+                      ev.cached_tokens if cached_tokens is None else cached_tokens,
+                      () if ev.logprob is None else (ev.logprob,), ev.prompt_logprobs)
+
+
+class Worker:
+    """Construct right after init_distributed, before the model loads: a gloo send waits for
+    the receiver's recv and fails after the group timeout, so every incoming link needs its
+    receiver thread, and every outgoing one its heartbeats, while the weights load."""
+
+    def __init__(self, ctx: DistContext, shape: KVShape) -> None:
+        self.ctx, self.shape, self.role = ctx, shape, ctx.role
+        me, links = ctx.rank, ctx.links
+        self.inbox = Inbox()
+        self.receiver = Receiver({**links.to_prefill, **links.to_decode}[me], self.inbox)
+        self.to_router = Sender({**links.from_prefill, **links.from_decode}[me])
+        mode = TransferMode[ctx.cfg.transfer.upper()]
+        # KV links: it sends on those it is the prefill end of (CUDA IPC for a same-GPU pair)
+        self.kv_out = {d: kv_sender(ctx, pair, shape, mode) for (p, d), pair in links.kv.items() if p == me}
+        self.kv_in = [kv_receiver(ctx, pair, self.inbox, shape) for (p, _), pair in links.kv.items() if p != me]
+        self.heartbeat = Heartbeater([self.to_router, *(s.header for s in self.kv_out.values())],
+                                     ctx.cfg.timeouts.heartbeat_s, self.inbox)
+        self.engine: Engine  # built by run()
+        self.admission: deque[Reserve] = deque()
+        self.aborted_followers: set[int] = set()  # choices aborted while their Reserve queued
+        self.started: dict[int, float] = {}  # prompt sent on -> its first chunk's step start
+        self.entries: list[TokenEntry] = []
+        self.transfers: list[TransferRecord] = []
+        self.last_load: tuple[int, ...] | None = None
+
+    def run(self, make_engine: Callable[[], Engine]) -> None:
+        """Build the engine, then serve until the router's Shutdown. Any error: tell the router
+        (Fatal), then raise."""
+        try:
+            self.engine = e = make_engine()
+            self.to_router.send(Ready(0 if self.role is Role.PREFILL else e.max_model_len,
+                                      e.num_total_blocks, *cpu_threads.in_effect()))
+            while True:
+                # Block only when there is nothing to step: then only a message can change that.
+                item = self.inbox.get(timeout=0 if e.has_work() else None)
+                while item is not None:
+                    if isinstance(item[1], Shutdown):
+                        self._shutdown()
+                        return
+                    self._handle(item[1])
+                    item = self.inbox.poll()
+                self._admit()
+                if self.entries:
+                    # first tokens from arrived hidden states: now, not a step later (TTFT)
+                    self._report()
+                if e.has_work():
+                    self._step()
+                    # room a step freed: admit now, no message may come to wake the loop
+                    self._admit()
+                self._report()
+        except BaseException as e:
+            try:
+                self.to_router.send(Fatal(self.ctx.rank, f"{type(e).__name__}: {e}"[:4000]))
+            except Exception:  # the link may be what failed
+                pass
+            raise
+
+    # -- messages ----------------------------------------------------------------------------
+
+    def _handle(self, msg: object) -> None:
+        e = self.engine
+        match msg:
+            case LayerKV() if e.awaits_kv(msg.req_id):
+                e.write_prompt_kv(msg.req_id, msg.layer, msg.k, msg.v, start=msg.start)
+            case PromptHidden() if e.awaits_kv(msg.req_id):
+                # the receiver counts a prompt's positions [0, end); its cached prefix never came
+                cached = e.cached_tokens(msg.req_id) * self.shape.bytes_per_token
+                self.entries += [token_entry(ev, msg.cached_tokens)
+                                 for ev in e.add_prefilled(msg.req_id, msg.hidden)]
+                self.transfers.append(dataclasses.replace(msg.record, num_bytes=msg.record.num_bytes - cached))
+            case LayerKV() | PromptHidden():
+                pass  # its request is gone (aborted): the blocks were freed then
+            case StagingDone():
+                msg.release()  # every item of that transfer was consumed (copied) above, in order
+            case Prefill():
+                if msg.decode_rank not in self.kv_out:
+                    raise ProtocolError(f"Prefill for decode rank {msg.decode_rank}: no KV link from "
+                                        f"rank {self.ctx.rank} (links: {sorted(self.kv_out)})")
+                e.add_prompt(msg.req_id, list(msg.prompt_ids), msg.decode_rank, msg.skip_tokens,
+                             msg.prompt_logprobs)
+            case Reserve() if self.role is Role.COLOCATED:
+                try:
+                    e.add_request(msg.req_id, list(msg.prompt_ids), msg.sampling, msg.followers)
+                except ValueError as err:
+                    self._reject(msg.req_id, err)
+            case Reserve() if self.role is Role.DECODE:
+                self.admission.append(msg)
+            case Abort():
+                self._abort(msg.req_id)
+            case _:
+                raise ProtocolError(f"{self.role.value} rank {self.ctx.rank}: unexpected {msg!r}")
+
+    def _abort(self, req_id: int) -> None:
+        queued = next((r for r in self.admission if req_id in (r.req_id, *r.followers)), None)
+        if queued is not None and queued.req_id == req_id:
+            # its other choices go on alone, each with its own seed (seed + i)
+            i = self.admission.index(queued)
+            del self.admission[i]
+            for n, f in reversed(list(enumerate(queued.followers, start=1))):
+                if f in self.aborted_followers:
+                    self.aborted_followers.discard(f)
+                    continue
+                self.admission.insert(i, Reserve(f, queued.prompt_ids, queued.sampling.for_choice(n)))
+        elif queued is not None:  # a choice of a queued request: dropped once it is reserved
+            self.aborted_followers.add(req_id)
+        elif self.engine.abort(req_id):  # False when it already finished: nothing to free
+            self.started.pop(req_id, None)
+
+    def _reject(self, req_id: int, e: Exception) -> None:
+        log.warning("request %d rejected: %s", req_id, e)
+        self.to_router.send(Rejected(req_id, RejectReason.BAD_REQUEST))
+
+    def _admit(self) -> None:
+        """Reserve the admission queue in order while the engine has room (FIFO: a big prompt
+        at the head is not overtaken, so it cannot starve)."""
+        while self.admission:
+            msg = self.admission[0]
+            try:
+                ok = self.engine.reserve(msg.req_id, list(msg.prompt_ids), msg.sampling, msg.followers)
+            except ValueError as e:
+                self.admission.popleft()
+                self.aborted_followers.difference_update(msg.followers)  # rejected with it
+                self._reject(msg.req_id, e)
+                continue
+            if not ok:
+                return
+            self.admission.popleft()
+            for f in self.aborted_followers.intersection(msg.followers):
+                self.aborted_followers.discard(f)
+                self.engine.abort(f)
+            self.to_router.send(Reserved(msg.req_id, time.monotonic(), self.engine.cached_tokens(msg.req_id)))
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def _step(self) -> None:
+        """One engine step; prompts for other ranks: announce per destination, each layer's K/V
+        leaves as it is computed, then the completed prompts' hidden states."""
+        t0 = time.monotonic()
+        sending: list[int] = []  # destinations of this step, in row order
+        planned: list[bool] = []
+
+        def on_plan(chunks: list[PrefillChunk]) -> LayerKVHook | None:
+            planned.append(True)
+            tokens: dict[int, list[tuple[int, int]]] = {}  # destination -> its rows of the step
+            for d, group in itertools.groupby((c for c in chunks if c.seq.send_to is not None),
+                                              key=lambda c: c.seq.send_to):
+                group = list(group)
+                for c in group:
+                    self.started.setdefault(c.seq.req_id, t0)
+                # only the rows the destination lacks (its prefix cache holds [0, skip))
+                group = [c for c in group if c.send_rows[1] > c.send_rows[0]]
+                if group:
+                    tokens[d] = [c.send_rows for c in group]  # type: ignore[index]
+                    self.kv_out[d].start([KVEntry(c.seq.req_id, c.end - c.send_from, c.send_from, c.is_last,  # type: ignore[index]
+                                                  c.seq.num_cached if c.is_last else 0) for c in group])
+            sending.extend(tokens)
+            if not tokens:
+                return None
+
+            def on_layer_kv(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+                for d, pieces in tokens.items():
+                    self.kv_out[d].layer(layer, *rows_of(k, v, pieces))
+            return on_layer_kv
+
+        e = self.engine
+        self.entries += [token_entry(ev) for ev in e.step(on_plan)]
+        if not planned and self.role is Role.PREFILL:
+            raise RuntimeError(f"prefill rank {self.ctx.rank}: prompts pending, none planned")
+        t_computed = time.monotonic()
+        for p in e.prompts_done:  # before the hidden states
+            if p.prompt_logprobs is not None:
+                self.to_router.send(PromptLogprobs(p.req_id, p.prompt_logprobs))
+        for d in sending:
+            mine = [p.hidden for p in e.prompts_done if p.send_to == d]
+            self.kv_out[d].hidden(torch.stack(mine) if mine else torch.empty(0, e.model.config.hidden_size,
+                                                                             dtype=e.dtype, device=e.device))
+        for d in sending:
+            self.kv_out[d].finish()
+        for p in e.prompts_done:
+            self.to_router.send(PrefillDone((p.req_id,), p.num_tokens, self.started.pop(p.req_id),
+                                            t_computed, (p.num_cached,)))
+
+    def _load(self) -> tuple[int, int, int, int, int]:
+        """(free blocks, total, running, waiting, queued prompt tokens); prefill: waiting prompts."""
+        e = self.engine
+        if self.role is Role.PREFILL:
+            return (e.num_free_blocks, e.num_total_blocks, 0, *e.prefill_backlog())
+        return e.num_free_blocks, e.num_total_blocks, e.num_running, e.num_waiting + len(self.admission), 0
+
+    def _report(self) -> None:
+        """One Tokens message per turn that produced tokens or transfers; otherwise Stats when
+        the load changed (so the router routes on fresh numbers without polling)."""
+        load = self._load()
+        cache = dict(cached_blocks=self.engine.num_cached_blocks, prefix_hit_tokens=self.engine.prefix_hit_tokens)
+        if self.entries or self.transfers:
+            self.to_router.send(Tokens(tuple(self.entries), *load[:4], time.monotonic(),
+                                       tuple(self.transfers), **cache))
+            self.entries, self.transfers = [], []
+        elif load != self.last_load:
+            self.to_router.send(Stats(*load, **cache))
+        self.last_load = load
+
+    def _shutdown(self) -> None:
+        """The router's Shutdown: close every KV link it sends on (the receivers exit on it),
+        answer the router, and wait until every prefill rank has closed its KV link to us
+        (they shut down first), so no receive is pending when the groups go."""
+        self.heartbeat.stop()
+        for s in self.kv_out.values():
+            s.header.close()
+        self.to_router.close()
+        for r in self.kv_in:
+            r.thread.join(timeout=self.ctx.cfg.timeouts.group_s)
+            if r.thread.is_alive():
+                raise RuntimeError(f"kv link {r.pair.data.name} was not closed by its prefill rank")
+        log.info("%s rank %d: shut down (%d transfers received)", self.role.value, self.ctx.rank,
+                 sum(len(r.stats) for r in self.kv_in))
+
+
+def rows_of(k: torch.Tensor, v: torch.Tensor, ranges: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows [a, b) of each range, in order: a view when they are adjacent (the common case:
+    nothing cached, or one request per destination), else a copy."""
+    merged: list[tuple[int, int]] = []
+    for a, b in ranges:
+        if merged and merged[-1][1] == a:
+            merged[-1] = (merged[-1][0], b)
+        else:
+            merged.append((a, b))
+    if len(merged) == 1:
+        a, b = merged[0]
+        return k[a:b], v[a:b]
+    return (torch.cat([k[a:b] for a, b in merged]), torch.cat([v[a:b] for a, b in merged]))
+
+
+def prefill_engine(model: LlamaForCausalLM, e: EngineConfig, device: torch.device | str) -> Engine:
+    """Its cache: 2 longest prompts + one step's tokens (docs/architecture.md). No decode kernels."""
+    mc = model.config
+    longest = min(e.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+    blocks = blocks_for(2 * longest + e.max_prefill_tokens, e.block_size)
+    return Engine(model, dataclasses.replace(e, num_blocks=blocks, cuda_graphs=False, native_linear=False),
+                  device=device)
+
+
+def run(ctx: DistContext) -> None:
+    """Entry point for every worker rank (launch.py)."""
+    cfg = ctx.cfg
+    dtype = resolve_dtype(cfg.dtype, cfg.device)  # "auto": same answer on every rank (one machine)
+    worker = Worker(ctx, KVShape.of(ModelConfig.from_dir(cfg.model), dtype))
+
+    def make_engine() -> Engine:
+        model, _ = load_model(cfg.model, dtype, ctx.device)
+        if ctx.role is Role.PREFILL:
+            return prefill_engine(model, cfg.engine, ctx.device)
+        tokenizer = Tokenizer.from_dir(cfg.model)
+        return Engine(model, cfg.engine, stop_token_ids=tokenizer.stop_token_ids,
+                      device=ctx.device, grammar_tokenizer=GrammarTokenizer(tokenizer))
+
+    worker.run(make_engine)
