@@ -19,6 +19,7 @@ from pd_local.engine import threads as cpu_threads
 from pd_local.engine.engine import Engine, TokenEvent
 from pd_local.engine.logprobs import Logprob
 from pd_local.engine.sampling import SamplingParams
+from pd_local.engine.scheduler import FinishReason
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ class RequestOutput:
     req_id: int
     token_ids: list[int]  # tokens new since the previous output
     finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    finish_reason: FinishReason | None = None
     error: str | None = None
     timings_ms: dict[str, float] | None = None  # phase durations, on the finished output
     # prompt tokens served from a prefix cache, not computed (the first prefill's, if a
@@ -193,7 +194,7 @@ class InProcessBackend:
             self._queues.pop(out.req_id, None)
         self._loop.call_soon_threadsafe(q.put_nowait, out)
 
-    def _finish(self, req_id: int, reason: str, error: str | None = None,
+    def _finish(self, req_id: int, reason: FinishReason, error: str | None = None,
                 ev: TokenEvent | None = None) -> None:
         tl = self._timelines.pop(req_id, None)
         self._prompt_lens.pop(req_id, None)
@@ -215,11 +216,11 @@ class InProcessBackend:
                 self.engine.add_request(req_ids[0], prompt_ids, params, tuple(req_ids[1:]))
             except ValueError as e:
                 for req_id in req_ids:
-                    self._finish(req_id, "error", str(e))
+                    self._finish(req_id, FinishReason.ERROR, str(e))
         elif kind == "abort":
             req_id = int(arg)  # type: ignore[arg-type]
             if self.engine.abort(req_id):
-                self._finish(req_id, "abort")
+                self._finish(req_id, FinishReason.ABORT)
 
     def _run(self) -> None:
         if self.engine.cfg.threads:
@@ -261,14 +262,14 @@ class InProcessBackend:
                                     tl.mark(phase, leader.t[phase])
                         tl.mark("first_token", t1)
                     if ev.finished:
-                        self._finish(ev.req_id, ev.finish_reason or "stop", ev=ev)
+                        self._finish(ev.req_id, ev.finish_reason or FinishReason.STOP, ev=ev)
                     else:
                         self._deliver(_with_token(RequestOutput(ev.req_id, []), ev))
         except Exception as e:  # the engine is broken: fail every request loudly, stay unhealthy
             log.exception("engine thread died")
             self._error = f"engine thread died: {e!r}"
             for req_id in list(self._queues):
-                self._finish(req_id, "error", self._error)
+                self._finish(req_id, FinishReason.ERROR, self._error)
 
 
 def _with_token(out: RequestOutput, ev: TokenEvent) -> RequestOutput:

@@ -17,6 +17,7 @@ from pd_local.api.logprob_format import chat_logprobs, completion_logprobs
 from pd_local.api.openai_request import GenerationRequest, RequestError
 from pd_local.api.textstream import TextStream
 from pd_local.engine.logprobs import Logprob
+from pd_local.engine.scheduler import FinishReason
 
 if TYPE_CHECKING:
     from pd_local.api.server import App
@@ -36,7 +37,7 @@ class Generation:
         self.outputs = outputs
         self.text = TextStream(app.tokenizer, req.stop)
         self.completion_tokens = 0
-        self.finish_reason: str | None = None
+        self.finish_reason: FinishReason | None = None
         self.timings: dict[str, float] | None = None
         self.ranks: tuple[int | None, int | None] = (None, None)  # (prefill, decode)
         self.cached_tokens = 0
@@ -79,7 +80,7 @@ class Generation:
         if out.finished:
             self.ranks = (out.prefill_rank, out.decode_rank)
         if out.error is not None:
-            self._finish("error", out.timings_ms)
+            self._finish(FinishReason.ERROR, out.timings_ms)
             raise RuntimeError(out.error)
         if self.text.stopped:
             if not out.finished:  # free its blocks; its final output brings the timings
@@ -87,17 +88,18 @@ class Generation:
                 while not out.finished:
                     out = await self.outputs.get()
                 self.ranks = (out.prefill_rank, out.decode_rank)
-            self._finish("stop", out.timings_ms)
+            self._finish(FinishReason.STOP, out.timings_ms)
         elif out.finished:
             delta += self.text.finish()
-            self._finish("length" if self.req.score_only else out.finish_reason or "stop", out.timings_ms)
+            self._finish(FinishReason.LENGTH if self.req.score_only else out.finish_reason or FinishReason.STOP,
+                         out.timings_ms)
         return delta
 
-    def _finish(self, reason: str, timings: dict[str, float] | None) -> None:
+    def _finish(self, reason: FinishReason, timings: dict[str, float] | None) -> None:
         if self.done:
             return
         self.done = True
-        self.finish_reason = "stop" if reason == "abort" else reason
+        self.finish_reason = FinishReason.STOP if reason is FinishReason.ABORT else reason
         self.timings = timings or {}
         self.app.in_flight -= 1
         m = self.app.metrics
@@ -108,7 +110,7 @@ class Generation:
         """The client went away before the end: abort on every rank, count it once."""
         if not self.done:
             self.app.backend.abort(self.req_id)
-            self._finish("abort", None)
+            self._finish(FinishReason.ABORT, None)
             self.app.metrics.count_disconnect()
 
     def usage(self) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from pd_local.api.openai_request import GenerationRequest, RequestError, parse_r
 from pd_local.api.textstream import TextStream
 from pd_local.config import ConfigError, EngineConfig
 from pd_local.engine.engine import Engine
+from pd_local.engine.scheduler import FinishReason
 from pd_local.model.dtype import DTYPE_CHOICES, resolve_dtype
 from pd_local.tokenizer import Tokenizer
 
@@ -40,7 +41,7 @@ def run_batch(
             done_tokens += 1
             stream = streams[i]
             stream.push(ev.token_id)
-            reason = "stop" if stream.stopped else ev.finish_reason
+            reason = FinishReason.STOP if stream.stopped else ev.finish_reason
             if stream.stopped and not ev.finished:
                 engine.abort(i)  # a stop string ended it: free its blocks now
             if stream.stopped or ev.finished:

@@ -1,6 +1,6 @@
-"""Frozen dataclass <-> int64 words, driven by the field annotations, in field order: int, bool
-and IntEnum one word; float its float64 bits (bit-exact); int | None presence + value; str its
-UTF-8 bytes; tuples a length and the items; nested dataclasses their fields."""
+"""Frozen dataclass <-> int64 words, driven by the field annotations, in field order: int, bool,
+IntEnum and Enum (its place) one word; float its float64 bits (bit-exact); X | None presence,
+then X; str its UTF-8 bytes; tuples a length and the items; nested dataclasses their fields."""
 
 from __future__ import annotations
 
@@ -79,6 +79,15 @@ def _read_enum(cls: type[enum.IntEnum]) -> _Read:
     return read
 
 
+def _read_member(cls: type[enum.Enum], members: list[enum.Enum]) -> _Read:
+    def read(r: Reader) -> enum.Enum:
+        i = r.int()
+        if not 0 <= i < len(members):
+            raise ProtocolError(f"{r.label}: {i} is not a {cls.__name__}")
+        return members[i]
+    return read
+
+
 def _write_ints(w: Writer, xs: Sequence[int]) -> None:
     w.words.append(len(xs))
     for x in xs:
@@ -125,6 +134,9 @@ def codec(tp: Any) -> tuple[_Write, _Read]:
         return _write_str, _read_str
     if isinstance(tp, type) and issubclass(tp, enum.IntEnum):
         return (lambda w, x: w.int(int(x))), _read_enum(tp)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):  # its place among the members
+        members = list(tp)
+        return (lambda w, x: w.int(members.index(x))), _read_member(tp, members)
     if dataclasses.is_dataclass(tp):
         hints = typing.get_type_hints(tp)
         parts = [(f.name, *codec(hints[f.name])) for f in dataclasses.fields(tp)]
@@ -149,4 +161,12 @@ def codec(tp: Any) -> tuple[_Write, _Read]:
         return write_seq, (lambda r: tuple(item_read(r) for _ in range(r.count())))
     if set(args) == {int, type(None)}:
         return _write_opt_int, _read_opt_int
+    if len(args) == 2 and type(None) in args:  # X | None: presence, then X if present
+        w_x, r_x = codec(next(a for a in args if a is not type(None)))
+
+        def write_opt(w: Writer, x: Any) -> None:
+            w.words.append(0 if x is None else 1)
+            if x is not None:
+                w_x(w, x)
+        return write_opt, (lambda r: r_x(r) if r.int() else None)
     raise TypeError(f"no wire codec for {tp!r}")

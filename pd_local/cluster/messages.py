@@ -14,6 +14,7 @@ import torch
 from pd_local.cluster.codec import ProtocolError, Reader, Writer, codec
 from pd_local.engine.logprobs import Logprob
 from pd_local.engine.sampling import SamplingParams
+from pd_local.engine.scheduler import FinishReason
 
 MAGIC = 0x5044 << 16  # "PD" in the high bits of word 0: a stray tensor is not read as a message
 
@@ -33,14 +34,6 @@ class Kind(enum.IntEnum):
     SHUTDOWN = 12
     READY = 13
     PROMPT_LOGPROBS = 14
-
-
-class FinishReason(enum.IntEnum):
-    NONE = 0  # still running
-    STOP = 1  # EOS or a stop token id
-    LENGTH = 2  # max_tokens or max_model_len
-    ABORT = 3
-    ERROR = 4
 
 
 class RejectReason(enum.IntEnum):
@@ -157,7 +150,7 @@ class TokenEntry:
     req_id: int
     token_id: int
     finished: bool = False
-    finish_reason: FinishReason = FinishReason.NONE
+    finish_reason: FinishReason | None = None  # when finished
     # first token: prompt tokens not computed for it (colocated: its own prefix cache; PD: the
     # prefill rank's, from the KV header entry that completed the prompt)
     cached_tokens: int = 0
@@ -209,17 +202,14 @@ class Rejected:
 
 @dataclass(frozen=True)
 class PrefillDone:
-    """Prefill -> router after the KV sends of these requests' prompts all completed (nothing of
-    them is left here; chunked: sent after the step that sent their last chunks)."""
+    """Prefill -> router after the step that sent a prompt's last chunk: nothing of it is left."""
 
     KIND: ClassVar[Kind] = Kind.PREFILL_DONE
-    req_ids: tuple[int, ...]
-    num_tokens: int
-    t_start: float  # time.monotonic() when the batch's (chunked: the first chunk's) compute started
-    t_end: float  # ... and ended (the sends may still have been completing)
-    # per request, its prompt tokens this rank did not compute (its prefix cache held them);
-    # empty: none (an unchunked prefill computes every prompt whole)
-    cached_tokens: tuple[int, ...] = ()
+    req_id: int
+    num_tokens: int  # the prompt's
+    t_start: float  # time.monotonic() when its first chunk's step started
+    t_end: float  # ... and when its last chunk's compute ended (the sends may still be completing)
+    cached_tokens: int = 0  # prompt tokens this rank did not compute (its prefix cache held them)
 
 
 @dataclass(frozen=True)

@@ -14,19 +14,19 @@ import threading
 from pd_local.api.backend import BackendStats, RankStats, RequestOutput
 from pd_local.cluster.dist import DistContext
 from pd_local.cluster.channel import Heartbeater, Inbox, LinkDown, Receiver, Sender
-from pd_local.cluster.messages import (Abort, Fatal, FinishReason, Prefill, PrefillDone,
+from pd_local.cluster.messages import (Abort, Fatal, Prefill, PrefillDone,
                                        PromptLogprobs, Ready, RejectReason, Rejected, Reserve,
                                        Reserved, Shutdown, Stats, TokenEntry, Tokens)
 from pd_local.cluster.prefix_index import Candidate, choose
 from pd_local.cluster.router_state import RankState, RequestState, with_token
 from pd_local.engine.kv_cache import block_hashes
 from pd_local.engine.sampling import SamplingParams
+from pd_local.engine.scheduler import FinishReason
 
 log = logging.getLogger(__name__)
 
+DONE = (FinishReason.STOP, FinishReason.LENGTH)  # ended on its rank, not by the router
 LOCAL = -1  # the inbox "peer" of commands from the asyncio loop
-FINISH_NAMES = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length",
-                FinishReason.ABORT: "abort", FinishReason.ERROR: "error"}
 REJECT_TEXT = {
     RejectReason.PROMPT_TOO_LONG: "the prompt does not fit the decode rank's KV cache",
     RejectReason.QUEUE_FULL: "the decode rank's queue is full",
@@ -154,7 +154,7 @@ class Router:
         log.error("router failed: %s", why)
         self.error = f"router failed: {why}"
         for req in list(self.requests.values()):
-            self._finish(req, "error", error=self.error)
+            self._finish(req, FinishReason.ERROR, error=self.error)
         self.on_fatal()
 
     def _deliver(self, req: RequestState, out: RequestOutput) -> None:
@@ -181,9 +181,9 @@ class Router:
         if req.deferred is not None:
             self._finish(req, *req.deferred)
 
-    def _finish(self, req: RequestState, reason: str, last: TokenEntry | None = None,
+    def _finish(self, req: RequestState, reason: FinishReason, last: TokenEntry | None = None,
                 error: str | None = None) -> None:
-        if error is None and reason in ("stop", "length") and req.awaits_prompt_lps:
+        if error is None and reason in DONE and req.awaits_prompt_lps:
             req.deferred = (reason, last)  # finished on its decode rank: ends once they come
             return
         self.requests.pop(req.req_id, None)
@@ -193,7 +193,7 @@ class Router:
         out = RequestOutput(req.req_id, [], True, reason, error, req.timeline.durations_ms(),
                             req.cached_tokens, prefill, req.decode)
         out = out if last is None else with_token(out, last)
-        if error is not None or reason not in ("stop", "length"):
+        if error is not None or reason not in DONE:
             self._deliver(req, out)  # aborted or failed: what was held no longer matters
         else:
             self._emit(req, out)
@@ -215,14 +215,14 @@ class Router:
         elif kind == "abort":
             req = self.requests.get(arg)  # type: ignore[arg-type]
             if req is not None:  # None: finished already (or never known), nothing holds it
-                self._abort(req, "abort")
+                self._abort(req, FinishReason.ABORT)
         elif kind == "abort_all":
             for req in list(self.requests.values()):
-                self._abort(req, "error", error=str(arg))
+                self._abort(req, FinishReason.ERROR, error=str(arg))
         else:
             raise ValueError(f"unknown router command {kind!r}")
 
-    def _abort(self, req: RequestState, reason: str, error: str | None = None) -> None:
+    def _abort(self, req: RequestState, reason: FinishReason, error: str | None = None) -> None:
         """Abort on every rank holding the request (each frees its part once), then finish it."""
         self.to_decode[req.decode].send(Abort(req.req_id))
         if req.prefill is not None and not req.prefill_done:
@@ -245,58 +245,66 @@ class Router:
         return prompt_len
 
     def _message(self, peer: int, msg: object) -> None:
-        if isinstance(msg, Tokens):
-            self._tokens(peer, msg)
-        elif isinstance(msg, Reserved):
-            req = self.requests.get(msg.req_id)
-            if req is None:
-                return  # aborted meanwhile; the decode rank got the Abort after the Reserve
-            for r in self._group(req):
-                r.timeline.mark("reserved", msg.t)
-            p = self._pick_prefill(req)
-            req.prefill = p
-            n = len(req.prompt_ids) - msg.cached_tokens  # at most this much to compute and send
-            self.prefill[p].queued_tokens += n
-            self.prefill[p].unfinished += 1
-            self._prefill_tokens[req.req_id] = (p, n, len(req.prompt_ids))
-            self.to_prefill[p].send(Prefill(req.req_id, req.prompt_ids, req.decode,
-                                            msg.cached_tokens, req.sampling.prompt_logprobs))
-        elif isinstance(msg, PrefillDone):
-            cached = msg.cached_tokens or (0,) * len(msg.req_ids)
-            for req_id, n in zip(msg.req_ids, cached):
-                prompt_len = self._prefill_work_done(req_id)  # None: aborted before this
-                if prompt_len is not None:  # its request may have finished already
-                    self.prefill[peer].prefilled_tokens += prompt_len - n
-                req = self.requests.get(req_id)
+        match msg:
+            case Tokens():
+                self._tokens(peer, msg)
+            case Reserved():
+                self._reserved(msg)
+            case PrefillDone():
+                self._prefill_done(peer, msg)
+            case PromptLogprobs():
+                self._prompt_logprobs(msg)
+            case Rejected():
+                req = self.requests.get(msg.req_id)
                 for r in self._group(req) if req is not None else ():
-                    r.prefill, r.prefill_done, r.cached_tokens = peer, True, n
-                    r.timeline.mark("prefill_start", msg.t_start)
-                    r.timeline.mark("prefill_end", msg.t_end)
-        elif isinstance(msg, PromptLogprobs):
-            self._prompt_logprobs(msg)
-        elif isinstance(msg, Rejected):
-            req = self.requests.get(msg.req_id)
-            for r in self._group(req) if req is not None else ():
-                self._finish(r, "error", error=REJECT_TEXT[msg.reason])
-        elif isinstance(msg, Stats):
-            self._rank(peer).update(msg)
-        elif isinstance(msg, Ready):
-            r = self._rank(peer)
-            r.ready, r.max_model_len, r.total_blocks = True, msg.max_model_len, msg.total_blocks
-            r.threads, r.cpus = msg.threads, msg.cpus
-            r.free_blocks = msg.total_blocks
-            r.index.resize(msg.total_blocks)
-            if all(x.ready for x in (*self.decode.values(), *self.prefill.values())):
-                self.max_model_len = min(x.max_model_len for x in self.decode.values())
-                log.info("all %d workers ready; max_model_len %d",
-                         len(self.decode) + len(self.prefill), self.max_model_len)
-                self.ready.set()
-        elif isinstance(msg, Fatal):
-            raise RuntimeError(f"rank {msg.rank} failed: {msg.text}")
-        elif isinstance(msg, Shutdown):
-            raise LinkDown(f"rank {peer} shut down unasked")
-        else:
-            raise ValueError(f"router: unexpected message from rank {peer}: {msg!r}")
+                    self._finish(r, FinishReason.ERROR, error=REJECT_TEXT[msg.reason])
+            case Stats():
+                self._rank(peer).update(msg)
+            case Ready():
+                self._ready(peer, msg)
+            case Fatal():
+                raise RuntimeError(f"rank {msg.rank} failed: {msg.text}")
+            case Shutdown():
+                raise LinkDown(f"rank {peer} shut down unasked")
+            case _:
+                raise ValueError(f"router: unexpected message from rank {peer}: {msg!r}")
+
+    def _reserved(self, msg: Reserved) -> None:
+        req = self.requests.get(msg.req_id)
+        if req is None:
+            return  # aborted meanwhile; the decode rank got the Abort after the Reserve
+        for r in self._group(req):
+            r.timeline.mark("reserved", msg.t)
+        p = self._pick_prefill(req)
+        req.prefill = p
+        n = len(req.prompt_ids) - msg.cached_tokens  # at most this much to compute and send
+        self.prefill[p].queued_tokens += n
+        self.prefill[p].unfinished += 1
+        self._prefill_tokens[req.req_id] = (p, n, len(req.prompt_ids))
+        self.to_prefill[p].send(Prefill(req.req_id, req.prompt_ids, req.decode,
+                                        msg.cached_tokens, req.sampling.prompt_logprobs))
+
+    def _prefill_done(self, peer: int, msg: PrefillDone) -> None:
+        prompt_len = self._prefill_work_done(msg.req_id)  # None: aborted before this
+        if prompt_len is not None:  # its request may have finished already
+            self.prefill[peer].prefilled_tokens += prompt_len - msg.cached_tokens
+        req = self.requests.get(msg.req_id)
+        for r in self._group(req) if req is not None else ():
+            r.prefill, r.prefill_done, r.cached_tokens = peer, True, msg.cached_tokens
+            r.timeline.mark("prefill_start", msg.t_start)
+            r.timeline.mark("prefill_end", msg.t_end)
+
+    def _ready(self, peer: int, msg: Ready) -> None:
+        r = self._rank(peer)
+        r.ready, r.max_model_len, r.total_blocks = True, msg.max_model_len, msg.total_blocks
+        r.threads, r.cpus = msg.threads, msg.cpus
+        r.free_blocks = msg.total_blocks
+        r.index.resize(msg.total_blocks)
+        if all(x.ready for x in (*self.decode.values(), *self.prefill.values())):
+            self.max_model_len = min(x.max_model_len for x in self.decode.values())
+            log.info("all %d workers ready; max_model_len %d",
+                     len(self.decode) + len(self.prefill), self.max_model_len)
+            self.ready.set()
 
     def _tokens(self, peer: int, msg: Tokens) -> None:
         rank = self.decode[peer]
@@ -323,7 +331,7 @@ class Router:
             if e.cached_tokens:  # the first token's prefix hit (PD: the prefill rank's, as in PrefillDone)
                 req.cached_tokens = e.cached_tokens
             if e.finished:
-                self._finish(req, FINISH_NAMES.get(e.finish_reason, "stop"), e)
+                self._finish(req, e.finish_reason or FinishReason.STOP, e)
             else:
                 self._emit(req, with_token(RequestOutput(req.req_id, [],
                                                           cached_tokens=req.cached_tokens), e))
@@ -374,7 +382,7 @@ class Router:
         """Prefill ranks first (each closes its KV links), then decode ranks; each answers with
         a Shutdown, after which its receiver thread here has exited."""
         for req in list(self.requests.values()):
-            self._finish(req, "error", error="the server is shutting down")
+            self._finish(req, FinishReason.ERROR, error="the server is shutting down")
         self.heartbeat.stop()
         for group, senders in (("prefill", self.to_prefill), ("decode", self.to_decode)):
             for s in senders.values():

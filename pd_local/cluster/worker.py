@@ -17,7 +17,7 @@ import torch
 from pd_local.cluster.channel import Heartbeater, Inbox, Receiver, Sender
 from pd_local.cluster.dist import DistContext, Role
 from pd_local.cluster.ipc_transfer import kv_receiver, kv_sender
-from pd_local.cluster.messages import (Abort, Fatal, FinishReason, KVEntry, Prefill, PrefillDone,
+from pd_local.cluster.messages import (Abort, Fatal, KVEntry, Prefill, PrefillDone,
                                        PromptLogprobs, ProtocolError, Ready, RejectReason, Rejected,
                                        Reserve, Reserved, Shutdown, Stats, TokenEntry, Tokens,
                                        TransferMode, TransferRecord)
@@ -36,17 +36,11 @@ from pd_local.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-FINISH_CODES: dict[str | None, FinishReason] = {
-    None: FinishReason.NONE, "stop": FinishReason.STOP, "length": FinishReason.LENGTH,
-    "abort": FinishReason.ABORT, "error": FinishReason.ERROR,
-}
-
-
 def token_entry(ev: TokenEvent, cached_tokens: int | None = None) -> TokenEntry:
     """`cached_tokens`: the request's prefix hit to report with its first token; None: the
     event's own (a colocated rank's prefill). A PD decode rank's own hit is not the request's
     (it saves bytes, not compute): it passes the prefill rank's, from the KV header."""
-    return TokenEntry(ev.req_id, ev.token_id, ev.finished, FINISH_CODES[ev.finish_reason],
+    return TokenEntry(ev.req_id, ev.token_id, ev.finished, ev.finish_reason,
                       ev.cached_tokens if cached_tokens is None else cached_tokens,
                       () if ev.logprob is None else (ev.logprob,), ev.prompt_logprobs)
 
@@ -230,8 +224,8 @@ class Worker:
         for d in sending:
             self.kv_out[d].finish()
         for p in e.prompts_done:
-            self.to_router.send(PrefillDone((p.req_id,), p.num_tokens, self.started.pop(p.req_id),
-                                            t_computed, (p.num_cached,)))
+            self.to_router.send(PrefillDone(p.req_id, p.num_tokens, self.started.pop(p.req_id),
+                                            t_computed, p.num_cached))
 
     def _load(self) -> tuple[int, int, int, int, int]:
         """(free blocks, total, running, waiting, queued prompt tokens); prefill: waiting prompts."""

@@ -19,7 +19,7 @@ from pd_local.model.llama import LayerKVHook, LlamaForCausalLM
 from pd_local.engine.logprobs import Logprob, logprobs_of, prompt_logprobs
 from pd_local.engine.sampling import SamplingParams, adjust_logits, sample
 from pd_local.engine.structured import GrammarTokenizer, mask_row
-from pd_local.engine.scheduler import PrefillChunk, Scheduler, SchedulerOutput, Sequence
+from pd_local.engine.scheduler import FinishReason, PrefillChunk, Scheduler, SchedulerOutput, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ class TokenEvent:
     req_id: int
     token_id: int
     finished: bool
-    finish_reason: str | None  # "stop" | "length" when finished
+    finish_reason: FinishReason | None  # STOP or LENGTH when finished
     # on a request's first token: its prompt tokens whose KV came from the prefix cache
     cached_tokens: int = 0
     logprob: Logprob | None = None  # the token's, when the request asked (params.logprobs)
@@ -283,7 +283,7 @@ class Engine:
         logits = self._run(out, on_plan(out.prefill) if on_plan is not None else None)
         self.scheduler.advance(out)
         for c in out.sent:  # its KV and hidden state are on their way: its blocks are free
-            self.scheduler.finish(c.seq, "sent")
+            self.scheduler.finish(c.seq, FinishReason.SENT)
         return self._append_tokens(out.sampled, logits) if out.sampled else []
 
     def _run(self, out: SchedulerOutput, on_layer_kv: LayerKVHook | None = None) -> torch.Tensor:
@@ -402,23 +402,23 @@ class Engine:
                                      tuple(seq.prompt_logprobs) if first else ()))
         return events
 
-    def _finish_reason(self, seq: Sequence, tok: int) -> str | None:
+    def _finish_reason(self, seq: Sequence, tok: int) -> FinishReason | None:
         p = seq.params
         if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.stop_token_ids):
-            return "stop"
+            return FinishReason.STOP
         if len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            return "length"
+            return FinishReason.LENGTH
         return None
 
     # -- convenience -----------------------------------------------------------------------
 
     def generate(
         self, prompts: list[list[int]], params: list[SamplingParams] | SamplingParams
-    ) -> list[tuple[list[int], str]]:
+    ) -> list[tuple[list[int], FinishReason]]:
         """Run prompts to completion with all of them in flight at once; (token ids, reason) each."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
         base = int(time.monotonic_ns() % 2**40) << 16  # ids unlikely to collide with live ones
-        results: dict[int, tuple[list[int], str]] = {}
+        results: dict[int, tuple[list[int], FinishReason]] = {}
         toks: dict[int, list[int]] = {}
         for i, (p, sp) in enumerate(zip(prompts, plist)):
             self.add_request(base + i, p, sp)
@@ -430,5 +430,5 @@ class Engine:
             for ev in events:
                 toks[ev.req_id].append(ev.token_id)
                 if ev.finished:
-                    results[ev.req_id] = (toks[ev.req_id], ev.finish_reason or "stop")
+                    results[ev.req_id] = (toks[ev.req_id], ev.finish_reason or FinishReason.STOP)
         return [results[base + i] for i in range(len(prompts))]

@@ -7,7 +7,7 @@ for another rank (`send_to`) ends with its last chunk: its KV and hidden state l
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import TYPE_CHECKING
 
 from pd_local.config import DEFAULT_PREFILL_POLICY
@@ -17,6 +17,16 @@ from pd_local.engine.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from pd_local.engine.logprobs import Logprob
+
+
+class FinishReason(StrEnum):
+    """Why a request ended, from the rank that ends it to the API (equal to its text)."""
+
+    STOP = "stop"  # EOS, a stop token id (or, at the front-end, a stop string)
+    LENGTH = "length"  # max_tokens or max_model_len
+    ABORT = "abort"
+    ERROR = "error"
+    SENT = "sent"  # a prompt prefilled for another rank: its KV left
 
 
 class SeqStatus(Enum):
@@ -36,7 +46,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     arrival: int | None = None  # place in the prefill queue, kept across preemptions
     # Prefix cache: tokens [0, num_cached) came with cached blocks at admission (or reserve);
@@ -286,7 +296,7 @@ class Scheduler:
 
     # -- completion ------------------------------------------------------------------------
 
-    def finish(self, seq: Sequence, reason: str) -> None:
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """Remove a running sequence and free its blocks (exactly once)."""
         self.running.remove(seq)
         self._release(seq, reason)
@@ -302,10 +312,10 @@ class Scheduler:
             del self.reserved[req_id]
         elif seq.status in (SeqStatus.RUNNING, SeqStatus.PREFILLING):
             self.running.remove(seq)
-        self._release(seq, "abort")
+        self._release(seq, FinishReason.ABORT)
         return seq
 
-    def _release(self, seq: Sequence, reason: str) -> None:
+    def _release(self, seq: Sequence, reason: FinishReason) -> None:
         if seq.block_ids:
             self.allocator.free(seq.block_ids)
             seq.block_ids = []

@@ -38,7 +38,7 @@ def outgoing(i: int, rank: int):
             return Prefill(i, (i,), 1)
         return Abort(i)
     entries = tuple(TokenEntry(i * 100 + j, j, j == 3, FinishReason.STOP if j == 3
-                               else FinishReason.NONE) for j in range(i % 70))
+                               else None) for j in range(i % 70))
     return Tokens(entries, free_blocks=i, total_blocks=1000, running=len(entries), waiting=0,
                   t=1.8e9 + i / 7)
 
