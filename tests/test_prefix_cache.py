@@ -192,7 +192,7 @@ def test_a_decode_rank_reserves_and_receives_only_what_it_lacks(prefiller_cache:
     dec = engine(model, True, 16)
 
     pre = prefiller(model, 11)
-    assert dec.reserve(1, t1, GREEDY) and dec.cached_tokens(1) == 0
+    assert dec.reserve(1, t1, GREEDY) and dec.held_tokens(1) == 0
     pre.add_prompt(1, t1, send_to=1, skip=0)
     assert decode_all(dec, land(dec, pre)) == ref1
     assert dec.num_cached_blocks == len(t1) // BS
@@ -200,7 +200,7 @@ def test_a_decode_rank_reserves_and_receives_only_what_it_lacks(prefiller_cache:
     if prefiller_cache == "none":
         pre = prefiller(model, 11)  # the decode rank now holds more than this prefill rank
     assert dec.reserve(2, t2, GREEDY)
-    skip = dec.cached_tokens(2)
+    skip = dec.held_tokens(2)
     assert skip == len(t1) // BS * BS
     with pytest.raises(ValueError, match="come from the prefix cache"):
         dec.write_prompt_kv(2, 0, torch.zeros(1, 2, 16), torch.zeros(1, 2, 16), start=skip - 1)
@@ -223,7 +223,7 @@ def test_a_prefiller_holding_more_than_its_destination_starts_at_the_destination
     pre.add_prompt(0, p, send_to=1)
     decode_all(warm, land(warm, pre))  # the prefiller now caches p's full blocks
     dec = engine(model, True)  # a decode rank that holds nothing
-    assert dec.reserve(1, p, GREEDY) and dec.cached_tokens(1) == 0
+    assert dec.reserve(1, p, GREEDY) and dec.held_tokens(1) == 0
     hits = pre.prefix_hit_tokens
     pre.add_prompt(1, p, send_to=2, skip=0)
     assert decode_all(dec, land(dec, pre)) == ref
@@ -236,8 +236,8 @@ def test_abort_of_a_request_holding_cached_blocks_frees_exactly_its_references(m
     p = random_prompts([40], seed=12)[0]
     run(eng, {1: p}, GREEDY, monkeypatch)
     cached = eng.num_cached_blocks
-    assert eng.reserve(2, p + [1, 2, 3], GREEDY) and eng.cached_tokens(2) == 40
-    assert eng.reserve(3, p + [4], GREEDY) and eng.cached_tokens(3) == 40  # shares the same blocks
+    assert eng.reserve(2, p + [1, 2, 3], GREEDY) and eng.held_tokens(2) == 40
+    assert eng.reserve(3, p + [4], GREEDY) and eng.held_tokens(3) == 40  # shares the same blocks
     assert eng.num_cached_blocks == 0  # held now, by two requests
     assert eng.abort(2) and not eng.abort(2)
     assert eng.num_cached_blocks == 0 and eng.allocator.num_held > 0  # request 3 still holds them
@@ -265,7 +265,7 @@ def test_cache_off_keeps_nothing(monkeypatch) -> None:
     run(eng, {1: p}, GREEDY, monkeypatch)
     run(eng, {2: p}, GREEDY, monkeypatch)
     assert eng.prefix_hit_tokens == 0 and eng.num_cached_blocks == 0
-    assert eng.reserve(3, p, GREEDY) and eng.cached_tokens(3) == 0
+    assert eng.reserve(3, p, GREEDY) and eng.held_tokens(3) == 0
 
 
 @pytest.mark.slow

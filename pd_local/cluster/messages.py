@@ -190,7 +190,7 @@ class Reserved:
     KIND: ClassVar[Kind] = Kind.RESERVED
     req_id: int
     t: float  # time.monotonic() when the blocks were reserved
-    cached_tokens: int = 0  # prompt tokens whose KV the decode rank's prefix cache supplied
+    held_tokens: int = 0  # prompt tokens whose KV the decode rank holds: not to be sent
 
 
 @dataclass(frozen=True)

@@ -277,12 +277,12 @@ class Router:
             r.timeline.mark("reserved", msg.t)
         p = self._pick_prefill(req)
         req.prefill = p
-        n = len(req.prompt_ids) - msg.cached_tokens  # at most this much to compute and send
+        n = len(req.prompt_ids) - msg.held_tokens  # at most this much to compute and send
         self.prefill[p].queued_tokens += n
         self.prefill[p].unfinished += 1
         self._prefill_tokens[req.req_id] = (p, n, len(req.prompt_ids))
         self.to_prefill[p].send(Prefill(req.req_id, req.prompt_ids, req.decode,
-                                        msg.cached_tokens, req.sampling.prompt_logprobs))
+                                        msg.held_tokens, req.sampling.prompt_logprobs))
 
     def _prefill_done(self, peer: int, msg: PrefillDone) -> None:
         prompt_len = self._prefill_work_done(msg.req_id)  # None: aborted before this

@@ -111,7 +111,7 @@ class Worker:
                 e.write_prompt_kv(msg.req_id, msg.layer, msg.k, msg.v, start=msg.start)
             case PromptHidden() if e.awaits_kv(msg.req_id):
                 # the receiver counts a prompt's positions [0, end); its cached prefix never came
-                cached = e.cached_tokens(msg.req_id) * self.shape.bytes_per_token
+                cached = e.held_tokens(msg.req_id) * self.shape.bytes_per_token
                 self.entries += [token_entry(ev, msg.cached_tokens)
                                  for ev in e.add_prefilled(msg.req_id, msg.hidden)]
                 self.transfers.append(dataclasses.replace(msg.record, num_bytes=msg.record.num_bytes - cached))
@@ -175,7 +175,7 @@ class Worker:
             for f in self.aborted_followers.intersection(msg.followers):
                 self.aborted_followers.discard(f)
                 self.engine.abort(f)
-            self.to_router.send(Reserved(msg.req_id, time.monotonic(), self.engine.cached_tokens(msg.req_id)))
+            self.to_router.send(Reserved(msg.req_id, time.monotonic(), self.engine.held_tokens(msg.req_id)))
 
     # -- the step ------------------------------------------------------------------------------
 

@@ -233,14 +233,14 @@ class Engine:
     def reserve(self, req_id: int, prompt_ids: list[int], params: SamplingParams,
                 followers: tuple[int, ...] = ()) -> bool:
         """Pre-allocate the prompt's blocks (the cached prefix's from the prefix cache); False
-        (nothing held) when there is no room now. `cached_tokens` says how much is cached."""
+        (nothing held) when there is no room now. `held_tokens` says how much is cached."""
         seq = self._new_sequence(req_id, prompt_ids, params)
         if not self.scheduler.try_reserve(seq):
             return False
         self._with_followers(seq, followers)
         return True
 
-    def cached_tokens(self, req_id: int) -> int:
+    def held_tokens(self, req_id: int) -> int:
         """A reserved request's prompt tokens [0, n) whose KV this rank already holds: a
         prefill rank need send only the rest (write_prompt_kv refuses positions below n)."""
         return self.scheduler.reserved[req_id].num_cached
