@@ -17,12 +17,9 @@ import httpx
 import torch
 import uvicorn
 
-from pd_local.api.backend import InProcessBackend
-from pd_local.config import EngineConfig
-from pd_local.engine.engine import Engine
-from pd_local.model.weights import load_model
 from pd_local.api.server import ServerSettings, create_app
-from pd_local.engine.structured import GrammarTokenizer
+from pd_local.cluster.local import LocalWorld
+from pd_local.config import EngineConfig, ServeConfig, TopologyConfig
 from pd_local.tokenizer import Tokenizer
 from tests.dist_scripts.harness import REPO, env_for, free_port, kill_tagged, new_tag, tagged_pids
 
@@ -30,12 +27,16 @@ from tests.dist_scripts.harness import REPO, env_for, free_port, kill_tagged, ne
 @contextmanager
 def inprocess_server(model_dir: Path, engine_cfg: EngineConfig | None = None,
                      dtype: torch.dtype = torch.bfloat16, **settings: object) -> Iterator[str]:
-    """Yields the base URL of a server running in a thread of this process."""
-    model, _ = load_model(model_dir, dtype)
+    """Yields the base URL of a server running in this process: the router and one colocated
+    worker loop on threads (cluster/local.py), the HTTP app on a third."""
+    cfg = ServeConfig(model=str(model_dir), dtype=str(dtype).removeprefix("torch."),
+                      topology=TopologyConfig(colocated=1), engine=engine_cfg or EngineConfig(kv_cache_gb=0.1))
+    world = LocalWorld(cfg)
+    if not world.router.ready.wait(timeout=120) or world.router.error is not None:
+        world.shutdown()
+        raise RuntimeError(f"the in-process worker did not start: {world.router.error or world.error}")
     tok = Tokenizer.from_dir(model_dir)
-    engine = Engine(model, engine_cfg or EngineConfig(kv_cache_gb=0.1), stop_token_ids=tok.stop_token_ids,
-                    grammar_tokenizer=GrammarTokenizer(tok))
-    app = create_app(InProcessBackend(engine), tok, ServerSettings(**{"model_name": "smollm2-135m-instruct", **settings}))
+    app = create_app(world.router, tok, ServerSettings(**{"model_name": "smollm2-135m-instruct", **settings}))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -51,6 +52,7 @@ def inprocess_server(model_dir: Path, engine_cfg: EngineConfig | None = None,
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+        world.shutdown()  # the app's lifespan stopped the router; this waits for the worker
 
 
 def wait_healthy(url: str, timeout: float = 600.0, proc: subprocess.Popen | None = None) -> None:

@@ -124,3 +124,19 @@ def test_torchrun_max_restarts() -> None:
                    timeout=120)
     assert "attempt 0: rank 1 fails on purpose" in run.output
     ok(run, 3, r"attempt 1 ok")
+
+
+def test_the_one_process_world_runs_colocated_1_and_fails_loudly(tmp_path) -> None:
+    """cluster/local.py: other topologies are refused by name; a worker that cannot start
+    fails the router (unhealthy, the reason given) instead of leaving it waiting."""
+    from pd_local.cluster.local import LocalWorld
+    from pd_local.config import ConfigError, ServeConfig
+
+    with pytest.raises(ConfigError, match="one process runs colocated-1 on cpu, not 1P1D on cpu"):
+        LocalWorld(ServeConfig(model=str(tmp_path), topology=TopologyConfig(prefill=1, decode=1)))
+    world = LocalWorld(ServeConfig(model="/no/such/model", topology=TopologyConfig(colocated=1)))
+    assert world.router.ready.wait(timeout=60)
+    healthy, why = world.router.healthy()
+    assert not healthy and "worker 1 failed" in why and "/no/such/model" in why
+    world.shutdown()
+    assert world.error is not None and not world.thread.is_alive()

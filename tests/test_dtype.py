@@ -12,10 +12,8 @@ import pytest
 import torch
 from starlette.testclient import TestClient
 
-from pd_local.api.backend import InProcessBackend
-from pd_local.config import ConfigError, load_config
-from pd_local.config import EngineConfig
-from pd_local.engine.engine import Engine
+from pd_local.cluster.local import LocalWorld
+from pd_local.config import ConfigError, EngineConfig, ServeConfig, TopologyConfig, load_config
 from pd_local.model.dtype import (
     cpu_has_native_bf16,
     read_cpu_flags,
@@ -24,8 +22,7 @@ from pd_local.model.dtype import (
 )
 from pd_local.api.server import ServerSettings, create_app
 from pd_local.tokenizer import Tokenizer
-from tests.helpers import make_byte_fallback_tokenizer_dir
-from tests.tiny_models import tiny_model
+from tests.helpers import make_byte_fallback_tokenizer_dir, make_tiny_hf_model
 
 # Abridged flag lines: an AVX2-only AMD EPYC (the second dev machine), a Sapphire Rapids Xeon
 # (AMX), a Cooper Lake Xeon (avx512_bf16, no AMX) and a Skylake-SP (AVX-512 without bf16).
@@ -97,9 +94,12 @@ def test_config_default_is_auto_and_old_values_stay_valid() -> None:
 
 
 def test_models_route_reports_the_dtype(tmp_path: Path) -> None:
-    tok = Tokenizer.from_dir(make_byte_fallback_tokenizer_dir(tmp_path))
-    engine = Engine(tiny_model(), EngineConfig(num_blocks=8, max_model_len=64))
-    app = create_app(InProcessBackend(engine), tok, ServerSettings(model_name="tiny", dtype="float32"))
+    model_dir = make_tiny_hf_model(tmp_path, tokenizer_dir=make_byte_fallback_tokenizer_dir(tmp_path))
+    world = LocalWorld(ServeConfig(model=str(model_dir), dtype="float32", topology=TopologyConfig(colocated=1),
+                                   engine=EngineConfig(num_blocks=8, max_model_len=64)))
+    assert world.router.ready.wait(timeout=60) and world.router.error is None
+    app = create_app(world.router, Tokenizer.from_dir(model_dir), ServerSettings(model_name="tiny", dtype="float32"))
     with TestClient(app) as client:
         body = client.get("/v1/models").json()
+    world.shutdown()
     assert body["data"][0]["pd_local"] == {"dtype": "float32"}

@@ -4,7 +4,7 @@
 |---|---|---|
 | `server.py` | Starlette app (OpenAI routes, health, metrics, the page) | block the event loop |
 | `generation.py` | one request's life: outputs -> text, logprobs -> OpenAI objects, SSE or whole | touch a rank |
-| `backend.py` | the `Backend` contract the app talks to, and `InProcessBackend` (one engine in this process) | know about ranks |
+| `backend.py` | the `Backend` contract the app talks to (the router implements it), `RequestOutput`, `Timeline`, the stats records | know about ranks |
 | `openai_request.py` | OpenAI request validation -> `GenerationRequest` (shared with `pd-local generate`) | tokenize twice |
 | `logprob_format.py` | logprobs as chat's `content` and completions' parallel lists | compute them |
 | `textstream.py` | token ids -> text deltas with stop strings | |

@@ -1,28 +1,19 @@
-"""The contract between the HTTP front-end and what generates tokens: `InProcessBackend` (an
-Engine in a thread) or the router of a torchrun launch. `submit`/`abort` never block the asyncio
-loop; outputs reach each request's queue through `call_soon_threadsafe`, and every request gets
-exactly one output with `finished=True`, after which nothing more."""
+"""The contract between the HTTP front-end and what generates tokens: the router
+(`cluster/router.py`, over torchrun ranks or, in one process, `cluster/local.py`). `submit`/`abort`
+never block the asyncio loop; outputs reach each request's queue through `call_soon_threadsafe`,
+and every request gets exactly one output with `finished=True`, after which nothing more."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import queue
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import torch
 
-from pd_local.engine import threads as cpu_threads
-from pd_local.engine.engine import Engine, TokenEvent
 from pd_local.engine.logprobs import Logprob
 from pd_local.engine.sampling import SamplingParams
 from pd_local.engine.scheduler import FinishReason
-
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class RequestOutput:
@@ -125,157 +116,3 @@ class Timeline:
         span("ttft", "queued", "first_token")
         span("total", "queued", "finished")
         return out
-
-
-class InProcessBackend:
-    """An Engine driven by one thread of this process (colocated, no torch.distributed)."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.max_model_len = engine.max_model_len
-        self._cmds: queue.Queue[tuple[str, object]] = queue.Queue()
-        self._queues: dict[int, asyncio.Queue[RequestOutput]] = {}
-        self._timelines: dict[int, Timeline] = {}
-        self._prompt_lens: dict[int, int] = {}  # requests whose first token has not come yet
-        self._leader_tl: dict[int, Timeline] = {}  # n > 1: a choice -> its leader's timeline
-        self._prefilled = 0
-        self._generated = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._error: str | None = None
-        self._threads = (0, "")  # (torch threads, CPUs) of the engine thread, once it runs
-
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
-        self._thread.start()
-
-    def submit(self, req_id: int, prompt_ids: list[int], params: SamplingParams) -> asyncio.Queue[RequestOutput]:
-        return self.submit_n([req_id], prompt_ids, params)[0]
-
-    def submit_n(self, req_ids: list[int], prompt_ids: list[int],
-                 params: SamplingParams) -> list[asyncio.Queue[RequestOutput]]:
-        queues: list[asyncio.Queue[RequestOutput]] = [asyncio.Queue() for _ in req_ids]
-        self._queues.update(zip(req_ids, queues))
-        self._cmds.put(("add", (req_ids, prompt_ids, params, [Timeline() for _ in req_ids])))
-        return queues
-
-    def abort(self, req_id: int) -> None:
-        self._cmds.put(("abort", req_id))
-
-    def healthy(self) -> tuple[bool, str]:
-        if self._error:
-            return False, self._error
-        alive = self._thread is not None and self._thread.is_alive()
-        return alive, "engine thread running" if alive else "engine thread not running"
-
-    def stats(self) -> BackendStats:
-        e = self.engine
-        return BackendStats(ranks=[RankStats(0, "colocated", e.num_free_blocks, e.num_total_blocks,
-                                             e.num_running, e.num_waiting, e.num_cached_blocks,
-                                             e.prefix_hit_tokens, prefilled_tokens=self._prefilled,
-                                             generated_tokens=self._generated,
-                                             threads=self._threads[0], cpus=self._threads[1])])
-
-    def shutdown(self) -> None:
-        self._stop.set()
-        self._cmds.put(("stop", None))
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-    # -- engine thread ---------------------------------------------------------------------
-
-    def _deliver(self, out: RequestOutput) -> None:
-        q = self._queues.get(out.req_id)
-        if q is None or self._loop is None:
-            return
-        if out.finished:
-            self._queues.pop(out.req_id, None)
-        self._loop.call_soon_threadsafe(q.put_nowait, out)
-
-    def _finish(self, req_id: int, reason: FinishReason, error: str | None = None,
-                ev: TokenEvent | None = None) -> None:
-        tl = self._timelines.pop(req_id, None)
-        self._prompt_lens.pop(req_id, None)
-        self._leader_tl.pop(req_id, None)
-        timings = None
-        if tl is not None:
-            tl.mark("finished")
-            timings = tl.durations_ms()
-        out = RequestOutput(req_id, [], True, reason, error, timings, prefill_rank=0, decode_rank=0)
-        self._deliver(out if ev is None else _with_token(out, ev))
-
-    def _handle(self, kind: str, arg: object) -> None:
-        if kind == "add":
-            req_ids, prompt_ids, params, tls = arg  # type: ignore[misc]
-            self._timelines.update(zip(req_ids, tls))
-            self._prompt_lens[req_ids[0]] = len(prompt_ids)  # computed once for all n
-            self._leader_tl.update((r, tls[0]) for r in req_ids[1:])
-            try:
-                self.engine.add_request(req_ids[0], prompt_ids, params, tuple(req_ids[1:]))
-            except ValueError as e:
-                for req_id in req_ids:
-                    self._finish(req_id, FinishReason.ERROR, str(e))
-        elif kind == "abort":
-            req_id = int(arg)  # type: ignore[arg-type]
-            if self.engine.abort(req_id):
-                self._finish(req_id, FinishReason.ABORT)
-
-    def _run(self) -> None:
-        if self.engine.cfg.threads:
-            torch.set_num_threads(self.engine.cfg.threads)
-        self._threads = cpu_threads.in_effect()
-        try:
-            while not self._stop.is_set():
-                block = not self.engine.has_unfinished()
-                try:
-                    kind, arg = self._cmds.get(timeout=0.1) if block else self._cmds.get_nowait()
-                    self._handle(kind, arg)
-                    while True:  # drain everything that arrived, then step once
-                        kind, arg = self._cmds.get_nowait()
-                        self._handle(kind, arg)
-                except queue.Empty:
-                    pass
-                if not self.engine.has_unfinished():
-                    continue
-                t0 = time.monotonic()
-                events = self.engine.step()
-                t1 = time.monotonic()
-                for r in self.engine.prefill_started:  # a recompute's start: the first mark sticks
-                    tl = self._timelines.get(r)
-                    if tl is not None:
-                        tl.mark("prefill_start", t0)
-                self._generated += len(events)
-                for ev in events:
-                    n = self._prompt_lens.pop(ev.req_id, None)
-                    if n is not None:  # its first token: the prompt is done
-                        self._prefilled += n - ev.cached_tokens
-                    tl = self._timelines.get(ev.req_id)
-                    leader = self._leader_tl.pop(ev.req_id, None)
-                    if tl is not None and "first_token" not in tl.t:
-                        if "prefill_start" in tl.t:  # it prefilled here
-                            tl.mark("prefill_end", t1)
-                        elif leader is not None:  # forked off its leader's prefill
-                            for phase in ("prefill_start", "prefill_end"):
-                                if phase in leader.t:
-                                    tl.mark(phase, leader.t[phase])
-                        tl.mark("first_token", t1)
-                    if ev.finished:
-                        self._finish(ev.req_id, ev.finish_reason or FinishReason.STOP, ev=ev)
-                    else:
-                        self._deliver(_with_token(RequestOutput(ev.req_id, []), ev))
-        except Exception as e:  # the engine is broken: fail every request loudly, stay unhealthy
-            log.exception("engine thread died")
-            self._error = f"engine thread died: {e!r}"
-            for req_id in list(self._queues):
-                self._finish(req_id, FinishReason.ERROR, self._error)
-
-
-def _with_token(out: RequestOutput, ev: TokenEvent) -> RequestOutput:
-    """out carrying ev's token, its logprob and (first token) the prompt's and the cache hit."""
-    out.token_ids = [ev.token_id]
-    out.cached_tokens = ev.cached_tokens
-    out.logprobs = None if ev.logprob is None else [ev.logprob]
-    out.prompt_logprobs = ev.prompt_logprobs or None
-    return out

@@ -14,6 +14,7 @@
 | `router_state.py` | what the router keeps per request and per rank | talk to a rank |
 | `frontend.py` | rank 0's entry point: the router, then the HTTP app under uvicorn until stopped | |
 | `worker.py` | every other rank's loop over one `Engine`, its role data: prefill (each layer's KV streamed to the decode rank), decode (reserve, land KV, decode), colocated (both) | keep KV past a prompt's last chunk on a prefill rank |
+| `local.py` | `LocalWorld`: the router and one colocated worker in one process, in-memory links (the tests' in-process server) | run PD (KV links need ranks) |
 | `shutdown.py` | how ranks stop: rank 0's drain on a signal, workers' signal policy, 503 after a failure | stop a worker on its own signal |
 
 The entry point that starts a rank is `pd_local.launch` (kept at the top, beside `__main__`,

@@ -9,6 +9,7 @@ import datetime
 import enum
 import logging
 import os
+import queue
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -82,12 +83,13 @@ class Link:
     """One direction of a 2-rank group, seen from `rank` (one of its two ends)."""
 
     name: str  # "0->1", for logs and error messages
-    group: dist.ProcessGroup
+    group: dist.ProcessGroup | None
     src: int
     dst: int
     rank: int
     device: torch.device  # where tensors sent or received on this link must live
-    backend: str
+    backend: str  # "gloo", "nccl", or "local": one process, the messages' words go by `pipe`
+    pipe: queue.Queue[list[int]] | None = None
 
     @property
     def peer(self) -> int:

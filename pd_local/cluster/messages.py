@@ -202,11 +202,11 @@ class Rejected:
 
 @dataclass(frozen=True)
 class PrefillDone:
-    """Prefill -> router after the step that sent a prompt's last chunk: nothing of it is left."""
+    """Prefill -> router after the step that sent a prompt's last chunk: nothing of it is left.
+    (Colocated: with the first token, for the request's timings.)"""
 
     KIND: ClassVar[Kind] = Kind.PREFILL_DONE
     req_id: int
-    num_tokens: int  # the prompt's
     t_start: float  # time.monotonic() when its first chunk's step started
     t_end: float  # ... and when its last chunk's compute ended (the sends may still be completing)
     cached_tokens: int = 0  # prompt tokens this rank did not compute (its prefix cache held them)

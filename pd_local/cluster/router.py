@@ -40,7 +40,7 @@ PREFIX_DECODE_MARGIN = 4
 
 
 class Router:
-    """The `Backend` of a torchrun launch. Construct on rank 0 after init_distributed."""
+    """The `Backend` over the workers (torchrun ranks, or cluster/local.py's one process)."""
 
     def __init__(self, ctx: DistContext) -> None:
         self.ctx = ctx
@@ -86,8 +86,7 @@ class Router:
 
     def submit_n(self, req_ids: list[int], prompt_ids: list[int],
                  params: SamplingParams) -> list[asyncio.Queue[RequestOutput]]:
-        """n choices of one prompt: the first is routed and reserved, the others fork off it
-        on its decode rank (the engine gives choice i the seed seed + i)."""
+        """n choices of one prompt: the first is routed, the others fork off it (seed + i)."""
         reqs = [RequestState(req_id, tuple(prompt_ids), params.for_choice(i), asyncio.Queue(), -1)
                 for i, req_id in enumerate(req_ids)]
         self.inbox.put(LOCAL, ("submit", reqs))
@@ -119,8 +118,7 @@ class Router:
         self.stopping = why
 
     def abort_all(self, why: str) -> None:
-        """Finish every request still in flight with an error `why` (freeing its blocks on every
-        rank); the end of a stop's grace period."""
+        """Fail every request in flight with `why`, freeing its blocks (a stop's grace ended)."""
         self.inbox.put(LOCAL, ("abort_all", why))
 
     def shutdown(self) -> None:
@@ -233,9 +231,8 @@ class Router:
         self._finish(req, reason, error=error)
 
     def _prefill_work_done(self, req_id: int) -> int | None:
-        """Take a prompt off its prefill rank's queued work, once: at PrefillDone or at an
-        abort before it, whichever comes first (the other finds it gone and does nothing).
-        Returns the prompt's length, None the second time."""
+        """Take a prompt off its prefill rank's queued work once (PrefillDone or an abort,
+        whichever comes first); its length, None the second time."""
         entry = self._prefill_tokens.pop(req_id, None)
         if entry is None:
             return None
@@ -371,16 +368,14 @@ class Router:
         return self._routed(self.prefill[rank], req, matched)
 
     def _routed(self, r: RankState, req: RequestState, matched: int) -> int:
-        """Count the request on rank `r`; "prefix" records its blocks there (req.hashes is
-        empty under other policies)."""
+        """Count the request on rank `r`; "prefix" records its blocks there."""
         r.routed += 1
         r.routed_prefix_tokens += matched * self.block_size
         r.index.insert(req.hashes)
         return r.rank
 
     def _shutdown_workers(self) -> None:
-        """Prefill ranks first (each closes its KV links), then decode ranks; each answers with
-        a Shutdown, after which its receiver thread here has exited."""
+        """Prefill ranks first (they close their KV links), then decode ranks; each answers."""
         for req in list(self.requests.values()):
             self._finish(req, FinishReason.ERROR, error="the server is shutting down")
         self.heartbeat.stop()

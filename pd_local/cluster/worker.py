@@ -37,18 +37,15 @@ from pd_local.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 def token_entry(ev: TokenEvent, cached_tokens: int | None = None) -> TokenEntry:
-    """`cached_tokens`: the request's prefix hit to report with its first token; None: the
-    event's own (a colocated rank's prefill). A PD decode rank's own hit is not the request's
-    (it saves bytes, not compute): it passes the prefill rank's, from the KV header."""
+    """`cached_tokens`: the prefill rank's hit, from the KV header; None: the event's own."""
     return TokenEntry(ev.req_id, ev.token_id, ev.finished, ev.finish_reason,
                       ev.cached_tokens if cached_tokens is None else cached_tokens,
                       () if ev.logprob is None else (ev.logprob,), ev.prompt_logprobs)
 
 
 class Worker:
-    """Construct right after init_distributed, before the model loads: a gloo send waits for
-    the receiver's recv and fails after the group timeout, so every incoming link needs its
-    receiver thread, and every outgoing one its heartbeats, while the weights load."""
+    """Construct before the model loads: every link's receiver and heartbeats must run while
+    the weights load (a gloo send fails after the group timeout; docs/design.md)."""
 
     def __init__(self, ctx: DistContext, shape: KVShape) -> None:
         self.ctx, self.shape, self.role = ctx, shape, ctx.role
@@ -71,8 +68,7 @@ class Worker:
         self.last_load: tuple[int, ...] | None = None
 
     def run(self, make_engine: Callable[[], Engine]) -> None:
-        """Build the engine, then serve until the router's Shutdown. Any error: tell the router
-        (Fatal), then raise."""
+        """Build the engine, serve until the router's Shutdown; any error: Fatal, then raise."""
         try:
             self.engine = e = make_engine()
             self.to_router.send(Ready(0 if self.role is Role.PREFILL else e.max_model_len,
@@ -210,10 +206,18 @@ class Worker:
             return on_layer_kv
 
         e = self.engine
-        self.entries += [token_entry(ev) for ev in e.step(on_plan)]
+        events = e.step(on_plan)
         if not planned and self.role is Role.PREFILL:
             raise RuntimeError(f"prefill rank {self.ctx.rank}: prompts pending, none planned")
         t_computed = time.monotonic()
+        if self.role is Role.COLOCATED:  # its own prompts: their prefill phase, for the timings
+            for r in e.prefill_started:
+                self.started.setdefault(r, t0)
+            for ev in events:
+                if ev.req_id in self.started:
+                    self.to_router.send(PrefillDone(ev.req_id, self.started.pop(ev.req_id), t_computed,
+                                                    ev.cached_tokens))
+        self.entries += [token_entry(ev) for ev in events]
         for p in e.prompts_done:  # before the hidden states
             if p.prompt_logprobs is not None:
                 self.to_router.send(PromptLogprobs(p.req_id, p.prompt_logprobs))
@@ -224,8 +228,7 @@ class Worker:
         for d in sending:
             self.kv_out[d].finish()
         for p in e.prompts_done:
-            self.to_router.send(PrefillDone(p.req_id, p.num_tokens, self.started.pop(p.req_id),
-                                            t_computed, p.num_cached))
+            self.to_router.send(PrefillDone(p.req_id, self.started.pop(p.req_id), t_computed, p.num_cached))
 
     def _load(self) -> tuple[int, int, int, int, int]:
         """(free blocks, total, running, waiting, queued prompt tokens); prefill: waiting prompts."""
@@ -248,9 +251,8 @@ class Worker:
         self.last_load = load
 
     def _shutdown(self) -> None:
-        """The router's Shutdown: close every KV link it sends on (the receivers exit on it),
-        answer the router, and wait until every prefill rank has closed its KV link to us
-        (they shut down first), so no receive is pending when the groups go."""
+        """Close the KV links it sends on, answer the router, wait until every prefill rank has
+        closed its KV link to us (they stop first): no receive is pending when the groups go."""
         self.heartbeat.stop()
         for s in self.kv_out.values():
             s.header.close()
