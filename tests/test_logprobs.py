@@ -121,6 +121,7 @@ def test_router_holds_a_pd_requests_outputs_until_its_prompt_logprobs_come() -> 
     import asyncio
 
     from pd_local.api.backend import BackendStats
+    from pd_local.engine.events import Load
     from pd_local.cluster.messages import FinishReason, PromptLogprobs, TokenEntry, Tokens
     from pd_local.cluster.router import Router
     from pd_local.cluster.router_state import RankState, RequestState
@@ -138,7 +139,7 @@ def test_router_holds_a_pd_requests_outputs_until_its_prompt_logprobs_come() -> 
         return req
 
     def tokens(*entries: TokenEntry) -> Tokens:
-        return Tokens(entries, 0, 0, 0, 0, 0.0)
+        return Tokens(entries, Load(), 0.0)
 
     request(1)
     router._tokens(2, tokens(TokenEntry(1, 40)))

@@ -7,6 +7,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pd_local.api.backend import BackendStats, RankStats
 from pd_local.api.metrics import Metrics
+from pd_local.engine.events import Load
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -22,7 +23,8 @@ def test_names_labels_and_values() -> None:
     m.observe_ttft(0.02)
     m.observe_itl(0.3)
     m.observe_e2e(7.0)
-    stats = BackendStats([RankStats(1, "prefill", 0, 0, 0, 2, 5, 32), RankStats(2, "decode", 10, 64, 3, 1, 4, 96, routed=5, routed_prefix_tokens=96)],
+    stats = BackendStats([RankStats(1, "prefill", Load(0, 0, 0, 2, 0, 5, 32)),
+                          RankStats(2, "decode", Load(10, 64, 3, 1, 0, 4, 96), routed=5, routed_prefix_tokens=96)],
                          kv_bytes_transferred=4096, kv_transfer_seconds=0.25, kv_transfers=2)
     s = samples(m.render(stats, in_flight=3))
     assert s[("pd_local_requests_total", (("outcome", "stop"),))] == 2

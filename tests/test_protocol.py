@@ -18,6 +18,7 @@ from pd_local.cluster.messages import (MAGIC, MESSAGE_TYPES, Abort, DType, Fatal
                                        TransferMode, TransferRecord, decode, encode, pack,
                                        unpack)
 from pd_local.cluster.codec import float_to_word, word_to_float
+from pd_local.engine.events import Load
 from pd_local.engine.logprobs import Logprob
 from pd_local.engine.sampling import SamplingParams
 
@@ -50,6 +51,7 @@ logprobs = st.builds(Logprob, tok, any_float, st.lists(tok, max_size=5).map(tupl
 token_entries = st.builds(TokenEntry, ids, tok, st.booleans(), st.none() | st.sampled_from(FinishReason), small,
                           st.lists(logprobs, max_size=1).map(tuple),
                           st.lists(logprobs, max_size=30).map(tuple))
+loads = st.builds(Load, small, small, small, small, small, small, small)
 records = st.builds(TransferRecord, ids, small, any_float, any_float)
 messages = st.one_of(
     st.builds(Reserve, ids, token_lists, samplings(), st.lists(ids, max_size=4).map(tuple)),
@@ -59,12 +61,12 @@ messages = st.one_of(
     st.builds(KVHeader, st.lists(st.builds(KVEntry, ids, small, small, st.booleans(), small),
                                  max_size=20).map(tuple),
               small, small, small, small, st.sampled_from(DType), st.sampled_from(TransferMode)),
-    st.builds(Tokens, st.lists(token_entries, max_size=80).map(tuple), small, small, small,
-              small, any_float, st.lists(records, max_size=5).map(tuple)),
+    st.builds(Tokens, st.lists(token_entries, max_size=80).map(tuple), loads, any_float,
+              st.lists(records, max_size=5).map(tuple)),
     st.builds(Reserved, ids, any_float),
     st.builds(Rejected, ids, st.sampled_from(RejectReason)),
     st.builds(PrefillDone, ids, any_float, any_float, small),
-    st.builds(Stats, small, small, small, small, small),
+    st.builds(Stats, loads),
     st.builds(Fatal, small, st.text(max_size=200)),
     st.builds(Ready, small, small),
     st.just(Heartbeat()),
@@ -150,7 +152,7 @@ def test_bad_enum_code() -> None:
     words[-1] = 77
     with pytest.raises(ProtocolError, match="REJECTED: 77 is not a RejectReason"):
         decode(words)
-    words = encode(Tokens((TokenEntry(1, 2, True, FinishReason.STOP),), 0, 0, 0, 0, 0.0))
+    words = encode(Tokens((TokenEntry(1, 2, True, FinishReason.STOP),), Load(), 0.0))
     assert words[5] == 1  # the entry's finish reason: present, then its place among the members
     words[6] = 9
     with pytest.raises(ProtocolError, match="9 is not a FinishReason"):

@@ -18,6 +18,7 @@ import pytest
 
 from pd_local.api.backend import BackendStats, RankStats
 from pd_local.api.cluster import RateMeter, cluster_view
+from pd_local.engine.events import Load
 from tests.server_utils import Served, metric_values, serving
 
 KEY = "page-key-7"
@@ -39,9 +40,10 @@ def find_chromium() -> str | None:
 
 # -- no browser, no model ------------------------------------------------------------------------
 
-def rank(n: int, role: str, prefilled: int = 0, generated: int = 0, **kw: int) -> RankStats:
+def rank(n: int, role: str, prefilled: int = 0, generated: int = 0, queued_tokens: int = 0, **kw: int) -> RankStats:
     base = {"free_blocks": 90, "total_blocks": 100, "running": 1, "waiting": 2, "cached_blocks": 30}
-    return RankStats(n, role, **{**base, **kw}, prefilled_tokens=prefilled, generated_tokens=generated)
+    return RankStats(n, role, Load(**{**base, **kw}), queued_tokens=queued_tokens,
+                     prefilled_tokens=prefilled, generated_tokens=generated)
 
 
 def test_rate_meter_differences_counters_over_its_window() -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 
+from pd_local.engine.events import Load
 from pd_local.engine.logprobs import Logprob
 from pd_local.engine.sampling import SamplingParams
 from pd_local.engine.scheduler import FinishReason
@@ -39,17 +40,10 @@ class RequestOutput:
 class RankStats:
     rank: int
     role: str
-    free_blocks: int
-    total_blocks: int
-    running: int
-    waiting: int
-    cached_blocks: int = 0  # free blocks whose KV the prefix cache keeps (part of free_blocks)
-    prefix_hit_tokens: int = 0  # prompt tokens served from the prefix cache since start
+    load: Load = field(default_factory=Load)  # as the rank last reported it
     routed: int = 0  # requests the router sent to this rank, ever
     routed_prefix_tokens: int = 0  # of their prompt tokens, those the router expected cached
-    # Prefill ranks: prompt tokens the router has sent there and not yet seen prefilled or
-    # aborted (what "least queued prefill work" routing compares); 0 elsewhere.
-    queued_tokens: int = 0
+    queued_tokens: int = 0  # prefill: prompt tokens the router sent and saw neither done nor aborted
     prefilled_tokens: int = 0  # prompt tokens this rank computed (not cached), ever
     generated_tokens: int = 0  # tokens this rank sampled, ever
     threads: int = 0  # CPU threads it computes with, on these CPUs (engine/threads.py)

@@ -48,10 +48,11 @@ def cluster_view(stats: BackendStats, meter: RateMeter, *, model: str, healthy: 
     ranks = []
     for r in sorted(stats.ranks, key=lambda r: r.rank):
         prefill_rate, decode_rate = rates[r.rank]
+        load = r.load
         ranks.append({
-            "rank": r.rank, "role": r.role, "running": r.running, "waiting": r.waiting,
-            "kv_blocks": {"total": r.total_blocks, "used": r.total_blocks - r.free_blocks,
-                          "cached": r.cached_blocks, "free": r.free_blocks - r.cached_blocks},
+            "rank": r.rank, "role": r.role, "running": r.load.running, "waiting": r.load.waiting,
+            "kv_blocks": {"total": load.total_blocks, "used": load.total_blocks - load.free_blocks,
+                          "cached": load.cached_blocks, "free": load.free_blocks - load.cached_blocks},
             "queued_prefill_tokens": r.queued_tokens,
             "prefilled_tokens": r.prefilled_tokens, "generated_tokens": r.generated_tokens,
             "prefill_tokens_per_s": prefill_rate, "decode_tokens_per_s": decode_rate,

@@ -5,6 +5,7 @@ read from a `BackendStats` snapshot at scrape time. Only the asyncio loop touche
 from __future__ import annotations
 
 from collections.abc import Iterator
+from operator import attrgetter
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -22,13 +23,14 @@ prometheus_client.disable_created_metrics()
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 OUTCOMES = ("stop", "length", "abort", "error", "invalid", "rejected")
 RANK_GAUGES = (
-    ("pd_local_kv_blocks_free", "Free KV blocks on a rank.", "free_blocks"),
-    ("pd_local_kv_blocks_total", "Total KV blocks on a rank.", "total_blocks"),
-    ("pd_local_running_requests", "Requests in a rank's running batch.", "running"),
+    ("pd_local_kv_blocks_free", "Free KV blocks on a rank.", "load.free_blocks"),
+    ("pd_local_kv_blocks_total", "Total KV blocks on a rank.", "load.total_blocks"),
+    ("pd_local_running_requests", "Requests in a rank's running batch.", "load.running"),
     ("pd_local_queue_depth", "Requests queued on a rank (waiting for prefill or a reservation).",
-     "waiting"),
+     "load.waiting"),
     ("pd_local_kv_blocks_cached", "Free KV blocks whose content the prefix cache keeps "
-     "(counted in pd_local_kv_blocks_free; a prefill rank: its own prefill cache).", "cached_blocks"),
+     "(counted in pd_local_kv_blocks_free; a prefill rank: its own prefill cache).",
+     "load.cached_blocks"),
     ("pd_local_prefill_queued_tokens", "Prompt tokens routed to a prefill rank and not yet "
      "prefilled or aborted (the router's view, what its prefill routing compares).",
      "queued_tokens"),
@@ -36,7 +38,7 @@ RANK_GAUGES = (
 )
 RANK_COUNTERS = (
     ("pd_local_prefix_cache_hit_tokens", "Prompt tokens whose KV came from a rank's prefix cache.",
-     "prefix_hit_tokens"),
+     "load.prefix_hit_tokens"),
     ("pd_local_routed_requests", "Requests the router sent to a rank.", "routed"),
     ("pd_local_routed_prefix_tokens", "Prompt tokens the router expected a rank to hold "
      "cached when it routed a request there (routing = prefix; 0 otherwise).",
@@ -59,12 +61,12 @@ class _SnapshotCollector(Collector):
         for name, help_text, attr in RANK_GAUGES:
             g = GaugeMetricFamily(name, help_text, labels=["rank", "role"])
             for r in self.stats.ranks:
-                g.add_metric([str(r.rank), r.role], getattr(r, attr))
+                g.add_metric([str(r.rank), r.role], attrgetter(attr)(r))
             yield g
         for name, help_text, attr in RANK_COUNTERS:  # exported as NAME_total
             c = CounterMetricFamily(name, help_text, labels=["rank", "role"])
             for r in self.stats.ranks:
-                c.add_metric([str(r.rank), r.role], getattr(r, attr))
+                c.add_metric([str(r.rank), r.role], attrgetter(attr)(r))
             yield c
         s = self.stats
         for name, help_text, value in (

@@ -12,6 +12,7 @@ from typing import ClassVar, Union
 import torch
 
 from pd_local.cluster.codec import ProtocolError, Reader, Writer, codec
+from pd_local.engine.events import Load
 from pd_local.engine.logprobs import Logprob
 from pd_local.engine.sampling import SamplingParams
 from pd_local.engine.scheduler import FinishReason
@@ -175,14 +176,9 @@ class Tokens:
 
     KIND: ClassVar[Kind] = Kind.TOKENS
     entries: tuple[TokenEntry, ...]
-    free_blocks: int
-    total_blocks: int
-    running: int
-    waiting: int
+    load: Load
     t: float  # time.monotonic() at the end of the step
     transfers: tuple[TransferRecord, ...] = ()
-    cached_blocks: int = 0  # free blocks whose KV the prefix cache keeps (part of free_blocks)
-    prefix_hit_tokens: int = 0  # prompt tokens served from the prefix cache since start
 
 
 @dataclass(frozen=True)
@@ -227,13 +223,7 @@ class Stats:
     """Worker -> router when idle (a decode rank's Tokens carry the same numbers when busy)."""
 
     KIND: ClassVar[Kind] = Kind.STATS
-    free_blocks: int
-    total_blocks: int
-    running: int
-    waiting: int
-    queued_tokens: int
-    cached_blocks: int = 0  # as in Tokens (a prefill rank: its own prefill cache)
-    prefix_hit_tokens: int = 0
+    load: Load
 
 
 @dataclass(frozen=True)

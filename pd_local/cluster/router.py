@@ -11,7 +11,7 @@ import itertools
 import logging
 import threading
 
-from pd_local.api.backend import BackendStats, RankStats, RequestOutput
+from pd_local.api.backend import BackendStats, RequestOutput
 from pd_local.cluster.dist import DistContext
 from pd_local.cluster.channel import Heartbeater, Inbox, LinkDown, Receiver, Sender
 from pd_local.cluster.messages import (Abort, Fatal, Prefill, PrefillDone,
@@ -20,6 +20,7 @@ from pd_local.cluster.messages import (Abort, Fatal, Prefill, PrefillDone,
 from pd_local.cluster.prefix_index import Candidate, choose
 from pd_local.cluster.router_state import RankState, RequestState, with_token
 from pd_local.engine.kv_cache import block_hashes
+from pd_local.engine.events import Load
 from pd_local.engine.sampling import SamplingParams
 from pd_local.engine.scheduler import FinishReason
 
@@ -106,11 +107,7 @@ class Router:
         return True, f"{workers} workers ({self.ctx.cfg.topology.label})"
 
     def stats(self) -> BackendStats:
-        ranks = [RankStats(r.rank, r.role, r.free_blocks, r.total_blocks, r.running, r.waiting,
-                           r.cached_blocks, r.prefix_hit_tokens, r.routed, r.routed_prefix_tokens,
-                           r.queued_tokens, r.prefilled_tokens, r.generated_tokens,
-                           r.threads, r.cpus)
-                 for r in (*self.prefill.values(), *self.decode.values())]
+        ranks = [r.snapshot() for r in (*self.prefill.values(), *self.decode.values())]
         return dataclasses.replace(self.kv, ranks=ranks)
 
     def begin_stop(self, why: str) -> None:
@@ -256,7 +253,7 @@ class Router:
                 for r in self._group(req) if req is not None else ():
                     self._finish(r, FinishReason.ERROR, error=REJECT_TEXT[msg.reason])
             case Stats():
-                self._rank(peer).update(msg)
+                self._rank(peer).load = msg.load
             case Ready():
                 self._ready(peer, msg)
             case Fatal():
@@ -293,9 +290,8 @@ class Router:
 
     def _ready(self, peer: int, msg: Ready) -> None:
         r = self._rank(peer)
-        r.ready, r.max_model_len, r.total_blocks = True, msg.max_model_len, msg.total_blocks
-        r.threads, r.cpus = msg.threads, msg.cpus
-        r.free_blocks = msg.total_blocks
+        r.ready, r.max_model_len, r.threads, r.cpus = True, msg.max_model_len, msg.threads, msg.cpus
+        r.load = Load(free_blocks=msg.total_blocks, total_blocks=msg.total_blocks)
         r.index.resize(msg.total_blocks)
         if all(x.ready for x in (*self.decode.values(), *self.prefill.values())):
             self.max_model_len = min(x.max_model_len for x in self.decode.values())
@@ -305,7 +301,7 @@ class Router:
 
     def _tokens(self, peer: int, msg: Tokens) -> None:
         rank = self.decode[peer]
-        rank.update(msg)
+        rank.load = msg.load
         rank.generated_tokens += len(msg.entries)
         for rec in msg.transfers:
             self.kv.kv_bytes_transferred += rec.num_bytes
@@ -345,11 +341,11 @@ class Router:
             rank, matched = next(self._rr_decode), 0
         elif self.policy == "prefix":
             rank, matched = choose([Candidate(r.rank, r.unfinished, r.index.match(req.hashes),
-                                              (-r.free_blocks,)) for r in self.decode.values()],
+                                              (-r.load.free_blocks,)) for r in self.decode.values()],
                                    PREFIX_DECODE_MARGIN)
         else:
             rank = min(self.decode.values(),
-                       key=lambda r: (r.unfinished, -r.free_blocks, r.rank)).rank
+                       key=lambda r: (r.unfinished, -r.load.free_blocks, r.rank)).rank
             matched = 0
         return self._routed(self.decode[rank], req, matched)
 

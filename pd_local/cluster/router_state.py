@@ -4,10 +4,10 @@ nothing here talks to a rank)."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
-from pd_local.api.backend import RequestOutput, Timeline
-from pd_local.cluster.messages import Stats, TokenEntry, Tokens
+from pd_local.api.backend import RankStats, RequestOutput, Timeline
+from pd_local.cluster.messages import TokenEntry
 from pd_local.cluster.prefix_index import PrefixIndex
 from pd_local.engine.logprobs import Logprob
 from pd_local.engine.sampling import SamplingParams
@@ -42,33 +42,16 @@ class RequestState:
 
 
 @dataclass
-class RankState:
-    """What the router knows of one worker's load."""
+class RankState(RankStats):
+    """What the router knows of one worker: what /metrics shows, and its own bookkeeping."""
 
-    rank: int
-    role: str
-    free_blocks: int = 0
-    total_blocks: int = 0
-    running: int = 0
-    waiting: int = 0
     unfinished: int = 0  # requests routed here and not finished (router's own count)
-    queued_tokens: int = 0  # prefill ranks: prompt tokens sent and not yet PrefillDone
-    cached_blocks: int = 0  # the rank's prefix cache, as last reported
-    prefix_hit_tokens: int = 0
     max_model_len: int = 0
     ready: bool = False
-    threads: int = 0  # torch threads the rank runs with, and its CPUs (from Ready)
-    cpus: str = ""
-    routed: int = 0  # requests routed here, ever
-    routed_prefix_tokens: int = 0  # prompt tokens the index said this rank held when routed
-    prefilled_tokens: int = 0  # prompt tokens this rank computed (not cached), ever
-    generated_tokens: int = 0  # tokens this rank sampled, ever
     index: PrefixIndex = field(default_factory=PrefixIndex)  # "prefix" routing only
 
-    def update(self, load: Tokens | Stats) -> None:
-        self.free_blocks, self.total_blocks = load.free_blocks, load.total_blocks
-        self.running, self.waiting = load.running, load.waiting
-        self.cached_blocks, self.prefix_hit_tokens = load.cached_blocks, load.prefix_hit_tokens
+    def snapshot(self) -> RankStats:
+        return RankStats(**{f.name: getattr(self, f.name) for f in fields(RankStats)})
 
 
 def with_token(out: RequestOutput, e: TokenEntry) -> RequestOutput:

@@ -24,7 +24,8 @@ from pd_local.cluster.messages import (Abort, Fatal, KVEntry, Prefill, PrefillDo
 from pd_local.cluster.transfer import KVShape, LayerKV, PromptHidden, StagingDone
 from pd_local.config import EngineConfig
 from pd_local.engine import threads as cpu_threads
-from pd_local.engine.engine import Engine, TokenEvent
+from pd_local.engine.engine import Engine
+from pd_local.engine.events import Load, TokenEvent
 from pd_local.engine.kv_cache import blocks_for
 from pd_local.engine.scheduler import PrefillChunk
 from pd_local.engine.structured import GrammarTokenizer
@@ -65,7 +66,7 @@ class Worker:
         self.started: dict[int, float] = {}  # prompt sent on -> its first chunk's step start
         self.entries: list[TokenEntry] = []
         self.transfers: list[TransferRecord] = []
-        self.last_load: tuple[int, ...] | None = None
+        self.last_load: Load | None = None
 
     def run(self, make_engine: Callable[[], Engine]) -> None:
         """Build the engine, serve until the router's Shutdown; any error: Fatal, then raise."""
@@ -230,24 +231,22 @@ class Worker:
         for p in e.prompts_done:
             self.to_router.send(PrefillDone(p.req_id, self.started.pop(p.req_id), t_computed, p.num_cached))
 
-    def _load(self) -> tuple[int, int, int, int, int]:
-        """(free blocks, total, running, waiting, queued prompt tokens); prefill: waiting prompts."""
-        e = self.engine
-        if self.role is Role.PREFILL:
-            return (e.num_free_blocks, e.num_total_blocks, 0, *e.prefill_backlog())
-        return e.num_free_blocks, e.num_total_blocks, e.num_running, e.num_waiting + len(self.admission), 0
+    def _load(self) -> Load:
+        load = self.engine.load()
+        if self.role is Role.PREFILL:  # its prompts queued or part-prefilled wait, none runs
+            prompts, tokens = self.engine.prefill_backlog()
+            return dataclasses.replace(load, running=0, waiting=prompts, queued_tokens=tokens)
+        return dataclasses.replace(load, waiting=load.waiting + len(self.admission))
 
     def _report(self) -> None:
         """One Tokens message per turn that produced tokens or transfers; otherwise Stats when
         the load changed (so the router routes on fresh numbers without polling)."""
         load = self._load()
-        cache = dict(cached_blocks=self.engine.num_cached_blocks, prefix_hit_tokens=self.engine.prefix_hit_tokens)
         if self.entries or self.transfers:
-            self.to_router.send(Tokens(tuple(self.entries), *load[:4], time.monotonic(),
-                                       tuple(self.transfers), **cache))
+            self.to_router.send(Tokens(tuple(self.entries), load, time.monotonic(), tuple(self.transfers)))
             self.entries, self.transfers = [], []
         elif load != self.last_load:
-            self.to_router.send(Stats(*load, **cache))
+            self.to_router.send(Stats(load))
         self.last_load = load
 
     def _shutdown(self) -> None:

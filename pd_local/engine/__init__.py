@@ -3,6 +3,7 @@
 | module | owns | never does |
 |---|---|---|
 | `engine.py` | `Engine`: one process's model + cache + scheduler; `step()`; the decode-rank entry points `reserve` / `write_prompt_kv` / `add_prefilled`; the prefill rank's `add_prompt` / `prompts_done` | torch.distributed |
+| `events.py` | what an engine reports: `TokenEvent`, `PromptDone`, `Load` (the one load record) | hold state |
 | `scheduler.py` | waiting/running queues, mixed steps (decode rows + prefill chunks within the prefill token budget), admission by free blocks, preemption by recompute | torch.distributed, tensors |
 | `prefill_queue.py` | `PrefillQueue`: which waiting prompts' chunks get a step's prefill budget (fcfs / srpf with aging) | tensors, blocks |
 | `kv_cache.py` | `BlockAllocator` (pure Python), `blocks_for`, `slots_for` | torch |

@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
@@ -16,37 +15,13 @@ from pd_local.engine.kv_cache import BlockAllocator, OutOfBlocks, slots_for
 from pd_local.model.kv_cache import PagedKVCache
 from pd_local.model.attention import AttentionMetadata, host_to_device, write_kv
 from pd_local.model.llama import LayerKVHook, LlamaForCausalLM
-from pd_local.engine.logprobs import Logprob, logprobs_of, prompt_logprobs
+from pd_local.engine.logprobs import logprobs_of, prompt_logprobs
 from pd_local.engine.sampling import SamplingParams, adjust_logits, sample
 from pd_local.engine.structured import GrammarTokenizer, mask_row
+from pd_local.engine.events import Load, PromptDone, TokenEvent
 from pd_local.engine.scheduler import FinishReason, PrefillChunk, Scheduler, SchedulerOutput, Sequence
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    req_id: int
-    token_id: int
-    finished: bool
-    finish_reason: FinishReason | None  # STOP or LENGTH when finished
-    # on a request's first token: its prompt tokens whose KV came from the prefix cache
-    cached_tokens: int = 0
-    logprob: Logprob | None = None  # the token's, when the request asked (params.logprobs)
-    # on the first token, when the request asked (params.prompt_logprobs): prompt tokens 1..n-1
-    prompt_logprobs: tuple[Logprob, ...] = ()
-
-
-@dataclass(frozen=True)
-class PromptDone:
-    """A prompt prefilled for another rank ran its last chunk (its blocks here are freed)."""
-
-    req_id: int
-    send_to: int
-    hidden: torch.Tensor  # [hidden]: the last position's final hidden state
-    num_tokens: int  # the prompt's
-    num_cached: int  # prompt tokens whose KV came from this rank's prefix cache
-    prompt_logprobs: tuple[Logprob, ...] | None = None  # when the request asked
 
 
 PlanHook = Callable[[list[PrefillChunk]], LayerKVHook | None]
@@ -161,6 +136,10 @@ class Engine:
     def has_work(self) -> bool:
         """A step() would run something (a reservation awaiting its KV would not)."""
         return bool(self.scheduler.running) or self.scheduler.queue.num_unadmitted() > 0
+
+    def load(self) -> Load:
+        return Load(self.num_free_blocks, self.num_total_blocks, self.num_running, self.num_waiting, 0,
+                    self.num_cached_blocks, self.prefix_hit_tokens)
 
     def prefill_backlog(self) -> tuple[int, int]:
         """(prompts queued or part-prefilled, their prompt tokens still to compute)."""

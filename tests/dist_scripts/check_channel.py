@@ -17,6 +17,7 @@ import time
 
 from common import say, start
 from pd_local.launch import run_guarded
+from pd_local.engine.events import Load
 from pd_local.engine.sampling import SamplingParams
 from pd_local.cluster.channel import FRAME_WORDS, Heartbeater, Inbox, LinkDown, Receiver, Sender
 from pd_local.cluster.messages import (Abort, FinishReason, Prefill, Reserve, TokenEntry,
@@ -39,8 +40,7 @@ def outgoing(i: int, rank: int):
         return Abort(i)
     entries = tuple(TokenEntry(i * 100 + j, j, j == 3, FinishReason.STOP if j == 3
                                else None) for j in range(i % 70))
-    return Tokens(entries, free_blocks=i, total_blocks=1000, running=len(entries), waiting=0,
-                  t=1.8e9 + i / 7)
+    return Tokens(entries, Load(free_blocks=i, total_blocks=1000, running=len(entries)), t=1.8e9 + i / 7)
 
 
 def main() -> None:
