@@ -38,7 +38,7 @@ class Chunk:
 
     @property
     def is_last(self) -> bool:
-        """This chunk completes the job: its last row gives the first token / the hidden state."""
+        """This chunk completes the job: its last row is sampled (or handed over)."""
         return self.end == self.job.num_tokens
 
 

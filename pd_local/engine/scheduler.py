@@ -78,19 +78,11 @@ class Sequence:
 
 
 @dataclass(frozen=True)
-class PrefillChunk:
+class PrefillChunk(Chunk):
     """Positions [start, end) of seq.all_ids, on top of the KV of [0, start) in its blocks."""
 
     seq: Sequence
-    start: int
-    end: int
-    planned: Chunk  # the queue's record, for advance()
     row: int = 0  # its first row in the step's flattened batch (decode rows come first)
-
-    @property
-    def is_last(self) -> bool:
-        """Completes the prefill: its last row is sampled (or, send_to: handed over)."""
-        return self.end == self.seq.num_tokens
 
     @property
     def send_from(self) -> int:
@@ -201,7 +193,7 @@ class Scheduler:
         chunks = sorted(self.queue.plan(admit=self._admit), key=lambda c: self.by_id[c.job.key].send_to or 0)
         prefill, row = [], len(decode)
         for c in chunks:
-            prefill.append(PrefillChunk(self.by_id[c.job.key], c.start, c.end, c, row))
+            prefill.append(PrefillChunk(c.job, c.start, c.end, self.by_id[c.job.key], row))
             row += c.num_tokens
         return SchedulerOutput(decode, prefill, preempted)
 
@@ -210,7 +202,7 @@ class Scheduler:
         becomes RUNNING (the caller appends the token it sampled)."""
         for c in out.prefill:
             self._register(c.seq, c.end)
-        for job in self.queue.advance([c.planned for c in out.prefill]):
+        for job in self.queue.advance(out.prefill):
             self.by_id[job.key].status = SeqStatus.RUNNING
 
     def _admit(self, job: PrefillJob) -> bool:
