@@ -236,6 +236,29 @@ def test_preemption_in_the_middle_of_a_chunked_prefill_frees_and_recomputes(monk
     assert got == ref
 
 
+def test_a_colocated_worker_reports_each_prefill_once_when_a_decoding_sequence_is_preempted(monkeypatch) -> None:
+    """The worker loop's PrefillDone (a colocated request's prefill phase, and its prefix hit)
+    goes with its first token only: a sequence preempted while decoding is prefilled again,
+    and that recompute must not report a second prefill (nor overwrite the hit with 0)."""
+    from pd_local.cluster.dist import Role
+    from pd_local.cluster.messages import PrefillDone
+    from pd_local.cluster.worker import Worker
+
+    worker = Worker.__new__(Worker)  # the step alone: no links
+    worker.role, worker.kv_out, worker.started, worker.entries = Role.COLOCATED, {}, {}, []
+    sent: list = []
+    worker.to_router = type("R", (), {"send": lambda self, m: sent.append(m)})()
+    worker.engine = eng = engine(tiny_model("llama"), 5, num_blocks=6, max_num_seqs=4)
+    preempted: list[int] = []
+    real = eng.scheduler._preempt
+    monkeypatch.setattr(eng.scheduler, "_preempt", lambda s: (preempted.append(len(s.output_ids)), real(s)))
+    for i, p in enumerate(random_prompts([6, 7], seed=19)):
+        eng.add_request(i, p, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    while eng.has_unfinished():
+        worker._step()
+    assert any(n > 0 for n in preempted), "the test is meant to preempt a sequence that has tokens"
+    assert sorted(m.req_id for m in sent if isinstance(m, PrefillDone)) == [0, 1]
+
 # -- the chunk planner ---------------------------------------------------------------------
 
 def run_queue(q: PrefillQueue, arrivals: dict[int, list[tuple[str, int]]], steps: int) -> dict[str, int]:

@@ -37,6 +37,7 @@ from pd_local.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
+
 def token_entry(ev: TokenEvent, cached_tokens: int | None = None) -> TokenEntry:
     """`cached_tokens`: the prefill rank's hit, from the KV header; None: the event's own."""
     return TokenEntry(ev.req_id, ev.token_id, ev.finished, ev.finish_reason,
@@ -215,9 +216,9 @@ class Worker:
             for r in e.prefill_started:
                 self.started.setdefault(r, t0)
             for ev in events:
-                if ev.req_id in self.started:
-                    self.to_router.send(PrefillDone(ev.req_id, self.started.pop(ev.req_id), t_computed,
-                                                    ev.cached_tokens))
+                t_start = self.started.pop(ev.req_id, None)
+                if t_start is not None and ev.first:  # a recompute after preemption is no new prefill
+                    self.to_router.send(PrefillDone(ev.req_id, t_start, t_computed, ev.cached_tokens))
         self.entries += [token_entry(ev) for ev in events]
         for p in e.prompts_done:  # before the hidden states
             if p.prompt_logprobs is not None:

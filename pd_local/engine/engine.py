@@ -378,7 +378,7 @@ class Engine:
             lp = logprobs_of(logits[i:i + 1], [tok], k)[0] if k is not None else None
             events.append(TokenEvent(seq.req_id, tok, reason is not None, reason,
                                      seq.num_cached if first else 0, lp,
-                                     tuple(seq.prompt_logprobs) if first else ()))
+                                     tuple(seq.prompt_logprobs) if first else (), first))
         return events
 
     def _finish_reason(self, seq: Sequence, tok: int) -> FinishReason | None:

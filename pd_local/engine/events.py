@@ -19,6 +19,7 @@ class TokenEvent:
     cached_tokens: int = 0  # first token: prompt tokens whose KV came from the prefix cache
     logprob: Logprob | None = None  # the token's, when the request asked (params.logprobs)
     prompt_logprobs: tuple[Logprob, ...] = ()  # first token, if asked: prompt tokens 1..n-1
+    first: bool = False  # the request's first token (a recompute's next token is not)
 
 
 @dataclass(frozen=True)
