@@ -111,16 +111,6 @@ def _read_str(r: Reader) -> str:
     return bytes(raw).decode("utf-8", errors="replace")
 
 
-def _write_opt_int(w: Writer, x: int | None) -> None:
-    w.words.append(0 if x is None else 1)
-    w.int(0 if x is None else x)
-
-
-def _read_opt_int(r: Reader) -> int | None:
-    present, value = r.int(), r.int()
-    return value if present else None
-
-
 @functools.cache
 def codec(tp: Any) -> tuple[_Write, _Read]:
     """(write, read) for one annotated type; built once per type."""
@@ -159,8 +149,6 @@ def codec(tp: Any) -> tuple[_Write, _Read]:
             for x in xs:
                 item_write(w, x)
         return write_seq, (lambda r: tuple(item_read(r) for _ in range(r.count())))
-    if set(args) == {int, type(None)}:
-        return _write_opt_int, _read_opt_int
     if len(args) == 2 and type(None) in args:  # X | None: presence, then X if present
         w_x, r_x = codec(next(a for a in args if a is not type(None)))
 
