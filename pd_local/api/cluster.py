@@ -50,7 +50,7 @@ def cluster_view(stats: BackendStats, meter: RateMeter, *, model: str, healthy: 
         prefill_rate, decode_rate = rates[r.rank]
         load = r.load
         ranks.append({
-            "rank": r.rank, "role": r.role, "running": r.load.running, "waiting": r.load.waiting,
+            "rank": r.rank, "role": r.role, "running": load.running, "waiting": load.waiting,
             "kv_blocks": {"total": load.total_blocks, "used": load.total_blocks - load.free_blocks,
                           "cached": load.cached_blocks, "free": load.free_blocks - load.cached_blocks},
             "queued_prefill_tokens": r.queued_tokens,

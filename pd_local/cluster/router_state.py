@@ -11,6 +11,7 @@ from pd_local.cluster.messages import TokenEntry
 from pd_local.cluster.prefix_index import PrefixIndex
 from pd_local.engine.logprobs import Logprob
 from pd_local.engine.sampling import SamplingParams
+from pd_local.engine.scheduler import FinishReason
 
 
 @dataclass
@@ -32,7 +33,7 @@ class RequestState:
     prompt_lps: tuple[Logprob, ...] | None = None
     lps_sent: bool = False
     held: list[RequestOutput] = field(default_factory=list)
-    deferred: tuple[str, TokenEntry | None] | None = None
+    deferred: tuple[FinishReason, TokenEntry | None] | None = None
     followers: list[int] = field(default_factory=list)  # n > 1: the other choices' ids
     leader: RequestState | None = None  # n > 1, another choice: the one it forks from
 
