@@ -159,7 +159,7 @@ def test_router_holds_a_pd_requests_outputs_until_its_prompt_logprobs_come() -> 
     got.clear()
     req = request(3)
     router._tokens(2, tokens(TokenEntry(3, 40, True, FinishReason.STOP)))
-    router.to_decode = {2: type("S", (), {"send": lambda self, m: None})()}
+    router.to_worker = {2: type("S", (), {"send": lambda self, m: None})()}
     router._abort(req, "abort")
     assert [o.finish_reason for o in got] == ["abort"] and not router.requests
     router._prompt_logprobs(PromptLogprobs(3, prompt))  # late: dropped

@@ -119,15 +119,14 @@ class KVLink:
 
 @dataclass(frozen=True)
 class Links:
-    to_prefill: Mapping[int, Link]
-    from_prefill: Mapping[int, Link]
-    to_decode: Mapping[int, Link]
-    from_decode: Mapping[int, Link]
+    """Control links router <-> each worker, keyed by the worker's rank, and the KV pairs."""
+
+    to_worker: Mapping[int, Link]
+    from_worker: Mapping[int, Link]
     kv: Mapping[tuple[int, int], KVLink]
 
     def all(self) -> list[Link]:
-        out = [*self.to_prefill.values(), *self.from_prefill.values(),
-               *self.to_decode.values(), *self.from_decode.values()]
+        out = [*self.to_worker.values(), *self.from_worker.values()]
         for pair in self.kv.values():
             out += [pair.header, pair.data]
         return out
@@ -145,11 +144,8 @@ class DistContext:
     links: Links
 
     def close(self) -> None:
-        """Clean shutdown: wait for every rank on the default group, then destroy all groups.
-
-        Call only after the rank's Shutdown exchange, when no receive is pending on any link:
-        with a peer dead or a receive pending this can block, so error paths exit the process
-        instead (launch.py)."""
+        """Barrier, then destroy all groups. Only after the Shutdown exchange, no receive
+        pending (else it can block: error paths exit instead, launch.py)."""
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
@@ -157,9 +153,8 @@ class DistContext:
 
 def _store(rank: int, world_size: int, timeout: datetime.timedelta,
            env: Mapping[str, str]) -> dist.Store:
-    """A TCPStore client (server: torchrun's agent, or rank 0 outside torchrun) under a
-    per-attempt prefix: with `torchrun --max-restarts` the agent's store outlives a failed
-    attempt, and keys left by it make the next attempt's rendezvous fail (docs/design.md)."""
+    """A TCPStore client under a per-attempt prefix: torchrun's store outlives a failed
+    attempt, whose keys would break the next rendezvous (docs/design.md)."""
     try:
         addr, port = env["MASTER_ADDR"], int(env["MASTER_PORT"])
     except KeyError as e:
@@ -219,24 +214,18 @@ def _create_links(cfg: ServeConfig, topo: Topology, rank: int, cuda_count: int,
         return Link(f"{src}->{dst}", group, src, dst, rank, device, backend)
 
     cpu = torch.device("cpu")
-    to_prefill: dict[int, Link] = {}
-    from_prefill: dict[int, Link] = {}
-    to_decode: dict[int, Link] = {}
-    from_decode: dict[int, Link] = {}
+    to_worker: dict[int, Link] = {}
+    from_worker: dict[int, Link] = {}
     kv: dict[tuple[int, int], KVLink] = {}
 
     def keep(table: dict, key: object, link: Link | None) -> None:
         if link is not None:
             table[key] = link
 
-    for p in topo.prefill_ranks:
-        keep(to_prefill, p, make(0, p, "gloo", cpu))
-    for p in topo.prefill_ranks:
-        keep(from_prefill, p, make(p, 0, "gloo", cpu))
-    for d in topo.decode_ranks:
-        keep(to_decode, d, make(0, d, "gloo", cpu))
-    for d in topo.decode_ranks:
-        keep(from_decode, d, make(d, 0, "gloo", cpu))
+    for w in topo.worker_ranks:
+        keep(to_worker, w, make(0, w, "gloo", cpu))
+    for w in topo.worker_ranks:
+        keep(from_worker, w, make(w, 0, "gloo", cpu))
     for p, d in topo.kv_pairs:
         header = make(p, d, "gloo", cpu)
         dev_p = device_for_rank(p, cfg.device, cuda_count)
@@ -249,14 +238,12 @@ def _create_links(cfg: ServeConfig, topo: Topology, rank: int, cuda_count: int,
         data = make(p, d, backend, data_device)
         if header is not None and data is not None:
             kv[(p, d)] = KVLink(header, data)
-    return Links(to_prefill, from_prefill, to_decode, from_decode, kv)
+    return Links(to_worker, from_worker, kv)
 
 
 def _warm_up_data_links(ctx: DistContext) -> None:
-    """One tiny send per data link, in the global pair order, so NCCL communicators are built
-    (and a broken link fails) at start-up rather than on the first request. Every rank walks
-    the pairs in the same order, so the lowest pending pair always has both ends waiting on it:
-    no deadlock."""
+    """One tiny send per data link, in the one global pair order (no deadlock), so NCCL
+    communicators are built, and a broken link fails, at start-up."""
     for (p, d), pair in sorted(ctx.links.kv.items()):
         link = pair.data
         probe = torch.full((1,), p * 1000 + d, dtype=torch.int64, device=link.device)

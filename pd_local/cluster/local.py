@@ -28,7 +28,7 @@ class LocalWorld:
         cpu = torch.device("cpu")
 
         def ctx(rank: int, role: Role) -> DistContext:
-            links = Links({}, {}, {1: Link("0->1", None, 0, 1, rank, cpu, "local", down)},
+            links = Links({1: Link("0->1", None, 0, 1, rank, cpu, "local", down)},
                           {1: Link("1->0", None, 1, 0, rank, cpu, "local", up)}, {})
             return DistContext(cfg, rank, topo, role, cpu, links)
 

@@ -50,15 +50,13 @@ class Router:
         self.policy = ctx.cfg.routing
         self.block_size = ctx.cfg.engine.block_size
         self.inbox = Inbox()
-        self.to_prefill = {p: Sender(link) for p, link in links.to_prefill.items()}
-        self.to_decode = {d: Sender(link) for d, link in links.to_decode.items()}
-        self.receivers = [Receiver(link, self.inbox) for link in
-                          (*links.from_prefill.values(), *links.from_decode.values())]
-        self.heartbeat = Heartbeater([*self.to_prefill.values(), *self.to_decode.values()],
-                                     ctx.cfg.timeouts.heartbeat_s, self.inbox)
-        role = "colocated" if self.colocated else "decode"
-        self.decode = {d: RankState(d, role) for d in topo.decode_ranks}
-        self.prefill = {p: RankState(p, "prefill") for p in topo.prefill_ranks}
+        self.to_worker = {w: Sender(link) for w, link in links.to_worker.items()}
+        self.receivers = [Receiver(link, self.inbox) for link in links.from_worker.values()]
+        self.heartbeat = Heartbeater(list(self.to_worker.values()), ctx.cfg.timeouts.heartbeat_s,
+                                     self.inbox)
+        self.ranks = {w: RankState(w, topo.role(w).value) for w in topo.worker_ranks}
+        self.decode = {d: self.ranks[d] for d in topo.decode_ranks}  # those that can decode
+        self.prefill = {p: self.ranks[p] for p in topo.prefill_ranks}  # can prefill for others
         self._rr_decode = itertools.cycle(sorted(self.decode))
         self._rr_prefill = itertools.cycle(sorted(self.prefill))
         self.requests: dict[int, RequestState] = {}
@@ -103,11 +101,10 @@ class Router:
             return False, self.stopping
         if not self.ready.is_set():
             return False, "waiting for the workers to load the model"
-        workers = len(self.decode) + len(self.prefill)
-        return True, f"{workers} workers ({self.ctx.cfg.topology.label})"
+        return True, f"{len(self.ranks)} workers ({self.ctx.cfg.topology.label})"
 
     def stats(self) -> BackendStats:
-        ranks = [r.snapshot() for r in (*self.prefill.values(), *self.decode.values())]
+        ranks = [r.snapshot() for r in self.ranks.values()]
         return dataclasses.replace(self.kv, ranks=ranks)
 
     def begin_stop(self, why: str) -> None:
@@ -205,7 +202,7 @@ class Router:
                 self.decode[req.decode].unfinished += 1
                 self.requests[r.req_id] = r
             req.followers = [r.req_id for r in reqs[1:]]
-            self.to_decode[req.decode].send(Reserve(req.req_id, req.prompt_ids, req.sampling,
+            self.to_worker[req.decode].send(Reserve(req.req_id, req.prompt_ids, req.sampling,
                                                     tuple(req.followers)))
         elif kind == "abort":
             req = self.requests.get(arg)  # type: ignore[arg-type]
@@ -219,9 +216,9 @@ class Router:
 
     def _abort(self, req: RequestState, reason: FinishReason, error: str | None = None) -> None:
         """Abort on every rank holding the request (each frees its part once), then finish it."""
-        self.to_decode[req.decode].send(Abort(req.req_id))
+        self.to_worker[req.decode].send(Abort(req.req_id))
         if req.prefill is not None and not req.prefill_done:
-            self.to_prefill[req.prefill].send(Abort(req.req_id))
+            self.to_worker[req.prefill].send(Abort(req.req_id))
             # A prompt dropped from the prefill rank's queue never gets a PrefillDone: its
             # tokens leave the rank's queued work now, or routing counts them for ever.
             self._prefill_work_done(req.req_id)
@@ -253,7 +250,7 @@ class Router:
                 for r in self._group(req) if req is not None else ():
                     self._finish(r, FinishReason.ERROR, error=REJECT_TEXT[msg.reason])
             case Stats():
-                self._rank(peer).load = msg.load
+                self.ranks[peer].load = msg.load
             case Ready():
                 self._ready(peer, msg)
             case Fatal():
@@ -275,7 +272,7 @@ class Router:
         self.prefill[p].queued_tokens += n
         self.prefill[p].unfinished += 1
         self._prefill_tokens[req.req_id] = (p, n, len(req.prompt_ids))
-        self.to_prefill[p].send(Prefill(req.req_id, req.prompt_ids, req.decode,
+        self.to_worker[p].send(Prefill(req.req_id, req.prompt_ids, req.decode,
                                         msg.held_tokens, req.sampling.prompt_logprobs))
 
     def _prefill_done(self, peer: int, msg: PrefillDone) -> None:
@@ -289,14 +286,13 @@ class Router:
             r.timeline.mark("prefill_end", msg.t_end)
 
     def _ready(self, peer: int, msg: Ready) -> None:
-        r = self._rank(peer)
+        r = self.ranks[peer]
         r.ready, r.max_model_len, r.threads, r.cpus = True, msg.max_model_len, msg.threads, msg.cpus
         r.load = Load(free_blocks=msg.total_blocks, total_blocks=msg.total_blocks)
         r.index.resize(msg.total_blocks)
-        if all(x.ready for x in (*self.decode.values(), *self.prefill.values())):
+        if all(x.ready for x in self.ranks.values()):
             self.max_model_len = min(x.max_model_len for x in self.decode.values())
-            log.info("all %d workers ready; max_model_len %d",
-                     len(self.decode) + len(self.prefill), self.max_model_len)
+            log.info("all %d workers ready; max_model_len %d", len(self.ranks), self.max_model_len)
             self.ready.set()
 
     def _tokens(self, peer: int, msg: Tokens) -> None:
@@ -333,9 +329,6 @@ class Router:
         """req and the other choices still here that fork off it (n > 1)."""
         return [req, *(self.requests[f] for f in req.followers if f in self.requests)]
 
-    def _rank(self, rank: int) -> RankState:
-        return self.decode[rank] if rank in self.decode else self.prefill[rank]
-
     def _pick_decode(self, req: RequestState) -> int:
         if self.policy == "round_robin":
             rank, matched = next(self._rr_decode), 0
@@ -371,18 +364,19 @@ class Router:
         return r.rank
 
     def _shutdown_workers(self) -> None:
-        """Prefill ranks first (they close their KV links), then decode ranks; each answers."""
+        """Ranks that only send KV first, then the rest; each answers."""
         for req in list(self.requests.values()):
             self._finish(req, FinishReason.ERROR, error="the server is shutting down")
         self.heartbeat.stop()
-        for group, senders in (("prefill", self.to_prefill), ("decode", self.to_decode)):
-            for s in senders.values():
-                s.close()
-            waiting = set(senders)
+        senders_only = set(self.prefill) - set(self.decode)
+        for group in (senders_only, set(self.ranks) - senders_only):
+            for w in sorted(group):
+                self.to_worker[w].close()
+            waiting = set(group)
             while waiting:
                 item = self.inbox.get(timeout=3 * self.ctx.cfg.timeouts.group_s)
                 if item is None:
-                    raise TimeoutError(f"{group} ranks {sorted(waiting)} did not shut down")
+                    raise TimeoutError(f"ranks {sorted(waiting)} did not shut down")
                 peer, msg = item
                 if isinstance(msg, Shutdown):
                     waiting.discard(peer)

@@ -53,8 +53,8 @@ class Worker:
         self.ctx, self.shape, self.role = ctx, shape, ctx.role
         me, links = ctx.rank, ctx.links
         self.inbox = Inbox()
-        self.receiver = Receiver({**links.to_prefill, **links.to_decode}[me], self.inbox)
-        self.to_router = Sender({**links.from_prefill, **links.from_decode}[me])
+        self.receiver = Receiver(links.to_worker[me], self.inbox)
+        self.to_router = Sender(links.from_worker[me])
         mode = TransferMode[ctx.cfg.transfer.upper()]
         # KV links: it sends on those it is the prefill end of (CUDA IPC for a same-GPU pair)
         self.kv_out = {d: kv_sender(ctx, pair, shape, mode) for (p, d), pair in links.kv.items() if p == me}

@@ -1,6 +1,6 @@
 """The control channel over a colocated-1 world (rank 0 <-> rank 1):
 
-1. many messages each way at once (to_decode: 0->1, from_decode: 1->0), mixed kinds and sizes
+1. many messages each way at once (to_worker: 0->1, from_worker: 1->0), mixed kinds and sizes
    (prompts longer than a frame included), received complete and in order;
 2. heartbeats keep both links alive through an idle spell of 2.5 group timeouts;
 3. without heartbeats an idle link fails after the group timeout, and the loop sees LinkDown
@@ -46,8 +46,8 @@ def outgoing(i: int, rank: int):
 def main() -> None:
     ctx, _ = start(sys.argv[1:])
     links = ctx.links
-    out_link = links.to_decode[1] if ctx.rank == 0 else links.from_decode[1]
-    in_link = links.from_decode[1] if ctx.rank == 0 else links.to_decode[1]
+    out_link = links.to_worker[1] if ctx.rank == 0 else links.from_worker[1]
+    in_link = links.from_worker[1] if ctx.rank == 0 else links.to_worker[1]
     sender, inbox = Sender(out_link), Inbox()
     _receiver = Receiver(in_link, inbox)  # its thread feeds inbox
     peer = 1 - ctx.rank

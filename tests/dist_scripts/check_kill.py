@@ -34,8 +34,7 @@ def main() -> None:
     extra.add_argument("--signal", choices=("KILL", "STOP"), default="KILL")
     ctx, args = start(sys.argv[1:], extra)
     links, inbox = ctx.links, Inbox()
-    incoming = [*links.to_prefill.values(), *links.from_prefill.values(),
-                *links.to_decode.values(), *links.from_decode.values()]
+    incoming = [*links.to_worker.values(), *links.from_worker.values()]
     senders = [Sender(link) for link in incoming if link.is_sender]
     receivers = [Receiver(link, inbox) for link in incoming if not link.is_sender]
     kv_senders = [KVSender(pair, Sender(pair.header), SHAPE, TransferMode.LAYERWISE)

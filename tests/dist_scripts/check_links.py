@@ -17,15 +17,10 @@ from pd_local.cluster.messages import Abort, Shutdown
 def expected_keys(ctx) -> dict[str, set]:
     topo, r = ctx.topology, ctx.rank
     if ctx.role is Role.FRONTEND:
-        return {"to_prefill": set(topo.prefill_ranks), "from_prefill": set(topo.prefill_ranks),
-                "to_decode": set(topo.decode_ranks), "from_decode": set(topo.decode_ranks),
-                "kv": set()}
-    if ctx.role is Role.PREFILL:
-        return {"to_prefill": {r}, "from_prefill": {r}, "to_decode": set(),
-                "from_decode": set(), "kv": {(r, d) for d in topo.decode_ranks}}
-    kv = set() if ctx.role is Role.COLOCATED else {(p, r) for p in topo.prefill_ranks}
-    return {"to_prefill": set(), "from_prefill": set(), "to_decode": {r}, "from_decode": {r},
-            "kv": kv}
+        workers = set(topo.worker_ranks)
+        return {"to_worker": workers, "from_worker": workers, "kv": set()}
+    kv = {pair for pair in topo.kv_pairs if r in pair}
+    return {"to_worker": {r}, "from_worker": {r}, "kv": kv}
 
 
 def main() -> None:
@@ -35,8 +30,7 @@ def main() -> None:
         got = set(getattr(links, name))
         assert got == keys, f"rank {ctx.rank} {name}: has {sorted(got)}, expected {sorted(keys)}"
 
-    control = [*links.to_prefill.values(), *links.from_prefill.values(),
-               *links.to_decode.values(), *links.from_decode.values(),
+    control = [*links.to_worker.values(), *links.from_worker.values(),
                *(pair.header for pair in links.kv.values())]
     for link in control:
         assert link.backend == "gloo" and link.device.type == "cpu", link
