@@ -128,6 +128,7 @@ def test_router_holds_a_pd_requests_outputs_until_its_prompt_logprobs_come() -> 
 
     router = Router.__new__(Router)  # the routing state alone: no threads, no links
     router.colocated, router.decode, router.requests, router.kv = False, {2: RankState(2, "decode")}, {}, BackendStats()
+    router._prefill_tokens = {}
     got: list = []
     router._deliver = lambda req, out: got.append(out)  # type: ignore[method-assign]
     prompt = (Logprob(7, -1.5), Logprob(8, -0.25))

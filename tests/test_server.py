@@ -384,10 +384,13 @@ def test_fifty_clients_disconnecting_mid_stream_free_every_block(url: str) -> No
     while time.monotonic() < t_end:
         free = metric_values(url, "pd_local_kv_blocks_free")
         total = metric_values(url, "pd_local_kv_blocks_total")
-        if free == total and metric_values(url, "pd_local_requests_in_flight")[""] == 0:
+        queued = metric_values(url, "pd_local_prefill_queued_tokens")  # colocated too: its own prompts
+        if free == total and metric_values(url, "pd_local_requests_in_flight")[""] == 0 \
+                and set(queued.values()) == {0.0}:
             break
         time.sleep(0.2)
     assert free == total, (free, total)
+    assert set(queued.values()) == {0.0}, queued
     assert metric_values(url, "pd_local_client_disconnects_total")[""] - before == 50
     assert httpx.get(f"{url}/health").status_code == 200
 

@@ -31,7 +31,7 @@ RANK_GAUGES = (
     ("pd_local_kv_blocks_cached", "Free KV blocks whose content the prefix cache keeps "
      "(counted in pd_local_kv_blocks_free; a prefill rank: its own prefill cache).",
      "load.cached_blocks"),
-    ("pd_local_prefill_queued_tokens", "Prompt tokens routed to a prefill rank and not yet "
+    ("pd_local_prefill_queued_tokens", "Prompt tokens routed to a rank to prefill and not yet "
      "prefilled or aborted (the router's view, what its prefill routing compares).",
      "queued_tokens"),
     ("pd_local_rank_threads", "CPU threads a rank computes with (engine.threads).", "threads"),

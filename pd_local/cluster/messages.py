@@ -76,13 +76,15 @@ class TransferMode(enum.IntEnum):
 
 @dataclass(frozen=True)
 class Reserve:
-    """Router -> decode (or colocated) rank: hold KV blocks for this prompt (colocated: run it)."""
+    """Router -> the rank that decodes it: hold KV blocks for this prompt until another rank's
+    KV lands (local: prefill it here, then decode)."""
 
     KIND: ClassVar[Kind] = Kind.RESERVE
     req_id: int
     prompt_ids: tuple[int, ...]
     sampling: SamplingParams  # validated again as it is read
     followers: tuple[int, ...] = ()  # n > 1: the other choices' ids, forked off this one
+    local: bool = False
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Rank 0's router (a `Backend`; served by frontend.py). One thread owns all routing state and
 alone sends to workers; commands and worker messages reach it through one Inbox. A request:
-Reserve -> Reserved -> Prefill -> PrefillDone while Tokens stream (colocated: Reserve, Tokens).
+Reserve -> Reserved -> Prefill -> PrefillDone while Tokens stream (prefilled where it decodes:
+Reserve(local) -> PrefillDone -> Tokens).
 A link failure or a Fatal fails every request and the server."""
 
 from __future__ import annotations
@@ -180,10 +181,11 @@ class Router:
             return
         self.requests.pop(req.req_id, None)
         self.decode[req.decode].unfinished -= 1
+        if error is not None or reason not in DONE:  # its prompt will never be reported done
+            self._prefill_work_done(req.req_id)
         req.timeline.mark("finished")
-        prefill = req.decode if self.colocated else req.prefill  # None: not routed to one yet
         out = RequestOutput(req.req_id, [], True, reason, error, req.timeline.durations_ms(),
-                            req.cached_tokens, prefill, req.decode)
+                            req.cached_tokens, req.prefill, req.decode)
         out = out if last is None else with_token(out, last)
         if error is not None or reason not in DONE:
             self._deliver(req, out)  # aborted or failed: what was held no longer matters
@@ -196,14 +198,18 @@ class Router:
             req = reqs[0]
             if self.policy == "prefix":
                 req.hashes = block_hashes(list(req.prompt_ids), self.block_size)
-            req.decode = self._pick_decode(req)
+            req.decode = d = self._pick_decode(req)
+            local = self.colocated  # prefilled where it decodes
             for r in reqs:
-                r.decode, r.leader = req.decode, (req if r is not req else None)
-                self.decode[req.decode].unfinished += 1
+                r.decode, r.leader, r.local = d, (req if r is not req else None), local
+                r.prefill = d if local else None
+                self.decode[d].unfinished += 1
                 self.requests[r.req_id] = r
             req.followers = [r.req_id for r in reqs[1:]]
-            self.to_worker[req.decode].send(Reserve(req.req_id, req.prompt_ids, req.sampling,
-                                                    tuple(req.followers)))
+            if local:
+                self._prefill_work(req, d, len(req.prompt_ids))
+            self.to_worker[d].send(Reserve(req.req_id, req.prompt_ids, req.sampling,
+                                           tuple(req.followers), local))
         elif kind == "abort":
             req = self.requests.get(arg)  # type: ignore[arg-type]
             if req is not None:  # None: finished already (or never known), nothing holds it
@@ -217,12 +223,16 @@ class Router:
     def _abort(self, req: RequestState, reason: FinishReason, error: str | None = None) -> None:
         """Abort on every rank holding the request (each frees its part once), then finish it."""
         self.to_worker[req.decode].send(Abort(req.req_id))
-        if req.prefill is not None and not req.prefill_done:
+        if req.prefill is not None and not req.prefill_done and not req.local:
             self.to_worker[req.prefill].send(Abort(req.req_id))
-            # A prompt dropped from the prefill rank's queue never gets a PrefillDone: its
-            # tokens leave the rank's queued work now, or routing counts them for ever.
-            self._prefill_work_done(req.req_id)
+        # _finish takes its prompt off the prefill rank's queued work: a prompt dropped from a
+        # rank's queue never gets a PrefillDone, and routing would count it for ever.
         self._finish(req, reason, error=error)
+
+    def _prefill_work(self, req: RequestState, p: int, n: int) -> None:
+        """Count the prompt on rank p's queued prefill work: n tokens at most."""
+        self.ranks[p].queued_tokens += n
+        self._prefill_tokens[req.req_id] = (p, n, len(req.prompt_ids))
 
     def _prefill_work_done(self, req_id: int) -> int | None:
         """Take a prompt off its prefill rank's queued work once (PrefillDone or an abort,
@@ -231,8 +241,7 @@ class Router:
         if entry is None:
             return None
         p, n, prompt_len = entry
-        self.prefill[p].queued_tokens -= n
-        self.prefill[p].unfinished -= 1
+        self.ranks[p].queued_tokens -= n
         return prompt_len
 
     def _message(self, peer: int, msg: object) -> None:
@@ -268,17 +277,14 @@ class Router:
             r.timeline.mark("reserved", msg.t)
         p = self._pick_prefill(req)
         req.prefill = p
-        n = len(req.prompt_ids) - msg.held_tokens  # at most this much to compute and send
-        self.prefill[p].queued_tokens += n
-        self.prefill[p].unfinished += 1
-        self._prefill_tokens[req.req_id] = (p, n, len(req.prompt_ids))
+        self._prefill_work(req, p, len(req.prompt_ids) - msg.held_tokens)  # to compute and send
         self.to_worker[p].send(Prefill(req.req_id, req.prompt_ids, req.decode,
                                         msg.held_tokens, req.sampling.prompt_logprobs))
 
     def _prefill_done(self, peer: int, msg: PrefillDone) -> None:
         prompt_len = self._prefill_work_done(msg.req_id)  # None: aborted before this
         if prompt_len is not None:  # its request may have finished already
-            self.prefill[peer].prefilled_tokens += prompt_len - msg.cached_tokens
+            self.ranks[peer].prefilled_tokens += prompt_len - msg.cached_tokens
         req = self.requests.get(msg.req_id)
         for r in self._group(req) if req is not None else ():
             r.prefill, r.prefill_done, r.cached_tokens = peer, True, msg.cached_tokens
@@ -313,9 +319,7 @@ class Router:
             if req.first_token:
                 req.first_token = False
                 req.timeline.mark("first_token", msg.t)
-                if self.colocated and req.leader is None:  # its prompt was computed here
-                    rank.prefilled_tokens += len(req.prompt_ids) - e.cached_tokens
-                if self.colocated and req.sampling.prompt_logprobs is not None:
+                if req.local and req.sampling.prompt_logprobs is not None:
                     req.prompt_lps = e.prompt_logprobs  # computed with the first token
             if e.cached_tokens:  # the first token's prefix hit (PD: the prefill rank's, as in PrefillDone)
                 req.cached_tokens = e.cached_tokens

@@ -23,6 +23,7 @@ class RequestState:
     decode: int
     timeline: Timeline = field(default_factory=Timeline)
     prefill: int | None = None
+    local: bool = False  # prefilled on its decode rank (no KV crosses a link)
     prefill_done: bool = False
     first_token: bool = True
     hashes: list[bytes] = field(default_factory=list)  # full-block hashes ("prefix" routing)

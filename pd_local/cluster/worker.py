@@ -123,12 +123,12 @@ class Worker:
                                         f"rank {self.ctx.rank} (links: {sorted(self.kv_out)})")
                 e.add_prompt(msg.req_id, list(msg.prompt_ids), msg.decode_rank, msg.skip_tokens,
                              msg.prompt_logprobs)
-            case Reserve() if self.role is Role.COLOCATED:
+            case Reserve() if msg.local and self.role is not Role.PREFILL:
                 try:
                     e.add_request(msg.req_id, list(msg.prompt_ids), msg.sampling, msg.followers)
                 except ValueError as err:
                     self._reject(msg.req_id, err)
-            case Reserve() if self.role is Role.DECODE:
+            case Reserve() if self.role is not Role.PREFILL:
                 self.admission.append(msg)
             case Abort():
                 self._abort(msg.req_id)
@@ -212,13 +212,12 @@ class Worker:
         if not planned and self.role is Role.PREFILL:
             raise RuntimeError(f"prefill rank {self.ctx.rank}: prompts pending, none planned")
         t_computed = time.monotonic()
-        if self.role is Role.COLOCATED:  # its own prompts: their prefill phase, for the timings
-            for r in e.prefill_started:
-                self.started.setdefault(r, t0)
-            for ev in events:
-                t_start = self.started.pop(ev.req_id, None)
-                if t_start is not None and ev.first:  # a recompute after preemption is no new prefill
-                    self.to_router.send(PrefillDone(ev.req_id, t_start, t_computed, ev.cached_tokens))
+        for r in e.prefill_started:  # its own prompts' prefill phase, for the timings
+            self.started.setdefault(r, t0)
+        for ev in events:
+            t_start = self.started.pop(ev.req_id, None)
+            if t_start is not None and ev.first:  # a recompute after preemption is no new prefill
+                self.to_router.send(PrefillDone(ev.req_id, t_start, t_computed, ev.cached_tokens))
         self.entries += [token_entry(ev) for ev in events]
         for p in e.prompts_done:  # before the hidden states
             if p.prompt_logprobs is not None:
