@@ -63,25 +63,24 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 
 @dataclass(frozen=True)
 class TopologyConfig:
-    """Either `prefill` + `decode` (disaggregated) or `colocated` (N replicas), never both."""
+    """One of: `prefill` + `decode` (disaggregated), `colocated` (N replicas) or `elastic` (N
+    workers, each prefilling and decoding for itself or the others, placed per request)."""
 
     prefill: int = 0
     decode: int = 0
     colocated: int = 0
+    elastic: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("prefill", "decode", "colocated"):
+        for name in ("prefill", "decode", "colocated", "elastic"):
             _int(f"topology.{name}", getattr(self, name), minimum=0)
-        if self.colocated and (self.prefill or self.decode):
-            raise ConfigError(
-                "topology: set either prefill + decode or colocated, not both "
-                f"(got prefill={self.prefill}, decode={self.decode}, colocated={self.colocated})"
-            )
-        if not self.colocated and (self.prefill < 1 or self.decode < 1):
-            raise ConfigError(
-                "topology needs prefill >= 1 and decode >= 1, or colocated >= 1 "
-                f"(got prefill={self.prefill}, decode={self.decode}, colocated={self.colocated})"
-            )
+        got = (f"(got prefill={self.prefill}, decode={self.decode}, colocated={self.colocated}, "
+               f"elastic={self.elastic})")
+        if bool(self.prefill or self.decode) + bool(self.colocated) + bool(self.elastic) > 1:
+            raise ConfigError(f"topology: set one of prefill + decode, colocated or elastic {got}")
+        if not (self.colocated or self.elastic) and (self.prefill < 1 or self.decode < 1):
+            raise ConfigError(f"topology needs prefill >= 1 and decode >= 1, colocated >= 1 or "
+                              f"elastic >= 1 {got}")
 
     @property
     def is_colocated(self) -> bool:
@@ -89,7 +88,7 @@ class TopologyConfig:
 
     @property
     def num_workers(self) -> int:
-        return self.colocated if self.colocated else self.prefill + self.decode
+        return self.colocated or self.elastic or self.prefill + self.decode
 
     @property
     def world_size(self) -> int:
@@ -98,7 +97,16 @@ class TopologyConfig:
 
     @property
     def label(self) -> str:
-        return f"colocated-{self.colocated}" if self.colocated else f"{self.prefill}P{self.decode}D"
+        if self.colocated:
+            return f"colocated-{self.colocated}"
+        return f"elastic-{self.elastic}" if self.elastic else f"{self.prefill}P{self.decode}D"
+
+    @property
+    def workers(self) -> str:
+        """The worker ranks in words, for error messages."""
+        if self.colocated or self.elastic:
+            return f"{self.num_workers} {'colocated' if self.colocated else 'elastic'}"
+        return f"{self.prefill} prefill + {self.decode} decode"
 
 
 @dataclass(frozen=True)
@@ -340,11 +348,9 @@ def check_world(cfg: ServeConfig, world_size: int, cuda_device_count: int) -> No
     init_process_group, and `pd-local serve` before torchrun)."""
     topo = cfg.topology
     if world_size != topo.world_size:
-        workers = (f"{topo.colocated} colocated" if topo.is_colocated
-                   else f"{topo.prefill} prefill + {topo.decode} decode")
         raise ConfigError(
             f"topology {topo.label} needs {topo.world_size} ranks (1 front-end + "
-            f"{topo.num_workers} workers: {workers}), torchrun started {world_size}"
+            f"{topo.num_workers} workers: {topo.workers}), torchrun started {world_size}"
         )
     if cfg.device == "cuda":
         if cuda_device_count < 1:

@@ -37,6 +37,8 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill", type=int, default=None, help="prefill ranks (with --decode)")
     parser.add_argument("--decode", type=int, default=None, help="decode ranks (with --prefill)")
     parser.add_argument("--colocated", type=int, default=None, help="N colocated replicas")
+    parser.add_argument("--elastic", type=int, default=None,
+                        help="N workers that each prefill and decode, placed per request")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per worker rank (engine.threads; 0: auto, each its "
                              "share of the usable cores)")
@@ -56,14 +58,16 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         "server.api_key": args.api_key or os.environ.get(API_KEY_ENV) or None,
     }
     overrides.update(_parse_set(item) for item in args.set)
-    if args.colocated is not None or args.prefill is not None or args.decode is not None:
-        if args.colocated is not None and (args.prefill is not None or args.decode is not None):
-            raise ConfigError("give either --prefill P --decode D or --colocated N, not both")
-        if args.colocated is None and (args.prefill is None or args.decode is None):
-            raise ConfigError("--prefill and --decode go together (or use --colocated N)")
+    pd = args.prefill is not None or args.decode is not None
+    if pd or args.colocated is not None or args.elastic is not None:
+        if pd + (args.colocated is not None) + (args.elastic is not None) > 1:
+            raise ConfigError("give one of --prefill P --decode D, --colocated N or --elastic N")
+        if pd and (args.prefill is None or args.decode is None):
+            raise ConfigError("--prefill and --decode go together (or use --colocated N or --elastic N)")
         # Flags replace the file's whole topology table: mixing would make 1P1D + colocated.
         overrides["topology"] = (
             {"colocated": args.colocated} if args.colocated is not None
+            else {"elastic": args.elastic} if args.elastic is not None
             else {"prefill": args.prefill, "decode": args.decode}
         )
     return load_config(args.config, overrides)
@@ -77,7 +81,7 @@ def to_argv(cfg_path: str | Path | None, args: argparse.Namespace) -> list[str]:
     if cfg_path is not None:
         argv += ["--config", str(cfg_path)]
     for flag in ("model", "dtype", "device", "transfer", "routing",
-                 "prefill", "decode", "colocated", "threads", "host", "port"):
+                 "prefill", "decode", "colocated", "elastic", "threads", "host", "port"):
         value = getattr(args, flag)
         if value is not None:
             argv += [f"--{flag}", str(value)]

@@ -26,6 +26,7 @@ ROLE_MODULES: dict[str, str] = {
     "prefill": "pd_local.cluster.worker",
     "decode": "pd_local.cluster.worker",
     "colocated": "pd_local.cluster.worker",
+    "elastic": "pd_local.cluster.worker",
 }
 
 

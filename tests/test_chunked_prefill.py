@@ -179,6 +179,50 @@ def test_decode_rank_lands_kv_chunk_by_chunk_from_a_prefill_engine(monkeypatch) 
 
 # -- accounting ----------------------------------------------------------------------------
 
+@pytest.mark.parametrize("native", [False, True], ids=["torch", "native-decode"])
+def test_prompts_for_another_rank_share_a_step_with_local_sequences(native: bool) -> None:
+    """An elastic rank prefills for another rank while it decodes its own: every sequence's
+    seeded tokens are those of one engine running all of them (the decode rows stay on their
+    kernel; it once sent every row through torch's ops then, and sampled other tokens), and the
+    layer hook gets exactly the prompt rows the destination lands."""
+    model = tiny_model(dtype=torch.bfloat16)
+    prompts = random_prompts([9, 70, 33, 130, 17], seed=21)
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=7, max_tokens=8, ignore_eos=True)
+    ref = engine(model, 16, native_linear=native)
+    want = {i: ids for i, (ids, _) in enumerate(ref.generate(prompts, [params] * len(prompts)))}
+    mixed, dec = engine(model, 16, native_linear=native), engine(model, 16, native_linear=native)
+    got: dict[int, list[int]] = {}
+    for i in range(3):
+        mixed.add_request(i, prompts[i], params)
+
+    def on_plan(chunks: list[PrefillChunk]) -> LayerKVHook:
+        def land(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+            assert k.shape[0] == sum(c.end - c.start for c in chunks)  # prompt rows only
+            for c in chunks:
+                a, b = c.send_rows
+                if c.seq.send_to is not None and b > a:
+                    dec.write_prompt_kv(c.seq.req_id, layer, k[a:b].clone(), v[a:b].clone(), start=c.send_from)
+        return land
+
+    steps = 0
+    while mixed.has_work() or dec.has_unfinished():
+        if steps == 2:  # the local ones decode by now
+            for i in (3, 4):
+                mixed.add_prompt(i, prompts[i], send_to=1)
+                assert dec.reserve(i, prompts[i], params)
+        events = []
+        if mixed.has_work():
+            events = mixed.step(on_plan)
+            for p in mixed.prompts_done:
+                events += dec.add_prefilled(p.req_id, p.hidden)
+        events += dec.step() if dec.has_work() else []
+        for ev in events:
+            got.setdefault(ev.req_id, []).append(ev.token_id)
+        steps += 1
+    assert got == want
+    assert mixed.num_free_blocks == mixed.num_total_blocks and dec.num_free_blocks == dec.num_total_blocks
+
+
 def test_a_prefill_engine_refuses_what_it_cannot_send_and_frees_an_aborted_prompt() -> None:
     ours = tiny_model("llama")
     pre = engine(ours, 7, num_blocks=10)  # 40 tokens

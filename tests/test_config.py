@@ -25,6 +25,7 @@ def parse(*argv: str) -> ServeConfig:
 @pytest.mark.parametrize("name, label, world, device", [
     ("cpu-1p1d", "1P1D", 3, "cpu"),
     ("cpu-colocated-2", "colocated-2", 3, "cpu"),
+    ("cpu-elastic-2", "elastic-2", 3, "cpu"),
     ("cpu-1p2d", "1P2D", 4, "cpu"),
     ("gpu-1p1d", "1P1D", 3, "cuda"),
     ("gpu-2p2d", "2P2D", 5, "cuda"),
@@ -77,10 +78,14 @@ def test_api_key_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_colocated_flag_replaces_file_topology() -> None:
     cfg = parse("--config", str(CONFIGS / "cpu-1p2d.toml"), "--colocated", "3")
     assert (cfg.topology.prefill, cfg.topology.decode, cfg.topology.colocated) == (0, 0, 3)
+    cfg = parse("--config", str(CONFIGS / "cpu-1p2d.toml"), "--elastic", "2")
+    assert (cfg.topology.prefill, cfg.topology.decode, cfg.topology.elastic) == (0, 0, 2)
+    assert cfg.topology.label == "elastic-2" and cfg.topology.world_size == 3
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["--colocated", "2", "--prefill", "1"], "either --prefill P --decode D or --colocated N"),
+    (["--colocated", "2", "--prefill", "1"], "one of --prefill P --decode D, --colocated N or --elastic N"),
+    (["--colocated", "2", "--elastic", "2"], "one of --prefill P --decode D, --colocated N or --elastic N"),
     (["--prefill", "1"], "--prefill and --decode go together"),
     (["--set", "engine.max_num_seqs"], "--set expects KEY=VALUE"),
     (["--set", "engine.max_num_seq=3"], "unknown key 'engine.max_num_seq'"),
@@ -105,7 +110,9 @@ def write(tmp_path: Path, text: str) -> Path:
     ("device = 'tpu'", "device must be one of cpu, cuda; got 'tpu'"),
     ("transfer = 'chunked'", "transfer must be one of layerwise, whole; got 'chunked'"),
     ("routing = 'random'", "routing must be one of load, round_robin, prefix; got 'random'"),
-    ("[topology]\nprefill = 1\ndecode = 1\ncolocated = 2", "not both .*colocated=2"),
+    ("[topology]\nprefill = 1\ndecode = 1\ncolocated = 2", "set one of .*colocated=2"),
+    ("[topology]\nelastic = 2\ncolocated = 2", "set one of .*colocated=2, elastic=2"),
+    ("[topology]\nelastic = -1", "topology.elastic must be >= 0, got -1"),
     ("[topology]\nprefill = 1", r"prefill >= 1 and decode >= 1.*decode=0"),
     ("[topology]\nprefill = -1\ndecode = 1", "topology.prefill must be >= 0, got -1"),
     ("[engine]\nblock_size = 12", "engine.block_size must be a power of two, got 12"),
@@ -163,6 +170,8 @@ def test_world_rank_count() -> None:
         check_world(cfg, 3, 0)
     with pytest.raises(ConfigError, match=r"colocated-2 needs 3 ranks .* started 5"):
         check_world(load_config(CONFIGS / "cpu-colocated-2.toml"), 5, 0)
+    with pytest.raises(ConfigError, match=r"elastic-2 needs 3 ranks \(1 front-end \+ 2 workers: 2 elastic\)"):
+        check_world(load_config(CONFIGS / "cpu-elastic-2.toml"), 4, 0)
 
 
 def test_world_cuda_devices() -> None:

@@ -54,6 +54,7 @@ def ok(run: Run, expect_lines: int, pattern: str) -> None:
     (["--prefill", "1", "--decode", "2"], 4),
     (["--prefill", "2", "--decode", "2"], 5),
     (["--colocated", "2"], 3),
+    (["--elastic", "3"], 4),  # a KV pair each way between every two workers
 ])
 def test_every_link(flags: list[str], world: int) -> None:
     run = torchrun("check_links.py", world, flags, timeout=120)

@@ -89,8 +89,8 @@ def check_cluster_accounts_for(url: str, responses: list[dict]) -> None:
     colocated = all(r["role"] == "colocated" for r in ranks.values())
     for body in responses:
         ext = body["pd_local"]
-        assert ranks[ext["decode_rank"]]["role"] in ("decode", "colocated"), ext
-        want = ("colocated",) if colocated else ("prefill",)
+        assert ranks[ext["decode_rank"]]["role"] in ("decode", "colocated", "elastic"), ext
+        want = ("colocated", "elastic") if colocated else ("prefill", "elastic")
         assert ranks[ext["prefill_rank"]]["role"] in want, ext
         if colocated:
             assert ext["prefill_rank"] == ext["decode_rank"]
@@ -143,7 +143,8 @@ def wait_blocks_free(url: str, timeout: float = 20) -> dict[str, float]:
     ["--prefill", "1", "--decode", "1"],
     ["--prefill", "1", "--decode", "2", "--transfer", "whole", "--routing", "round_robin"],
     ["--prefill", "2", "--decode", "1"],
-], ids=["colocated-1", "colocated-2", "1P1D-layerwise", "1P2D-whole-rr", "2P1D"])
+    ["--elastic", "2", "--routing", "round_robin"],
+], ids=["colocated-1", "colocated-2", "1P1D-layerwise", "1P2D-whole-rr", "2P1D", "elastic-2-rr"])
 def test_serve_matches_engine_frees_blocks_and_stops_cleanly(tiny_dir: Path,
                                                              flags: list[str]) -> None:
     want = reference_texts(tiny_dir)
@@ -152,9 +153,13 @@ def test_serve_matches_engine_frees_blocks_and_stops_cleanly(tiny_dir: Path,
         assert [r["choices"][0]["text"] for r in responses] == want
         check_cluster_accounts_for(s.url, responses)
         check_threads(s.url, int(flags[flags.index("--threads") + 1]) if "--threads" in flags else 0)
-        if "--colocated" not in flags:
+        if "--colocated" not in flags:  # elastic: the requests prefilled on another rank
             transfers = metric_values(s.url, "pd_local_kv_transfers_total")
-            assert list(transfers.values()) == [len(PROMPTS)]
+            moved = [r for r in responses if r["pd_local"]["prefill_rank"] != r["pd_local"]["decode_rank"]]
+            assert list(transfers.values()) == [len(moved)] and moved
+            if "--elastic" in flags:  # round robin: both ways, and some prefilled where they decode
+                pairs = {(r["pd_local"]["prefill_rank"], r["pd_local"]["decode_rank"]) for r in responses}
+                assert {(1, 2), (2, 1), (1, 1), (2, 2)} <= pairs, pairs
         asyncio.run(disconnect_mid_stream(s.url))
         blocks = wait_blocks_free(s.url)
         assert blocks and all(free == total for free, total in blocks.values()), blocks
@@ -417,8 +422,9 @@ async def abort_at_random_points(url: str, n: int, seed: int) -> list[int]:
         return await asyncio.gather(*[one(c, p, rng.uniform(0.0, 1.5)) for p in prompts])
 
 
-@pytest.mark.parametrize("flags", [["--prefill", "1", "--decode", "1"], ["--prefill", "2", "--decode", "2"]],
-                         ids=["1P1D", "2P2D"])
+@pytest.mark.parametrize("flags", [["--prefill", "1", "--decode", "1"], ["--prefill", "2", "--decode", "2"],
+                                   ["--elastic", "2", "--routing", "round_robin"]],
+                         ids=["1P1D", "2P2D", "elastic-2-rr"])
 def test_aborts_in_every_phase_return_every_block(tiny_dir: Path, flags: list[str]) -> None:
     """max_num_seqs=3 makes requests queue for a reservation (back-pressure), long prompts make
     prefill and transfer take time, and clients leave at random points of all of it."""

@@ -27,42 +27,48 @@ class Role(enum.Enum):
     PREFILL = "prefill"
     DECODE = "decode"
     COLOCATED = "colocated"
+    ELASTIC = "elastic"
 
 
 @dataclass(frozen=True)
 class Topology:
-    """Which global rank plays which role. Colocated replicas are listed in `decode_ranks`."""
+    """Which global rank plays which role: `prefill_ranks` prefill for others, `decode_ranks`
+    decode (colocated replicas are listed there; elastic workers in both)."""
 
     prefill_ranks: tuple[int, ...]
     decode_ranks: tuple[int, ...]
     colocated: bool
+    elastic: bool = False
 
     @classmethod
     def from_config(cls, topo: TopologyConfig) -> Topology:
         if topo.is_colocated:
             return cls((), tuple(range(1, 1 + topo.colocated)), True)
+        if topo.elastic:
+            workers = tuple(range(1, 1 + topo.elastic))
+            return cls(workers, workers, False, True)
         prefill = tuple(range(1, 1 + topo.prefill))
         decode = tuple(range(1 + topo.prefill, 1 + topo.prefill + topo.decode))
         return cls(prefill, decode, False)
 
     @property
     def world_size(self) -> int:
-        return 1 + len(self.prefill_ranks) + len(self.decode_ranks)
+        return 1 + len(self.worker_ranks)
 
     @property
     def worker_ranks(self) -> tuple[int, ...]:
-        return self.prefill_ranks + self.decode_ranks
+        return tuple(sorted({*self.prefill_ranks, *self.decode_ranks}))
 
     @property
     def kv_pairs(self) -> tuple[tuple[int, int], ...]:
-        """Every (prefill rank, decode rank) pair, in the one order all ranks use."""
-        return tuple((p, d) for p in self.prefill_ranks for d in self.decode_ranks)
+        """Every (prefill rank, decode rank) pair of two ranks, in the one order all ranks use."""
+        return tuple((p, d) for p in self.prefill_ranks for d in self.decode_ranks if p != d)
 
     def role(self, rank: int) -> Role:
         if rank == 0:
             return Role.FRONTEND
         if rank in self.prefill_ranks:
-            return Role.PREFILL
+            return Role.ELASTIC if self.elastic else Role.PREFILL
         if rank in self.decode_ranks:
             return Role.COLOCATED if self.colocated else Role.DECODE
         raise ValueError(f"rank {rank} is outside topology of {self.world_size} ranks")

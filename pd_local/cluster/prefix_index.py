@@ -1,7 +1,5 @@
-"""The router's guess of which full prompt blocks each worker holds, and the `prefix` routing rule
-on it. Per rank, an LRU of the block hashes of the prompts sent there, bounded by its block count;
-a wrong guess costs only a miss. A prompt's blocks are touched tail first, so the tail is evicted
-before the head (a hash chain is useless without its head). No torch."""
+"""The router's guess of which full prompt blocks each worker holds (an LRU per rank, tail
+evicted first; docs/architecture.md, Routing), and the `prefix` routing rule on it. No torch."""
 
 from __future__ import annotations
 
@@ -11,10 +9,7 @@ from dataclasses import dataclass
 
 
 class PrefixIndex:
-    """An LRU set of block hashes for one rank, at most `capacity` entries.
-
-    `capacity` is the rank's KV block count (it cannot cache more blocks than it has); 0 keeps
-    nothing (a rank that has not said how many blocks it has yet)."""
+    """An LRU set of block hashes for one rank, at most `capacity` (its block count; 0: nothing)."""
 
     def __init__(self, capacity: int = 0) -> None:
         if capacity < 0:
@@ -61,9 +56,7 @@ class PrefixIndex:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One rank as the `prefix` rule sees it: `load` is the policy's load measure (decode:
-    unfinished requests; prefill: queued prompt tokens), `tie` orders equal loads (lower first),
-    `matched` the leading prompt blocks its index holds."""
+    """One rank for the `prefix` rule: its load, `tie` (lower first), blocks `matched`."""
 
     rank: int
     load: int

@@ -60,6 +60,7 @@ class Router:
         self.prefill = {p: self.ranks[p] for p in topo.prefill_ranks}  # can prefill for others
         self._rr_decode = itertools.cycle(sorted(self.decode))
         self._rr_prefill = itertools.cycle(sorted(self.prefill))
+        self._rr_local = {d: itertools.cycle((True, False)) for d in self.decode}
         self.requests: dict[int, RequestState] = {}
         # req_id -> (prefill rank, tokens to compute at most, prompt tokens)
         self._prefill_tokens: dict[int, tuple[int, int, int]] = {}
@@ -199,7 +200,7 @@ class Router:
             if self.policy == "prefix":
                 req.hashes = block_hashes(list(req.prompt_ids), self.block_size)
             req.decode = d = self._pick_decode(req)
-            local = self.colocated  # prefilled where it decodes
+            local = self._prefills_locally(d)
             for r in reqs:
                 r.decode, r.leader, r.local = d, (req if r is not req else None), local
                 r.prefill = d if local else None
@@ -346,17 +347,30 @@ class Router:
             matched = 0
         return self._routed(self.decode[rank], req, matched)
 
-    def _pick_prefill(self, req: RequestState) -> int:
+    def _prefills_locally(self, d: int) -> bool:
+        """Whether decode rank d also prefills the request: a colocated rank always, a decode
+        rank never; an elastic one unless another rank has less prefill work queued."""
+        if d not in self.prefill:
+            return self.colocated
         if self.policy == "round_robin":
-            rank, matched = next(self._rr_prefill), 0
+            return next(self._rr_local[d])
+        return self.ranks[d].queued_tokens <= min(r.queued_tokens for r in self.prefill.values())
+
+    def _pick_prefill(self, req: RequestState) -> int:
+        """A rank to prefill for req's decode rank (never that rank itself)."""
+        ranks = [r for r in self.prefill.values() if r.rank != req.decode]
+        if self.policy == "round_robin":
+            rank = next(self._rr_prefill)
+            while rank == req.decode:
+                rank = next(self._rr_prefill)
+            matched = 0
         elif self.policy == "prefix":  # load: queued tokens + the prompt tokens the rank lacks
             n, bs = len(req.prompt_ids), self.block_size
             rank, matched = choose([Candidate(r.rank, r.queued_tokens + n - m * bs, m,
                                               (r.queued_tokens,))
-                                    for r in self.prefill.values()
-                                    for m in [r.index.match(req.hashes)]], 0)
+                                    for r in ranks for m in [r.index.match(req.hashes)]], 0)
         else:
-            rank = min(self.prefill.values(), key=lambda r: (r.queued_tokens, r.rank)).rank
+            rank = min(ranks, key=lambda r: (r.queued_tokens, r.rank)).rank
             matched = 0
         return self._routed(self.prefill[rank], req, matched)
 

@@ -301,7 +301,8 @@ class Engine:
         hidden = self.model(host_to_device(ids, dev), host_to_device(pos, dev), meta, self.kv_cache,
                             on_layer_kv)  # [T, hidden]
         self._prompt_logprobs(out, hidden)
-        self.prompts_done = [PromptDone(c.seq.req_id, c.seq.send_to, hidden[c.row + c.end - c.start - 1],  # type: ignore[arg-type]
+        nd = len(out.decode)
+        self.prompts_done = [PromptDone(c.seq.req_id, c.seq.send_to, hidden[nd + c.row + c.end - c.start - 1],  # type: ignore[arg-type]
                                         c.end, c.seq.num_cached,
                                         None if c.seq.params.prompt_logprobs is None else tuple(c.seq.prompt_logprobs))
                              for c in out.sent]

@@ -82,7 +82,7 @@ class PrefillChunk(Chunk):
     """Positions [start, end) of seq.all_ids, on top of the KV of [0, start) in its blocks."""
 
     seq: Sequence
-    row: int = 0  # its first row in the step's flattened batch (decode rows come first)
+    row: int = 0  # its first row among the step's prompt rows (after the decode rows)
 
     @property
     def send_from(self) -> int:
@@ -91,7 +91,7 @@ class PrefillChunk(Chunk):
 
     @property
     def send_rows(self) -> tuple[int, int]:
-        """Rows of the step whose K/V seq.send_to needs (empty when it holds them all)."""
+        """Prompt rows of the step whose K/V seq.send_to needs (empty when it holds them all)."""
         return self.row + min(self.send_from, self.end) - self.start, self.row + self.end - self.start
 
 
@@ -191,7 +191,7 @@ class Scheduler:
         decode = [s for s in self.running if s.status is SeqStatus.RUNNING]
         # a prefill rank's chunks by destination: each one's rows are contiguous
         chunks = sorted(self.queue.plan(admit=self._admit), key=lambda c: self.by_id[c.job.key].send_to or 0)
-        prefill, row = [], len(decode)
+        prefill, row = [], 0
         for c in chunks:
             prefill.append(PrefillChunk(c.job, c.start, c.end, self.by_id[c.job.key], row))
             row += c.num_tokens

@@ -18,15 +18,13 @@ NATIVE_BF16_CPU_FLAGS: tuple[str, ...] = ("avx512_bf16", "amx_bf16")
 
 
 def cpu_has_native_bf16(cpu_flags: str) -> bool:
-    """True when the whitespace-separated flags (a /proc/cpuinfo `flags` line) name bf16
-    instructions. Whole words only: `avx512_bf16` must not match inside another flag."""
+    """Whether a /proc/cpuinfo `flags` line names bf16 instructions (whole words only)."""
     words = set(cpu_flags.split())
     return any(f in words for f in NATIVE_BF16_CPU_FLAGS)
 
 
 def read_cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
-    """The first processor's flags from /proc/cpuinfo; "" where there is no such file (then
-    "auto" takes float32 on CPU, the safe choice)."""
+    """The first processor's flags from /proc/cpuinfo; "" without one (auto: float32)."""
     try:
         text = Path(cpuinfo).read_text()
     except OSError:
@@ -39,11 +37,8 @@ def read_cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
 
 
 def resolve_dtype_name(requested: str, device: str, cpu_flags: str) -> tuple[str, str]:
-    """(dtype name, why) for a requested dtype on a device ("cpu", "cuda", "cuda:N").
-
-    An explicit "bfloat16" / "float32" is returned as is; "auto" is decided as the module
-    docstring says. Raises ValueError naming the choices for anything else.
-    """
+    """(dtype name, why) for a requested dtype on a device ("cpu", "cuda", "cuda:N");
+    ValueError naming the choices for anything else."""
     if requested not in DTYPE_CHOICES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}; got {requested!r}")
     if requested != "auto":

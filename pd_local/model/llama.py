@@ -1,6 +1,7 @@
 """The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3) as a plain nn.Module with HF parameter
 names. It knows no ranks or requests: a flattened batch with an explicit `AttentionMetadata`, the
-KV cache an argument; `on_layer_kv` hands out each layer's K/V as soon as it exists."""
+KV cache an argument; `on_layer_kv` hands out each layer's K/V of the prompt rows (not the decode
+rows) as soon as it exists."""
 
 from __future__ import annotations
 
@@ -258,12 +259,13 @@ class LlamaForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)  # [T, hidden]
         cos, sin = self.rotary.cos_sin(positions, x.dtype)  # [T, 1, D]
         nd = meta.num_decode
-        if (nd and self.decode_layers is not None and kv_cache is not None and on_layer_kv is None
+        if (nd and self.decode_layers is not None and kv_cache is not None
                 and meta.slot_mapping is not None and meta.block_tables is not None):
             # decode rows through the native layer kernel, prompt rows (if any) through torch's ops
             xd = self.decode_layers(x[:nd], cos[:nd], sin[:nd], meta, kv_cache)  # [nd, hidden]
             if nd < x.shape[0]:
-                rest = self._layers(x[nd:], cos[nd:], sin[nd:], meta.without_decode_rows(), kv_cache, None)
+                rest = self._layers(x[nd:], cos[nd:], sin[nd:], meta.without_decode_rows(), kv_cache,
+                                    on_layer_kv)
                 xd = torch.cat([xd, rest])  # [T, hidden]
             return self.model.norm(xd)
         return self.model.norm(self._layers(x, cos, sin, meta, kv_cache, on_layer_kv))
@@ -278,7 +280,7 @@ class LlamaForCausalLM(nn.Module):
                 v_cache = kv_cache.v[i] if kv_cache is not None else None
                 x, k, v = layer(x, cos, sin, meta, k_cache, v_cache)
                 if on_layer_kv is not None:
-                    on_layer_kv(i, k, v)
+                    on_layer_kv(i, k[meta.num_decode:], v[meta.num_decode:])
         return x
 
     @torch.inference_mode()

@@ -20,6 +20,9 @@ def expected_keys(ctx) -> dict[str, set]:
         workers = set(topo.worker_ranks)
         return {"to_worker": workers, "from_worker": workers, "kv": set()}
     kv = {pair for pair in topo.kv_pairs if r in pair}
+    if ctx.role is Role.ELASTIC:
+        others = set(topo.worker_ranks) - {r}
+        assert kv == {(r, o) for o in others} | {(o, r) for o in others}, kv
     return {"to_worker": {r}, "from_worker": {r}, "kv": kv}
 
 
