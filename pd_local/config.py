@@ -210,6 +210,19 @@ class TimeoutConfig:
 
 
 @dataclass(frozen=True)
+class SloConfig:
+    """The service levels elastic placement aims for (docs/architecture.md, Elastic workers):
+    time to first token, and time per output token after it."""
+
+    ttft_ms: float = 2000.0
+    tpot_ms: float = 100.0
+
+    def __post_init__(self) -> None:
+        _positive_float("slo.ttft_ms", self.ttft_ms)
+        _positive_float("slo.tpot_ms", self.tpot_ms)
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     model: str = DEFAULT_MODEL
     dtype: str = "auto"
@@ -224,6 +237,7 @@ class ServeConfig:
     )
     server: ServerConfig = field(default_factory=ServerConfig)
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
+    slo: SloConfig = field(default_factory=SloConfig)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -255,6 +269,7 @@ _SECTIONS: dict[str, type] = {
     "engine": EngineConfig,
     "server": ServerConfig,
     "timeouts": TimeoutConfig,
+    "slo": SloConfig,
 }
 
 

@@ -223,6 +223,23 @@ def test_prompts_for_another_rank_share_a_step_with_local_sequences(native: bool
     assert mixed.num_free_blocks == mixed.num_total_blocks and dec.num_free_blocks == dec.num_total_blocks
 
 
+def test_the_prefill_budget_can_change_between_steps_and_each_step_is_measured() -> None:
+    """An elastic worker sets each step's prompt-token budget (its TPOT share); the engine fits
+    its own step cost from the steps it ran, reported in its load."""
+    eng = engine(tiny_model(), 64)
+    for i, p in enumerate(random_prompts([130, 70], seed=3)):
+        eng.add_request(i, p, GREEDY)
+    assert not eng.load().cost.known
+    sizes: list[int] = []
+    for budget in (64, 8, 8, 32):
+        eng.set_prefill_budget(budget)
+        eng.step(lambda chunks: sizes.append(sum(c.end - c.start for c in chunks)))
+    assert sizes == [64, 8, 8, 32]
+    assert eng.cost.steps == 4 and eng.load().cost.known and eng.load().cost.token_ms > 0
+    with pytest.raises(ValueError, match="prefill budget must be >= 1 token, got 0"):
+        eng.set_prefill_budget(0)
+
+
 def test_a_prefill_engine_refuses_what_it_cannot_send_and_frees_an_aborted_prompt() -> None:
     ours = tiny_model("llama")
     pre = engine(ours, 7, num_blocks=10)  # 40 tokens

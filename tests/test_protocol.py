@@ -19,6 +19,7 @@ from pd_local.cluster.messages import (MAGIC, MESSAGE_TYPES, Abort, DType, Fatal
                                        unpack)
 from pd_local.cluster.codec import float_to_word, word_to_float
 from pd_local.engine.events import Load
+from pd_local.engine.step_cost import StepCost
 from pd_local.engine.logprobs import Logprob
 from pd_local.engine.sampling import SamplingParams
 
@@ -51,10 +52,11 @@ logprobs = st.builds(Logprob, tok, any_float, st.lists(tok, max_size=5).map(tupl
 token_entries = st.builds(TokenEntry, ids, tok, st.booleans(), st.none() | st.sampled_from(FinishReason), small,
                           st.lists(logprobs, max_size=1).map(tuple),
                           st.lists(logprobs, max_size=30).map(tuple))
-loads = st.builds(Load, small, small, small, small, small, small, small)
+loads = st.builds(Load, small, small, small, small, small, small, small,
+                  st.builds(StepCost, any_float, any_float, any_float))
 records = st.builds(TransferRecord, ids, small, any_float, any_float)
 messages = st.one_of(
-    st.builds(Reserve, ids, token_lists, samplings(), st.lists(ids, max_size=4).map(tuple)),
+    st.builds(Reserve, ids, token_lists, samplings(), st.lists(ids, max_size=4).map(tuple), st.booleans()),
     st.builds(Prefill, ids, token_lists, small, small, st.none() | small),
     st.builds(PromptLogprobs, ids, st.lists(logprobs, max_size=40).map(tuple)),
     st.builds(Abort, ids),

@@ -18,9 +18,10 @@ from pd_local.cluster.channel import Heartbeater, Inbox, LinkDown, Receiver, Sen
 from pd_local.cluster.messages import (Abort, Fatal, Prefill, PrefillDone,
                                        PromptLogprobs, Ready, RejectReason, Rejected, Reserve,
                                        Reserved, Shutdown, Stats, TokenEntry, Tokens)
+from pd_local.cluster.placement import RankView, Slo, place
 from pd_local.cluster.prefix_index import Candidate, choose
 from pd_local.cluster.router_state import RankState, RequestState, with_token
-from pd_local.engine.kv_cache import block_hashes
+from pd_local.engine.kv_cache import block_hashes, blocks_for
 from pd_local.engine.events import Load
 from pd_local.engine.sampling import SamplingParams
 from pd_local.engine.scheduler import FinishReason
@@ -47,8 +48,9 @@ class Router:
     def __init__(self, ctx: DistContext) -> None:
         self.ctx = ctx
         links, topo = ctx.links, ctx.topology
-        self.colocated = topo.colocated
+        self.colocated, self.elastic = topo.colocated, topo.elastic
         self.policy = ctx.cfg.routing
+        self.slo = Slo(ctx.cfg.slo.ttft_ms, ctx.cfg.slo.tpot_ms)
         self.block_size = ctx.cfg.engine.block_size
         self.inbox = Inbox()
         self.to_worker = {w: Sender(link) for w, link in links.to_worker.items()}
@@ -199,16 +201,19 @@ class Router:
             req = reqs[0]
             if self.policy == "prefix":
                 req.hashes = block_hashes(list(req.prompt_ids), self.block_size)
-            req.decode = d = self._pick_decode(req)
-            local = self._prefills_locally(d)
+            if self.elastic and self.policy == "load":
+                d, p = self._place(req)
+            else:
+                d = self._pick_decode(req)
+                p = d if self._prefills_locally(d) else None  # None: picked once reserved
+            req.decode, local = d, p == d
             for r in reqs:
-                r.decode, r.leader, r.local = d, (req if r is not req else None), local
-                r.prefill = d if local else None
+                r.decode, r.leader, r.local, r.prefill = d, (req if r is not req else None), local, p
                 self.decode[d].unfinished += 1
                 self.requests[r.req_id] = r
             req.followers = [r.req_id for r in reqs[1:]]
-            if local:
-                self._prefill_work(req, d, len(req.prompt_ids))
+            if p is not None:
+                self._prefill_work(req, p, len(req.prompt_ids))
             self.to_worker[d].send(Reserve(req.req_id, req.prompt_ids, req.sampling,
                                            tuple(req.followers), local))
         elif kind == "abort":
@@ -231,7 +236,8 @@ class Router:
         self._finish(req, reason, error=error)
 
     def _prefill_work(self, req: RequestState, p: int, n: int) -> None:
-        """Count the prompt on rank p's queued prefill work: n tokens at most."""
+        """Count the prompt on rank p's queued prefill work: n tokens at most (again: the new n)."""
+        self._prefill_work_done(req.req_id)
         self.ranks[p].queued_tokens += n
         self._prefill_tokens[req.req_id] = (p, n, len(req.prompt_ids))
 
@@ -276,8 +282,9 @@ class Router:
             return  # aborted meanwhile; the decode rank got the Abort after the Reserve
         for r in self._group(req):
             r.timeline.mark("reserved", msg.t)
-        p = self._pick_prefill(req)
-        req.prefill = p
+        p = req.prefill if req.prefill is not None else self._pick_prefill(req)
+        for r in self._group(req):
+            r.prefill = p
         self._prefill_work(req, p, len(req.prompt_ids) - msg.held_tokens)  # to compute and send
         self.to_worker[p].send(Prefill(req.req_id, req.prompt_ids, req.decode,
                                         msg.held_tokens, req.sampling.prompt_logprobs))
@@ -346,6 +353,17 @@ class Router:
                        key=lambda r: (r.unfinished, -r.load.free_blocks, r.rank)).rank
             matched = 0
         return self._routed(self.decode[rank], req, matched)
+
+    def _place(self, req: RequestState) -> tuple[int, int]:
+        """Elastic workers: (decode, prefill) ranks from placement.place on what the router knows."""
+        views = [RankView(r.rank, True, True, True, r.queued_tokens, r.unfinished, r.load.free_blocks,
+                          r.load.cost) for r in self.ranks.values()]
+        e, n = self.ctx.cfg.engine, len(req.prompt_ids)
+        pl = place(n, blocks_for(n, self.block_size), views, self.slo, e.block_size, e.max_prefill_tokens)
+        log.debug("request %d -> decode %d, prefill %d: %s", req.req_id, pl.decode, pl.prefill, pl.reason)
+        for rank in {pl.decode, pl.prefill}:
+            self._routed(self.ranks[rank], req, 0)
+        return pl.decode, pl.prefill
 
     def _prefills_locally(self, d: int) -> bool:
         """Whether decode rank d also prefills the request: a colocated rank always, a decode

@@ -208,6 +208,10 @@ class Worker:
             return on_layer_kv
 
         e = self.engine
+        if self.role is Role.ELASTIC:  # its decode steps stay within the TPOT target
+            cfg = self.ctx.cfg
+            e.set_prefill_budget(e.cost.cost().prefill_budget(e.num_running, cfg.slo.tpot_ms, cfg.engine.block_size,
+                                                              cfg.engine.max_prefill_tokens))
         events = e.step(on_plan)
         if not planned and self.role is Role.PREFILL:
             raise RuntimeError(f"prefill rank {self.ctx.rank}: prompts pending, none planned")

@@ -6,6 +6,7 @@
 | `events.py` | what an engine reports: `TokenEvent`, `PromptDone`, `Load` (the one load record) | hold state |
 | `scheduler.py` | waiting/running queues, mixed steps (decode rows + prefill chunks within the prefill token budget), admission by free blocks, preemption by recompute | torch.distributed, tensors |
 | `prefill_queue.py` | `PrefillQueue`: which waiting prompts' chunks get a step's prefill budget (fcfs / srpf with aging) | tensors, blocks |
+| `step_cost.py` | `StepCost` (a step's ms: base + per decode row + per prompt token), `CostFit` (online fit of its own steps), the prefill budget under a TPOT target | torch |
 | `kv_cache.py` | `BlockAllocator` (pure Python), `blocks_for`, `slots_for` | torch |
 | `threads.py` | CPU threads and cores per rank: `plan_world` (pure), `apply`, `in_effect` | ranks, the network |
 | `sampling.py` | `SamplingParams`, per-request generators, `sample()` | host syncs on the hot path |

@@ -20,6 +20,7 @@ from pd_local.engine.sampling import SamplingParams, adjust_logits, sample
 from pd_local.engine.structured import GrammarTokenizer, mask_row
 from pd_local.engine.events import Load, PromptDone, TokenEvent
 from pd_local.engine.scheduler import FinishReason, PrefillChunk, Scheduler, SchedulerOutput, Sequence
+from pd_local.engine.step_cost import CostFit
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class Engine:
         self._leader: dict[int, Sequence] = {}  # a choice riding on another (n > 1) -> that one
         self.prefill_started: list[int] = []  # requests whose prefill began in the last step()
         self.prompts_done: list[PromptDone] = []  # prompts for other ranks the last step() ended
+        self.cost = CostFit()  # its own steps' time, for budgets and placement
         self.graphs = None
         if use_graphs:
             from pd_local.model.cuda_graphs import DecodeGraphRunner
@@ -139,7 +141,13 @@ class Engine:
 
     def load(self) -> Load:
         return Load(self.num_free_blocks, self.num_total_blocks, self.num_running, self.num_waiting, 0,
-                    self.num_cached_blocks, self.prefix_hit_tokens)
+                    self.num_cached_blocks, self.prefix_hit_tokens, self.cost.cost())
+
+    def set_prefill_budget(self, tokens: int) -> None:
+        """Prompt tokens per step from now on (engine.max_prefill_tokens until set)."""
+        if tokens < 1:
+            raise ValueError(f"prefill budget must be >= 1 token, got {tokens}")
+        self.scheduler.queue.budget = tokens
 
     def prefill_backlog(self) -> tuple[int, int]:
         """(prompts queued or part-prefilled, their prompt tokens still to compute)."""
@@ -259,11 +267,14 @@ class Engine:
         self.prompts_done = []
         if out.is_empty:
             return []
+        t0 = time.perf_counter()
         logits = self._run(out, on_plan(out.prefill) if on_plan is not None else None)
         self.scheduler.advance(out)
         for c in out.sent:  # its KV and hidden state are on their way: its blocks are free
             self.scheduler.finish(c.seq, FinishReason.SENT)
-        return self._append_tokens(out.sampled, logits) if out.sampled else []
+        events = self._append_tokens(out.sampled, logits) if out.sampled else []
+        self.cost.add(len(out.decode), sum(c.end - c.start for c in out.prefill), (time.perf_counter() - t0) * 1e3)
+        return events
 
     def _run(self, out: SchedulerOutput, on_layer_kv: LayerKVHook | None = None) -> torch.Tensor:
         """One fused forward over [decode rows, prefill chunk rows]; logits [len(out.sampled), V]."""

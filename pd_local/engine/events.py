@@ -8,6 +8,7 @@ import torch
 
 from pd_local.engine.logprobs import Logprob
 from pd_local.engine.scheduler import FinishReason
+from pd_local.engine.step_cost import StepCost
 
 
 @dataclass(frozen=True)
@@ -43,3 +44,4 @@ class Load:
     queued_tokens: int = 0  # a prefill rank: prompt tokens still to compute
     cached_blocks: int = 0  # free blocks whose KV the prefix cache keeps
     prefix_hit_tokens: int = 0  # prompt tokens whose KV came from the prefix cache, ever
+    cost: StepCost = StepCost()  # its steps' time, fitted (engine/step_cost.py)

@@ -71,17 +71,15 @@ def _rows_invariant() -> bool:
 
 
 def _weight_key(weight: torch.Tensor) -> tuple:
-    """What changes when a weight does (new storage, in-place update, dtype or shape); an opaque
-    oneDNN-packed weight is replaced, never updated, so its identity is its key."""
+    """Changes when the weight does; a packed (opaque, replaced never updated) one: its identity."""
     if weight.is_mkldnn:
         return ("mkldnn", id(weight), weight.dtype, tuple(weight.shape))
     return (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape), tuple(weight.stride()))
 
 
 class PackedWeight:
-    """oneDNN's blocked copy of one fp32 CPU weight, rebuilt whenever the weight changes (new
-    storage, in-place update, dtype or shape); the holder (a Linear, or the model for lm_head)
-    keeps one so the reorder runs once, not per call."""
+    """oneDNN's blocked copy of one fp32 CPU weight, rebuilt when the weight changes; its holder
+    keeps one so the reorder runs once."""
 
     def __init__(self) -> None:
         self._key: tuple | None = None
@@ -206,9 +204,8 @@ class Linear(nn.Module):
 
 
 def return_freed_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc's malloc_trim; a no-op elsewhere). Weights
-    freed after packing lie in the heap, below the packed copies, so without this the process
-    keeps their pages: measured, SmolLM2's 400 MB of plain weights stayed resident."""
+    """Hand freed heap pages back to the OS (glibc's malloc_trim): freed plain weights stayed
+    resident under the packed copies (400 MB for SmolLM2) without it."""
     import ctypes
 
     try:
