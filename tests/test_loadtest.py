@@ -604,6 +604,27 @@ def test_interference_workload_and_plots(fresh: ServerHandle, tmp_path: Path,
         assert "plot:" in out
 
 
+def test_shifting_workload_reports_each_phase(fresh: ServerHandle, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    result = tmp_path / "r.json"
+    code, out, err = run_bench(
+        ["--base-url", fresh.base_url + "/colocated", "--model", "m", "--workload", "shifting",
+         "--phases", "prefill,decode", "--phase-duration", "0.6", "--request-rate", "15",
+         "--input-len", "16", "--output-len", "12", "--long-input-len", "400",
+         "--long-output-len", "2", "--ignore-eos", "--slo", "ttft=2000", "--result-file",
+         str(result), "--quiet"], capsys)
+    assert code == 0, err
+    r = json.loads(result.read_text())
+    assert r["workload"] == "shifting" and r["phases"] == ["prefill", "decode"]
+    assert set(r["per_kind"]) == {"phase 1: prefill", "phase 2: decode"}
+    for kind, entry in r["per_kind"].items():
+        good = entry["slo_attainment"] * (entry["completed"] + entry["failed"])
+        assert entry["request_goodput"] == pytest.approx(good / 0.6), kind
+        assert f"{kind}" in out and "goodput" in out
+    sent = [len(rec.body["messages"][0]["content"].split()) for rec in fresh.requests]
+    assert set(sent) == {400, 16}
+
+
 def test_sweep_two_targets(fresh: ServerHandle, tmp_path: Path,
                            capsys: pytest.CaptureFixture[str]) -> None:
     out_dir = tmp_path / "sweep"
@@ -659,6 +680,9 @@ def test_sweep_two_targets(fresh: ServerHandle, tmp_path: Path,
     (["--workload", "jsonl"], "needs --dataset"),
     (["--duration", "5"], "needs --max-concurrency"),
     (["--workload", "interference"], "needs a finite --request-rate"),
+    (["--workload", "shifting"], "--workload shifting needs a finite --request-rate"),
+    (["--workload", "shifting", "--request-rate", "2", "--num-prompts", "9"], "--num-prompts and --duration do not apply"),
+    (["--workload", "shifting", "--request-rate", "2", "--phases", "prefill,chat"], "phases are prefill, decode, mixed; got 'prefill,chat'"),
     (["--range-ratio", "1.5"], "must be in [0, 1)"),
     (["--endpoint", "/v1/embeddings"], "invalid choice"),
     (["sweep", "--target", "a=http://x", "--rates", "1,2"], "needs --slo"),
@@ -801,6 +825,10 @@ def test_summarize_per_kind_and_server_timings() -> None:
     assert s["pd_local_timings"]["timings_ms.prefill"]["mean"] == 20.0
     assert s["pd_local_timings"]["timings_ms.prefill"]["count"] == 2
     assert s["pd_local_timings"]["timings_ms.kv_transfer"]["count"] == 1
+    assert "request_goodput" not in s["per_kind"]["short"]  # no phase durations given
+    s = summarize([a, b, _fail("long")], duration=1.0, slo_ms={"ttft": 500.0},
+                  kind_durations={"short": 0.5, "long": 2.0})
+    assert s["per_kind"]["short"]["request_goodput"] == 2.0 and s["per_kind"]["long"]["request_goodput"] == 0.0
 
 
 def test_max_rate_at_attainment() -> None:
@@ -919,6 +947,29 @@ def test_interference_schedule() -> None:
     # Same seed, same requests (every target of a sweep sees the same workload).
     again = list(make_schedule(cfg, 5.0, 1.0, None, 3.5, seed=0, chat=True))
     assert again == sched
+
+
+def test_shifting_schedule_phases() -> None:
+    cfg = WorkloadConfig(name="shifting", input_len=8, output_len=40, long_input_len=300,
+                         long_output_len=2, phases=("prefill", "decode", "mixed", "decode"),
+                         phase_duration=5.0)
+    sched = list(make_schedule(cfg, 8.0, 1.0, None, None, seed=3, chat=False))
+    assert [s.offset for s in sched] == sorted(s.offset for s in sched) and sched[-1].offset < 20
+    by_kind: dict[str, list] = {}
+    for s in sched:
+        by_kind.setdefault(s.spec.kind, []).append(s)
+    assert list(by_kind) == ["phase 1: prefill", "phase 2: decode", "phase 3: mixed", "phase 4: decode"]
+    for i, (kind, items) in enumerate(by_kind.items()):
+        assert all(5 * i <= s.offset < 5 * (i + 1) for s in items), kind
+        assert 20 <= len(items) <= 60, (kind, len(items))  # ~40 at 8/s
+    lens = {k: {(s.spec.input_len, s.spec.output_len) for s in v} for k, v in by_kind.items()}
+    assert lens["phase 1: prefill"] == {(300, 2)} and lens["phase 2: decode"] == {(8, 40)}
+    assert lens["phase 3: mixed"] == {(300, 2), (8, 40)}
+    long_share = sum(s.spec.input_len == 300 for s in by_kind["phase 3: mixed"]) / len(by_kind["phase 3: mixed"])
+    assert 0.25 < long_share < 0.75
+    assert list(make_schedule(cfg, 8.0, 1.0, None, None, seed=3, chat=False)) == sched  # same seed
+    with pytest.raises(WorkloadError, match="finite --request-rate"):
+        list(make_schedule(cfg, math.inf, 1.0, None, None, seed=3, chat=False))
 
 
 def test_random_words_are_one_token_each() -> None:

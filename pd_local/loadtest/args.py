@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 
 from pd_local.loadtest.metrics import DEFAULT_PERCENTILES, parse_slo
 from pd_local.loadtest.sweep import Target, parse_target
-from pd_local.loadtest.workloads import WorkloadConfig, WorkloadError, load_jsonl
+from pd_local.loadtest.workloads import PHASES, WorkloadConfig, WorkloadError, load_jsonl
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 DEFAULT_NUM_PROMPTS = 100
@@ -66,6 +66,14 @@ def _slo(text: str) -> dict[str, float]:
         return parse_slo(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _phases(text: str) -> tuple[str, ...]:
+    names = tuple(x.strip() for x in text.split(","))
+    bad = [n for n in names if n not in PHASES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"phases are {', '.join(PHASES)}; got {text!r}")
+    return names
 
 
 def _percentiles(text: str) -> tuple[float, ...]:
@@ -130,7 +138,7 @@ def build_parser(sweep: bool) -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
     g = p.add_argument_group("workload")
     g.add_argument("--workload", choices=("random", "jsonl", "interference", "multiturn",
-                                          "head_of_line"),
+                                          "head_of_line", "shifting"),
                    help="default: jsonl with --dataset, random otherwise")
     g.add_argument("--dataset", type=Path, metavar="FILE",
                    help="JSONL: {prompt | messages, output_len?} per line")
@@ -141,9 +149,9 @@ def build_parser(sweep: bool) -> argparse.ArgumentParser:
     g.add_argument("--range-ratio", type=_range_ratio, default=0.0,
                    help="lengths uniform in [len*(1-r), len*(1+r)] (default 0)")
     g.add_argument("--long-input-len", type=_positive_int, default=4096,
-                   help="interference: long prompt length in words (default 4096)")
+                   help="interference, shifting: long prompt length in words (default 4096)")
     g.add_argument("--long-output-len", type=_positive_int, default=16,
-                   help="interference: long prompt's max_tokens (default 16)")
+                   help="interference, shifting: long prompt's max_tokens (default 16)")
     g.add_argument("--long-every", type=_positive_float, default=5.0, metavar="T",
                    help="interference: a long prompt at T, 2T, ... seconds; head_of_line: "
                         "baseline chats at T, long prompts at 2T, 3T, ... (default 5)")
@@ -155,6 +163,14 @@ def build_parser(sweep: bool) -> argparse.ArgumentParser:
                    help="multiturn: system prompt length in words (~tokens; default 0, none)")
     g.add_argument("--system-prompt", choices=("shared", "per-conversation"), default="shared",
                    help="multiturn: one system prompt for all conversations (default) or one each")
+    sh = p.add_argument_group("shifting workload (docs/loadtest.md)")
+    sh.add_argument("--phases", type=_phases, default=PHASES, metavar="P1,P2,...",
+                   help=f"phases in turn, each of {', '.join(PHASES)}: long prompts with short "
+                        "answers (--long-input-len, --long-output-len), short prompts with long "
+                        "answers (--input-len, --output-len), or both (default "
+                        f"{','.join(PHASES)})")
+    sh.add_argument("--phase-duration", type=_positive_float, default=30.0, metavar="S",
+                   help="seconds per phase (default 30)")
     h = p.add_argument_group("head_of_line workload (docs/loadtest.md)")
     h.add_argument("--streams", type=_nonneg_int, default=1,
                    help="steady streams decoding from the start (default 1)")
@@ -230,8 +246,11 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, rates: Sequ
         if math.isinf(rate) and args.duration is not None and args.max_concurrency is None:
             p.error("--duration with --request-rate inf needs --max-concurrency "
                     "(otherwise requests would be sent without bound)")
-        if math.isinf(rate) and name == "interference":
-            p.error("--workload interference needs a finite --request-rate")
+        if math.isinf(rate) and name in ("interference", "shifting"):
+            p.error(f"--workload {name} needs a finite --request-rate")
+    if name == "shifting" and (args.num_prompts is not None or args.duration is not None):
+        p.error("--workload shifting runs --phase-duration per phase: --num-prompts and "
+                "--duration do not apply")
     return WorkloadConfig(name=name, input_len=args.input_len, output_len=args.output_len,
                           range_ratio=args.range_ratio, dataset=args.dataset,
                           long_input_len=args.long_input_len,
@@ -241,4 +260,5 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, rates: Sequ
                           shared_system=args.system_prompt == "shared",
                           streams=args.streams, stream_output_len=args.stream_output_len,
                           num_longs=args.num_longs, shorts_per_long=args.shorts_per_long,
-                          short_delay=args.short_delay)
+                          short_delay=args.short_delay, phases=args.phases,
+                          phase_duration=args.phase_duration)

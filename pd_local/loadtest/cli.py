@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 def _num_prompts(args: argparse.Namespace, wl: WorkloadConfig) -> int | None:
     if wl.name == "head_of_line":
         return head_of_line_count(wl)
+    if wl.name == "shifting":
+        return None  # as many as arrive in its phases
     if args.num_prompts is None and args.duration is None:
         return DEFAULT_NUM_PROMPTS
     return args.num_prompts
@@ -56,6 +58,9 @@ def _meta(args: argparse.Namespace, wl: WorkloadConfig, base_url: str, model: st
         meta.update(turns=wl.turns, think_time=wl.think_time, system_len=wl.system_len,
                     system_prompt="shared" if wl.shared_system else "per-conversation",
                     num_conversations=len({r.conversation for r in run_results}))
+    if wl.name == "shifting":
+        meta.update(long_input_len=wl.long_input_len, long_output_len=wl.long_output_len,
+                    phases=list(wl.phases), phase_duration=wl.phase_duration)
     if wl.name == "head_of_line":
         meta.update(streams=wl.streams, stream_output_len=wl.stream_output_len,
                     num_longs=wl.num_longs, shorts_per_long=wl.shorts_per_long,
@@ -86,10 +91,13 @@ def _run_once(args: argparse.Namespace, wl: WorkloadConfig, base_url: str, model
         summary = summarize(run.results, run.duration, args.slo, args.percentiles)
         summary["per_turn"] = per_turn(run.results)
         return _meta(args, wl, base_url, model, rate, len(run.results), run.results), summary, run
-    progress = ProgressBar(num, args.duration, enabled=not args.quiet)
+    phases = {wl.phase_kind(i): wl.phase_duration for i in range(len(wl.phases))} \
+        if wl.name == "shifting" else None
+    horizon = len(wl.phases) * wl.phase_duration if phases else args.duration
+    progress = ProgressBar(num, horizon, enabled=not args.quiet)
     run = asyncio.run(run_benchmark(schedule, opts, warmup_specs(wl, args.warmup, args.seed, chat),
                                     progress))
-    summary = summarize(run.results, run.duration, args.slo, args.percentiles)
+    summary = summarize(run.results, run.duration, args.slo, args.percentiles, phases)
     return _meta(args, wl, base_url, model, rate, len(run.results)), summary, run
 
 

@@ -110,10 +110,12 @@ def _div(a: float, b: float) -> float | None:
 
 def summarize(results: Sequence[RequestResult], duration: float,
               slo_ms: dict[str, float] | None = None,
-              percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> dict[str, Any]:
+              percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+              kind_durations: dict[str, float] | None = None) -> dict[str, Any]:
     """The run's summary with vLLM `bench serve` field names (module docstring), plus
-    `slo_attainment`, `error_counts`, `per_kind` (when the workload mixes kinds) and
-    `pd_local_timings` (statistics of each numeric key the server sent under `pd_local`)."""
+    `slo_attainment`, `error_counts`, `per_kind` (when the workload mixes kinds; its goodput
+    over `kind_durations` where given) and `pd_local_timings` (statistics of each numeric key
+    the server sent under `pd_local`)."""
     ok = [r for r in results if r.success]
     total_in = sum(r.input_len for r in ok)
     total_out = sum(r.output_tokens for r in ok)
@@ -143,7 +145,10 @@ def summarize(results: Sequence[RequestResult], duration: float,
             entry: dict[str, Any] = {"completed": sum(r.success for r in rs),
                                      "failed": sum(not r.success for r in rs)}
             if slo_ms:
-                entry["slo_attainment"] = _div(sum(is_good(r, slo_ms) for r in rs), len(rs))
+                good = sum(is_good(r, slo_ms) for r in rs)
+                entry["slo_attainment"] = _div(good, len(rs))
+                if kind_durations and kind in kind_durations:
+                    entry["request_goodput"] = _div(good, kind_durations[kind])
             entry.update(latency_fields(rs, percentiles))
             per_kind[kind] = entry
         out["per_kind"] = per_kind

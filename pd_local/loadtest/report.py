@@ -111,6 +111,10 @@ def format_table(meta: dict[str, Any], summary: dict[str, Any],
         lines += [kv("SLO (ms)", ", ".join(f"{k}<={v:g}" for k, v in slo.items())),
                   kv("SLO attainment (%)", _fmt(None if att is None else 100 * att, 1)),
                   kv("Request goodput (req/s)", _fmt(summary["request_goodput"]))]
+        for kind, entry in (summary.get("per_kind") or {}).items():
+            att = entry.get("slo_attainment")
+            lines.append(kv(f"  {kind}", f"attainment {_fmt(None if att is None else 100 * att, 1)}%, "
+                            f"goodput {_fmt(entry.get('request_goodput'))} req/s"))
     stats = ["mean", "median", "std"] + [percentile_label(p) for p in percentiles]
     rows = _latency_rows(summary, percentiles)
     for kind, entry in (summary.get("per_kind") or {}).items():

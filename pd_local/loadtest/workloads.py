@@ -4,6 +4,7 @@ random prompt of n "tokens" is n words of `WORDS`."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ KIND_SHORT = "short"
 KIND_LONG = "long"
 KIND_STREAM = "stream"  # head_of_line: the steady streams decoding through the whole run
 KIND_BASELINE = "baseline"  # head_of_line: the short chats sent before any long prompt
+PHASES: tuple[str, ...] = ("prefill", "decode", "mixed")  # shifting: kinds "phase N: name"
 
 
 class WorkloadError(ValueError):
@@ -91,6 +93,12 @@ class WorkloadConfig:
     num_longs: int = 1
     shorts_per_long: int = 3
     short_delay: float = 0.3
+    # shifting only: `phases` in turn, each `phase_duration` s (see `shifting_schedule`)
+    phases: tuple[str, ...] = PHASES
+    phase_duration: float = 30.0
+
+    def phase_kind(self, i: int) -> str:
+        return f"phase {i + 1}: {self.phases[i]}"
 
 
 def random_words(rng: np.random.Generator, n: int) -> str:
@@ -221,6 +229,8 @@ def make_schedule(cfg: WorkloadConfig, rate: float, burstiness: float, num: int 
                             "conversation.make_conversations")
     elif cfg.name == "head_of_line":
         yield from head_of_line_schedule(cfg, seed, chat)
+    elif cfg.name == "shifting":
+        yield from shifting_schedule(cfg, rate, burstiness, seed, chat)
     else:
         raise WorkloadError(f"unknown workload {cfg.name!r}")
 
@@ -243,6 +253,23 @@ def head_of_line_schedule(cfg: WorkloadConfig, seed: int, chat: bool) -> Iterato
         for _ in range(cfg.shorts_per_long):
             yield Scheduled(t + cfg.short_delay,
                             random_spec(rng, short_cfg, KIND_SHORT).for_endpoint(chat))
+
+
+def shifting_schedule(cfg: WorkloadConfig, rate: float, burstiness: float, seed: int,
+                      chat: bool) -> Iterator[Scheduled]:
+    """Arrivals at `rate` through `phases`, each `phase_duration` s: "prefill" sends long prompts
+    with short answers (long_input_len -> long_output_len), "decode" short prompts with long
+    answers (input_len -> output_len), "mixed" either at random, half and half."""
+    if math.isinf(rate):
+        raise WorkloadError("the shifting workload needs a finite --request-rate")
+    rng_text = np.random.default_rng([seed, 1])
+    horizon = len(cfg.phases) * cfg.phase_duration
+    for off in arrival_offsets(np.random.default_rng([seed, 0]), rate, burstiness, None, horizon):
+        i = min(int(off // cfg.phase_duration), len(cfg.phases) - 1)
+        name = cfg.phases[i]
+        heavy_prefill = name == "prefill" or (name == "mixed" and rng_text.random() < 0.5)
+        spec = long_spec(rng_text, cfg) if heavy_prefill else random_spec(rng_text, cfg)
+        yield Scheduled(off, dataclasses.replace(spec, kind=cfg.phase_kind(i)).for_endpoint(chat))
 
 
 def head_of_line_count(cfg: WorkloadConfig) -> int:
