@@ -56,7 +56,9 @@ def say(msg: str) -> None:
 
 
 def run_one(name: str, a: argparse.Namespace, result: Path) -> dict[str, Any]:
-    proc, url = start_server(name, [*TOPOLOGIES[name], "--dtype", a.dtype], a.log_dir / f"{name}.log")
+    slo = dict(kv.split("=") for kv in a.slo.split(","))  # the elastic placement aims at the same
+    aims = [x for k in ("ttft", "tpot") if k in slo for x in ("--set", f"slo.{k}_ms={float(slo[k])}")]
+    proc, url = start_server(name, [*TOPOLOGIES[name], "--dtype", a.dtype, *aims], a.log_dir / f"{name}.log")
     try:
         cmd = [sys.executable, "-m", "pd_local", "bench", "--base-url", url, "--endpoint",
                "/v1/completions", "--workload", "shifting", "--request-rate", str(a.rate),

@@ -61,6 +61,16 @@ def test_the_prefill_budget_shrinks_as_the_decode_batch_grows() -> None:
     assert StepCost().prefill_budget(30, 100, 16, 512) == 512  # unknown cost: the configured cap
 
 
+def test_a_queue_that_threatens_ttft_takes_more_than_the_tpot_budget() -> None:
+    tpot_only = COST.prefill_budget(20, 100, 16, 512)  # (100 - 50) / 0.2 = 250
+    assert tpot_only == 250
+    assert COST.prefill_budget(20, 100, 16, 512, queued=2000, ttft_ms=2000) == 250  # 8 steps: 1.2 s
+    grown = COST.prefill_budget(20, 100, 16, 512, queued=6000, ttft_ms=2000)
+    assert tpot_only < grown < 512
+    assert COST.prefill_ms(6000, 20, grown) <= 2000 < COST.prefill_ms(6000, 20, grown - 1)
+    assert COST.prefill_budget(20, 100, 16, 512, queued=20000, ttft_ms=2000) == 512  # out of reach: all it can
+
+
 def test_idle_ranks_prefill_where_they_decode() -> None:
     p = place(300, 20, [view(1), view(2)], SLO, 16, 512)
     assert (p.prefill, p.decode) == (1, 1) and p.reason.startswith("local")
@@ -69,7 +79,7 @@ def test_idle_ranks_prefill_where_they_decode() -> None:
 def test_a_long_queue_on_the_decode_rank_sends_the_prompt_to_a_free_rank() -> None:
     ranks = [view(1, queued=4000), view(2, queued=4000, running=3), view(3)]
     p = place(300, 20, ranks, SLO, 16, 512)
-    assert p.decode == 1  # the shortest next decode step
+    assert p.decode == 1  # the smallest decode batch, then the shortest step
     assert p.prefill == 3 and "rank 3 prefills" in p.reason and p.ttft_ms > 0
 
 
@@ -88,6 +98,15 @@ def test_a_big_decode_batch_pushes_prefill_to_a_rank_with_room_in_its_steps() ->
     busy, full = view(1, running=40, queued=0), view(2, running=0, free=3)
     p = place(600, 40, [busy, full], SLO, 16, 512)
     assert (p.prefill, p.decode) == (2, 1), p
+
+
+def test_decode_goes_to_the_smallest_batch_even_where_prefill_made_steps_look_slow() -> None:
+    """A rank that prefilled a lot fits a higher step cost; decode still balances by batch, or
+    one rank would take every decode and leave prefill to the other alone."""
+    prefiller = view(1, running=1, cost=StepCost(40, 8, 0.2))
+    decoder = view(2, running=6, cost=StepCost(10, 2, 0.2))
+    assert place(20, 2, [prefiller, decoder], SLO, 16, 512).decode == 1
+    assert place(20, 2, [view(1, running=3, cost=StepCost(40, 8, 0.2)), view(2, running=3)], SLO, 16, 512).decode == 2
 
 
 def test_the_decode_rank_must_have_room_for_the_prompt() -> None:

@@ -39,20 +39,21 @@ class Placement:
 
 
 def prefill_ms(r: RankView, tokens: int, slo: Slo, floor: int, cap: int) -> float:
-    """r's estimated time to prefill its queue plus `tokens`, at the budget TPOT leaves it."""
-    budget = r.cost.prefill_budget(r.running, slo.tpot_ms, floor, cap)
-    return r.cost.prefill_ms(r.queued_tokens + tokens, r.running, budget)
+    """r's estimated time to prefill its queue plus `tokens`, at its budget (the worker's)."""
+    queued = r.queued_tokens + tokens
+    budget = r.cost.prefill_budget(r.running, slo.tpot_ms, floor, cap, queued, slo.ttft_ms)
+    return r.cost.prefill_ms(queued, r.running, budget)
 
 
 def place(prompt_tokens: int, blocks: int, ranks: Sequence[RankView], slo: Slo, floor: int,
           cap: int) -> Placement:
-    """Decode: the shortest next step among ranks with `blocks` free. Prefill: the earliest
-    estimated end, the decode rank's own unless clearly beaten (docs/architecture.md)."""
+    """Decode: the smallest batch (then the shortest step) among ranks with `blocks` free.
+    Prefill: the earliest estimated end, the decode rank's own unless clearly beaten."""
     decoders = [r for r in ranks if r.decodes]
     if not decoders:
         raise ValueError("no rank decodes")
     fits = [r for r in decoders if r.free_blocks >= blocks] or decoders
-    d = min(fits, key=lambda r: (r.cost.step_ms(r.running + 1, 0), r.running, -r.free_blocks, r.rank))
+    d = min(fits, key=lambda r: (r.running, r.cost.step_ms(r.running + 1, 0), -r.free_blocks, r.rank))
     others = [r for r in ranks if r.prefills_for_others and r.rank != d.rank]
     cands = ([d] if d.prefills_own else []) + others
     if not cands:

@@ -208,10 +208,11 @@ class Worker:
             return on_layer_kv
 
         e = self.engine
-        if self.role is Role.ELASTIC:  # its decode steps stay within the TPOT target
+        if self.role is Role.ELASTIC:  # decode steps within TPOT, unless the queue threatens TTFT
             cfg = self.ctx.cfg
-            e.set_prefill_budget(e.cost.cost().prefill_budget(e.num_running, cfg.slo.tpot_ms, cfg.engine.block_size,
-                                                              cfg.engine.max_prefill_tokens))
+            e.set_prefill_budget(e.cost.cost().prefill_budget(
+                e.num_running, cfg.slo.tpot_ms, cfg.engine.block_size, cfg.engine.max_prefill_tokens,
+                e.prefill_backlog()[1], cfg.slo.ttft_ms))
         events = e.step(on_plan)
         if not planned and self.role is Role.PREFILL:
             raise RuntimeError(f"prefill rank {self.ctx.rank}: prompts pending, none planned")

@@ -3,6 +3,7 @@ and the prompt-token budget that keeps a step within a TPOT target. Pure Python,
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -21,11 +22,16 @@ class StepCost:
     def step_ms(self, rows: int, tokens: int) -> float:
         return self.base_ms + self.row_ms * rows + self.token_ms * tokens
 
-    def prefill_budget(self, rows: int, tpot_ms: float, floor: int, cap: int) -> int:
-        """Prompt tokens a step beside `rows` decode rows may take within tpot_ms, in [floor, cap]."""
+    def prefill_budget(self, rows: int, tpot_ms: float, floor: int, cap: int, queued: int = 0,
+                       ttft_ms: float = math.inf) -> int:
+        """Prompt tokens a step beside `rows` decode rows may take within tpot_ms, or more where
+        that would not end the `queued` prompt tokens within ttft_ms; in [floor, cap]."""
         if rows == 0 or not self.known:
             return cap
-        return max(floor, min(cap, int((tpot_ms - self.step_ms(rows, 0)) / self.token_ms)))
+        tpot = int((tpot_ms - self.step_ms(rows, 0)) / self.token_ms)
+        left = ttft_ms - self.token_ms * queued  # for the steps' fixed part
+        ttft = math.ceil(queued * self.step_ms(rows, 0) / left) if left > 0 else cap
+        return max(floor, min(cap, max(tpot, ttft)))
 
     def prefill_ms(self, tokens: int, rows: int, budget: int) -> float:
         """Time to prefill `tokens` at `budget` a step beside `rows` decode rows."""
