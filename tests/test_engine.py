@@ -197,9 +197,9 @@ def test_write_prompt_kv_checks_token_count(pair) -> None:
     _, ours = pair
     eng = engine(ours)
     assert eng.reserve(1, [1, 2, 3], GREEDY)
-    with pytest.raises(ValueError, match="got KV for 2 tokens at 2, prompt has 3"):
+    with pytest.raises(ValueError, match="got KV for 2 tokens at 2, expects 3"):
         eng.write_prompt_kv(1, 0, torch.zeros(2, 2, 16), torch.zeros(2, 2, 16), start=2)
-    with pytest.raises(ValueError, match="got KV for 4 tokens at 0, prompt has 3"):
+    with pytest.raises(ValueError, match="got KV for 4 tokens at 0, expects 3"):
         eng.write_prompt_kv(1, 0, torch.zeros(4, 2, 16), torch.zeros(4, 2, 16))
     assert eng.abort(1) and eng.num_free_blocks == eng.num_total_blocks
 

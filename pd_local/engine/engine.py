@@ -15,7 +15,7 @@ from pd_local.engine.kv_cache import BlockAllocator, OutOfBlocks, slots_for
 from pd_local.model.kv_cache import PagedKVCache
 from pd_local.model.attention import AttentionMetadata, host_to_device, write_kv
 from pd_local.model.llama import LayerKVHook, LlamaForCausalLM
-from pd_local.engine.logprobs import logprobs_of, prompt_logprobs
+from pd_local.engine.logprobs import extend_prompt_logprobs, logprobs_of
 from pd_local.engine.sampling import SamplingParams, adjust_logits, sample
 from pd_local.engine.structured import GrammarTokenizer, mask_row
 from pd_local.engine.events import Load, PromptDone, TokenEvent
@@ -239,14 +239,53 @@ class Engine:
         k, v [T, kv_heads, head_dim]. Chunks may land in any order; add_prefilled trusts that
         every position of every layer has landed."""
         seq = self.scheduler.reserved[req_id]
-        n = len(seq.prompt_ids)
+        n = seq.kv_landing
         if k.shape[0] == 0 or start < seq.num_cached or start + k.shape[0] > n:
-            raise ValueError(f"request {req_id}: got KV for {k.shape[0]} tokens at {start}, prompt has "
+            raise ValueError(f"request {req_id}: got KV for {k.shape[0]} tokens at {start}, expects "
                              f"{n} (the first {seq.num_cached} come from the prefix cache)")
         slots = host_to_device(slots_for(seq.block_ids, start, start + k.shape[0], self.cfg.block_size),
                                self.device)
         write_kv(self.kv_cache.k[layer], self.kv_cache.v[layer],
                  k.to(self.device, self.dtype), v.to(self.device, self.dtype), slots)
+
+    # -- live migration (docs/architecture.md, Elastic workers) ---------------------------------
+
+    def migrate_out(self, req_id: int) -> Sequence:
+        """A decoding request leaves: it stops here, `read_kv` gives its KV of positions
+        [0, num_tokens - 1), `release_migrated` then frees its blocks (abort does too)."""
+        seq = self.scheduler.by_id.get(req_id)
+        if seq is not None and seq.params.grammar:
+            raise ValueError(f"request {req_id}: structured output does not migrate")
+        return self.scheduler.migrate_out(req_id)
+
+    def read_kv(self, req_id: int, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's K, V [end - start, kv_heads, head_dim] of a migrating request's positions."""
+        seq = self.scheduler.migrating[req_id]
+        if not 0 <= start < end <= seq.num_tokens - 1:
+            raise ValueError(f"request {req_id}: KV [{start}, {end}) outside [0, {seq.num_tokens - 1})")
+        slots = host_to_device(slots_for(seq.block_ids, start, end, self.cfg.block_size), self.device)
+        k, v = self.kv_cache.k[layer], self.kv_cache.v[layer]
+        return k.view(-1, *k.shape[2:])[slots], v.view(-1, *v.shape[2:])[slots]
+
+    def release_migrated(self, req_id: int) -> None:
+        self.scheduler.release_migrated(req_id)
+
+    def migrate_in(self, req_id: int, prompt_ids: list[int], output_ids: list[int], params: SamplingParams,
+                   rng_state: torch.Tensor | None = None) -> bool:
+        """Hold blocks for a request decoding elsewhere (its cached prefix from the prefix cache,
+        `held_tokens`); write_prompt_kv lands the rest of [0, num_tokens - 1), `resume` runs it.
+        rng_state: its generator's (seeded sampling goes on where it was). False: no room now."""
+        if not output_ids:
+            raise ValueError(f"request {req_id}: nothing generated yet, nothing to migrate")
+        seq = self._new_sequence(req_id, prompt_ids, params)
+        seq.output_ids = list(output_ids)
+        if rng_state is not None and seq.generator is not None:
+            seq.generator.set_state(rng_state)  # type: ignore[attr-defined]
+        return self.scheduler.try_reserve(seq)
+
+    def resume(self, req_id: int) -> None:
+        """A migrated-in request's KV has landed: it decodes on from its last token."""
+        self.scheduler.promote_reserved(req_id)
 
     def add_prefilled(self, req_id: int, hidden: torch.Tensor) -> list[TokenEvent]:
         """The KV of a reserved request has fully landed: sample its first token from the last
@@ -311,7 +350,7 @@ class Engine:
         )
         hidden = self.model(host_to_device(ids, dev), host_to_device(pos, dev), meta, self.kv_cache,
                             on_layer_kv)  # [T, hidden]
-        self._prompt_logprobs(out, hidden)
+        extend_prompt_logprobs(out.prefill, len(out.decode), hidden, self.model.compute_logits)
         nd = len(out.decode)
         self.prompts_done = [PromptDone(c.seq.req_id, c.seq.send_to, hidden[nd + c.row + c.end - c.start - 1],  # type: ignore[arg-type]
                                         c.end, c.seq.num_cached,
@@ -320,21 +359,6 @@ class Engine:
         if not rows:
             return hidden.new_zeros(0, self.model.config.vocab_size, dtype=torch.float32)  # [0, V]
         return self.model.compute_logits(hidden[host_to_device(rows, dev)], len(out.decode))  # [S, V]
-
-    def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor) -> None:
-        """Extend the asking sequences' prompt_logprobs from their chunks' rows of hidden [T, H]."""
-        row = len(out.decode)
-        for c in out.prefill:
-            k, seq = c.seq.params.prompt_logprobs, c.seq
-            first, end = len(seq.prompt_logprobs), min(c.end, len(seq.prompt_ids) - 1)
-            if k is not None and first < end:
-                if first < c.start:  # no prefix cache for such a sequence: cannot happen
-                    raise RuntimeError(f"request {seq.req_id}: prompt logprobs from {first}, "
-                                       f"chunk starts at {c.start}")
-                rows = hidden[row + first - c.start:row + end - c.start]  # positions [first, end)
-                seq.prompt_logprobs += prompt_logprobs(self.model.compute_logits, rows,
-                                                       seq.prompt_ids[first + 1:end + 1], k)
-            row += c.end - c.start
 
     def _fork(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
         """Sequences about to sample their first token fork their followers, which sample theirs

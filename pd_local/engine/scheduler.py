@@ -34,6 +34,7 @@ class SeqStatus(Enum):
     PREFILLING = "prefilling"  # blocks held, prefill chunks in progress
     RESERVED = "reserved"  # decode rank: blocks held, KV arriving from a prefill rank
     RUNNING = "running"
+    MIGRATING = "migrating"  # leaving for another rank: blocks held while its KV is read
     FINISHED = "finished"
 
 
@@ -71,6 +72,12 @@ class Sequence:
     @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    @property
+    def kv_landing(self) -> int:
+        """Reserved: positions [0, n) whose KV another rank sends (a migrating-in sequence's last
+        token has none yet: its next step computes it)."""
+        return self.num_tokens - 1 if self.output_ids else len(self.prompt_ids)
 
     @property
     def last_token(self) -> int:
@@ -142,6 +149,7 @@ class Scheduler:
         self.queue = PrefillQueue(max_prefill_tokens, chunked_prefill, prefill_policy)
         self.running: list[Sequence] = []  # hold blocks: PREFILLING and RUNNING, oldest first
         self.reserved: dict[int, Sequence] = {}
+        self.migrating: dict[int, Sequence] = {}
         self.by_id: dict[int, Sequence] = {}
 
     @property
@@ -177,7 +185,7 @@ class Scheduler:
     def promote_reserved(self, req_id: int) -> Sequence:
         """Decode rank: the KV has landed; the sequence joins the running batch."""
         seq = self.reserved.pop(req_id)
-        self._register(seq, len(seq.prompt_ids))  # the prefill rank computed all of it
+        self._register(seq, seq.kv_landing)
         seq.status = SeqStatus.RUNNING
         self.running.append(seq)
         return seq
@@ -302,6 +310,8 @@ class Scheduler:
             self.queue.remove(req_id)
         if seq.status is SeqStatus.RESERVED:
             del self.reserved[req_id]
+        elif seq.status is SeqStatus.MIGRATING:
+            del self.migrating[req_id]
         elif seq.status in (SeqStatus.RUNNING, SeqStatus.PREFILLING):
             self.running.remove(seq)
         self._release(seq, FinishReason.ABORT)
@@ -316,4 +326,18 @@ class Scheduler:
         del self.by_id[seq.req_id]
 
     def has_unfinished(self) -> bool:
-        return bool(self.queue or self.running or self.reserved)
+        return bool(self.queue or self.running or self.reserved or self.migrating)
+
+    def migrate_out(self, req_id: int) -> Sequence:
+        """A running sequence stops decoding here; its blocks stay until `release_migrated`."""
+        seq = self.by_id.get(req_id)
+        if seq is None or seq.status is not SeqStatus.RUNNING:
+            raise ValueError(f"request {req_id} is not decoding here ({'gone' if seq is None else seq.status.value})")
+        self.running.remove(seq)
+        seq.status = SeqStatus.MIGRATING
+        self.migrating[req_id] = seq
+        return seq
+
+    def release_migrated(self, req_id: int) -> None:
+        """Its KV was sent: free its blocks (exactly once)."""
+        self._release(self.migrating.pop(req_id), FinishReason.SENT)
