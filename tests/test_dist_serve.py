@@ -466,7 +466,8 @@ async def storm(url: str, n: int, seed: int) -> list[int]:
 
 
 @pytest.mark.parametrize("flags", [["--prefill", "1", "--decode", "1"],
-                                   ["--prefill", "2", "--decode", "2"]], ids=["1P1D", "2P2D"])
+                                   ["--prefill", "2", "--decode", "2"],
+                                   ["--elastic", "2"]], ids=["1P1D", "2P2D", "elastic-2"])
 def test_storms_of_vanishing_clients_leave_the_server_healthy_and_every_block_free(
         tiny_dir: Path, flags: list[str]) -> None:
     """3 storms of 50 streaming clients that vanish after 1-20 chunks, on a KV cache of ~100
@@ -486,6 +487,8 @@ def test_storms_of_vanishing_clients_leave_the_server_healthy_and_every_block_fr
                 assert set(metric_values(s.url, name).values()) == {0.0}, (i, name)
         disconnects = metric_values(s.url, "pd_local_client_disconnects_total")[""]
         assert disconnects >= 100, disconnects  # most of the 150 left before their end
+        if "--elastic" in flags:  # clients leaving unevenly unbalance the ranks: requests moved
+            assert metric_values(s.url, "pd_local_migrations_total")[""] >= 1
 
 
 def test_queued_reservations_are_admitted_when_a_step_frees_room(tiny_dir: Path) -> None:
@@ -541,3 +544,52 @@ def test_clients_gone_while_queued_on_a_prefill_rank_leave_no_queued_work(tiny_d
         assert blocks and all(free == total for free, total in blocks.values()), blocks
         # the server is still serving correctly afterwards
         assert asyncio.run(complete_all(s.url)) == reference_texts(tiny_dir)
+
+
+def engine_texts(model_dir: Path, prompts: list[list[int]], params: list) -> list[str]:
+    from pd_local.config import EngineConfig
+    from pd_local.engine.engine import Engine
+    from pd_local.model.weights import load_model
+    from pd_local.tokenizer import Tokenizer
+
+    model, _ = load_model(model_dir, torch.bfloat16)
+    tok = Tokenizer.from_dir(model_dir)
+    engine = Engine(model, EngineConfig(kv_cache_gb=0.05), stop_token_ids=tok.stop_token_ids)
+    return [tok.decode(ids) for ids, _ in engine.generate(prompts, params)]
+
+
+def test_elastic_workers_move_a_running_request_to_the_idle_one_with_identical_tokens(
+        tiny_dir: Path) -> None:
+    """Round robin puts two long answers (one seeded, one greedy) on rank 1 and two short ones
+    on rank 2; once the short ones end, rank 1 decodes 2 and rank 2 none, so the router moves
+    one long answer over (the seeded one, decoding longest), mid-stream: both texts stay those
+    of one engine, the moved one reports its migration, /metrics counts it, and every block
+    comes back."""
+    from pd_local.engine.sampling import SamplingParams
+
+    prompts = [PROMPTS[3], PROMPTS[4], PROMPTS[5], PROMPTS[6]]
+    bodies = [{"prompt": p, "max_tokens": n, "ignore_eos": True, "temperature": t, "seed": 7}
+              for p, n, t in zip(prompts, (300, 4, 300, 4), (0.9, 0.0, 0.0, 0.0))]
+    want = engine_texts(tiny_dir, prompts, [SamplingParams(temperature=b["temperature"], seed=7,
+                                                           max_tokens=b["max_tokens"], ignore_eos=True)
+                                            for b in bodies])
+
+    async def send_in_order(url: str) -> list[dict]:
+        async with httpx.AsyncClient(timeout=120) as c:
+            tasks = []
+            for body in bodies:  # one at a time into the router, so round robin alternates ranks
+                tasks.append(asyncio.create_task(c.post(f"{url}/v1/completions", json=body)))
+                await asyncio.sleep(0.05)
+            return [r.json() for r in await asyncio.gather(*tasks)]
+
+    with serving(tiny_dir, "--elastic", "2", "--routing", "round_robin") as s:
+        got = asyncio.run(send_in_order(s.url))
+        assert [b["choices"][0]["text"] for b in got] == want
+        moved = [b for b in got if "migration" in b["pd_local"]["timings_ms"]]
+        assert len(moved) >= 1 and all(b["pd_local"]["decode_rank"] == 2 for b in moved), \
+            [b["pd_local"] for b in got]
+        assert got[0] in moved, [b["pd_local"] for b in got]  # its generator state moved with it
+        assert metric_values(s.url, "pd_local_migrations_total")[""] == len(moved)
+        assert metric_values(s.url, "pd_local_migration_bytes_total")[""] > 0
+        blocks = wait_blocks_free(s.url)
+        assert blocks and all(free == total for free, total in blocks.values()), blocks

@@ -1,5 +1,5 @@
 """Live migration at the engine facade (issue 19): a decoding request leaves one engine mid-stream
-(migrate_out, read_kv, release_migrated) and goes on in another (migrate_in, write_prompt_kv,
+(migrate_out, read_kv, end_migration) and goes on in another (migrate_in, write_prompt_kv,
 resume) with the tokens it would have had; every block is freed exactly once, on both sides,
 whatever is aborted when."""
 
@@ -38,7 +38,7 @@ def move(src: Engine, dst: Engine, req_id: int, params: SamplingParams) -> int:
     for layer in range(src.model.config.num_layers):
         k, v = src.read_kv(req_id, layer, held, end)
         dst.write_prompt_kv(req_id, layer, k.clone(), v.clone(), start=held)
-    src.release_migrated(req_id)
+    src.end_migration(req_id)
     dst.resume(req_id)
     return end - held
 
@@ -95,7 +95,7 @@ def test_aborts_during_a_migration_free_every_block_once() -> None:
     assert a.abort(0) and b.abort(0)  # the client left mid-migration: both sides let go
     assert not a.abort(0) and not b.abort(0)  # once
     with pytest.raises(KeyError):
-        a.release_migrated(0)
+        a.end_migration(0)
     assert all_free(a, b)
 
 
@@ -114,5 +114,6 @@ def test_what_cannot_migrate_is_refused_with_the_reason() -> None:
     seq = a.migrate_out(0)
     with pytest.raises(ValueError, match=r"KV \[0, 30\) outside \[0, 21\)"):
         a.read_kv(0, 0, 0, 30)
-    a.release_migrated(0)
-    assert seq.num_tokens == 22 and all_free(a)
+    a.end_migration(0, moved=False)  # the destination refused: it decodes on here
+    run(a, got)
+    assert got[0] == engine(model).generate([seq.prompt_ids], [GREEDY])[0][0] and all_free(a)

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pd_local.cluster.messages import (MAGIC, MESSAGE_TYPES, Abort, DType, Fatal, FinishReason,
+from pd_local.cluster.messages import (MAGIC, MESSAGE_TYPES, Abort, MigrateOut, Migrated, Paused, SendKV, Stay, DType, Fatal, FinishReason,
                                        Heartbeat, KVEntry, KVHeader, Kind, Prefill, PrefillDone,
                                        ProtocolError, PromptLogprobs, Ready, RejectReason, Rejected, Reserve,
                                        Reserved, Shutdown, Stats, TokenEntry, Tokens,
@@ -56,7 +56,13 @@ loads = st.builds(Load, small, small, small, small, small, small, small,
                   st.builds(StepCost, any_float, any_float, any_float))
 records = st.builds(TransferRecord, ids, small, any_float, any_float)
 messages = st.one_of(
-    st.builds(Reserve, ids, token_lists, samplings(), st.lists(ids, max_size=4).map(tuple), st.booleans()),
+    st.builds(Reserve, ids, token_lists, samplings(), st.lists(ids, max_size=4).map(tuple), st.booleans(),
+              token_lists, st.lists(st.integers(0, 255), max_size=64).map(tuple)),
+    st.builds(MigrateOut, ids, small),
+    st.builds(Paused, ids, token_lists, st.lists(st.integers(0, 255), max_size=64).map(tuple)),
+    st.builds(SendKV, ids, small, small),
+    st.builds(Stay, ids),
+    st.builds(Migrated, ids, any_float, small),
     st.builds(Prefill, ids, token_lists, small, small, st.none() | small),
     st.builds(PromptLogprobs, ids, st.lists(logprobs, max_size=40).map(tuple)),
     st.builds(Abort, ids),

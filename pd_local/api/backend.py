@@ -56,6 +56,8 @@ class BackendStats:
     kv_bytes_transferred: int = 0
     kv_transfer_seconds: float = 0.0
     kv_transfers: int = 0
+    migrations: int = 0  # running requests moved between elastic workers
+    migration_bytes: int = 0
 
 
 class Backend(Protocol):
@@ -107,6 +109,7 @@ class Timeline:
         span("kv_transfer", "prefill_end", "kv_received")
         span("first_decode", "kv_received" if "kv_received" in t else "prefill_end", "first_token")
         span("decode", "first_token", "finished")
+        span("migration", "migrate_start", "migrated")  # stopped on one rank -> decoding on another
         span("ttft", "queued", "first_token")
         span("total", "queued", "finished")
         return out

@@ -74,6 +74,8 @@ class _SnapshotCollector(Collector):
              s.kv_bytes_transferred),
             ("pd_local_kv_transfer_seconds", "Time spent in those transfers.", s.kv_transfer_seconds),
             ("pd_local_kv_transfers", "Completed KV transfers.", s.kv_transfers),
+            ("pd_local_migrations", "Running requests moved between elastic workers.", s.migrations),
+            ("pd_local_migration_bytes", "KV bytes those moves sent.", s.migration_bytes),
         ):
             yield CounterMetricFamily(name, help_text, value=value)  # exported as NAME_total
 

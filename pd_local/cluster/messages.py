@@ -35,6 +35,11 @@ class Kind(enum.IntEnum):
     SHUTDOWN = 12
     READY = 13
     PROMPT_LOGPROBS = 14
+    MIGRATE_OUT = 15
+    PAUSED = 16
+    SEND_KV = 17
+    STAY = 18
+    MIGRATED = 19
 
 
 class RejectReason(enum.IntEnum):
@@ -85,6 +90,9 @@ class Reserve:
     sampling: SamplingParams  # validated again as it is read
     followers: tuple[int, ...] = ()  # n > 1: the other choices' ids, forked off this one
     local: bool = False
+    # a migration: what it generated elsewhere and its generator's state (bytes); its KV follows
+    output_ids: tuple[int, ...] = ()
+    rng_state: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -221,6 +229,53 @@ class PromptLogprobs:
 
 
 @dataclass(frozen=True)
+class MigrateOut:
+    """Router -> a request's decode rank: stop decoding it (it moves to `dst`); answer Paused."""
+
+    KIND: ClassVar[Kind] = Kind.MIGRATE_OUT
+    req_id: int
+    dst: int
+
+
+@dataclass(frozen=True)
+class Paused:
+    """Decode rank -> router: the request stopped here after these tokens (none: it cannot move)."""
+
+    KIND: ClassVar[Kind] = Kind.PAUSED
+    req_id: int
+    output_ids: tuple[int, ...]
+    rng_state: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class SendKV:
+    """Router -> the paused rank, once `dst` reserved: send the KV dst lacks, then free it."""
+
+    KIND: ClassVar[Kind] = Kind.SEND_KV
+    req_id: int
+    dst: int
+    skip: int  # dst holds [0, skip) (its prefix cache)
+
+
+@dataclass(frozen=True)
+class Stay:
+    """Router -> the paused rank: the destination refused; decode it here again."""
+
+    KIND: ClassVar[Kind] = Kind.STAY
+    req_id: int
+
+
+@dataclass(frozen=True)
+class Migrated:
+    """Destination -> router: the request's KV landed; it decodes here from now on."""
+
+    KIND: ClassVar[Kind] = Kind.MIGRATED
+    req_id: int
+    t_end: float
+    num_bytes: int
+
+
+@dataclass(frozen=True)
 class Stats:
     """Worker -> router when idle (a decode rank's Tokens carry the same numbers when busy)."""
 
@@ -263,7 +318,8 @@ class Shutdown:
 
 
 Message = Union[Reserve, Prefill, Abort, KVHeader, Tokens, Reserved, Rejected, PrefillDone,
-                Stats, Fatal, Ready, Heartbeat, Shutdown, PromptLogprobs]
+                Stats, Fatal, Ready, Heartbeat, Shutdown, PromptLogprobs, MigrateOut, Paused, SendKV,
+                Stay, Migrated]
 MESSAGE_TYPES: dict[Kind, type] = {cls.KIND: cls for cls in typing.get_args(Message)}
 
 

@@ -15,9 +15,10 @@ import threading
 from pd_local.api.backend import BackendStats, RequestOutput
 from pd_local.cluster.dist import DistContext
 from pd_local.cluster.channel import Heartbeater, Inbox, LinkDown, Receiver, Sender
-from pd_local.cluster.messages import (Abort, Fatal, Prefill, PrefillDone,
+from pd_local.cluster.messages import (Abort, Fatal, Migrated, Paused, Prefill, PrefillDone,
                                        PromptLogprobs, Ready, RejectReason, Rejected, Reserve,
-                                       Reserved, Shutdown, Stats, TokenEntry, Tokens)
+                                       Reserved, SendKV, Shutdown, Stats, TokenEntry, Tokens)
+from pd_local.cluster.migration import Mover
 from pd_local.cluster.placement import RankView, Slo, place
 from pd_local.cluster.prefix_index import Candidate, choose
 from pd_local.cluster.router_state import RankState, RequestState, with_token
@@ -64,6 +65,7 @@ class Router:
         self._rr_prefill = itertools.cycle(sorted(self.prefill))
         self._rr_local = {d: itertools.cycle((True, False)) for d in self.decode}
         self.requests: dict[int, RequestState] = {}
+        self.mover = Mover(self)
         # req_id -> (prefill rank, tokens to compute at most, prompt tokens)
         self._prefill_tokens: dict[int, tuple[int, int, int]] = {}
         self.kv = BackendStats()
@@ -184,6 +186,7 @@ class Router:
             return
         self.requests.pop(req.req_id, None)
         self.decode[req.decode].unfinished -= 1
+        self.mover.ended(req.req_id)
         if error is not None or reason not in DONE:  # its prompt will never be reported done
             self._prefill_work_done(req.req_id)
         req.timeline.mark("finished")
@@ -229,6 +232,8 @@ class Router:
     def _abort(self, req: RequestState, reason: FinishReason, error: str | None = None) -> None:
         """Abort on every rank holding the request (each frees its part once), then finish it."""
         self.to_worker[req.decode].send(Abort(req.req_id))
+        if req.migrating_from is not None:  # paused there: that rank frees its blocks too
+            self.to_worker[req.migrating_from].send(Abort(req.req_id))
         if req.prefill is not None and not req.prefill_done and not req.local:
             self.to_worker[req.prefill].send(Abort(req.req_id))
         # _finish takes its prompt off the prefill rank's queued work: a prompt dropped from a
@@ -261,6 +266,8 @@ class Router:
                 self._prefill_done(peer, msg)
             case PromptLogprobs():
                 self._prompt_logprobs(msg)
+            case Rejected() if self.mover.moving(msg.req_id):
+                self.mover.stay(self.requests[msg.req_id])
             case Rejected():
                 req = self.requests.get(msg.req_id)
                 for r in self._group(req) if req is not None else ():
@@ -269,6 +276,10 @@ class Router:
                 self.ranks[peer].load = msg.load
             case Ready():
                 self._ready(peer, msg)
+            case Paused():
+                self.mover.paused(msg)
+            case Migrated():
+                self.mover.migrated(msg)
             case Fatal():
                 raise RuntimeError(f"rank {msg.rank} failed: {msg.text}")
             case Shutdown():
@@ -280,6 +291,9 @@ class Router:
         req = self.requests.get(msg.req_id)
         if req is None:
             return  # aborted meanwhile; the decode rank got the Abort after the Reserve
+        if req.migrating_from is not None:  # a migration: the old rank sends what is missing
+            self.to_worker[req.migrating_from].send(SendKV(req.req_id, req.decode, msg.held_tokens))
+            return
         for r in self._group(req):
             r.timeline.mark("reserved", msg.t)
         p = req.prefill if req.prefill is not None else self._pick_prefill(req)
@@ -313,6 +327,8 @@ class Router:
         rank = self.decode[peer]
         rank.load = msg.load
         rank.generated_tokens += len(msg.entries)
+        if self.elastic:
+            self.mover.rebalance()
         for rec in msg.transfers:
             self.kv.kv_bytes_transferred += rec.num_bytes
             self.kv.kv_transfer_seconds += rec.seconds
@@ -324,6 +340,7 @@ class Router:
             req = self.requests.get(e.req_id)
             if req is None:
                 continue  # aborted here; the decode rank's copy is freed by its Abort
+            req.generated += 1
             if req.first_token:
                 req.first_token = False
                 req.timeline.mark("first_token", msg.t)

@@ -35,6 +35,8 @@ class RequestState:
     lps_sent: bool = False
     held: list[RequestOutput] = field(default_factory=list)
     deferred: tuple[FinishReason, TokenEntry | None] | None = None
+    generated: int = 0  # tokens delivered so far
+    migrating_from: int | None = None  # its old decode rank while it moves (live migration)
     followers: list[int] = field(default_factory=list)  # n > 1: the other choices' ids
     leader: RequestState | None = None  # n > 1, another choice: the one it forks from
 

@@ -17,10 +17,10 @@ import torch
 from pd_local.cluster.channel import Heartbeater, Inbox, Receiver, Sender
 from pd_local.cluster.dist import DistContext, Role
 from pd_local.cluster.ipc_transfer import kv_receiver, kv_sender
-from pd_local.cluster.messages import (Abort, Fatal, KVEntry, Prefill, PrefillDone,
-                                       PromptLogprobs, ProtocolError, Ready, RejectReason, Rejected,
-                                       Reserve, Reserved, Shutdown, Stats, TokenEntry, Tokens,
-                                       TransferMode, TransferRecord)
+from pd_local.cluster.messages import (Abort, Fatal, KVEntry, MigrateOut, Migrated, Paused, Prefill,
+                                       PrefillDone, PromptLogprobs, ProtocolError, Ready, RejectReason,
+                                       Rejected, Reserve, Reserved, SendKV, Shutdown, Stats, Stay,
+                                       TokenEntry, Tokens, TransferMode, TransferRecord)
 from pd_local.cluster.transfer import KVShape, LayerKV, PromptHidden, StagingDone
 from pd_local.config import EngineConfig
 from pd_local.engine import threads as cpu_threads
@@ -68,6 +68,8 @@ class Worker:
         self.entries: list[TokenEntry] = []
         self.transfers: list[TransferRecord] = []
         self.last_load: Load | None = None
+        self.paused: dict[int, int] = {}  # migrating out -> its KV's end (positions [0, end))
+        self.migrating_in: set[int] = set()
 
     def run(self, make_engine: Callable[[], Engine]) -> None:
         """Build the engine, serve until the router's Shutdown; any error: Fatal, then raise."""
@@ -107,6 +109,8 @@ class Worker:
         match msg:
             case LayerKV() if e.awaits_kv(msg.req_id):
                 e.write_prompt_kv(msg.req_id, msg.layer, msg.k, msg.v, start=msg.start)
+            case PromptHidden() if msg.req_id in self.migrating_in and e.awaits_kv(msg.req_id):
+                self._resume(msg.req_id, msg.record.num_bytes)
             case PromptHidden() if e.awaits_kv(msg.req_id):
                 # the receiver counts a prompt's positions [0, end); its cached prefix never came
                 cached = e.held_tokens(msg.req_id) * self.shape.bytes_per_token
@@ -132,6 +136,15 @@ class Worker:
                 self.admission.append(msg)
             case Abort():
                 self._abort(msg.req_id)
+            case MigrateOut():
+                self._migrate_out(msg)
+            case SendKV() if msg.req_id in self.paused:
+                self._send_kv(msg)
+            case Stay() if msg.req_id in self.paused:
+                del self.paused[msg.req_id]
+                e.end_migration(msg.req_id, moved=False)
+            case SendKV() | Stay():
+                pass  # aborted meanwhile: its blocks were freed then
             case _:
                 raise ProtocolError(f"{self.role.value} rank {self.ctx.rank}: unexpected {msg!r}")
 
@@ -150,6 +163,8 @@ class Worker:
             self.aborted_followers.add(req_id)
         elif self.engine.abort(req_id):  # False when it already finished: nothing to free
             self.started.pop(req_id, None)
+        self.paused.pop(req_id, None)
+        self.migrating_in.discard(req_id)
 
     def _reject(self, req_id: int, e: Exception) -> None:
         log.warning("request %d rejected: %s", req_id, e)
@@ -161,7 +176,12 @@ class Worker:
         while self.admission:
             msg = self.admission[0]
             try:
-                ok = self.engine.reserve(msg.req_id, list(msg.prompt_ids), msg.sampling, msg.followers)
+                if msg.output_ids:  # a migration: its KV comes from the rank it decoded on
+                    ok = self.engine.migrate_in(msg.req_id, list(msg.prompt_ids), list(msg.output_ids), msg.sampling,
+                                                torch.tensor(msg.rng_state, dtype=torch.uint8) if msg.rng_state else None)
+                    self.migrating_in.update([msg.req_id] if ok else [])
+                else:
+                    ok = self.engine.reserve(msg.req_id, list(msg.prompt_ids), msg.sampling, msg.followers)
             except ValueError as e:
                 self.admission.popleft()
                 self.aborted_followers.difference_update(msg.followers)  # rejected with it
@@ -173,7 +193,43 @@ class Worker:
             for f in self.aborted_followers.intersection(msg.followers):
                 self.aborted_followers.discard(f)
                 self.engine.abort(f)
-            self.to_router.send(Reserved(msg.req_id, time.monotonic(), self.engine.held_tokens(msg.req_id)))
+            held = self.engine.held_tokens(msg.req_id)
+            self.to_router.send(Reserved(msg.req_id, time.monotonic(), held))
+            if msg.output_ids and held == len(msg.prompt_ids) + len(msg.output_ids) - 1:
+                self._resume(msg.req_id, 0)  # its prefix cache held every position: no KV comes
+
+    # -- live migration ------------------------------------------------------------------------
+
+    def _migrate_out(self, msg: MigrateOut) -> None:
+        """Stop decoding the request; Paused tells the router what it generated (nothing: it
+        cannot move now, e.g. it finished or is still prefilling)."""
+        try:
+            seq = self.engine.migrate_out(msg.req_id)
+        except ValueError as err:
+            log.info("request %d stays on rank %d: %s", msg.req_id, self.ctx.rank, err)
+            self.to_router.send(Paused(msg.req_id, ()))
+            return
+        g = seq.generator
+        state = tuple(g.get_state().tolist()) if g is not None else ()  # type: ignore[attr-defined]
+        self.paused[msg.req_id] = seq.num_tokens - 1
+        self.to_router.send(Paused(msg.req_id, tuple(seq.output_ids), state))
+
+    def _send_kv(self, msg: SendKV) -> None:
+        """The KV the destination lacks, every layer, then its blocks here are free."""
+        end, e = self.paused.pop(msg.req_id), self.engine
+        if msg.skip < end:
+            sender = self.kv_out[msg.dst]
+            sender.start([KVEntry(msg.req_id, end - msg.skip, msg.skip, True, 0)])
+            for layer in range(e.model.config.num_layers):
+                sender.layer(layer, *e.read_kv(msg.req_id, layer, msg.skip, end))
+            sender.hidden(torch.zeros(1, e.model.config.hidden_size, dtype=e.dtype, device=e.device))
+            sender.finish()
+        e.end_migration(msg.req_id)
+
+    def _resume(self, req_id: int, num_bytes: int) -> None:
+        self.migrating_in.discard(req_id)
+        self.engine.resume(req_id)
+        self.to_router.send(Migrated(req_id, time.monotonic(), num_bytes))
 
     # -- the step ------------------------------------------------------------------------------
 

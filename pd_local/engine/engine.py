@@ -252,7 +252,7 @@ class Engine:
 
     def migrate_out(self, req_id: int) -> Sequence:
         """A decoding request leaves: it stops here, `read_kv` gives its KV of positions
-        [0, num_tokens - 1), `release_migrated` then frees its blocks (abort does too)."""
+        [0, num_tokens - 1), `end_migration` then frees its blocks (abort does too)."""
         seq = self.scheduler.by_id.get(req_id)
         if seq is not None and seq.params.grammar:
             raise ValueError(f"request {req_id}: structured output does not migrate")
@@ -267,8 +267,9 @@ class Engine:
         k, v = self.kv_cache.k[layer], self.kv_cache.v[layer]
         return k.view(-1, *k.shape[2:])[slots], v.view(-1, *v.shape[2:])[slots]
 
-    def release_migrated(self, req_id: int) -> None:
-        self.scheduler.release_migrated(req_id)
+    def end_migration(self, req_id: int, moved: bool = True) -> None:
+        """Moved: its KV was sent, free its blocks (once). Not: it decodes here again."""
+        self.scheduler.end_migration(req_id, moved)
 
     def migrate_in(self, req_id: int, prompt_ids: list[int], output_ids: list[int], params: SamplingParams,
                    rng_state: torch.Tensor | None = None) -> bool:

@@ -329,7 +329,7 @@ class Scheduler:
         return bool(self.queue or self.running or self.reserved or self.migrating)
 
     def migrate_out(self, req_id: int) -> Sequence:
-        """A running sequence stops decoding here; its blocks stay until `release_migrated`."""
+        """A running sequence stops decoding here; its blocks stay until `end_migration`."""
         seq = self.by_id.get(req_id)
         if seq is None or seq.status is not SeqStatus.RUNNING:
             raise ValueError(f"request {req_id} is not decoding here ({'gone' if seq is None else seq.status.value})")
@@ -338,6 +338,11 @@ class Scheduler:
         self.migrating[req_id] = seq
         return seq
 
-    def release_migrated(self, req_id: int) -> None:
-        """Its KV was sent: free its blocks (exactly once)."""
-        self._release(self.migrating.pop(req_id), FinishReason.SENT)
+    def end_migration(self, req_id: int, moved: bool) -> None:
+        """Moved: its KV was sent, free its blocks (exactly once). Not moved: it runs again."""
+        seq = self.migrating.pop(req_id)
+        if moved:
+            self._release(seq, FinishReason.SENT)
+        else:
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)

@@ -1,0 +1,97 @@
+"""Live migration between elastic workers, the router's side (docs/architecture.md, Elastic
+workers): when to move which running request, and the steps of one move: MigrateOut -> Paused ->
+Reserve(output_ids) on the destination -> Reserved -> SendKV -> Migrated (or Rejected -> Stay)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from pd_local.cluster.messages import MigrateOut, Migrated, Paused, Reserve, Stay
+from pd_local.cluster.router_state import RequestState
+
+if TYPE_CHECKING:
+    from pd_local.cluster.router import Router
+
+log = logging.getLogger(__name__)
+
+# A running request moves when decode batches differ by this much (one move narrows it; a gap of
+# 1 would only swap the sides), one at a time, with a pause after each (the ranks' reported
+# batches lag), and only if this many tokens are left to decode.
+MIGRATE_GAP, MIGRATE_PAUSE_S, MIGRATE_MIN_LEFT = 2, 1.0, 16
+
+
+class Mover:
+    """One move at a time; `moving_req` is it. Runs on the router thread."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.moving_req: int | None = None
+        self.dst = 0  # where it goes
+        self.last_end = 0.0
+
+    def rebalance(self) -> None:
+        """From the biggest decode batch to the smallest, when they differ by MIGRATE_GAP: the
+        request with the most tokens left (of those worth moving)."""
+        r = self.router
+        if self.moving_req is not None or time.monotonic() - self.last_end < MIGRATE_PAUSE_S:
+            return
+        busy = max(r.decode.values(), key=lambda x: (x.load.running, -x.rank))
+        idle = min(r.decode.values(), key=lambda x: (x.load.running, x.rank))
+        if busy.load.running - idle.load.running < MIGRATE_GAP:
+            return
+        movable = [q for q in r.requests.values() if q.decode == busy.rank and not q.first_token
+                   and not q.awaits_prompt_lps and not q.sampling.grammar and q.migrating_from is None
+                   and q.sampling.max_tokens - q.generated >= MIGRATE_MIN_LEFT]
+        if not movable:
+            return
+        req = max(movable, key=lambda q: (q.sampling.max_tokens - q.generated, -len(q.prompt_ids)))
+        log.info("migrating request %d: rank %d -> %d (decode batches %d vs %d)", req.req_id,
+                 busy.rank, idle.rank, busy.load.running, idle.load.running)
+        self.moving_req, self.dst = req.req_id, idle.rank
+        req.timeline.mark("migrate_start")
+        r.to_worker[busy.rank].send(MigrateOut(req.req_id, idle.rank))
+
+    def moving(self, req_id: int) -> bool:
+        req = self.router.requests.get(req_id)
+        return req is not None and req.migrating_from is not None
+
+    def ended(self, req_id: int) -> None:
+        if self.moving_req == req_id:
+            self.moving_req = None
+
+    def paused(self, msg: Paused) -> None:
+        """The old rank stopped the request: the destination reserves it (its KV follows)."""
+        r = self.router
+        req = r.requests.get(msg.req_id)
+        if req is None or self.moving_req != msg.req_id or not msg.output_ids:
+            self.ended(msg.req_id)  # ended meanwhile, or it could not move (not decoding there)
+            return
+        src, dst = req.decode, self.dst
+        r.decode[src].unfinished -= 1
+        r.decode[dst].unfinished += 1
+        req.decode, req.migrating_from = dst, src
+        r.to_worker[dst].send(Reserve(req.req_id, req.prompt_ids, req.sampling, (), False,
+                                      msg.output_ids, msg.rng_state))
+
+    def stay(self, req: RequestState) -> None:
+        """The destination refused: the request decodes on where it was."""
+        r, src = self.router, req.migrating_from
+        assert src is not None
+        r.decode[req.decode].unfinished -= 1
+        r.decode[src].unfinished += 1
+        req.decode, req.migrating_from = src, None
+        self.ended(req.req_id)
+        r.to_worker[src].send(Stay(req.req_id))
+
+    def migrated(self, msg: Migrated) -> None:
+        r = self.router
+        self.ended(msg.req_id)
+        self.last_end = time.monotonic()
+        r.kv.migrations += 1
+        r.kv.migration_bytes += msg.num_bytes
+        req = r.requests.get(msg.req_id)
+        if req is not None:
+            req.migrating_from = None
+            req.timeline.mark("migrated", msg.t_end)
