@@ -58,3 +58,20 @@ def test_two_apps_in_one_process_do_not_share_counts() -> None:
     a.count_request("error")
     assert samples(a.render(BackendStats(), 0))[("pd_local_requests_total", (("outcome", "error"),))] == 1
     assert samples(b.render(BackendStats(), 0))[("pd_local_requests_total", (("outcome", "error"),))] == 0
+
+
+def test_elastic_modes_flips_and_migrations() -> None:
+    stats = BackendStats([RankStats(1, "elastic", mode="prefill"), RankStats(2, "elastic", mode="decode"),
+                          RankStats(3, "decode")],
+                         migrations=3, migration_bytes=9000, flips={"prefill": 2, "mixed": 1},
+                         flip_seconds=[("prefill", 0.04), ("prefill", 0.6), ("mixed", 0.0)])
+    s = samples(Metrics().render(stats, 0))
+    assert s[("pd_local_rank_mode", (("mode", "prefill"), ("rank", "1")))] == 1
+    assert s[("pd_local_rank_mode", (("mode", "decode"), ("rank", "2")))] == 1
+    assert not any(name == "pd_local_rank_mode" and ("rank", "3") in labels for name, labels in s)
+    assert s[("pd_local_flips_total", (("to", "prefill"),))] == 2 and s[("pd_local_flips_total", (("to", "mixed"),))] == 1
+    lat = "pd_local_flip_seconds"
+    assert s[(f"{lat}_bucket", (("le", "0.05"), ("to", "prefill")))] == 1
+    assert s[(f"{lat}_bucket", (("le", "1.0"), ("to", "prefill")))] == 2
+    assert s[(f"{lat}_count", (("to", "prefill"),))] == 2 and s[(f"{lat}_sum", (("to", "prefill"),))] == 0.64
+    assert s[("pd_local_migrations_total", ())] == 3 and s[("pd_local_migration_bytes_total", ())] == 9000

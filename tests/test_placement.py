@@ -136,3 +136,14 @@ def test_fixed_topologies_are_placements_with_fewer_choices() -> None:
         place(300, 20, pd[:2], SLO, 16, 512)
     with pytest.raises(ValueError, match="no rank prefills for decode rank 3"):
         place(300, 20, pd[2:], SLO, 16, 512)
+
+
+def test_mostly_decode_ranks_prefill_only_when_the_queue_threatens_ttft() -> None:
+    prefiller = view(1, decodes=False)  # mostly-prefill: takes no decodes
+    decoder = view(2, own=False, others=False)
+    decoder = RankView(**{**decoder.__dict__, "helps": True})
+    p = place(300, 20, [prefiller, decoder], SLO, 16, 512)
+    assert (p.prefill, p.decode) == (1, 2)  # PD-like
+    swamped = view(1, decodes=False, queued=20000)  # 4 s of prompts ahead: TTFT 2 s is out of reach
+    p = place(300, 20, [swamped, decoder], SLO, 16, 512)
+    assert (p.prefill, p.decode) == (2, 2) and p.reason.startswith("local")

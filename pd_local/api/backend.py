@@ -48,6 +48,7 @@ class RankStats:
     generated_tokens: int = 0  # tokens this rank sampled, ever
     threads: int = 0  # CPU threads it computes with, on these CPUs (engine/threads.py)
     cpus: str = ""
+    mode: str = ""  # elastic: mixed, prefill or decode (cluster/modes.py)
 
 
 @dataclass
@@ -58,6 +59,8 @@ class BackendStats:
     kv_transfers: int = 0
     migrations: int = 0  # running requests moved between elastic workers
     migration_bytes: int = 0
+    flips: dict[str, int] = field(default_factory=dict)  # elastic ranks' mode changes, by new mode
+    flip_seconds: list[tuple[str, float]] = field(default_factory=list)  # (new mode, until in effect)
 
 
 class Backend(Protocol):

@@ -56,7 +56,7 @@ def cluster_view(stats: BackendStats, meter: RateMeter, *, model: str, healthy: 
             "queued_prefill_tokens": r.queued_tokens,
             "prefilled_tokens": r.prefilled_tokens, "generated_tokens": r.generated_tokens,
             "prefill_tokens_per_s": prefill_rate, "decode_tokens_per_s": decode_rate,
-            "threads": r.threads, "cpus": r.cpus,
+            "threads": r.threads, "cpus": r.cpus, **({"mode": r.mode} if r.mode else {}),
         })
     return {
         "object": "cluster", "model": model, "status": "ok" if healthy else "unavailable",

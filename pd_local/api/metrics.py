@@ -9,7 +9,7 @@ from operator import attrgetter
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from pd_local.api.backend import BackendStats
@@ -21,6 +21,7 @@ prometheus_client.disable_created_metrics()
 # Seconds. TTFT runs from ~10 ms (a short prompt, idle server) to tens of seconds (queued behind
 # long prompts on CPU); inter-token gaps from ~5 ms to a stall of seconds; one scale serves both.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+FLIP_BUCKETS = (0.0, 0.05, 0.25, 1.0, 5.0, 30.0)
 OUTCOMES = ("stop", "length", "abort", "error", "invalid", "rejected")
 RANK_GAUGES = (
     ("pd_local_kv_blocks_free", "Free KV blocks on a rank.", "load.free_blocks"),
@@ -69,6 +70,24 @@ class _SnapshotCollector(Collector):
                 c.add_metric([str(r.rank), r.role], attrgetter(attr)(r))
             yield c
         s = self.stats
+        g = GaugeMetricFamily("pd_local_rank_mode", "1 for an elastic rank's current mode "
+                              "(mixed, prefill, decode; cluster/modes.py).", labels=["rank", "mode"])
+        for r in s.ranks:
+            if r.mode:
+                g.add_metric([str(r.rank), r.mode], 1)
+        yield g
+        c = CounterMetricFamily("pd_local_flips", "Elastic ranks' mode changes, by the new mode.",
+                                labels=["to"])
+        for mode, n in sorted(s.flips.items()):
+            c.add_metric([mode], n)
+        yield c
+        h = HistogramMetricFamily("pd_local_flip_seconds", "From a flip to its taking effect (to "
+                                  "prefill: its last decode moved away).", labels=["to"])
+        for mode in sorted({m for m, _ in s.flip_seconds}):
+            secs = [x for m, x in s.flip_seconds if m == mode]
+            h.add_metric([mode], [(str(b), sum(x <= b for x in secs)) for b in FLIP_BUCKETS] + [("+Inf", len(secs))],
+                         sum(secs))
+        yield h
         for name, help_text, value in (
             ("pd_local_kv_transfer_bytes", "KV + hidden-state bytes moved prefill -> decode.",
              s.kv_bytes_transferred),

@@ -10,7 +10,8 @@
 | `ipc.py` | the KV transport per (prefill, decode) device pair; CUDA IPC handles as int64 tensors | pickle |
 | `ipc_transfer.py` | KV through a shared staging slot for a same-GPU pair (CUDA IPC; /dev/shm on CPU) | reuse a slot before the receiver's ack |
 | `prefix_index.py` | the router's shadow of each rank's prefix cache (LRU of block hashes) and the `prefix` routing rule; pure Python | ask a rank what it caches |
-| `migration.py` | live migration, the router's side: when to move which running request, and the steps of one move | move two at once |
+| `migration.py` | the router's side of elastic workers beyond placement: mode flips (on the measured work mix) and live migration (when to move which running request, the steps of one move) | move two at once |
+| `modes.py` | elastic ranks' modes (mixed, mostly-prefill, mostly-decode): the flip policy with hysteresis and dwell; pure | talk to a rank |
 | `placement.py` | elastic workers: a request's (prefill, decode) ranks from a snapshot and the SLOs; pure | talk to a rank |
 | `router.py` | rank 0: the `api.backend.Backend` over the workers; routing | block the asyncio loop |
 | `router_state.py` | what the router keeps per request and per rank | talk to a rank |

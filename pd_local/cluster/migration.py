@@ -1,6 +1,7 @@
-"""Live migration between elastic workers, the router's side (docs/architecture.md, Elastic
-workers): when to move which running request, and the steps of one move: MigrateOut -> Paused ->
-Reserve(output_ids) on the destination -> Reserved -> SendKV -> Migrated (or Rejected -> Stay)."""
+"""The router's side of elastic workers beyond placement (docs/architecture.md, Elastic workers):
+their modes (modes.py's policy on the measured work mix), and live migration: when to move which
+running request, and the steps of one move: MigrateOut -> Paused -> Reserve(output_ids) on the
+destination -> Reserved -> SendKV -> Migrated (or Rejected -> Stay)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 from typing import TYPE_CHECKING
 
 from pd_local.cluster.messages import MigrateOut, Migrated, Paused, Reserve, Stay
+from pd_local.cluster.modes import Mode, ModePolicy, Rate, prefill_share
 from pd_local.cluster.router_state import RequestState
 
 if TYPE_CHECKING:
@@ -30,16 +32,49 @@ class Mover:
         self.moving_req: int | None = None
         self.dst = 0  # where it goes
         self.last_end = 0.0
+        self.policy = ModePolicy({r: Mode.MIXED for r in router.decode})
+        self.prompt_rate, self.token_rate = Rate(), Rate()  # prompt tokens routed, tokens generated /s
+        self.vacating: dict[int, float] = {}  # flipped to prefill at -> until its last decode left
+        for r in router.decode.values() if router.elastic else ():
+            r.mode = Mode.MIXED.value
+
+    def flip(self, now: float) -> None:
+        """Ask the mode policy, on the work mix measured and the ranks' own step costs."""
+        r = self.router
+        known = [x.load.cost for x in r.decode.values() if x.load.cost.known]
+        if not known:
+            return
+        token_ms = sum(c.token_ms for c in known) / len(known)
+        batch = max(1.0, sum(x.load.running for x in r.decode.values()) / len(r.decode))
+        decode_ms = sum(c.row_ms + c.base_ms / batch for c in known) / len(known)
+        share = prefill_share(self.prompt_rate.at(now), self.token_rate.at(now), token_ms, decode_ms)
+        for f in self.policy.decide(now, share, {x.rank: x.load.running for x in r.decode.values()}):
+            log.info("rank %d -> %s: %s", f.rank, f.to.value, f.reason)
+            r.ranks[f.rank].mode = f.to.value
+            r.kv.flips[f.to.value] = r.kv.flips.get(f.to.value, 0) + 1
+            if f.to is Mode.PREFILL:
+                self.vacating[f.rank] = now
+            else:
+                self.vacating.pop(f.rank, None)
+                r.kv.flip_seconds.append((f.to.value, 0.0))  # takes effect with the next request
 
     def rebalance(self) -> None:
-        """From the biggest decode batch to the smallest, when they differ by MIGRATE_GAP: the
-        request with the most tokens left (of those worth moving)."""
-        r = self.router
-        if self.moving_req is not None or time.monotonic() - self.last_end < MIGRATE_PAUSE_S:
+        """Flip modes, then move a running request: off a mostly-prefill rank first, else from
+        the biggest decode batch to the smallest when they differ by MIGRATE_GAP; the request
+        with the most tokens left (of those worth moving)."""
+        r, now = self.router, time.monotonic()
+        self.flip(now)
+        for rank, t in list(self.vacating.items()):
+            if r.decode[rank].load.running == 0:  # emptied: the flip is done
+                del self.vacating[rank]
+                r.kv.flip_seconds.append((Mode.PREFILL.value, now - t))
+        if self.moving_req is not None or now - self.last_end < MIGRATE_PAUSE_S:
             return
-        busy = max(r.decode.values(), key=lambda x: (x.load.running, -x.rank))
-        idle = min(r.decode.values(), key=lambda x: (x.load.running, x.rank))
-        if busy.load.running - idle.load.running < MIGRATE_GAP:
+        takers = [x for x in r.decode.values() if self.policy.modes[x.rank] is not Mode.PREFILL]
+        idle = min(takers, key=lambda x: (x.load.running, x.rank))
+        emptying = [x for x in r.decode.values() if x.rank in self.vacating and x.load.running]
+        busy = emptying[0] if emptying else max(takers, key=lambda x: (x.load.running, -x.rank))
+        if not emptying and busy.load.running - idle.load.running < MIGRATE_GAP:
             return
         movable = [q for q in r.requests.values() if q.decode == busy.rank and not q.first_token
                    and not q.awaits_prompt_lps and not q.sampling.grammar and q.migrating_from is None

@@ -28,6 +28,7 @@ class RankView:
     running: int  # its decode batch
     free_blocks: int
     cost: StepCost
+    helps: bool = False  # prefills (its own or others') only when no other rank would in TTFT
 
 
 @dataclass(frozen=True)
@@ -55,16 +56,23 @@ def place(prompt_tokens: int, blocks: int, ranks: Sequence[RankView], slo: Slo, 
     fits = [r for r in decoders if r.free_blocks >= blocks] or decoders
     d = min(fits, key=lambda r: (r.running, r.cost.step_ms(r.running + 1, 0), -r.free_blocks, r.rank))
     others = [r for r in ranks if r.prefills_for_others and r.rank != d.rank]
-    cands = ([d] if d.prefills_own else []) + others
+    own = d.prefills_own
+    cands = ([d] if own else []) + others
+    est = {r.rank: prefill_ms(r, prompt_tokens, slo, floor, cap) for r in ranks if r.cost.known}
+    helpers = [r for r in ranks if r.helps and r not in cands]
+    if helpers and (not cands or min(est.get(r.rank, 0.0) for r in cands) > slo.ttft_ms):
+        own = own or d in helpers  # the queue threatens TTFT: the mostly-decode ranks help
+        others += [r for r in helpers if r is not d]
+        cands += helpers
+    known = all(r.rank in est for r in cands)
     if not cands:
         raise ValueError(f"no rank prefills for decode rank {d.rank}")
-    if not all(r.cost.known for r in cands):
+    if not known:
         p = min(cands, key=lambda r: (r.queued_tokens, r is not d, r.rank))
         return Placement(p.rank, d.rank, 0.0, f"costs unknown: least queued prefill ({p.queued_tokens} tokens)")
-    est = {r.rank: prefill_ms(r, prompt_tokens, slo, floor, cap) for r in cands}
     best = min(others, key=lambda r: (est[r.rank], r.rank)) if others else d
-    if d.prefills_own and not est[best.rank] < LOCAL_MARGIN * est[d.rank]:
+    if own and not est[best.rank] < LOCAL_MARGIN * est[d.rank]:
         why = f" (rank {best.rank}: {est[best.rank]:.0f} ms)" if others else ""
         return Placement(d.rank, d.rank, est[d.rank], f"local: {est[d.rank]:.0f} ms{why}")
-    local = f" (locally {est[d.rank]:.0f} ms)" if d.prefills_own else ""
+    local = f" (locally {est[d.rank]:.0f} ms)" if own else ""
     return Placement(best.rank, d.rank, est[best.rank], f"rank {best.rank} prefills: {est[best.rank]:.0f} ms{local}")

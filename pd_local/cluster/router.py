@@ -11,6 +11,7 @@ import dataclasses
 import itertools
 import logging
 import threading
+import time
 
 from pd_local.api.backend import BackendStats, RequestOutput
 from pd_local.cluster.dist import DistContext
@@ -19,6 +20,7 @@ from pd_local.cluster.messages import (Abort, Fatal, Migrated, Paused, Prefill, 
                                        PromptLogprobs, Ready, RejectReason, Rejected, Reserve,
                                        Reserved, SendKV, Shutdown, Stats, TokenEntry, Tokens)
 from pd_local.cluster.migration import Mover
+from pd_local.cluster.modes import Mode
 from pd_local.cluster.placement import RankView, Slo, place
 from pd_local.cluster.prefix_index import Candidate, choose
 from pd_local.cluster.router_state import RankState, RequestState, with_token
@@ -111,7 +113,8 @@ class Router:
 
     def stats(self) -> BackendStats:
         ranks = [r.snapshot() for r in self.ranks.values()]
-        return dataclasses.replace(self.kv, ranks=ranks)
+        return dataclasses.replace(self.kv, ranks=ranks, flips=dict(self.kv.flips),
+                                   flip_seconds=list(self.kv.flip_seconds))
 
     def begin_stop(self, why: str) -> None:
         """From now on the server is unavailable (503, `why`); requests in flight go on."""
@@ -328,6 +331,7 @@ class Router:
         rank.load = msg.load
         rank.generated_tokens += len(msg.entries)
         if self.elastic:
+            self.mover.token_rate.add(time.monotonic(), len(msg.entries))
             self.mover.rebalance()
         for rec in msg.transfers:
             self.kv.kv_bytes_transferred += rec.num_bytes
@@ -373,8 +377,11 @@ class Router:
 
     def _place(self, req: RequestState) -> tuple[int, int]:
         """Elastic workers: (decode, prefill) ranks from placement.place on what the router knows."""
-        views = [RankView(r.rank, True, True, True, r.queued_tokens, r.unfinished, r.load.free_blocks,
-                          r.load.cost) for r in self.ranks.values()]
+        modes = {r: self.mover.policy.modes[r] for r in self.ranks}
+        views = [RankView(r.rank, m is not Mode.PREFILL, m is not Mode.DECODE, m is not Mode.DECODE, r.queued_tokens,
+                          r.unfinished, r.load.free_blocks, r.load.cost, m is Mode.DECODE)
+                 for r in self.ranks.values() for m in [modes[r.rank]]]
+        self.mover.prompt_rate.add(time.monotonic(), len(req.prompt_ids))
         e, n = self.ctx.cfg.engine, len(req.prompt_ids)
         pl = place(n, blocks_for(n, self.block_size), views, self.slo, e.block_size, e.max_prefill_tokens)
         log.debug("request %d -> decode %d, prefill %d: %s", req.req_id, pl.decode, pl.prefill, pl.reason)
