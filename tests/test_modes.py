@@ -1,5 +1,6 @@
-"""The mode policy of elastic workers on synthetic traces: it flips when the work mix shifts, not
-on a noisy steady mix, never within the dwell time, and never back and forth."""
+"""The mode policy of elastic workers on synthetic traces of demand (busy ranks of prefill and of
+decode work): it flips when the work mix shifts, not on a noisy steady mix, never within the
+dwell time, and never back and forth."""
 
 from __future__ import annotations
 
@@ -8,72 +9,88 @@ import random
 
 import pytest
 
-from pd_local.cluster.modes import DWELL_S, HYSTERESIS, Mode, ModePolicy, Rate, prefill_share
+from pd_local.cluster.modes import CONFIRM_S, DWELL_S, Mode, ModePolicy, Rate
 
 
 def policy(n: int) -> ModePolicy:
     return ModePolicy({r: Mode.MIXED for r in range(1, n + 1)})
 
 
-def run(p: ModePolicy, shares: list[float], dt: float = 0.5, running: dict[int, int] | None = None
-        ) -> list[tuple[float, int, Mode]]:
+def run(p: ModePolicy, demand: list[tuple[float, float]], dt: float = 0.5,
+        running: dict[int, int] | None = None) -> list[tuple[float, int, Mode]]:
     """One decision every dt seconds; every flip as (time, rank, mode)."""
     out = []
-    for i, share in enumerate(shares):
-        out += [(i * dt, f.rank, f.to) for f in p.decide(i * dt, share, running or {})]
+    for i, (prefill, decode) in enumerate(demand):
+        out += [(i * dt, f.rank, f.to) for f in p.decide(i * dt, prefill, decode, running or {})]
     return out
 
 
-def noisy(rng: random.Random, mean: float, spread: float, n: int) -> list[float]:
-    return [min(1.0, max(0.0, mean + rng.uniform(-spread, spread))) for _ in range(n)]
+def noisy(rng: random.Random, prefill: float, decode: float, spread: float, n: int) -> list[tuple[float, float]]:
+    return [(prefill * rng.uniform(1 - spread, 1 + spread), decode * rng.uniform(1 - spread, 1 + spread))
+            for _ in range(n)]
 
 
-def test_a_prefill_heavy_or_decode_heavy_steady_mix_keeps_every_rank_mixed() -> None:
+def test_prefill_heavy_or_decode_heavy_steady_demand_keeps_every_rank_mixed() -> None:
+    """Prefill-heavy: one rank could not carry it (it needs both); decode-heavy: prefill is too
+    small a share to give it a rank."""
     rng = random.Random(0)
-    for mean in (0.92, 0.08):
+    for prefill, decode in ((1.0, 0.12), (0.08, 0.5), (0.6, 0.05)):
         p = policy(2)
-        assert run(p, noisy(rng, mean, 0.05, 400)) == []
+        assert run(p, noisy(rng, prefill, decode, 0.15, 400)) == []
         assert set(p.modes.values()) == {Mode.MIXED}
 
 
 def test_a_balanced_mix_splits_once_and_stays_split_through_noise() -> None:
     p = policy(2)
-    flips = run(p, noisy(random.Random(1), 0.5, 0.12, 400), running={1: 3, 2: 0})
-    assert flips == [(0.0, 1, Mode.DECODE), (0.0, 2, Mode.PREFILL)]  # the idle rank prefills
+    flips = run(p, noisy(random.Random(1), 0.4, 0.35, 0.25, 400), running={1: 3, 2: 0})
+    assert flips == [(CONFIRM_S, 1, Mode.DECODE), (CONFIRM_S, 2, Mode.PREFILL)]  # the idle rank prefills
     assert p.split() == 1
 
 
 def test_a_shifting_mix_flips_at_each_phase_and_respects_the_dwell() -> None:
     rng = random.Random(2)
-    shares = noisy(rng, 0.9, 0.05, 60) + noisy(rng, 0.5, 0.05, 60) + noisy(rng, 0.1, 0.05, 60)
-    flips = run(policy(2), shares)
+    demand = noisy(rng, 1.0, 0.12, 0.1, 60) + noisy(rng, 0.4, 0.3, 0.1, 60) + noisy(rng, 0.05, 0.5, 0.1, 60)
+    flips = run(policy(2), demand)
     times = sorted({t for t, _, _ in flips})
-    assert len(times) == 2 and 30 <= times[0] < 30 + DWELL_S and 60 <= times[1] < 60 + DWELL_S, flips
-    assert [m for t, _, m in flips if t == times[1]] == [Mode.MIXED, Mode.MIXED]
+    assert times == [30.0 + CONFIRM_S, 60.0 + CONFIRM_S], flips  # each confirmed, early in its phase
+    assert [m for t, _, m in flips if t == 60.0 + CONFIRM_S] == [Mode.MIXED, Mode.MIXED]
 
 
-def test_a_share_hovering_at_a_boundary_flips_at_most_once() -> None:
-    """n = 2: split when share x 2 reaches 0.5 + HYSTERESIS, back only below 0.5 - HYSTERESIS."""
-    shares = [0.35 + 0.04 * math.sin(i / 3) for i in range(600)]  # x 2 = 0.62 .. 0.78
-    assert min(shares) * 2 > 0.5 - HYSTERESIS and max(shares) * 2 > 0.5 + HYSTERESIS
-    flips = run(policy(2), shares)
+def test_demand_hovering_at_a_boundary_flips_at_most_once() -> None:
+    """A split starts at a prefill share of 0.25 and ends below 0.15; between, nothing flips."""
+    hover = [(0.135 + 0.035 * math.sin(i / 3), 0.4) for i in range(600)]  # share 0.20 .. 0.30
+    flips = run(policy(2), hover)
     assert len({t for t, _, _ in flips}) == 1, flips  # in once, never out
-    quiet = [0.25 + 0.09 * math.sin(i / 3) for i in range(600)]  # x 2 = 0.32 .. 0.68: inside the band
+    quiet = [(0.1 + 0.024 * math.sin(i / 3), 0.4) for i in range(600)]  # share 0.16 .. 0.24
     assert run(policy(2), quiet) == []
+    # the prefill side's load: in at 0.7 of a rank, out only past 0.9
+    load = [(0.65 + 0.2 * max(0.0, math.sin(i / 3)), 0.3) for i in range(600)]  # 0.65 .. 0.85
+    assert len({t for t, _, _ in run(policy(2), load)}) == 1
 
 
 def test_dwell_blocks_a_flip_right_after_another() -> None:
     p = policy(2)
-    assert run(p, [0.5]) != []  # split at t = 0
-    assert p.decide(DWELL_S - 0.1, 0.0, {}) == []  # all decode now, but too soon
-    assert [f.to for f in p.decide(DWELL_S, 0.0, {})] == [Mode.MIXED, Mode.MIXED]
-    assert all("prefill share 0.00" in h[3] for h in p.history[-2:])  # each flip has its reason
+    assert run(p, [(0.4, 0.4)] * 9) != []  # split at t = CONFIRM_S
+    t = CONFIRM_S
+    assert p.decide(t + 1, 0.0, 0.8, {}) == []  # all decode now: wanted since t + 1
+    assert p.decide(t + DWELL_S - 0.1, 0.0, 0.8, {}) == []  # confirmed, but too soon after the flip
+    assert [f.to for f in p.decide(t + DWELL_S, 0.0, 0.8, {})] == [Mode.MIXED, Mode.MIXED]
+    assert all("demand 0.00 prefill + 0.80 decode" in h[3] for h in p.history[-2:])  # each with its reason
 
 
-@pytest.mark.parametrize("share, prefill_ranks", [(0.5, 2), (0.3, 1), (0.7, 3), (0.05, 0), (0.97, 0)])
-def test_four_ranks_split_in_proportion_to_the_mix(share: float, prefill_ranks: int) -> None:
+def test_a_mix_passing_through_on_the_way_to_another_phase_flips_nothing() -> None:
+    """Prefill-heavy -> decode-heavy: the averages look balanced for a moment between."""
+    demand = [(1.0, 0.12)] * 20 + [(0.3, 0.25)] * 7 + [(0.05, 0.6)] * 40  # 3.5 s of a mix
+    assert run(policy(2), demand) == []
+
+
+@pytest.mark.parametrize("prefill, decode, prefill_ranks", [
+    (1.2, 0.8, 2), (0.5, 1.5, 1), (1.8, 0.65, 3), (2.5, 0.6, 0), (0.1, 2.0, 0), (1.2, 2.0, 0)])
+def test_four_ranks_split_as_each_side_needs(prefill: float, decode: float, prefill_ranks: int) -> None:
     p = policy(4)
-    p.decide(0.0, share, {1: 4, 2: 1, 3: 0, 4: 2})
+    p.decide(0.0, prefill, decode, {1: 4, 2: 1, 3: 0, 4: 2})
+    assert p.split() == 0  # wanted, not yet confirmed
+    p.decide(CONFIRM_S, prefill, decode, {1: 4, 2: 1, 3: 0, 4: 2})
     assert p.split() == prefill_ranks
     if prefill_ranks:
         assert set(p.modes.values()) == {Mode.PREFILL, Mode.DECODE}
@@ -81,11 +98,13 @@ def test_four_ranks_split_in_proportion_to_the_mix(share: float, prefill_ranks: 
         assert {r for r, m in p.modes.items() if m is Mode.PREFILL} == set(by_batch[:prefill_ranks])
 
 
-def test_rates_and_the_prefill_share() -> None:
+def test_rates() -> None:
     r = Rate()
     for i in range(200):
         r.add(i * 0.1, 50)  # 500 tokens/s
     assert r.at(19.9) == pytest.approx(500, rel=0.05)
-    assert r.at(19.9 + 5) == pytest.approx(r.at(19.9) / math.e)  # decays with no events
-    assert prefill_share(1000, 20, token_ms=0.2, decode_token_ms=10) == pytest.approx(200 / 400)
-    assert prefill_share(0, 0, 0.2, 10) == 0.5
+    assert r.at(19.9 + 5) == pytest.approx(r.at(19.9) / math.e, rel=0.02)  # decays with no events
+    early = Rate()
+    for i in range(10):
+        early.add(i * 0.1, 50)
+    assert early.at(0.9) == pytest.approx(500, rel=0.15) and early.age(0.9) == 0.9  # not 1/5 of it

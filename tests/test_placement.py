@@ -147,3 +147,17 @@ def test_mostly_decode_ranks_prefill_only_when_the_queue_threatens_ttft() -> Non
     swamped = view(1, decodes=False, queued=20000)  # 4 s of prompts ahead: TTFT 2 s is out of reach
     p = place(300, 20, [swamped, decoder], SLO, 16, 512)
     assert (p.prefill, p.decode) == (2, 2) and p.reason.startswith("local")
+
+
+def test_the_fit_splits_each_step_time_into_prefill_and_decode_work() -> None:
+    fit = CostFit()
+    fit.add(4, 0, 18.0)  # decode only
+    fit.add(0, 256, 61.2)  # prefill only (the cost is unknown before it: all prefill)
+    assert fit.busy == (61.2, 18.0)
+    for i in range(300):
+        rows, tokens = i % 9, (i % 4) * 64
+        fit.add(rows, tokens, COST.step_ms(rows, tokens))
+    before, cost = fit.busy, fit.cost()
+    fit.add(8, 128, COST.step_ms(8, 128))  # mixed: its rows' part is what they alone would cost
+    assert fit.busy[1] - before[1] == pytest.approx(cost.step_ms(8, 0))
+    assert fit.busy[0] - before[0] == pytest.approx(COST.step_ms(8, 128) - cost.step_ms(8, 0))

@@ -10,7 +10,8 @@ import time
 from typing import TYPE_CHECKING
 
 from pd_local.cluster.messages import MigrateOut, Migrated, Paused, Reserve, Stay
-from pd_local.cluster.modes import Mode, ModePolicy, Rate, prefill_share
+from pd_local.cluster.modes import RATE_TAU_S, Mode, ModePolicy, Rate
+from pd_local.engine.events import Load
 from pd_local.cluster.router_state import RequestState
 
 if TYPE_CHECKING:
@@ -33,22 +34,26 @@ class Mover:
         self.dst = 0  # where it goes
         self.last_end = 0.0
         self.policy = ModePolicy({r: Mode.MIXED for r in router.decode})
-        self.prompt_rate, self.token_rate = Rate(), Rate()  # prompt tokens routed, tokens generated /s
+        self.busy = (Rate(), Rate())  # ms/s the ranks spend on prompt tokens, on decode rows
+        self.busy_seen: dict[int, tuple[float, float]] = {}
         self.vacating: dict[int, float] = {}  # flipped to prefill at -> until its last decode left
         for r in router.decode.values() if router.elastic else ():
             r.mode = Mode.MIXED.value
 
+    def observe(self, rank: int, load: Load, now: float) -> None:
+        """A rank's load report: its busy time since the last one joins the work measured."""
+        was = self.busy_seen.get(rank, (0.0, 0.0))
+        self.busy_seen[rank] = (load.prefill_busy_ms, load.decode_busy_ms)
+        for rate, a, b in zip(self.busy, was, self.busy_seen[rank]):
+            rate.add(now, b - a)
+
     def flip(self, now: float) -> None:
-        """Ask the mode policy, on the work mix measured and the ranks' own step costs."""
+        """Ask the mode policy, on the work measured (busy ranks of prefill and of decode)."""
         r = self.router
-        known = [x.load.cost for x in r.decode.values() if x.load.cost.known]
-        if not known:
+        if self.busy[0].age(now) < RATE_TAU_S:  # measure a while first
             return
-        token_ms = sum(c.token_ms for c in known) / len(known)
-        batch = max(1.0, sum(x.load.running for x in r.decode.values()) / len(r.decode))
-        decode_ms = sum(c.row_ms + c.base_ms / batch for c in known) / len(known)
-        share = prefill_share(self.prompt_rate.at(now), self.token_rate.at(now), token_ms, decode_ms)
-        for f in self.policy.decide(now, share, {x.rank: x.load.running for x in r.decode.values()}):
+        prefill, decode = (rate.at(now) / 1000 for rate in self.busy)
+        for f in self.policy.decide(now, prefill, decode, {x.rank: x.load.running for x in r.decode.values()}):
             log.info("rank %d -> %s: %s", f.rank, f.to.value, f.reason)
             r.ranks[f.rank].mode = f.to.value
             r.kv.flips[f.to.value] = r.kv.flips.get(f.to.value, 0) + 1
@@ -78,6 +83,7 @@ class Mover:
             return
         movable = [q for q in r.requests.values() if q.decode == busy.rank and not q.first_token
                    and not q.awaits_prompt_lps and not q.sampling.grammar and q.migrating_from is None
+                   and "migrate_start" not in q.timeline.t  # once: no ping-pong
                    and q.sampling.max_tokens - q.generated >= MIGRATE_MIN_LEFT]
         if not movable:
             return

@@ -1,6 +1,6 @@
 """Whole elastic workers flip between mixed, mostly-prefill and mostly-decode as the work mix
-shifts (docs/architecture.md, Elastic workers). Pure: the router feeds it the prefill share of
-the work it measures; tests run it on traces."""
+shifts (docs/architecture.md, Elastic workers). Pure: the router feeds it the prefill and decode
+demand it measures; tests run it on traces."""
 
 from __future__ import annotations
 
@@ -8,9 +8,16 @@ import enum
 import math
 from dataclasses import dataclass, field
 
-# Leave the current split only when the prefill share x n ranks is this far past the point where
-# rounding would change it, and never within DWELL_S of the last flip: no oscillation on noise.
-HYSTERESIS, DWELL_S = 0.2, 5.0
+# A split (some ranks mostly-prefill, the rest mostly-decode) needs both kinds of work to matter
+# (the prefill share of it within SHARE) and each side to carry its own at no more than UTIL of
+# its ranks; entering asks the first bounds, staying the second (hysteresis). No flip within
+# DWELL_S of the last: no oscillation on noise.
+SHARE_ENTER, SHARE_STAY = (0.25, 0.75), (0.15, 0.85)
+UTIL_ENTER, UTIL_STAY = 0.7, 0.9
+DWELL_S = 5.0
+# ... and a new split must be wanted this long first: the averages pass through a mix on their
+# way from one phase to the next (prefill-heavy -> decode-heavy looks balanced for a few seconds).
+CONFIRM_S = 4.0
 # The work rates are averaged over this many seconds (an exponential moving average).
 RATE_TAU_S = 5.0
 
@@ -29,24 +36,26 @@ class Flip:
 
 
 class Rate:
-    """Events per second, an exponential moving average over RATE_TAU_S."""
+    """Events per second, an exponential moving average over RATE_TAU_S, bias-corrected for the
+    time since the first event (an average started at 0 would read low for the first seconds)."""
 
     def __init__(self) -> None:
-        self.value, self.t = 0.0, None  # type: ignore[var-annotated]
+        self.value, self.t, self.t0 = 0.0, 0.0, None  # type: ignore[var-annotated]
 
     def add(self, now: float, amount: float) -> None:
-        self.value = self.at(now) + amount / RATE_TAU_S
+        self.t0 = now if self.t0 is None else self.t0
+        self.value = self._decayed(now) + amount / RATE_TAU_S
         self.t = now
 
+    def _decayed(self, now: float) -> float:
+        return self.value * math.exp(-(now - self.t) / RATE_TAU_S)
+
+    def age(self, now: float) -> float:
+        return 0.0 if self.t0 is None else now - self.t0
+
     def at(self, now: float) -> float:
-        return self.value if self.t is None else self.value * math.exp(-(now - self.t) / RATE_TAU_S)
-
-
-def prefill_share(prompt_rate: float, token_rate: float, token_ms: float, decode_token_ms: float) -> float:
-    """The share of the compute demand that is prefill: prompt tokens/s x ms each against
-    generated tokens/s x ms each (0.5 when there is no demand)."""
-    p, d = prompt_rate * token_ms, token_rate * decode_token_ms
-    return 0.5 if p + d <= 0 else p / (p + d)
+        seen = 1 - math.exp(-self.age(now) / RATE_TAU_S)  # the average's weight so far
+        return self._decayed(now) / seen if seen > 0 else 0.0
 
 
 @dataclass
@@ -57,24 +66,33 @@ class ModePolicy:
     modes: dict[int, Mode]
     last_flip: float = -math.inf
     history: list[tuple[float, int, Mode, str]] = field(default_factory=list)
+    wanted: tuple[int, float] = (0, 0.0)  # the split last wanted, since when
 
     def split(self) -> int:
         return sum(m is Mode.PREFILL for m in self.modes.values())
 
-    def decide(self, now: float, share: float, running: dict[int, int]) -> list[Flip]:
-        """The flips that bring the number of mostly-prefill ranks to round(share x n), when that
-        is neither 0 nor n (then every rank is mixed); `running`: each rank's decode batch."""
-        n, k = len(self.modes), self.split()
-        x = share * n
-        if k == 0:  # all mixed: split only well inside (0.5, n - 0.5)
-            want = round(x) if 0.5 + HYSTERESIS <= x <= n - 0.5 - HYSTERESIS else 0
-        elif x < 0.5 - HYSTERESIS or x > n - 0.5 + HYSTERESIS:
-            want = 0
-        else:
-            want = k if abs(x - k) <= 0.5 + HYSTERESIS else min(max(round(x), 1), n - 1)
-        if (want == k and (k == 0 or Mode.MIXED not in self.modes.values())) or now - self.last_flip < DWELL_S:
+    def want(self, prefill: float, decode: float, staying: bool) -> int:
+        """Mostly-prefill ranks for this demand (in busy ranks): enough to carry the prefill
+        at UTIL, if the rest carry the decode at UTIL; 0 (all mixed) otherwise."""
+        n, util = len(self.modes), UTIL_STAY if staying else UTIL_ENTER
+        lo, hi = SHARE_STAY if staying else SHARE_ENTER
+        share = prefill / (prefill + decode) if prefill + decode > 0 else 0.0
+        k = max(1, math.ceil(prefill / util))
+        if not lo <= share <= hi or k + max(1, math.ceil(decode / util)) > n:
+            return 0
+        return min(max(k, self.split()), n - 1) if staying else k
+
+    def decide(self, now: float, prefill: float, decode: float, running: dict[int, int]) -> list[Flip]:
+        """The flips to `want`'s split (`running`: each rank's decode batch)."""
+        k = self.split()
+        want = self.want(prefill, decode, staying=k > 0)
+        if want != self.wanted[0]:
+            self.wanted = (want, now)
+        if (want == k and (k == 0 or Mode.MIXED not in self.modes.values())) or now - self.last_flip < DWELL_S \
+                or now - self.wanted[1] < CONFIRM_S:
             return []
-        why = f"prefill share {share:.2f} of {n} ranks: {want} mostly-prefill (was {k})"
+        n = len(self.modes)
+        why = f"demand {prefill:.2f} prefill + {decode:.2f} decode ranks of {n}: {want} mostly-prefill (was {k})"
         if want == 0:
             target = dict.fromkeys(self.modes, Mode.MIXED)
         else:  # the ranks with the fewest running decodes prefill: the least to move away

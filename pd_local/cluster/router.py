@@ -277,6 +277,8 @@ class Router:
                     self._finish(r, FinishReason.ERROR, error=REJECT_TEXT[msg.reason])
             case Stats():
                 self.ranks[peer].load = msg.load
+                if self.elastic:
+                    self.mover.observe(peer, msg.load, time.monotonic())
             case Ready():
                 self._ready(peer, msg)
             case Paused():
@@ -331,7 +333,7 @@ class Router:
         rank.load = msg.load
         rank.generated_tokens += len(msg.entries)
         if self.elastic:
-            self.mover.token_rate.add(time.monotonic(), len(msg.entries))
+            self.mover.observe(peer, msg.load, time.monotonic())
             self.mover.rebalance()
         for rec in msg.transfers:
             self.kv.kv_bytes_transferred += rec.num_bytes
@@ -381,7 +383,6 @@ class Router:
         views = [RankView(r.rank, m is not Mode.PREFILL, m is not Mode.DECODE, m is not Mode.DECODE, r.queued_tokens,
                           r.unfinished, r.load.free_blocks, r.load.cost, m is Mode.DECODE)
                  for r in self.ranks.values() for m in [modes[r.rank]]]
-        self.mover.prompt_rate.add(time.monotonic(), len(req.prompt_ids))
         e, n = self.ctx.cfg.engine, len(req.prompt_ids)
         pl = place(n, blocks_for(n, self.block_size), views, self.slo, e.block_size, e.max_prefill_tokens)
         log.debug("request %d -> decode %d, prefill %d: %s", req.req_id, pl.decode, pl.prefill, pl.reason)

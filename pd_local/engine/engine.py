@@ -141,7 +141,7 @@ class Engine:
 
     def load(self) -> Load:
         return Load(self.num_free_blocks, self.num_total_blocks, self.num_running, self.num_waiting, 0,
-                    self.num_cached_blocks, self.prefix_hit_tokens, self.cost.cost())
+                    self.num_cached_blocks, self.prefix_hit_tokens, self.cost.cost(), *self.cost.busy)
 
     def set_prefill_budget(self, tokens: int) -> None:
         """Prompt tokens per step from now on (engine.max_prefill_tokens until set)."""

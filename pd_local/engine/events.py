@@ -45,3 +45,5 @@ class Load:
     cached_blocks: int = 0  # free blocks whose KV the prefix cache keeps
     prefix_hit_tokens: int = 0  # prompt tokens whose KV came from the prefix cache, ever
     cost: StepCost = StepCost()  # its steps' time, fitted (engine/step_cost.py)
+    prefill_busy_ms: float = 0.0  # time its steps spent on prompt tokens, since start
+    decode_busy_ms: float = 0.0  # ... on decode rows

@@ -47,8 +47,13 @@ class CostFit:
         self._a = [[0.0] * 3 for _ in range(3)]
         self._b = [0.0] * 3
         self.steps = 0
+        self.busy = (0.0, 0.0)  # ms spent on prompt tokens, on decode rows, since start
 
     def add(self, rows: int, tokens: int, ms: float) -> None:
+        """One step's time; a mixed step's decode part is what its rows alone would cost."""
+        cost = self.cost()
+        decode = ms if not tokens else min(ms, cost.step_ms(rows, 0)) if rows and cost.known else 0.0
+        self.busy = (self.busy[0] + ms - decode, self.busy[1] + decode)
         x = (1.0, float(rows), float(tokens))
         for i in range(3):
             self._b[i] = self.decay * self._b[i] + x[i] * ms
