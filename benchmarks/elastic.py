@@ -45,6 +45,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--input-len", type=int, default=32, help="decode-heavy prompts (words)")
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--slo", default="ttft=3000,tpot=150", help="what a good request meets (ms)")
+    p.add_argument("--elastic-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="more --set for the elastic server (e.g. slo.tpot_ms=1e9: no TPOT budget)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/elastic.json"))
     p.add_argument("--log-dir", type=Path, default=Path("/tmp/pd-local-elastic-logs"))
@@ -58,7 +60,8 @@ def say(msg: str) -> None:
 def run_one(name: str, a: argparse.Namespace, result: Path) -> dict[str, Any]:
     slo = dict(kv.split("=") for kv in a.slo.split(","))  # the elastic placement aims at the same
     aims = [x for k in ("ttft", "tpot") if k in slo for x in ("--set", f"slo.{k}_ms={float(slo[k])}")]
-    proc, url = start_server(name, [*TOPOLOGIES[name], "--dtype", a.dtype, *aims], a.log_dir / f"{name}.log")
+    extra = [x for kv in a.elastic_set for x in ("--set", kv)] if name == "elastic-2" else []
+    proc, url = start_server(name, [*TOPOLOGIES[name], "--dtype", a.dtype, *aims, *extra], a.log_dir / f"{name}.log")
     try:
         cmd = [sys.executable, "-m", "pd_local", "bench", "--base-url", url, "--endpoint",
                "/v1/completions", "--workload", "shifting", "--request-rate", str(a.rate),

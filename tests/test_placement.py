@@ -61,6 +61,14 @@ def test_the_prefill_budget_shrinks_as_the_decode_batch_grows() -> None:
     assert StepCost().prefill_budget(30, 100, 16, 512) == 512  # unknown cost: the configured cap
 
 
+def test_the_tpot_share_applies_only_while_the_rows_recent_mean_step_is_over_target() -> None:
+    """TPOT is a mean: while the decode rows' recent steps average within it, a step may take
+    the configured cap (one long step among short ones); past it, the TPOT share."""
+    assert COST.prefill_budget(20, 100, 16, 512, recent_ms=60) == 512
+    assert COST.prefill_budget(20, 100, 16, 512, recent_ms=100) == 512
+    assert COST.prefill_budget(20, 100, 16, 512, recent_ms=130) == 250
+
+
 def test_a_queue_that_threatens_ttft_takes_more_than_the_tpot_budget() -> None:
     tpot_only = COST.prefill_budget(20, 100, 16, 512)  # (100 - 50) / 0.2 = 250
     assert tpot_only == 250

@@ -68,6 +68,7 @@ class Worker:
         self.entries: list[TokenEntry] = []
         self.transfers: list[TransferRecord] = []
         self.last_load: Load | None = None
+        self.tpot_ms = 0.0  # its decode rows' recent step time
         self.paused: dict[int, int] = {}  # migrating out -> its KV's end (positions [0, end))
         self.migrating_in: set[int] = set()
 
@@ -264,12 +265,14 @@ class Worker:
             return on_layer_kv
 
         e = self.engine
-        if self.role is Role.ELASTIC:  # decode steps within TPOT, unless the queue threatens TTFT
-            cfg = self.ctx.cfg
+        rows, cfg = e.num_running, self.ctx.cfg
+        if self.role is Role.ELASTIC:  # the decode rows' mean step within TPOT (docs/architecture.md)
             e.set_prefill_budget(e.cost.cost().prefill_budget(
-                e.num_running, cfg.slo.tpot_ms, cfg.engine.block_size, cfg.engine.max_prefill_tokens,
-                e.prefill_backlog()[1], cfg.slo.ttft_ms))
+                rows, cfg.slo.tpot_ms, cfg.engine.block_size, cfg.engine.max_prefill_tokens,
+                e.prefill_backlog()[1], cfg.slo.ttft_ms, self.tpot_ms))
         events = e.step(on_plan)
+        if rows:  # what its decode rows waited per token, lately (a moving average over ~8 steps)
+            self.tpot_ms += (1000 * (time.monotonic() - t0) - self.tpot_ms) / 8
         if not planned and self.role is Role.PREFILL:
             raise RuntimeError(f"prefill rank {self.ctx.rank}: prompts pending, none planned")
         t_computed = time.monotonic()
