@@ -123,12 +123,14 @@ def test_router_holds_a_pd_requests_outputs_until_its_prompt_logprobs_come() -> 
     from pd_local.api.backend import BackendStats
     from pd_local.engine.events import Load
     from pd_local.cluster.messages import FinishReason, PromptLogprobs, TokenEntry, Tokens
+    from pd_local.cluster.migration import Mover
     from pd_local.cluster.router import Router
     from pd_local.cluster.router_state import RankState, RequestState
 
     router = Router.__new__(Router)  # the routing state alone: no threads, no links
-    router.colocated, router.decode, router.requests, router.kv = False, {2: RankState(2, "decode")}, {}, BackendStats()
+    router.colocated, router.elastic, router.decode, router.requests, router.kv = False, False, {2: RankState(2, "decode")}, {}, BackendStats()
     router._prefill_tokens = {}
+    router.mover = Mover(router)
     got: list = []
     router._deliver = lambda req, out: got.append(out)  # type: ignore[method-assign]
     prompt = (Logprob(7, -1.5), Logprob(8, -0.25))

@@ -265,8 +265,9 @@ class Worker:
             return on_layer_kv
 
         e = self.engine
-        rows, cfg = e.num_running, self.ctx.cfg
+        rows = e.num_running
         if self.role is Role.ELASTIC:  # the decode rows' mean step within TPOT (docs/architecture.md)
+            cfg = self.ctx.cfg
             e.set_prefill_budget(e.cost.cost().prefill_budget(
                 rows, cfg.slo.tpot_ms, cfg.engine.block_size, cfg.engine.max_prefill_tokens,
                 e.prefill_backlog()[1], cfg.slo.ttft_ms, self.tpot_ms))
