@@ -11,6 +11,7 @@ behind real HTTP, on a tiny random Llama with SmolLM2's tokenizer so a world sta
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -441,9 +442,10 @@ def test_aborts_in_every_phase_return_every_block(tiny_dir: Path, flags: list[st
         assert asyncio.run(complete_all(s.url)) == reference_texts(tiny_dir)
 
 
-async def storm(url: str, n: int, seed: int) -> list[int]:
+async def storm(url: str, n: int, seed: int, flips: bool = False) -> list[int]:
     """n streaming clients at once, each gone after 1-20 chunks (or at its end); returns the
-    chunks each saw. A vanished client is a closed connection, nothing more polite."""
+    chunks each saw. A vanished client is a closed connection, nothing more polite. flips: the
+    elastic ranks change modes all the while (POST /v1/cluster/mode every 0.2 s)."""
     import random
 
     rng = random.Random(seed)
@@ -459,10 +461,23 @@ async def storm(url: str, n: int, seed: int) -> list[int]:
                     break
         return seen
 
+    async def flipper(c: httpx.AsyncClient) -> None:
+        modes = [(2, "mixed"), (1, "prefill"), (1, "decode"), (2, "prefill"), (2, "mixed"), (1, "auto")]
+        for i in itertools.count():
+            r = await c.post(f"{url}/v1/cluster/mode", json=dict(zip(("rank", "mode"), modes[i % len(modes)])))
+            assert r.status_code == 200, r.text
+            await asyncio.sleep(0.2)
+
     limits = httpx.Limits(max_connections=n + 5)
     async with httpx.AsyncClient(timeout=120, limits=limits) as c:
-        return await asyncio.gather(*[one(c, PROMPTS[rng.randrange(len(PROMPTS))],
+        flipping = asyncio.create_task(flipper(c)) if flips else None
+        seen = await asyncio.gather(*[one(c, PROMPTS[rng.randrange(len(PROMPTS))],
                                           rng.randint(1, 20)) for _ in range(n)])
+        if flipping is not None:
+            if flipping.done():
+                flipping.result()  # it failed: raise what it raised
+            flipping.cancel()
+        return seen
 
 
 @pytest.mark.parametrize("flags", [["--prefill", "1", "--decode", "1"],
@@ -477,7 +492,7 @@ def test_storms_of_vanishing_clients_leave_the_server_healthy_and_every_block_fr
         total = metric_values(s.url, "pd_local_kv_blocks_total")
         assert all(v < 200 for k, v in total.items() if 'role="prefill"' not in k), total
         for i in range(3):
-            seen = asyncio.run(storm(s.url, 50, seed=i))
+            seen = asyncio.run(storm(s.url, 50, seed=i, flips="--elastic" in flags))
             assert all(n >= 1 for n in seen), seen
             assert httpx.get(f"{s.url}/health", timeout=5).status_code == 200
             blocks = wait_blocks_free(s.url, timeout=60)
@@ -487,8 +502,9 @@ def test_storms_of_vanishing_clients_leave_the_server_healthy_and_every_block_fr
                 assert set(metric_values(s.url, name).values()) == {0.0}, (i, name)
         disconnects = metric_values(s.url, "pd_local_client_disconnects_total")[""]
         assert disconnects >= 100, disconnects  # most of the 150 left before their end
-        if "--elastic" in flags:  # clients leaving unevenly unbalance the ranks: requests moved
+        if "--elastic" in flags:  # flips and clients leaving unevenly: requests moved
             assert metric_values(s.url, "pd_local_migrations_total")[""] >= 1
+            assert sum(metric_values(s.url, "pd_local_flips_total").values()) >= 6
 
 
 def test_queued_reservations_are_admitted_when_a_step_frees_room(tiny_dir: Path) -> None:
@@ -591,5 +607,67 @@ def test_elastic_workers_move_a_running_request_to_the_idle_one_with_identical_t
         assert got[0] in moved, [b["pd_local"] for b in got]  # its generator state moved with it
         assert metric_values(s.url, "pd_local_migrations_total")[""] == len(moved)
         assert metric_values(s.url, "pd_local_migration_bytes_total")[""] > 0
+        blocks = wait_blocks_free(s.url)
+        assert blocks and all(free == total for free, total in blocks.values()), blocks
+
+
+def test_an_elastic_rank_flipped_to_prefill_hands_its_decodes_away_and_takes_no_more(
+        tiny_dir: Path) -> None:
+    """The flip is checked by the work, not by the call returning: a long answer decodes on rank
+    R; POST /v1/cluster/mode sets R to prefill; its request moves to the other rank mid-stream
+    (same text as one engine), R ends up decoding nothing, generates no token from then on, and
+    the next request decodes on the other rank. Refusals name the problem; auto hands the modes
+    back to the policy."""
+    from pd_local.engine.sampling import SamplingParams
+
+    long = {"prompt": PROMPTS[0], "max_tokens": 450, "ignore_eos": True, "temperature": 0}
+    short = {"prompt": PROMPTS[2], "max_tokens": 40, "ignore_eos": True, "temperature": 0}
+    want = engine_texts(tiny_dir, [PROMPTS[0], PROMPTS[2]],
+                        [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (450, 40)])
+
+    async def flip_under_load(url: str) -> tuple[int, dict, dict, dict, dict]:
+        async with httpx.AsyncClient(timeout=120) as c:
+            async def cluster() -> dict[int, dict]:
+                return {r["rank"]: r for r in (await c.get(f"{url}/v1/cluster")).json()["ranks"]}
+
+            first = asyncio.create_task(c.post(f"{url}/v1/completions", json=long))
+            while not any(r["running"] for r in (await cluster()).values()):
+                await asyncio.sleep(0.02)
+            rank = next(k for k, r in (await cluster()).items() if r["running"])
+            r = await c.post(f"{url}/v1/cluster/mode", json={"rank": rank, "mode": "prefill"})
+            assert r.status_code == 200 and r.json()["control"] == "operator", r.text
+            other = 3 - rank
+            bad = await c.post(f"{url}/v1/cluster/mode", json={"rank": other, "mode": "prefill"})
+            assert bad.status_code == 400 and f"rank {other} is the last rank that decodes" in bad.text
+            for body, text in (({"rank": 9, "mode": "mixed"}, "rank 9 is not an elastic worker"),
+                               ({"rank": 1, "mode": "both"}, "mode must be one of mixed, prefill, decode or auto")):
+                bad = await c.post(f"{url}/v1/cluster/mode", json=body)
+                assert bad.status_code == 400 and text in bad.text, bad.text
+            while (await cluster())[rank]["running"] and not first.done():
+                await asyncio.sleep(0.02)
+            emptied = await cluster()
+            second = (await c.post(f"{url}/v1/completions", json=short)).json()
+            done = await cluster()
+            return rank, (await first).json(), second, emptied, done
+
+    with serving(tiny_dir, "--elastic", "2") as s:
+        rank, first, second, emptied, done = asyncio.run(flip_under_load(s.url))
+        assert [first["choices"][0]["text"], second["choices"][0]["text"]] == want
+        assert "migration" in first["pd_local"]["timings_ms"], first["pd_local"]
+        assert first["pd_local"]["decode_rank"] != rank
+        assert emptied[rank]["mode"] == "prefill" and emptied[rank]["running"] == 0
+        assert second["pd_local"]["decode_rank"] != rank
+        assert done[rank]["generated_tokens"] == emptied[rank]["generated_tokens"]  # decoded nothing since
+        assert done[3 - rank]["generated_tokens"] > emptied[3 - rank]["generated_tokens"]
+        assert metric_values(s.url, "pd_local_flips_total") == {'{to="prefill"}': 1.0}
+        assert metric_values(s.url, "pd_local_flip_seconds_count") == {'{to="prefill"}': 1.0}
+        assert metric_values(s.url, "pd_local_migrations_total")[""] == 1
+        assert httpx.get(f"{s.url}/v1/cluster", timeout=10).json()["mode_control"] == "operator"
+        r = httpx.post(f"{s.url}/v1/cluster/mode", json={"rank": rank, "mode": "auto"}, timeout=10)
+        assert r.status_code == 200 and r.json()["control"] == "policy"
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{s.url}/v1/cluster", timeout=10).json()["mode_control"] != "policy":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
         blocks = wait_blocks_free(s.url)
         assert blocks and all(free == total for free, total in blocks.values()), blocks

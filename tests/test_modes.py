@@ -108,3 +108,22 @@ def test_rates() -> None:
     for i in range(10):
         early.add(i * 0.1, 50)
     assert early.at(0.9) == pytest.approx(500, rel=0.15) and early.age(0.9) == 0.9  # not 1/5 of it
+
+
+def test_the_operator_pins_modes_and_the_policy_waits_until_auto() -> None:
+    """POST /v1/cluster/mode's core: a pinned mode holds through a mix that would flip it; a pin
+    that leaves no rank to decode is refused, naming the rank; auto hands back to the policy,
+    which first waits out the dwell."""
+    p = policy(2)
+    f = p.pin(0.0, 2, Mode.PREFILL)
+    assert f is not None and (f.rank, f.to) == (2, Mode.PREFILL) and p.pinned
+    assert run(p, noisy(random.Random(3), 1.0, 0.12, 0.1, 60)) == []  # would keep all mixed
+    assert p.modes == {1: Mode.MIXED, 2: Mode.PREFILL}
+    with pytest.raises(ValueError, match="rank 1 is the last rank that decodes"):
+        p.pin(1.0, 1, Mode.PREFILL)
+    with pytest.raises(ValueError, match=r"rank 7 is not an elastic worker \(those are \[1, 2\]\)"):
+        p.check(7, Mode.MIXED)
+    assert p.pin(1.0, 2, Mode.PREFILL) is None  # already so: no flip
+    assert p.pin(40.0, 1, None) is None and not p.pinned
+    flips = [(t, f.rank, f.to) for t in range(40, 60) for f in p.decide(float(t), 1.0, 0.12, {})]
+    assert flips == [(40 + max(DWELL_S, CONFIRM_S), 2, Mode.MIXED)]  # prefill-heavy: all mixed again

@@ -419,3 +419,18 @@ def test_chat_cli_reports_an_unreachable_server() -> None:
     args = argparse.Namespace(url=f"http://127.0.0.1:{free_port()}", model=None, system=None, max_tokens=8,
                               temperature=0.0, seed=None, api_key=None, timings=False)
     assert run(args, stdin=io.StringIO("hi\n"), stdout=io.StringIO()) == 1
+
+
+def test_modes_are_refused_where_no_worker_is_elastic(url: str) -> None:
+    """POST /v1/cluster/mode: a 400 naming the topology on colocated and PD servers, and one
+    naming the expected body for a malformed one."""
+    r = httpx.post(f"{url}/v1/cluster/mode", json={"rank": 1, "mode": "prefill"}, timeout=10)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "invalid_mode" and "elastic workers (serve --elastic N)" in err["message"]
+    assert ("1P1D" in err["message"]) or ("colocated" in err["message"]), err
+    for bad in ({"rank": "1", "mode": "prefill"}, {"rank": 1}, [1, "prefill"], {"rank": True, "mode": "mixed"}):
+        r = httpx.post(f"{url}/v1/cluster/mode", json=bad, timeout=10)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request", (bad, r.text)
+    assert "cluster" == httpx.get(f"{url}/v1/cluster", timeout=10).json()["object"]
+    assert "mode_control" not in httpx.get(f"{url}/v1/cluster", timeout=10).json()

@@ -61,6 +61,7 @@ class BackendStats:
     migration_bytes: int = 0
     flips: dict[str, int] = field(default_factory=dict)  # elastic ranks' mode changes, by new mode
     flip_seconds: list[tuple[str, float]] = field(default_factory=list)  # (new mode, until in effect)
+    mode_control: str = ""  # elastic: "policy" (cluster/modes.py) or "operator" (POST /v1/cluster/mode)
 
 
 class Backend(Protocol):
@@ -76,6 +77,10 @@ class Backend(Protocol):
         ...
 
     def abort(self, req_id: int) -> None: ...
+
+    def set_mode(self, rank: int, mode: str) -> None:
+        """Pin an elastic rank's mode ("auto": the policy decides); ValueError names a refusal."""
+        ...
 
     def healthy(self) -> tuple[bool, str]: ...
 

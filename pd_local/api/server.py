@@ -181,6 +181,23 @@ class App:
         return JSONResponse(cluster_view(self.backend.stats(), self.rates, model=self.settings.model_name,
                                          healthy=ok, detail=why, in_flight=self.in_flight))
 
+    async def set_mode(self, request: Request) -> Response:
+        """POST /v1/cluster/mode {"rank": r, "mode": "mixed" | "prefill" | "decode" | "auto"}."""
+        try:
+            self._check_auth(request)
+            body = await self._read_json(request)
+            rank, mode = (body.get("rank"), body.get("mode")) if isinstance(body, dict) else (None, None)
+            if type(rank) is not int or not isinstance(mode, str):
+                raise RequestError('expected {"rank": <int>, "mode": "mixed" | "prefill" | "decode" | "auto"}',
+                                   code="invalid_request")
+            try:
+                self.backend.set_mode(rank, mode)
+            except ValueError as e:
+                raise RequestError(str(e), code="invalid_mode") from None
+        except RequestError as e:
+            return error_response(e)
+        return JSONResponse({"rank": rank, "mode": mode, "control": "policy" if mode == "auto" else "operator"})
+
     async def page(self, request: Request) -> Response:
         return FileResponse(STATIC_DIR / "index.html", headers={"cache-control": "no-cache"})
 
@@ -228,6 +245,7 @@ def create_app(backend: Backend, tokenizer: Tokenizer, settings: ServerSettings)
             Route("/v1/models", state.models, methods=["GET"]),
             Route("/v1/models/{model_id:path}", state.model, methods=["GET"]),
             Route("/v1/cluster", state.cluster, methods=["GET"]),
+            Route("/v1/cluster/mode", state.set_mode, methods=["POST"]),
             Route("/health", state.health, methods=["GET"]),
             Route("/metrics", state.metrics_route, methods=["GET"]),
             Route("/", state.page, methods=["GET"]),

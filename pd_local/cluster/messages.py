@@ -48,6 +48,16 @@ class RejectReason(enum.IntEnum):
     SHUTTING_DOWN = 3
     BAD_REQUEST = 4
 
+    @property
+    def text(self) -> str:
+        return {
+            RejectReason.PROMPT_TOO_LONG: "the prompt does not fit the decode rank's KV cache",
+            RejectReason.QUEUE_FULL: "the decode rank's queue is full",
+            RejectReason.SHUTTING_DOWN: "the server is shutting down",
+            RejectReason.BAD_REQUEST: "the decode rank refused the request (prompt too long for its "
+                                      "context or token ids outside the vocabulary)",
+        }[self]
+
 
 class DType(enum.IntEnum):
     BFLOAT16 = 1

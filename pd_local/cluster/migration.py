@@ -10,7 +10,7 @@ import time
 from typing import TYPE_CHECKING
 
 from pd_local.cluster.messages import MigrateOut, Migrated, Paused, Reserve, Stay
-from pd_local.cluster.modes import RATE_TAU_S, Mode, ModePolicy, Rate
+from pd_local.cluster.modes import RATE_TAU_S, Flip, Mode, ModePolicy, Rate
 from pd_local.engine.events import Load
 from pd_local.cluster.router_state import RequestState
 
@@ -39,6 +39,7 @@ class Mover:
         self.vacating: dict[int, float] = {}  # flipped to prefill at -> until its last decode left
         for r in router.decode.values() if router.elastic else ():
             r.mode = Mode.MIXED.value
+        router.kv.mode_control = "policy" if router.elastic else ""
 
     def observe(self, rank: int, load: Load, now: float) -> None:
         """A rank's load report: its busy time since the last one joins the work measured."""
@@ -54,14 +55,44 @@ class Mover:
             return
         prefill, decode = (rate.at(now) / 1000 for rate in self.busy)
         for f in self.policy.decide(now, prefill, decode, {x.rank: x.load.running for x in r.decode.values()}):
-            log.info("rank %d -> %s: %s", f.rank, f.to.value, f.reason)
-            r.ranks[f.rank].mode = f.to.value
-            r.kv.flips[f.to.value] = r.kv.flips.get(f.to.value, 0) + 1
-            if f.to is Mode.PREFILL:
-                self.vacating[f.rank] = now
-            else:
-                self.vacating.pop(f.rank, None)
-                r.kv.flip_seconds.append((f.to.value, 0.0))  # takes effect with the next request
+            self._apply(f, now)
+
+    def _apply(self, f: Flip, now: float) -> None:
+        r = self.router
+        log.info("rank %d -> %s: %s", f.rank, f.to.value, f.reason)
+        r.ranks[f.rank].mode = f.to.value
+        r.kv.flips[f.to.value] = r.kv.flips.get(f.to.value, 0) + 1
+        if f.to is Mode.PREFILL:
+            self.vacating[f.rank] = now
+        else:
+            self.vacating.pop(f.rank, None)
+            r.kv.flip_seconds.append((f.to.value, 0.0))  # takes effect with the next request
+
+    def check_pin(self, rank: int, mode: str) -> tuple[int, Mode | None]:
+        """POST /v1/cluster/mode's arguments, checked (ValueError names the problem)."""
+        if not self.router.elastic:
+            raise ValueError(f"modes belong to elastic workers (serve --elastic N); this server is "
+                             f"{self.router.ctx.cfg.topology.label}")
+        if mode == "auto":
+            return rank, None
+        if mode not in set(Mode):
+            raise ValueError(f"mode must be one of {', '.join(Mode)} or auto, not {mode!r}")
+        self.policy.check(rank, Mode(mode))
+        return rank, Mode(mode)
+
+    def pin(self, rank: int, mode: Mode | None) -> None:
+        """The operator's mode (None: back to the policy); runs on the router thread."""
+        now = time.monotonic()
+        try:
+            f = self.policy.pin(now, rank, mode)
+        except ValueError as e:  # valid when asked, no longer now (another pin came first)
+            log.warning("mode change refused: %s", e)
+            return
+        self.router.kv.mode_control = "operator" if mode is not None else "policy"
+        if mode is None:
+            log.info("modes: the policy decides again")
+        elif f is not None:
+            self._apply(f, now)
 
     def rebalance(self) -> None:
         """Flip modes, then move a running request: off a mostly-prefill rank first, else from
@@ -73,17 +104,17 @@ class Mover:
             if r.decode[rank].load.running == 0:  # emptied: the flip is done
                 del self.vacating[rank]
                 r.kv.flip_seconds.append((Mode.PREFILL.value, now - t))
-        if self.moving_req is not None or now - self.last_end < MIGRATE_PAUSE_S:
-            return
+        emptying = [x for x in r.decode.values() if x.rank in self.vacating and x.load.running]
+        if self.moving_req is not None or (not emptying and now - self.last_end < MIGRATE_PAUSE_S):
+            return  # emptying a rank knows where its requests are: no pause for lagging reports
         takers = [x for x in r.decode.values() if self.policy.modes[x.rank] is not Mode.PREFILL]
         idle = min(takers, key=lambda x: (x.load.running, x.rank))
-        emptying = [x for x in r.decode.values() if x.rank in self.vacating and x.load.running]
         busy = emptying[0] if emptying else max(takers, key=lambda x: (x.load.running, -x.rank))
         if not emptying and busy.load.running - idle.load.running < MIGRATE_GAP:
             return
         movable = [q for q in r.requests.values() if q.decode == busy.rank and not q.first_token
                    and not q.awaits_prompt_lps and not q.sampling.grammar and q.migrating_from is None
-                   and "migrate_start" not in q.timeline.t  # once: no ping-pong
+                   and (emptying or "migrate_start" not in q.timeline.t)  # balancing: once (no ping-pong)
                    and q.sampling.max_tokens - q.generated >= MIGRATE_MIN_LEFT]
         if not movable:
             return

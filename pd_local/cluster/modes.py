@@ -67,6 +67,24 @@ class ModePolicy:
     last_flip: float = -math.inf
     history: list[tuple[float, int, Mode, str]] = field(default_factory=list)
     wanted: tuple[int, float] = (0, 0.0)  # the split last wanted, since when
+    pinned: bool = False  # the operator sets the modes (POST /v1/cluster/mode): decide() waits
+
+    def check(self, rank: int, mode: Mode) -> None:
+        """ValueError, naming the problem, unless rank may take mode."""
+        if rank not in self.modes:
+            raise ValueError(f"rank {rank} is not an elastic worker (those are {sorted(self.modes)})")
+        if mode is Mode.PREFILL and all(m is Mode.PREFILL for r, m in self.modes.items() if r != rank):
+            raise ValueError(f"rank {rank} is the last rank that decodes: in prefill mode none would")
+
+    def pin(self, now: float, rank: int, mode: Mode | None) -> Flip | None:
+        """The operator's mode for rank (None: the policy decides again, a dwell from now)."""
+        self.pinned, self.last_flip, self.wanted = mode is not None, now, (self.split(), now)
+        if mode is None or self.modes[rank] is mode:
+            return None
+        self.check(rank, mode)
+        self.modes[rank] = mode
+        self.history.append((now, rank, mode, "set by the operator"))
+        return Flip(rank, mode, "set by the operator")
 
     def split(self) -> int:
         return sum(m is Mode.PREFILL for m in self.modes.values())
@@ -84,6 +102,8 @@ class ModePolicy:
 
     def decide(self, now: float, prefill: float, decode: float, running: dict[int, int]) -> list[Flip]:
         """The flips to `want`'s split (`running`: each rank's decode batch)."""
+        if self.pinned:
+            return []
         k = self.split()
         want = self.want(prefill, decode, staying=k > 0)
         if want != self.wanted[0]:

@@ -17,7 +17,7 @@ from pd_local.api.backend import BackendStats, RequestOutput
 from pd_local.cluster.dist import DistContext
 from pd_local.cluster.channel import Heartbeater, Inbox, LinkDown, Receiver, Sender
 from pd_local.cluster.messages import (Abort, Fatal, Migrated, Paused, Prefill, PrefillDone,
-                                       PromptLogprobs, Ready, RejectReason, Rejected, Reserve,
+                                       PromptLogprobs, Ready, Rejected, Reserve,
                                        Reserved, SendKV, Shutdown, Stats, TokenEntry, Tokens)
 from pd_local.cluster.migration import Mover
 from pd_local.cluster.modes import Mode
@@ -33,13 +33,6 @@ log = logging.getLogger(__name__)
 
 DONE = (FinishReason.STOP, FinishReason.LENGTH)  # ended on its rank, not by the router
 LOCAL = -1  # the inbox "peer" of commands from the asyncio loop
-REJECT_TEXT = {
-    RejectReason.PROMPT_TOO_LONG: "the prompt does not fit the decode rank's KV cache",
-    RejectReason.QUEUE_FULL: "the decode rank's queue is full",
-    RejectReason.SHUTTING_DOWN: "the server is shutting down",
-    RejectReason.BAD_REQUEST: "the decode rank refused the request (prompt too long for its "
-                              "context or token ids outside the vocabulary)",
-}
 # "prefix": a decode step at batch 16 costs ~2x batch 1 on CPU (docs/design.md), so 4 more requests
 # slow a rank ~10%, worth a hit that saves the prompt's prefill (colocated) or KV transfer.
 PREFIX_DECODE_MARGIN = 4
@@ -67,10 +60,10 @@ class Router:
         self._rr_prefill = itertools.cycle(sorted(self.prefill))
         self._rr_local = {d: itertools.cycle((True, False)) for d in self.decode}
         self.requests: dict[int, RequestState] = {}
+        self.kv = BackendStats()
         self.mover = Mover(self)
         # req_id -> (prefill rank, tokens to compute at most, prompt tokens)
         self._prefill_tokens: dict[int, tuple[int, int, int]] = {}
-        self.kv = BackendStats()
         self.max_model_len = 0
         self.ready = threading.Event()  # every worker said Ready (or the router failed)
         self.stopped = threading.Event()  # the router thread ended
@@ -101,6 +94,10 @@ class Router:
 
     def abort(self, req_id: int) -> None:
         self.inbox.put(LOCAL, ("abort", req_id))
+
+    def set_mode(self, rank: int, mode: str) -> None:
+        """Elastic: the operator pins rank's mode ("auto": the policy again); ValueError: refused."""
+        self.inbox.put(LOCAL, ("mode", self.mover.check_pin(rank, mode)))
 
     def healthy(self) -> tuple[bool, str]:
         if self.error is not None:
@@ -226,6 +223,8 @@ class Router:
             req = self.requests.get(arg)  # type: ignore[arg-type]
             if req is not None:  # None: finished already (or never known), nothing holds it
                 self._abort(req, FinishReason.ABORT)
+        elif kind == "mode":
+            self.mover.pin(*arg)  # type: ignore[misc]
         elif kind == "abort_all":
             for req in list(self.requests.values()):
                 self._abort(req, FinishReason.ERROR, error=str(arg))
@@ -274,7 +273,7 @@ class Router:
             case Rejected():
                 req = self.requests.get(msg.req_id)
                 for r in self._group(req) if req is not None else ():
-                    self._finish(r, FinishReason.ERROR, error=REJECT_TEXT[msg.reason])
+                    self._finish(r, FinishReason.ERROR, error=msg.reason.text)
             case Stats():
                 self.ranks[peer].load = msg.load
                 if self.elastic:
