@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from pd_local.api.backend import BackendStats, RankStats
+from pd_local.api.backend import FLIP_BUCKETS, BackendStats, Observed, RankStats
 from pd_local.api.metrics import Metrics
 from pd_local.engine.events import Load
 
@@ -64,7 +64,11 @@ def test_elastic_modes_flips_and_migrations() -> None:
     stats = BackendStats([RankStats(1, "elastic", mode="prefill"), RankStats(2, "elastic", mode="decode"),
                           RankStats(3, "decode")],
                          migrations=3, migration_bytes=9000, flips={"prefill": 2, "mixed": 1},
-                         flip_seconds=[("prefill", 0.04), ("prefill", 0.6), ("mixed", 0.0)])
+                         flip_seconds={"prefill": Observed(FLIP_BUCKETS), "mixed": Observed(FLIP_BUCKETS)})
+    for mode, x in (("prefill", 0.04), ("prefill", 0.6), ("mixed", 0.0)):
+        stats.flip_seconds[mode].add(x)
+    for x in (0.03, 0.2, 40.0):
+        stats.migration_seconds.add(x)
     s = samples(Metrics().render(stats, 0))
     assert s[("pd_local_rank_mode", (("mode", "prefill"), ("rank", "1")))] == 1
     assert s[("pd_local_rank_mode", (("mode", "decode"), ("rank", "2")))] == 1
@@ -74,4 +78,10 @@ def test_elastic_modes_flips_and_migrations() -> None:
     assert s[(f"{lat}_bucket", (("le", "0.05"), ("to", "prefill")))] == 1
     assert s[(f"{lat}_bucket", (("le", "1.0"), ("to", "prefill")))] == 2
     assert s[(f"{lat}_count", (("to", "prefill"),))] == 2 and s[(f"{lat}_sum", (("to", "prefill"),))] == 0.64
+    assert s[(f"{lat}_bucket", (("le", "+Inf"), ("to", "prefill")))] == 2
+    assert s[(f"{lat}_bucket", (("le", "0.0"), ("to", "mixed")))] == 1
     assert s[("pd_local_migrations_total", ())] == 3 and s[("pd_local_migration_bytes_total", ())] == 9000
+    mig = "pd_local_migration_seconds"
+    assert s[(f"{mig}_bucket", (("le", "0.025"),))] == 0 and s[(f"{mig}_bucket", (("le", "0.05"),))] == 1
+    assert s[(f"{mig}_bucket", (("le", "10.0"),))] == 2 and s[(f"{mig}_bucket", (("le", "+Inf"),))] == 3
+    assert s[(f"{mig}_count", ())] == 3 and abs(s[(f"{mig}_sum", ())] - 40.23) < 1e-9

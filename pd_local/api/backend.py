@@ -51,6 +51,27 @@ class RankStats:
     mode: str = ""  # elastic: mixed, prefill or decode (cluster/modes.py)
 
 
+FLIP_BUCKETS = (0.0, 0.05, 0.25, 1.0, 5.0, 30.0)  # seconds; to mixed/decode: 0 (the next placement)
+MIGRATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass
+class Observed:
+    """A histogram's counts per bucket (le each bound; the last: above them all) and sum."""
+
+    bounds: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    sum: float = 0.0
+
+    def add(self, x: float) -> None:
+        self.counts = self.counts or [0] * (len(self.bounds) + 1)
+        self.counts[next((i for i, b in enumerate(self.bounds) if x <= b), len(self.bounds))] += 1
+        self.sum += x
+
+    def copy(self) -> Observed:
+        return Observed(self.bounds, list(self.counts), self.sum)
+
+
 @dataclass
 class BackendStats:
     ranks: list[RankStats] = field(default_factory=list)
@@ -60,7 +81,8 @@ class BackendStats:
     migrations: int = 0  # running requests moved between elastic workers
     migration_bytes: int = 0
     flips: dict[str, int] = field(default_factory=dict)  # elastic ranks' mode changes, by new mode
-    flip_seconds: list[tuple[str, float]] = field(default_factory=list)  # (new mode, until in effect)
+    flip_seconds: dict[str, Observed] = field(default_factory=dict)  # by new mode: until in effect
+    migration_seconds: Observed = field(default_factory=lambda: Observed(MIGRATION_BUCKETS))  # each stall
     mode_control: str = ""  # elastic: "policy" (cluster/modes.py) or "operator" (POST /v1/cluster/mode)
 
 

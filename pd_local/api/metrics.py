@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from pd_local.api.backend import BackendStats
+from pd_local.api.backend import BackendStats, Observed
 
 # The `_created` series prometheus_client adds to every counter and histogram by default carry
 # nothing a scrape of this server needs, and /metrics never had them. (Process-wide switch.)
@@ -21,7 +21,6 @@ prometheus_client.disable_created_metrics()
 # Seconds. TTFT runs from ~10 ms (a short prompt, idle server) to tens of seconds (queued behind
 # long prompts on CPU); inter-token gaps from ~5 ms to a stall of seconds; one scale serves both.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-FLIP_BUCKETS = (0.0, 0.05, 0.25, 1.0, 5.0, 30.0)
 OUTCOMES = ("stop", "length", "abort", "error", "invalid", "rejected")
 RANK_GAUGES = (
     ("pd_local_kv_blocks_free", "Free KV blocks on a rank.", "load.free_blocks"),
@@ -83,10 +82,13 @@ class _SnapshotCollector(Collector):
         yield c
         h = HistogramMetricFamily("pd_local_flip_seconds", "From a flip to its taking effect (to "
                                   "prefill: its last decode moved away).", labels=["to"])
-        for mode in sorted({m for m, _ in s.flip_seconds}):
-            secs = [x for m, x in s.flip_seconds if m == mode]
-            h.add_metric([mode], [(str(b), sum(x <= b for x in secs)) for b in FLIP_BUCKETS] + [("+Inf", len(secs))],
-                         sum(secs))
+        for mode, o in sorted(s.flip_seconds.items()):
+            h.add_metric([mode], buckets(o), o.sum)
+        yield h
+        h = HistogramMetricFamily("pd_local_migration_seconds", "A moved request's stall: stopped on "
+                                  "one elastic worker until decoding on the other.")
+        if s.migration_seconds.counts:
+            h.add_metric([], buckets(s.migration_seconds), s.migration_seconds.sum)
         yield h
         for name, help_text, value in (
             ("pd_local_kv_transfer_bytes", "KV + hidden-state bytes moved prefill -> decode.",
@@ -141,3 +143,12 @@ class Metrics:
         """The text exposition (format 0.0.4) of everything, with the backend's state as of now."""
         self._snapshot.stats, self._snapshot.in_flight = stats, in_flight
         return prometheus_client.generate_latest(self.registry).decode()
+
+
+def buckets(o: Observed) -> list[tuple[str, float]]:
+    """Cumulative, as Prometheus wants them."""
+    out, n = [], 0
+    for bound, count in zip((*map(str, o.bounds), "+Inf"), o.counts):
+        n += count
+        out.append((bound, n))
+    return out

@@ -9,6 +9,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from pd_local.api.backend import FLIP_BUCKETS, Observed
 from pd_local.cluster.messages import MigrateOut, Migrated, Paused, Reserve, Stay
 from pd_local.cluster.modes import RATE_TAU_S, Flip, Mode, ModePolicy, Rate
 from pd_local.engine.events import Load
@@ -31,7 +32,7 @@ class Mover:
     def __init__(self, router: Router) -> None:
         self.router = router
         self.moving_req: int | None = None
-        self.dst = 0  # where it goes
+        self.dst, self.move_start = 0, 0.0  # where it goes, since when
         self.last_end = 0.0
         self.policy = ModePolicy({r: Mode.MIXED for r in router.decode})
         self.busy = (Rate(), Rate())  # ms/s the ranks spend on prompt tokens, on decode rows
@@ -64,9 +65,13 @@ class Mover:
         r.kv.flips[f.to.value] = r.kv.flips.get(f.to.value, 0) + 1
         if f.to is Mode.PREFILL:
             self.vacating[f.rank] = now
+            self.vacated(now)  # nothing there: done at once
         else:
             self.vacating.pop(f.rank, None)
-            r.kv.flip_seconds.append((f.to.value, 0.0))  # takes effect with the next request
+            self.flip_took(f.to, 0.0)  # takes effect with the next request
+
+    def flip_took(self, to: Mode, seconds: float) -> None:
+        self.router.kv.flip_seconds.setdefault(to.value, Observed(FLIP_BUCKETS)).add(seconds)
 
     def check_pin(self, rank: int, mode: str) -> tuple[int, Mode | None]:
         """POST /v1/cluster/mode's arguments, checked (ValueError names the problem)."""
@@ -100,11 +105,8 @@ class Mover:
         with the most tokens left (of those worth moving)."""
         r, now = self.router, time.monotonic()
         self.flip(now)
-        for rank, t in list(self.vacating.items()):
-            if r.decode[rank].load.running == 0:  # emptied: the flip is done
-                del self.vacating[rank]
-                r.kv.flip_seconds.append((Mode.PREFILL.value, now - t))
-        emptying = [x for x in r.decode.values() if x.rank in self.vacating and x.load.running]
+        self.vacated(now)
+        emptying = [x for x in r.decode.values() if x.rank in self.vacating and x.unfinished]
         if self.moving_req is not None or (not emptying and now - self.last_end < MIGRATE_PAUSE_S):
             return  # emptying a rank knows where its requests are: no pause for lagging reports
         takers = [x for x in r.decode.values() if self.policy.modes[x.rank] is not Mode.PREFILL]
@@ -121,9 +123,17 @@ class Mover:
         req = max(movable, key=lambda q: (q.sampling.max_tokens - q.generated, -len(q.prompt_ids)))
         log.info("migrating request %d: rank %d -> %d (decode batches %d vs %d)", req.req_id,
                  busy.rank, idle.rank, busy.load.running, idle.load.running)
-        self.moving_req, self.dst = req.req_id, idle.rank
+        self.moving_req, self.dst, self.move_start = req.req_id, idle.rank, now
         req.timeline.mark("migrate_start")
         r.to_worker[busy.rank].send(MigrateOut(req.req_id, idle.rank))
+
+    def vacated(self, now: float) -> None:
+        """A flip to prefill is done once nothing decodes on the rank nor moves from it."""
+        r = self.router
+        for rank, t in list(self.vacating.items()):
+            if r.decode[rank].unfinished == 0 and not any(q.migrating_from == rank for q in r.requests.values()):
+                del self.vacating[rank]
+                self.flip_took(Mode.PREFILL, now - t)
 
     def moving(self, req_id: int) -> bool:
         req = self.router.requests.get(req_id)
@@ -132,6 +142,8 @@ class Mover:
     def ended(self, req_id: int) -> None:
         if self.moving_req == req_id:
             self.moving_req = None
+        if self.vacating:
+            self.vacated(time.monotonic())
 
     def paused(self, msg: Paused) -> None:
         """The old rank stopped the request: the destination reserves it (its KV follows)."""
@@ -163,7 +175,9 @@ class Mover:
         self.last_end = time.monotonic()
         r.kv.migrations += 1
         r.kv.migration_bytes += msg.num_bytes
+        r.kv.migration_seconds.add(max(0.0, msg.t_end - self.move_start))
         req = r.requests.get(msg.req_id)
         if req is not None:
             req.migrating_from = None
             req.timeline.mark("migrated", msg.t_end)
+        self.vacated(self.last_end)

@@ -110,8 +110,9 @@ class Router:
 
     def stats(self) -> BackendStats:
         ranks = [r.snapshot() for r in self.ranks.values()]
-        return dataclasses.replace(self.kv, ranks=ranks, flips=dict(self.kv.flips),
-                                   flip_seconds=list(self.kv.flip_seconds))
+        return dataclasses.replace(self.kv, ranks=ranks, flips=dict(self.kv.flips), migration_seconds=
+                                   self.kv.migration_seconds.copy(), flip_seconds={
+                                       k: v.copy() for k, v in self.kv.flip_seconds.items()})
 
     def begin_stop(self, why: str) -> None:
         """From now on the server is unavailable (503, `why`); requests in flight go on."""
