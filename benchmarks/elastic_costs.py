@@ -40,7 +40,8 @@ from servers import start_server, stop_server  # noqa: E402
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--contexts", default="256,1024,2048", help="prompt lengths, tokens")
+    p.add_argument("--contexts", default="256,1024,1536", help="prompt lengths, tokens (+ --max-tokens "
+                   "within the model's 2048)")
     p.add_argument("--batches", default="1,3", help="requests decoding on the rank that flips")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=400, help="more than a trial lasts")
@@ -101,11 +102,15 @@ class Server:
 async def stream(s: Server, prompt: list[int], max_tokens: int, decoding: asyncio.Event) -> None:
     """One streamed request; `decoding` set at its first token; reads until cancelled."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0, "stream": True}
-    async with s.c.stream("POST", f"{s.url}/v1/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if line.startswith("data:"):
-                decoding.set()
+    try:
+        async with s.c.stream("POST", f"{s.url}/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                raise RuntimeError(f"{r.status_code}: {(await r.aread()).decode()}")
+            async for line in r.aiter_lines():
+                if line.startswith("data:"):
+                    decoding.set()
+    finally:
+        decoding.set()  # also when it failed: the trial raises what it raised
 
 
 async def trial(s: Server, a: int, context: int, k: int, max_tokens: int, seed: int) -> dict[str, Any]:
@@ -116,6 +121,9 @@ async def trial(s: Server, a: int, context: int, k: int, max_tokens: int, seed: 
     sent = [asyncio.create_task(stream(s, p, max_tokens, e)) for p, e in zip(prompts, decoding)]
     for e in decoding:  # every request decoding on A (past its prefill)
         await e.wait()
+    for t in sent:
+        if t.done():
+            t.result()  # it failed: say why (a 400 names the problem)
     if (await s.ranks())[a]["running"] != k:
         raise RuntimeError(f"rank {a} should decode all {k} requests: {await s.ranks()}")
     to_mixed = await s.set_mode(b, "mixed")

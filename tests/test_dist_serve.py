@@ -671,3 +671,35 @@ def test_an_elastic_rank_flipped_to_prefill_hands_its_decodes_away_and_takes_no_
             time.sleep(0.05)
         blocks = wait_blocks_free(s.url)
         assert blocks and all(free == total for free, total in blocks.values()), blocks
+
+
+def test_bench_draws_the_elastic_ranks_modes_over_a_shifting_run(
+        tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`pd-local bench --workload shifting` samples each elastic rank's mode from /v1/cluster:
+    rank 2, set to prefill a second into the run, shows mixed then P in the printed strip and in
+    the result file's rank_modes."""
+    import threading
+
+    from pd_local.loadtest.cli import bench_main
+
+    result = tmp_path / "r.json"
+    with serving(tiny_dir, "--elastic", "2") as s:
+        pin = threading.Timer(1.0, lambda: httpx.post(f"{s.url}/v1/cluster/mode",
+                                                      json={"rank": 2, "mode": "prefill"}, timeout=10))
+        pin.start()
+        code = bench_main(["--base-url", s.url, "--endpoint", "/v1/completions", "--workload", "shifting",
+                           "--phases", "prefill,decode", "--phase-duration", "1.5", "--request-rate", "4",
+                           "--input-len", "8", "--output-len", "8", "--long-input-len", "60",
+                           "--long-output-len", "2", "--ignore-eos", "--warmup", "0", "--quiet",
+                           "--result-file", str(result)])
+        pin.join()
+    out = capsys.readouterr().out
+    assert code == 0, out
+    samples = json.loads(result.read_text())["rank_modes"]
+    seen2 = [x["modes"]["2"] for x in samples]
+    assert seen2[0] == "mixed" and seen2[-1] == "prefill", samples
+    assert {x["modes"]["1"] for x in samples} == {"mixed"}
+    assert all(b["t"] > a["t"] for a, b in zip(samples, samples[1:]))
+    strip = {line.split("|")[0].split()[-1]: line.split("|")[1] for line in out.splitlines()
+             if line.strip().startswith("rank ") and "|" in line}
+    assert set(strip["1"]) == {"m"} and strip["2"].startswith("m") and strip["2"].endswith("P"), out

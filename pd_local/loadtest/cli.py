@@ -16,7 +16,7 @@ from pd_local.loadtest.head_of_line import (HeadOfLineError, format_head_of_line
                                             head_of_line_report)
 from pd_local.loadtest.metrics import summarize
 from pd_local.loadtest.progress import ProgressBar
-from pd_local.loadtest.report import format_table, json_number, result_json, write_json
+from pd_local.loadtest.report import format_modes, format_table, json_number, result_json, write_json
 from pd_local.loadtest.runner import BenchError, RunOptions, RunResult, fetch_model, run_benchmark
 from pd_local.loadtest.sweep import SweepCollector, sweep_json, sweep_markdown
 from pd_local.loadtest.workloads import (
@@ -84,7 +84,7 @@ def _run_once(args: argparse.Namespace, wl: WorkloadConfig, base_url: str, model
         request=RequestOptions(url=base_url.rstrip("/") + args.endpoint, model=model, chat=chat,
                                api_key=args.api_key, ignore_eos=args.ignore_eos,
                                timeout=args.timeout, extra_body=args.extra_body),
-        max_concurrency=args.max_concurrency, duration=args.duration)
+        max_concurrency=args.max_concurrency, duration=args.duration, watch_modes=wl.name == "shifting")
     if wl.name == "multiturn":
         run = asyncio.run(run_multiturn(wl, opts, rate, args.burstiness, num, args.duration,
                                         args.seed, args.warmup, not args.quiet))
@@ -118,6 +118,8 @@ def bench_main(argv: list[str]) -> int:
         print(f"pd-local bench: {e}", file=sys.stderr)
         return 1
     print(format_table(meta, summary, args.percentiles))
+    if run.modes:
+        print(format_modes(run.modes, run.duration))
     extra: dict[str, Any] = {}
     if wl.name == "head_of_line":
         try:

@@ -154,7 +154,8 @@ def _timeline(plt: Any, run: RunResult, path: Path) -> None:
 
 
 def plot_run(run: RunResult, out_dir: Path) -> list[Path]:
-    """Write ttft.png, itl.png and timeline.png into `out_dir`; return their paths."""
+    """Write ttft.png, itl.png and timeline.png (and modes.png, elastic ranks' modes, when the run
+    watched them) into `out_dir`; return their paths."""
     plt = require_matplotlib()
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "ttft.png", out_dir / "itl.png", out_dir / "timeline.png"]
@@ -164,7 +165,27 @@ def plot_run(run: RunResult, out_dir: Path) -> list[Path]:
                   "Inter-token latency (every output token after the first)", "ITL (ms)",
                   paths[1])
     _timeline(plt, run, paths[2])
+    if run.modes:
+        paths.append(out_dir / "modes.png")
+        _modes(plt, run, paths[-1])
     return paths
+
+
+def _modes(plt: Any, run: RunResult, path: Path) -> None:
+    """Each elastic rank's mode over the run, a step line per rank (the bench's samples)."""
+    levels = {"prefill": 0, "mixed": 1, "decode": 2}
+    fig, ax = plt.subplots(figsize=(13, 3))
+    for i, rank in enumerate(sorted({r for _, m in run.modes for r in m}, key=int)):
+        pts = [(t, levels.get(m[rank], 1) + 0.08 * i) for t, m in run.modes if rank in m]
+        ax.plot([t for t, _ in pts], [y for _, y in pts], drawstyle="steps-post", label=f"rank {rank}")
+    ax.set_yticks(list(levels.values()), [f"mostly-{k}" if k != "mixed" else k for k in levels])
+    ax.set_xlabel("time since the run started (s)")
+    ax.set_title("elastic ranks' modes")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_sweep(sweep: dict[str, Any], path: Path) -> Path:

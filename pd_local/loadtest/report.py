@@ -46,9 +46,32 @@ def result_json(meta: dict[str, Any], summary: dict[str, Any], run: RunResult,
     """`meta` (run settings) + `summary` (metrics.summarize) [+ per-request arrays]."""
     out: dict[str, Any] = {"date": run.started_at, "start_monotonic": run.start_monotonic,
                            **meta, **summary}
+    if run.modes:
+        out["rank_modes"] = [{"t": t, "modes": m} for t, m in run.modes]
     if detailed:
         out.update(detailed_fields(run))
     return out
+
+
+MODE_CHARS = {"mixed": "m", "prefill": "P", "decode": "D"}
+
+
+def format_modes(modes: Sequence[tuple[float, dict[str, str]]], duration: float, width: int = 60) -> str:
+    """Each elastic rank's mode over the run, one character per `duration / width` seconds (the
+    last sample in it; blank: none yet): m mixed, P mostly-prefill, D mostly-decode."""
+    step = max(duration, 1e-9) / width
+    ranks = sorted({r for _, m in modes for r in m}, key=int)
+    lines = [f"rank modes over {duration:.0f} s (one character per {step:.1f} s: m mixed, "
+             "P mostly-prefill, D mostly-decode)"]
+    for rank in ranks:
+        cells = [" "] * width
+        for t, m in modes:
+            if rank in m:
+                cells[min(width - 1, int(t / step))] = MODE_CHARS.get(m[rank], "?")
+        for i in range(1, width):  # a cell with no sample keeps the mode before it
+            cells[i] = cells[i - 1] if cells[i] == " " else cells[i]
+        lines.append(f"  rank {rank:>3} |{''.join(cells)}|")
+    return "\n".join(lines)
 
 
 def write_json(path: Path, obj: dict[str, Any]) -> None:

@@ -8,7 +8,7 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import httpx
@@ -29,6 +29,7 @@ class RunOptions:
     request: RequestOptions
     max_concurrency: int | None = None
     duration: float | None = None
+    watch_modes: bool = False  # sample the elastic ranks' modes from /v1/cluster (MODE_EVERY_S)
 
 
 @dataclass
@@ -41,6 +42,30 @@ class RunResult:
     duration: float
     started_at: str
     start_monotonic: float
+    modes: list[tuple[float, dict[str, str]]] = field(default_factory=list)  # (t, {rank: mode})
+
+
+MODE_EVERY_S = 0.5
+
+
+async def watch_modes(client: httpx.AsyncClient, opts: RunOptions, t0: float,
+                      out: list[tuple[float, dict[str, str]]]) -> None:
+    """Every MODE_EVERY_S: each elastic rank's mode (GET /v1/cluster); ends at once on a server
+    without them (not elastic) or that does not answer."""
+    url = httpx.URL(opts.request.url).copy_with(path="/v1/cluster", query=None)
+    key = opts.request.api_key
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    while True:
+        try:
+            ranks = (await client.get(url, headers=headers)).raise_for_status().json()["ranks"]
+        except (httpx.HTTPError, ValueError, KeyError) as e:
+            log.warning("rank modes: %s from %s; not watched", type(e).__name__, url)
+            return
+        modes = {str(r["rank"]): r["mode"] for r in ranks if "mode" in r}
+        if not modes:
+            return
+        out.append((round(time.perf_counter() - t0, 3), modes))
+        await asyncio.sleep(MODE_EVERY_S)
 
 
 def make_client(opts: RunOptions) -> httpx.AsyncClient:
@@ -118,6 +143,8 @@ async def run_benchmark(schedule: Iterable[Scheduled], opts: RunOptions,
 
         started_at = dt.datetime.now().isoformat(timespec="seconds")
         t0 = time.perf_counter()
+        modes: list[tuple[float, dict[str, str]]] = []
+        watcher = asyncio.create_task(watch_modes(client, opts, t0, modes)) if opts.watch_modes else None
         try:
             for item in schedule:
                 delay = t0 + item.offset - time.perf_counter()
@@ -136,11 +163,12 @@ async def run_benchmark(schedule: Iterable[Scheduled], opts: RunOptions,
             stop_streams.set()
             results = list(await asyncio.gather(*tasks))
         finally:
-            if ticker is not None:
-                ticker.cancel()
+            for bg in (ticker, watcher):
+                if bg is not None:
+                    bg.cancel()
             for task in tasks:
                 task.cancel()
         duration = time.perf_counter() - t0
         if progress is not None:
             progress.close()
-    return RunResult(results, duration, started_at, t0)
+    return RunResult(results, duration, started_at, t0, modes)
