@@ -611,13 +611,14 @@ def test_elastic_workers_move_a_running_request_to_the_idle_one_with_identical_t
         assert blocks and all(free == total for free, total in blocks.values()), blocks
 
 
+@pytest.mark.parametrize("routing", ["load", "round_robin"])
 def test_an_elastic_rank_flipped_to_prefill_hands_its_decodes_away_and_takes_no_more(
-        tiny_dir: Path) -> None:
+        tiny_dir: Path, routing: str) -> None:
     """The flip is checked by the work, not by the call returning: a long answer decodes on rank
     R; POST /v1/cluster/mode sets R to prefill; its request moves to the other rank mid-stream
     (same text as one engine), R ends up decoding nothing, generates no token from then on, and
     the next request decodes on the other rank. Refusals name the problem; auto hands the modes
-    back to the policy."""
+    back to the policy. Every routing policy leaves a mostly-prefill rank out of decode placement."""
     from pd_local.engine.sampling import SamplingParams
 
     long = {"prompt": PROMPTS[0], "max_tokens": 450, "ignore_eos": True, "temperature": 0}
@@ -646,11 +647,14 @@ def test_an_elastic_rank_flipped_to_prefill_hands_its_decodes_away_and_takes_no_
             while (await cluster())[rank]["running"] and not first.done():
                 await asyncio.sleep(0.02)
             emptied = await cluster()
-            second = (await c.post(f"{url}/v1/completions", json=short)).json()
+            seconds = await asyncio.gather(*[c.post(f"{url}/v1/completions", json=short) for _ in range(3)])
+            second = seconds[0].json()
+            assert [r.json()["pd_local"]["decode_rank"] for r in seconds] == [other] * 3
+            assert len({r.json()["choices"][0]["text"] for r in seconds}) == 1
             done = await cluster()
             return rank, (await first).json(), second, emptied, done
 
-    with serving(tiny_dir, "--elastic", "2") as s:
+    with serving(tiny_dir, "--elastic", "2", "--routing", routing) as s:
         rank, first, second, emptied, done = asyncio.run(flip_under_load(s.url))
         assert [first["choices"][0]["text"], second["choices"][0]["text"]] == want
         assert "migration" in first["pd_local"]["timings_ms"], first["pd_local"]

@@ -365,16 +365,14 @@ class Router:
         return [req, *(self.requests[f] for f in req.followers if f in self.requests)]
 
     def _pick_decode(self, req: RequestState) -> int:
+        takers = [r for r in self.decode.values() if r.mode != Mode.PREFILL.value]  # elastic: not mostly-prefill
         if self.policy == "round_robin":
-            rank, matched = next(self._rr_decode), 0
+            rank, matched = next(d for d in self._rr_decode if self.decode[d] in takers), 0
         elif self.policy == "prefix":
             rank, matched = choose([Candidate(r.rank, r.unfinished, r.index.match(req.hashes),
-                                              (-r.load.free_blocks,)) for r in self.decode.values()],
-                                   PREFIX_DECODE_MARGIN)
+                                              (-r.load.free_blocks,)) for r in takers], PREFIX_DECODE_MARGIN)
         else:
-            rank = min(self.decode.values(),
-                       key=lambda r: (r.unfinished, -r.load.free_blocks, r.rank)).rank
-            matched = 0
+            rank, matched = min(takers, key=lambda r: (r.unfinished, -r.load.free_blocks, r.rank)).rank, 0
         return self._routed(self.decode[rank], req, matched)
 
     def _place(self, req: RequestState) -> tuple[int, int]:
