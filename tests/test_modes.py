@@ -119,8 +119,11 @@ def test_the_operator_pins_modes_and_the_policy_waits_until_auto() -> None:
     assert f is not None and (f.rank, f.to) == (2, Mode.PREFILL) and p.pinned
     assert run(p, noisy(random.Random(3), 1.0, 0.12, 0.1, 60)) == []  # would keep all mixed
     assert p.modes == {1: Mode.MIXED, 2: Mode.PREFILL}
+    p.pin(0.5, 2, None)
     with pytest.raises(ValueError, match="rank 1 is the last rank that decodes"):
         p.pin(1.0, 1, Mode.PREFILL)
+    assert not p.pinned and p.last_flip == 0.5  # a refused pin changes nothing
+    p.pin(1.0, 2, Mode.PREFILL)
     with pytest.raises(ValueError, match=r"rank 7 is not an elastic worker \(those are \[1, 2\]\)"):
         p.check(7, Mode.MIXED)
     assert p.pin(1.0, 2, Mode.PREFILL) is None  # already so: no flip

@@ -78,10 +78,11 @@ class ModePolicy:
 
     def pin(self, now: float, rank: int, mode: Mode | None) -> Flip | None:
         """The operator's mode for rank (None: the policy decides again, a dwell from now)."""
+        if mode is not None and self.modes[rank] is not mode:
+            self.check(rank, mode)  # refused: nothing changes
         self.pinned, self.last_flip, self.wanted = mode is not None, now, (self.split(), now)
         if mode is None or self.modes[rank] is mode:
             return None
-        self.check(rank, mode)
         self.modes[rank] = mode
         self.history.append((now, rank, mode, "set by the operator"))
         return Flip(rank, mode, "set by the operator")
