@@ -707,3 +707,37 @@ def test_bench_draws_the_elastic_ranks_modes_over_a_shifting_run(
     strip = {line.split("|")[0].split()[-1]: line.split("|")[1] for line in out.splitlines()
              if line.strip().startswith("rank ") and "|" in line}
     assert set(strip["1"]) == {"m"} and strip["2"].startswith("m") and strip["2"].endswith("P"), out
+
+
+@pytest.mark.parametrize("leave_after_s", [0.0, 0.05])
+def test_a_client_gone_during_a_flip_frees_every_block_once(tiny_dir: Path, leave_after_s: float) -> None:
+    """A long answer decodes on rank R; R is set to prefill and the client leaves at once or
+    50 ms later, racing the move (MigrateOut, Paused, Reserve, SendKV): whatever step the abort
+    meets, both ranks free what they hold, the flip completes, and the server serves on."""
+    async def race(url: str) -> int:
+        async with httpx.AsyncClient(timeout=60) as c:
+            body = {"prompt": PROMPTS[1], "max_tokens": 450, "ignore_eos": True, "stream": True}
+            async with c.stream("POST", f"{url}/v1/completions", json=body) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data:"):
+                        break  # decoding
+                ranks = (await c.get(f"{url}/v1/cluster")).json()["ranks"]
+                rank = next(x["rank"] for x in ranks if x["running"])
+                resp = await c.post(f"{url}/v1/cluster/mode", json={"rank": rank, "mode": "prefill"})
+                assert resp.status_code == 200, resp.text
+                await asyncio.sleep(leave_after_s)
+            return rank  # the stream closed: the client is gone
+
+    with serving(tiny_dir, "--elastic", "2") as s:
+        rank = asyncio.run(race(s.url))
+        blocks = wait_blocks_free(s.url)
+        assert blocks and all(free == total for free, total in blocks.values()), blocks
+        deadline = time.monotonic() + 10
+        while metric_values(s.url, "pd_local_flip_seconds_count").get('{to="prefill"}') != 1.0:
+            assert time.monotonic() < deadline, metric_values(s.url, "pd_local_flip_seconds_count")
+            time.sleep(0.05)
+        assert metric_values(s.url, "pd_local_requests_in_flight")[""] == 0
+        assert metric_values(s.url, "pd_local_requests_total")['{outcome="abort"}'] == 1
+        view = httpx.get(f"{s.url}/v1/cluster", timeout=10).json()
+        assert view["ranks"][rank - 1]["mode"] == "prefill" and all(x["running"] == 0 for x in view["ranks"])
+        assert asyncio.run(complete_all(s.url)) == reference_texts(tiny_dir)  # serves on, correctly
