@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -100,8 +101,9 @@ class Backend(Protocol):
 
     def abort(self, req_id: int) -> None: ...
 
-    def set_mode(self, rank: int, mode: str) -> None:
-        """Pin an elastic rank's mode ("auto": the policy decides); ValueError names a refusal."""
+    def set_mode(self, rank: int, mode: str) -> Future[None]:
+        """Pin an elastic rank's mode ("auto": the policy decides); done once applied, or failed
+        with a ValueError that names the refusal."""
         ...
 
     def healthy(self) -> tuple[bool, str]: ...

@@ -48,6 +48,9 @@ class ServerSettings:
     dtype: str | None = None  # what the workers compute in ("auto" resolved), for /v1/models
 
 
+MODE_ANSWER_S = 10.0  # POST /v1/cluster/mode waits this long for the router thread
+
+
 class App:
     """Holds the per-server state the route handlers share."""
 
@@ -190,10 +193,13 @@ class App:
             if type(rank) is not int or not isinstance(mode, str):
                 raise RequestError('expected {"rank": <int>, "mode": "mixed" | "prefill" | "decode" | "auto"}',
                                    code="invalid_request")
-            try:
-                self.backend.set_mode(rank, mode)
+            try:  # the router applies it, in order with other changes, or refuses it
+                await asyncio.wait_for(asyncio.wrap_future(self.backend.set_mode(rank, mode)), MODE_ANSWER_S)
             except ValueError as e:
                 raise RequestError(str(e), code="invalid_mode") from None
+            except asyncio.TimeoutError:
+                raise RequestError(f"the router did not apply the mode within {MODE_ANSWER_S:.0f} s",
+                                   code="unavailable", status=503, type="server_error") from None
         except RequestError as e:
             return error_response(e)
         return JSONResponse({"rank": rank, "mode": mode, "control": "policy" if mode == "auto" else "operator"})

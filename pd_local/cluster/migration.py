@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
 from pd_local.api.backend import FLIP_BUCKETS, Observed
@@ -73,31 +74,34 @@ class Mover:
     def flip_took(self, to: Mode, seconds: float) -> None:
         self.router.kv.flip_seconds.setdefault(to.value, Observed(FLIP_BUCKETS)).add(seconds)
 
-    def check_pin(self, rank: int, mode: str) -> tuple[int, Mode | None]:
+    def check_pin(self, rank: int, mode: str) -> Mode | None:
         """POST /v1/cluster/mode's arguments, checked (ValueError names the problem)."""
         if not self.router.elastic:
             raise ValueError(f"modes belong to elastic workers (serve --elastic N); this server is "
                              f"{self.router.ctx.cfg.topology.label}")
         if mode == "auto":
-            return rank, None
+            return None
         if mode not in set(Mode):
             raise ValueError(f"mode must be one of {', '.join(Mode)} or auto, not {mode!r}")
         self.policy.check(rank, Mode(mode))
-        return rank, Mode(mode)
+        return Mode(mode)
 
-    def pin(self, rank: int, mode: Mode | None) -> None:
-        """The operator's mode (None: back to the policy); runs on the router thread."""
+    def pin(self, rank: int, mode: str, done: Future[None]) -> None:
+        """The operator's mode ("auto": back to the policy), on the router thread, in order with
+        other changes: `done` fails with the ValueError of a refusal, else the flip is applied."""
         now = time.monotonic()
         try:
-            f = self.policy.pin(now, rank, mode)
-        except ValueError as e:  # valid when asked, no longer now (another pin came first)
-            log.warning("mode change refused: %s", e)
+            to = self.check_pin(rank, mode)
+            f = self.policy.pin(now, rank, to)
+        except ValueError as e:
+            done.set_exception(e)
             return
-        self.router.kv.mode_control = "operator" if mode is not None else "policy"
-        if mode is None:
+        self.router.kv.mode_control = "operator" if to is not None else "policy"
+        if to is None:
             log.info("modes: the policy decides again")
         elif f is not None:
             self._apply(f, now)
+        done.set_result(None)
 
     def rebalance(self) -> None:
         """Flip modes, then move a running request: off a mostly-prefill rank first, else from

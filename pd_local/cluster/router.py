@@ -12,6 +12,7 @@ import itertools
 import logging
 import threading
 import time
+from concurrent.futures import Future
 
 from pd_local.api.backend import BackendStats, RequestOutput
 from pd_local.cluster.dist import DistContext
@@ -95,9 +96,10 @@ class Router:
     def abort(self, req_id: int) -> None:
         self.inbox.put(LOCAL, ("abort", req_id))
 
-    def set_mode(self, rank: int, mode: str) -> None:
-        """Elastic: the operator pins rank's mode ("auto": the policy again); ValueError: refused."""
-        self.inbox.put(LOCAL, ("mode", self.mover.check_pin(rank, mode)))
+    def set_mode(self, rank: int, mode: str) -> Future[None]:
+        """Elastic: the operator pins rank's mode ("auto": the policy again); see Mover.pin."""
+        self.inbox.put(LOCAL, ("mode", (rank, mode, done := Future())))
+        return done
 
     def healthy(self) -> tuple[bool, str]:
         if self.error is not None:
