@@ -26,12 +26,15 @@ from tests.dist_scripts.harness import REPO, env_for, free_port, kill_tagged, ne
 
 @contextmanager
 def inprocess_server(model_dir: Path, engine_cfg: EngineConfig | None = None,
-                     dtype: torch.dtype = torch.bfloat16, **settings: object) -> Iterator[str]:
+                     dtype: torch.dtype = torch.bfloat16, worlds: list[LocalWorld] | None = None,
+                     **settings: object) -> Iterator[str]:
     """Yields the base URL of a server running in this process: the router and one colocated
-    worker loop on threads (cluster/local.py), the HTTP app on a third."""
+    worker loop on threads (cluster/local.py), the HTTP app on a third (`worlds` gets the world)."""
     cfg = ServeConfig(model=str(model_dir), dtype=str(dtype).removeprefix("torch."),
                       topology=TopologyConfig(colocated=1), engine=engine_cfg or EngineConfig(kv_cache_gb=0.1))
     world = LocalWorld(cfg)
+    if worlds is not None:
+        worlds.append(world)
     if not world.router.ready.wait(timeout=120) or world.router.error is not None:
         world.shutdown()
         raise RuntimeError(f"the in-process worker did not start: {world.router.error or world.error}")

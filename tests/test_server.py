@@ -434,3 +434,23 @@ def test_modes_are_refused_where_no_worker_is_elastic(url: str) -> None:
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request", (bad, r.text)
     assert "cluster" == httpx.get(f"{url}/v1/cluster", timeout=10).json()["object"]
     assert "mode_control" not in httpx.get(f"{url}/v1/cluster", timeout=10).json()
+
+
+def test_a_mode_change_the_router_never_answers_is_a_503(smollm2_dir: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The router thread applies mode changes; once it has stopped (here: shut down under a
+    live HTTP server), POST /v1/cluster/mode answers 503 after MODE_ANSWER_S, not never."""
+    from pd_local.api import server as server_module
+
+    monkeypatch.setattr(server_module, "MODE_ANSWER_S", 0.5)
+    worlds: list = []
+    with inprocess_server(smollm2_dir, worlds=worlds) as u:
+        wait_healthy(u)
+        router = worlds[0].router
+        router.shutdown()
+        assert router.stopped.is_set()
+        t0 = time.monotonic()
+        r = httpx.post(f"{u}/v1/cluster/mode", json={"rank": 1, "mode": "prefill"}, timeout=10)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable", r.text
+        assert "the router did not apply the mode within 0.5 s" in r.json()["error"]["message"]
+        assert 0.4 < time.monotonic() - t0 < 5

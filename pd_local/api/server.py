@@ -198,7 +198,7 @@ class App:
             except ValueError as e:
                 raise RequestError(str(e), code="invalid_mode") from None
             except asyncio.TimeoutError:
-                raise RequestError(f"the router did not apply the mode within {MODE_ANSWER_S:.0f} s",
+                raise RequestError(f"the router did not apply the mode within {MODE_ANSWER_S:g} s",
                                    code="unavailable", status=503, type="server_error") from None
         except RequestError as e:
             return error_response(e)
