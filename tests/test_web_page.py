@@ -308,3 +308,27 @@ def test_markdown_renderer_escapes_every_tag_it_did_not_write(page: Page, server
     assert fence["tags"] == ["pre", "code", "p"] and "<script>alert(1)</script>" in fence["text"]
     assert quotes["text"] == "a \" quote ' and & amp"
     assert split["html"] == '<ol><li>one</li></ol><ol start="2"><li>two</li></ol>'
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_the_page_shows_each_elastic_ranks_mode_as_it_changes(browser: object, smollm2_dir: Path) -> None:
+    """On --elastic 2 each rank card names its mode; set rank 2 to prefill (POST
+    /v1/cluster/mode) and its card follows at the next poll."""
+    with serving(smollm2_dir, "--elastic", "2", "--api-key", KEY) as s:
+        pg = Page(browser, s.url)
+        try:
+            pg.p.goto(f"{s.url}/")
+            pg.p.wait_for_selector("#key-dialog[open]")
+            pg.p.fill("#key-input", KEY)
+            pg.p.press("#key-input", "Enter")
+            pg.p.wait_for_selector('.rank[data-rank="2"][data-mode="mixed"]')
+            assert pg.p.locator('.rank[data-rank="1"] .badge').inner_text() == "elastic · mixed"
+            r = httpx.post(f"{s.url}/v1/cluster/mode", headers=AUTH, json={"rank": 2, "mode": "prefill"}, timeout=10)
+            assert r.status_code == 200, r.text
+            pg.p.wait_for_selector('.rank[data-rank="2"][data-mode="prefill"]', timeout=10_000)
+            assert pg.p.locator('.rank[data-rank="2"] .badge').inner_text() == "elastic · prefill"
+            assert "queued prompt tokens" in pg.p.inner_text('.rank[data-rank="2"]')
+            assert pg.errors == [], pg.errors
+        finally:
+            pg.ctx.close()

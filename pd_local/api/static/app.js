@@ -107,12 +107,13 @@ function renderCluster(c) {
     const card = el("div", "rank role-" + r.role);
     card.dataset.rank = r.rank;
     card.dataset.role = r.role;
+    card.dataset.mode = r.mode || "";  // elastic ranks: mixed, prefill or decode
     const head = el("div", "rank-head");
-    head.append(el("strong", "", `rank ${r.rank}`), el("span", "badge", r.role));
+    head.append(el("strong", "", `rank ${r.rank}`), el("span", "badge", r.mode ? `${r.role} · ${r.mode}` : r.role));
     const rows = el("dl");
     const row = (k, v) => rows.append(el("dt", "", k), el("dd", "", v));
     row("running / waiting", `${r.running} / ${r.waiting}`);
-    if (r.role === "prefill") row("queued prompt tokens", fmt(r.queued_prefill_tokens));
+    if (r.role === "prefill" || r.role === "elastic") row("queued prompt tokens", fmt(r.queued_prefill_tokens));
     if (r.role !== "decode") row("prefill tok/s", fmt(r.prefill_tokens_per_s, 1));
     if (r.role !== "prefill") row("decode tok/s", fmt(r.decode_tokens_per_s, 1));
     if (r.threads) row("threads", `${r.threads} on CPUs ${r.cpus}`);
