@@ -83,8 +83,7 @@ class Mover:
             return None
         if mode not in set(Mode):
             raise ValueError(f"mode must be one of {', '.join(Mode)} or auto, not {mode!r}")
-        self.policy.check(rank, Mode(mode))
-        return Mode(mode)
+        return Mode(mode)  # the rank and what the mode leaves: ModePolicy.pin checks them
 
     def pin(self, rank: int, mode: str, done: Future[None]) -> None:
         """The operator's mode ("auto": back to the policy), on the router thread, in order with
@@ -175,7 +174,6 @@ class Mover:
 
     def migrated(self, msg: Migrated) -> None:
         r = self.router
-        self.ended(msg.req_id)
         self.last_end = time.monotonic()
         r.kv.migrations += 1
         r.kv.migration_bytes += msg.num_bytes
@@ -184,4 +182,4 @@ class Mover:
         if req is not None:
             req.migrating_from = None
             req.timeline.mark("migrated", msg.t_end)
-        self.vacated(self.last_end)
+        self.ended(msg.req_id)  # after migrating_from is cleared: a flip it held up may be done

@@ -78,7 +78,7 @@ class ModePolicy:
 
     def pin(self, now: float, rank: int, mode: Mode | None) -> Flip | None:
         """The operator's mode for rank (None: the policy decides again, a dwell from now)."""
-        if mode is not None and self.modes[rank] is not mode:
+        if mode is not None:
             self.check(rank, mode)  # refused: nothing changes
         self.pinned, self.last_flip, self.wanted = mode is not None, now, (self.split(), now)
         if mode is None or self.modes[rank] is mode:
