@@ -461,11 +461,15 @@ async def storm(url: str, n: int, seed: int, flips: bool = False) -> list[int]:
                     break
         return seen
 
+    cycled = asyncio.Event()  # the flipper went through its changes at least once (4 flips)
+
     async def flipper(c: httpx.AsyncClient) -> None:
         modes = [(2, "mixed"), (1, "prefill"), (1, "decode"), (2, "prefill"), (2, "mixed"), (1, "auto")]
         for i in itertools.count():
             r = await c.post(f"{url}/v1/cluster/mode", json=dict(zip(("rank", "mode"), modes[i % len(modes)])))
             assert r.status_code == 200, r.text
+            if i == len(modes) - 1:
+                cycled.set()
             await asyncio.sleep(0.2)
 
     limits = httpx.Limits(max_connections=n + 5)
@@ -473,7 +477,8 @@ async def storm(url: str, n: int, seed: int, flips: bool = False) -> list[int]:
         flipping = asyncio.create_task(flipper(c)) if flips else None
         seen = await asyncio.gather(*[one(c, PROMPTS[rng.randrange(len(PROMPTS))],
                                           rng.randint(1, 20)) for _ in range(n)])
-        if flipping is not None:
+        if flipping is not None:  # a short storm (a fast CPU) still sees a whole cycle of flips
+            await asyncio.wait([flipping, asyncio.ensure_future(cycled.wait())], return_when=asyncio.FIRST_COMPLETED)
             if flipping.done():
                 flipping.result()  # it failed: raise what it raised
             flipping.cancel()
