@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from pd_local.cluster.placement import LOCAL_MARGIN, RankView, Slo, place
+from pd_local.cluster.placement import LOCAL_MARGIN, PREFIX_DECODE_MARGIN, Placer, RankView, Slo, place
 from pd_local.engine.step_cost import CostFit, StepCost
 
 SLO = Slo(ttft_ms=2000, tpot_ms=100)
@@ -15,8 +15,18 @@ COST = StepCost(base_ms=10, row_ms=2, token_ms=0.2)  # 256 prompt tokens alone: 
 
 
 def view(rank: int, queued: int = 0, running: int = 0, free: int = 100, cost: StepCost = COST,
-         own: bool = True, others: bool = True, decodes: bool = True) -> RankView:
-    return RankView(rank, decodes, own, others, queued, running, free, cost)
+         own: bool = True, others: bool = True, decodes: bool = True, matched: int = 0) -> RankView:
+    return RankView(rank, decodes, own, others, queued, running, free, cost, matched=matched)
+
+
+def placer(policy: str) -> Placer:
+    return Placer(policy, SLO, 16, 512, 16)
+
+
+ELASTIC = [view(1), view(2)]
+COLOCATED = [view(1, others=False), view(2, others=False)]
+PD_1P2D = [view(1, own=False, decodes=False), view(2, own=False, others=False), view(3, own=False, others=False)]
+PD_2P1D = [view(1, own=False, decodes=False), view(2, own=False, decodes=False), view(3, own=False, others=False)]
 
 
 def test_the_fit_recovers_a_step_cost_from_noisy_mixed_steps() -> None:
@@ -169,3 +179,61 @@ def test_the_fit_splits_each_step_time_into_prefill_and_decode_work() -> None:
     fit.add(8, 128, COST.step_ms(8, 128))  # mixed: its rows' part is what they alone would cost
     assert fit.busy[1] - before[1] == pytest.approx(cost.step_ms(8, 0))
     assert fit.busy[0] - before[0] == pytest.approx(COST.step_ms(8, 128) - cost.step_ms(8, 0))
+
+
+@pytest.mark.parametrize("policy", ["load", "round_robin", "prefix"])
+@pytest.mark.parametrize("ranks,allowed", [
+    (COLOCATED, {(1, 1), (2, 2)}),
+    (PD_1P2D, {(1, 2), (1, 3)}),
+    (PD_2P1D, {(1, 3), (2, 3)}),
+    (ELASTIC, {(1, 1), (1, 2), (2, 1), (2, 2)}),
+], ids=["colocated-2", "1P2D", "2P1D", "elastic-2"])
+def test_every_topology_and_policy_places_through_one_path_within_the_roles(
+        policy: str, ranks: list[RankView], allowed: set[tuple[int, int]]) -> None:
+    """(prefill, decode) pairs stay within what each rank's role allows, whatever the policy."""
+    pl = placer(policy)
+    got = {(p.prefill, p.decode) for p in (pl.place(100, 7, ranks) for _ in range(8))}
+    assert got <= allowed, got
+
+
+def test_round_robin_takes_decode_ranks_in_turn_and_each_ones_prefill_ranks_in_turn() -> None:
+    pl = placer("round_robin")
+    assert [(p.prefill, p.decode) for p in (pl.place(100, 7, ELASTIC) for _ in range(4))] == \
+        [(1, 1), (1, 2), (2, 1), (2, 2)]  # every pair: local and both ways
+    pl = placer("round_robin")
+    assert [pl.place(100, 7, PD_2P1D).prefill for _ in range(4)] == [1, 2, 1, 2]
+    pl = placer("round_robin")
+    assert [pl.place(100, 7, PD_1P2D).decode for _ in range(4)] == [2, 3, 2, 3]
+    # the set changes (a rank flipped to mostly-prefill): the turn goes on among those left
+    pl = placer("round_robin")
+    assert pl.place(100, 7, ELASTIC).decode == 1
+    assert pl.place(100, 7, [view(1), view(2, decodes=False)]).decode == 1
+    assert pl.place(100, 7, ELASTIC).decode == 2
+
+
+def test_prefix_routing_prefers_the_rank_holding_the_prompt_within_a_margin() -> None:
+    pl = placer("prefix")
+    near = [view(2, own=False, others=False, running=3, matched=5), view(3, own=False, others=False)]
+    p = pl.place(100, 7, [view(1, own=False, decodes=False), *near])
+    assert (p.decode, p.decode_matched) == (2, 5)
+    far = [view(2, own=False, others=False, running=PREFIX_DECODE_MARGIN + 1, matched=5),
+           view(3, own=False, others=False)]
+    assert pl.place(100, 7, [view(1, own=False, decodes=False), *far]).decode == 3
+    # PD prefill: queued tokens plus the prompt tokens the rank lacks
+    prefillers = [view(1, own=False, decodes=False, queued=50, matched=6),
+                  view(2, own=False, decodes=False, queued=0), view(3, own=False, others=False)]
+    p = pl.place(100, 7, prefillers)
+    assert (p.prefill, p.prefill_matched) == (1, 6), p  # 50 + 100 - 96 < 0 + 100
+    # elastic: local unless another rank has less prefill queued
+    assert pl.place(100, 7, [view(1), view(2, running=1, queued=10)]).prefill == 1
+    assert pl.place(100, 7, [view(1, queued=500), view(2, running=1)]).prefill == 2
+
+
+def test_a_placer_refuses_an_unknown_policy_and_a_topology_with_no_decoder() -> None:
+    with pytest.raises(ValueError, match="routing must be one of load, round_robin, prefix; got 'random'"):
+        placer("random")
+    for policy in ("round_robin", "prefix"):
+        with pytest.raises(ValueError, match="no rank decodes"):
+            placer(policy).place(100, 7, PD_2P1D[:2])
+        with pytest.raises(ValueError, match="no rank prefills for decode rank 3"):
+            placer(policy).place(100, 7, PD_2P1D[2:])

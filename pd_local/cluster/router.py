@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import itertools
 import logging
 import threading
 import time
@@ -22,8 +21,7 @@ from pd_local.cluster.messages import (Abort, Fatal, Migrated, Paused, Prefill, 
                                        Reserved, SendKV, Shutdown, Stats, TokenEntry, Tokens)
 from pd_local.cluster.migration import Mover
 from pd_local.cluster.modes import Mode
-from pd_local.cluster.placement import RankView, Slo, place
-from pd_local.cluster.prefix_index import Candidate, choose
+from pd_local.cluster.placement import Placer, RankView, Slo
 from pd_local.cluster.router_state import RankState, RequestState, with_token
 from pd_local.engine.kv_cache import block_hashes, blocks_for
 from pd_local.engine.events import Load
@@ -34,9 +32,6 @@ log = logging.getLogger(__name__)
 
 DONE = (FinishReason.STOP, FinishReason.LENGTH)  # ended on its rank, not by the router
 LOCAL = -1  # the inbox "peer" of commands from the asyncio loop
-# "prefix": a decode step at batch 16 costs ~2x batch 1 on CPU (docs/design.md), so 4 more requests
-# slow a rank ~10%, worth a hit that saves the prompt's prefill (colocated) or KV transfer.
-PREFIX_DECODE_MARGIN = 4
 
 
 class Router:
@@ -57,9 +52,8 @@ class Router:
         self.ranks = {w: RankState(w, topo.role(w).value) for w in topo.worker_ranks}
         self.decode = {d: self.ranks[d] for d in topo.decode_ranks}  # those that can decode
         self.prefill = {p: self.ranks[p] for p in topo.prefill_ranks}  # can prefill for others
-        self._rr_decode = itertools.cycle(sorted(self.decode))
-        self._rr_prefill = itertools.cycle(sorted(self.prefill))
-        self._rr_local = {d: itertools.cycle((True, False)) for d in self.decode}
+        e = ctx.cfg.engine
+        self.placer = Placer(self.policy, self.slo, e.block_size, e.max_prefill_tokens, e.block_size)
         self.requests: dict[int, RequestState] = {}
         self.kv = BackendStats()
         self.mover = Mover(self)
@@ -207,19 +201,14 @@ class Router:
             req = reqs[0]
             if self.policy == "prefix":
                 req.hashes = block_hashes(list(req.prompt_ids), self.block_size)
-            if self.elastic and self.policy == "load":
-                d, p = self._place(req)
-            else:
-                d = self._pick_decode(req)
-                p = d if self._prefills_locally(d) else None  # None: picked once reserved
+            d, p = self._place(req)
             req.decode, local = d, p == d
             for r in reqs:
                 r.decode, r.leader, r.local, r.prefill = d, (req if r is not req else None), local, p
                 self.decode[d].unfinished += 1
                 self.requests[r.req_id] = r
             req.followers = [r.req_id for r in reqs[1:]]
-            if p is not None:
-                self._prefill_work(req, p, len(req.prompt_ids))
+            self._prefill_work(req, p, len(req.prompt_ids))
             self.to_worker[d].send(Reserve(req.req_id, req.prompt_ids, req.sampling,
                                            tuple(req.followers), local))
         elif kind == "abort":
@@ -303,9 +292,8 @@ class Router:
             return
         for r in self._group(req):
             r.timeline.mark("reserved", msg.t)
-        p = req.prefill if req.prefill is not None else self._pick_prefill(req)
-        for r in self._group(req):
-            r.prefill = p
+        p = req.prefill
+        assert p is not None, "placed at submit"
         self._prefill_work(req, p, len(req.prompt_ids) - msg.held_tokens)  # to compute and send
         self.to_worker[p].send(Prefill(req.req_id, req.prompt_ids, req.decode,
                                         msg.held_tokens, req.sampling.prompt_logprobs))
@@ -366,56 +354,24 @@ class Router:
         """req and the other choices still here that fork off it (n > 1)."""
         return [req, *(self.requests[f] for f in req.followers if f in self.requests)]
 
-    def _pick_decode(self, req: RequestState) -> int:
-        takers = [r for r in self.decode.values() if r.mode != Mode.PREFILL.value]  # elastic: not mostly-prefill
-        if self.policy == "round_robin":
-            rank, matched = next(d for d in self._rr_decode if self.decode[d] in takers), 0
-        elif self.policy == "prefix":
-            rank, matched = choose([Candidate(r.rank, r.unfinished, r.index.match(req.hashes),
-                                              (-r.load.free_blocks,)) for r in takers], PREFIX_DECODE_MARGIN)
-        else:
-            rank, matched = min(takers, key=lambda r: (r.unfinished, -r.load.free_blocks, r.rank)).rank, 0
-        return self._routed(self.decode[rank], req, matched)
-
     def _place(self, req: RequestState) -> tuple[int, int]:
-        """Elastic workers: (decode, prefill) ranks from placement.place on what the router knows."""
-        modes = {r: self.mover.policy.modes[r] for r in self.ranks}
-        views = [RankView(r.rank, m is not Mode.PREFILL, m is not Mode.DECODE, m is not Mode.DECODE, r.queued_tokens,
-                          r.unfinished, r.load.free_blocks, r.load.cost, m is Mode.DECODE)
-                 for r in self.ranks.values() for m in [modes[r.rank]]]
-        e, n = self.ctx.cfg.engine, len(req.prompt_ids)
-        pl = place(n, blocks_for(n, self.block_size), views, self.slo, e.block_size, e.max_prefill_tokens)
+        """(decode, prefill) ranks, from the Placer over a view of every rank: a PD or colocated
+        rank's role fixes what it takes; an elastic rank's mode (decode: prefills only to help)."""
+        views, prefix = [], self.policy == "prefix"
+        for r in self.ranks.values():
+            m = self.mover.policy.modes[r.rank] if self.elastic else None
+            decodes = m is not Mode.PREFILL if m else r.rank in self.decode
+            own = m is not Mode.DECODE if m else self.colocated
+            others = m is not Mode.DECODE if m else r.rank in self.prefill
+            views.append(RankView(r.rank, decodes, own, others, r.queued_tokens, r.unfinished, r.load.free_blocks,
+                                  r.load.cost, m is Mode.DECODE, r.index.match(req.hashes) if prefix else 0))
+        n = len(req.prompt_ids)
+        pl = self.placer.place(n, blocks_for(n, self.block_size), views)
         log.debug("request %d -> decode %d, prefill %d: %s", req.req_id, pl.decode, pl.prefill, pl.reason)
-        for rank in {pl.decode, pl.prefill}:
-            self._routed(self.ranks[rank], req, 0)
+        self._routed(self.ranks[pl.decode], req, pl.decode_matched)
+        if pl.prefill != pl.decode:
+            self._routed(self.ranks[pl.prefill], req, pl.prefill_matched)
         return pl.decode, pl.prefill
-
-    def _prefills_locally(self, d: int) -> bool:
-        """Whether decode rank d also prefills the request: a colocated rank always, a decode
-        rank never; an elastic one unless another rank has less prefill work queued."""
-        if d not in self.prefill:
-            return self.colocated
-        if self.policy == "round_robin":
-            return next(self._rr_local[d])
-        return self.ranks[d].queued_tokens <= min(r.queued_tokens for r in self.prefill.values())
-
-    def _pick_prefill(self, req: RequestState) -> int:
-        """A rank to prefill for req's decode rank (never that rank itself)."""
-        ranks = [r for r in self.prefill.values() if r.rank != req.decode]
-        if self.policy == "round_robin":
-            rank = next(self._rr_prefill)
-            while rank == req.decode:
-                rank = next(self._rr_prefill)
-            matched = 0
-        elif self.policy == "prefix":  # load: queued tokens + the prompt tokens the rank lacks
-            n, bs = len(req.prompt_ids), self.block_size
-            rank, matched = choose([Candidate(r.rank, r.queued_tokens + n - m * bs, m,
-                                              (r.queued_tokens,))
-                                    for r in ranks for m in [r.index.match(req.hashes)]], 0)
-        else:
-            rank = min(ranks, key=lambda r: (r.queued_tokens, r.rank)).rank
-            matched = 0
-        return self._routed(self.prefill[rank], req, matched)
 
     def _routed(self, r: RankState, req: RequestState, matched: int) -> int:
         """Count the request on rank `r`; "prefix" records its blocks there."""
