@@ -223,6 +223,21 @@ class SloConfig:
 
 
 @dataclass(frozen=True)
+class ModesConfig:
+    """How elastic ranks' modes follow the measured work (cluster/modes.py): the work rates'
+    averaging time, how long a new split must be wanted, the least time between flips."""
+
+    rate_tau_s: float = 5.0
+    confirm_s: float = 4.0
+    dwell_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        _positive_float("modes.rate_tau_s", self.rate_tau_s)
+        _positive_float("modes.confirm_s", self.confirm_s, allow_zero=True)
+        _positive_float("modes.dwell_s", self.dwell_s, allow_zero=True)
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     model: str = DEFAULT_MODEL
     dtype: str = "auto"
@@ -238,6 +253,7 @@ class ServeConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
     slo: SloConfig = field(default_factory=SloConfig)
+    modes: ModesConfig = field(default_factory=ModesConfig)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -270,6 +286,7 @@ _SECTIONS: dict[str, type] = {
     "server": ServerConfig,
     "timeouts": TimeoutConfig,
     "slo": SloConfig,
+    "modes": ModesConfig,
 }
 
 

@@ -69,6 +69,14 @@ def test_flags_override_the_file() -> None:
     assert cfg.engine.threads == 3 and ServeConfig().engine.threads == 0
 
 
+def test_the_mode_policy_times_come_from_the_modes_table() -> None:
+    from pd_local.cluster.modes import CONFIRM_S, DWELL_S, RATE_TAU_S
+
+    cfg = parse("--elastic", "2", "--set", "modes.dwell_s=0.5", "--set", "modes.confirm_s=0")
+    assert (cfg.modes.dwell_s, cfg.modes.confirm_s, cfg.modes.rate_tau_s) == (0.5, 0.0, RATE_TAU_S)
+    assert (ServeConfig().modes.dwell_s, ServeConfig().modes.confirm_s) == (DWELL_S, CONFIRM_S)
+
+
 def test_api_key_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PD_LOCAL_API_KEY", "from-env")
     assert parse().server.api_key == "from-env"
@@ -144,6 +152,9 @@ def write(tmp_path: Path, text: str) -> Path:
     ("[engine]\ncuda_graphs = 1", "engine.cuda_graphs must be true or false, got 1"),
     ("kv_ipc = 'yes'", "kv_ipc must be true or false, got 'yes'"),
     ("model = = 1", "not valid TOML"),
+    ("[modes]\nrate_tau_s = 0", "modes.rate_tau_s must be a finite number > 0, got 0"),
+    ("[modes]\ndwell_s = -1", "modes.dwell_s must be a finite number >= 0, got -1"),
+    ("[modes]\nconfirm = 1", r"unknown key 'modes.confirm' \(known: rate_tau_s, confirm_s, dwell_s\)"),
 ])
 def test_file_errors(tmp_path: Path, text: str, match: str) -> None:
     path = write(tmp_path, text)

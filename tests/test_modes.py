@@ -78,6 +78,18 @@ def test_dwell_blocks_a_flip_right_after_another() -> None:
     assert all("demand 0.00 prefill + 0.80 decode" in h[3] for h in p.history[-2:])  # each with its reason
 
 
+def test_the_confirm_and_dwell_times_are_the_policys_own() -> None:
+    """config [modes] sets them: a split confirmed after 1 s, and back 2 s after it."""
+    p = ModePolicy({1: Mode.MIXED, 2: Mode.MIXED}, dwell_s=2.0, confirm_s=1.0)
+    assert run(p, [(0.4, 0.4)] * 2) == [] and [f.to for f in p.decide(1.0, 0.4, 0.4, {})] != []
+    assert p.decide(2.0, 0.0, 0.8, {}) == [] and p.decide(2.9, 0.0, 0.8, {}) == []  # dwell: until 3
+    assert [f.to for f in p.decide(3.0, 0.0, 0.8, {})] == [Mode.MIXED, Mode.MIXED]
+    fast = Rate(tau_s=0.5)
+    for i in range(20):
+        fast.add(i * 0.1, 50)
+    assert fast.at(1.9 + 0.5) == pytest.approx(fast.at(1.9) / math.e, rel=0.02)
+
+
 def test_a_mix_passing_through_on_the_way_to_another_phase_flips_nothing() -> None:
     """Prefill-heavy -> decode-heavy: the averages look balanced for a moment between."""
     demand = [(1.0, 0.12)] * 20 + [(0.3, 0.25)] * 7 + [(0.05, 0.6)] * 40  # 3.5 s of a mix

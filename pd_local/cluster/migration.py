@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from pd_local.api.backend import FLIP_BUCKETS, Observed
 from pd_local.cluster.messages import MigrateOut, Migrated, Paused, Reserve, Stay
-from pd_local.cluster.modes import RATE_TAU_S, Flip, Mode, ModePolicy, Rate
+from pd_local.cluster.modes import Flip, Mode, ModePolicy, Rate
 from pd_local.engine.events import Load
 from pd_local.cluster.router_state import RequestState
 
@@ -35,8 +35,9 @@ class Mover:
         self.moving_req: int | None = None
         self.dst, self.move_start = 0, 0.0  # where it goes, since when
         self.last_end = 0.0
-        self.policy = ModePolicy({r: Mode.MIXED for r in router.decode})
-        self.busy = (Rate(), Rate())  # ms/s the ranks spend on prompt tokens, on decode rows
+        m = router.ctx.cfg.modes
+        self.policy = ModePolicy({r: Mode.MIXED for r in router.decode}, dwell_s=m.dwell_s, confirm_s=m.confirm_s)
+        self.busy = (Rate(m.rate_tau_s), Rate(m.rate_tau_s))  # ms/s the ranks spend on prompt tokens, on decode rows
         self.busy_seen: dict[int, tuple[float, float]] = {}
         self.vacating: dict[int, float] = {}  # flipped to prefill at -> until its last decode left
         for r in router.decode.values() if router.elastic else ():
@@ -53,7 +54,7 @@ class Mover:
     def flip(self, now: float) -> None:
         """Ask the mode policy, on the work measured (busy ranks of prefill and of decode)."""
         r = self.router
-        if self.busy[0].age(now) < RATE_TAU_S:  # measure a while first
+        if self.busy[0].age(now) < self.busy[0].tau_s:  # measure a while first
             return
         prefill, decode = (rate.at(now) / 1000 for rate in self.busy)
         for f in self.policy.decide(now, prefill, decode, {x.rank: x.load.running for x in r.decode.values()}):

@@ -8,18 +8,20 @@ import enum
 import math
 from dataclasses import dataclass, field
 
+from pd_local.config import ModesConfig
+
 # A split (some ranks mostly-prefill, the rest mostly-decode) needs both kinds of work to matter
 # (the prefill share of it within SHARE) and each side to carry its own at no more than UTIL of
 # its ranks; entering asks the first bounds, staying the second (hysteresis). No flip within
-# DWELL_S of the last: no oscillation on noise.
+# DWELL_S of the last: no oscillation on noise. The times are config `[modes]`'s defaults.
 SHARE_ENTER, SHARE_STAY = (0.25, 0.75), (0.15, 0.85)
 UTIL_ENTER, UTIL_STAY = 0.7, 0.9
-DWELL_S = 5.0
+DWELL_S = ModesConfig.dwell_s
 # ... and a new split must be wanted this long first: the averages pass through a mix on their
 # way from one phase to the next (prefill-heavy -> decode-heavy looks balanced for a few seconds).
-CONFIRM_S = 4.0
+CONFIRM_S = ModesConfig.confirm_s
 # The work rates are averaged over this many seconds (an exponential moving average).
-RATE_TAU_S = 5.0
+RATE_TAU_S = ModesConfig.rate_tau_s
 
 
 class Mode(enum.StrEnum):
@@ -36,25 +38,26 @@ class Flip:
 
 
 class Rate:
-    """Events per second, an exponential moving average over RATE_TAU_S, bias-corrected for the
+    """Events per second, an exponential moving average over tau_s, bias-corrected for the
     time since the first event (an average started at 0 would read low for the first seconds)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tau_s: float = RATE_TAU_S) -> None:
+        self.tau_s = tau_s
         self.value, self.t, self.t0 = 0.0, 0.0, None  # type: ignore[var-annotated]
 
     def add(self, now: float, amount: float) -> None:
         self.t0 = now if self.t0 is None else self.t0
-        self.value = self._decayed(now) + amount / RATE_TAU_S
+        self.value = self._decayed(now) + amount / self.tau_s
         self.t = now
 
     def _decayed(self, now: float) -> float:
-        return self.value * math.exp(-(now - self.t) / RATE_TAU_S)
+        return self.value * math.exp(-(now - self.t) / self.tau_s)
 
     def age(self, now: float) -> float:
         return 0.0 if self.t0 is None else now - self.t0
 
     def at(self, now: float) -> float:
-        seen = 1 - math.exp(-self.age(now) / RATE_TAU_S)  # the average's weight so far
+        seen = 1 - math.exp(-self.age(now) / self.tau_s)  # the average's weight so far
         return self._decayed(now) / seen if seen > 0 else 0.0
 
 
@@ -68,6 +71,8 @@ class ModePolicy:
     history: list[tuple[float, int, Mode, str]] = field(default_factory=list)
     wanted: tuple[int, float] = (0, 0.0)  # the split last wanted, since when
     pinned: bool = False  # the operator sets the modes (POST /v1/cluster/mode): decide() waits
+    dwell_s: float = DWELL_S
+    confirm_s: float = CONFIRM_S
 
     def check(self, rank: int, mode: Mode) -> None:
         """ValueError, naming the problem, unless rank may take mode."""
@@ -109,8 +114,8 @@ class ModePolicy:
         want = self.want(prefill, decode, staying=k > 0)
         if want != self.wanted[0]:
             self.wanted = (want, now)
-        if (want == k and (k == 0 or Mode.MIXED not in self.modes.values())) or now - self.last_flip < DWELL_S \
-                or now - self.wanted[1] < CONFIRM_S:
+        if (want == k and (k == 0 or Mode.MIXED not in self.modes.values())) or now - self.last_flip < self.dwell_s \
+                or now - self.wanted[1] < self.confirm_s:
             return []
         n = len(self.modes)
         why = f"demand {prefill:.2f} prefill + {decode:.2f} decode ranks of {n}: {want} mostly-prefill (was {k})"
