@@ -64,7 +64,7 @@ def test_elastic_modes_flips_and_migrations() -> None:
     stats = BackendStats([RankStats(1, "elastic", mode="prefill"), RankStats(2, "elastic", mode="decode"),
                           RankStats(3, "decode")],
                          migrations=3, migration_bytes=9000, flips={"prefill": 2, "mixed": 1},
-                         flip_seconds={"prefill": Observed(FLIP_BUCKETS), "mixed": Observed(FLIP_BUCKETS)})
+                         demand={"prefill": 0.4, "decode": 0.25}, flip_seconds={"prefill": Observed(FLIP_BUCKETS), "mixed": Observed(FLIP_BUCKETS)})
     for mode, x in (("prefill", 0.04), ("prefill", 0.6), ("mixed", 0.0)):
         stats.flip_seconds[mode].add(x)
     for x in (0.03, 0.2, 40.0):
@@ -85,3 +85,6 @@ def test_elastic_modes_flips_and_migrations() -> None:
     assert s[(f"{mig}_bucket", (("le", "0.025"),))] == 0 and s[(f"{mig}_bucket", (("le", "0.05"),))] == 1
     assert s[(f"{mig}_bucket", (("le", "10.0"),))] == 2 and s[(f"{mig}_bucket", (("le", "+Inf"),))] == 3
     assert s[(f"{mig}_count", ())] == 3 and abs(s[(f"{mig}_sum", ())] - 40.23) < 1e-9
+    assert s[("pd_local_mode_demand", (("work", "prefill"),))] == 0.4
+    assert s[("pd_local_mode_demand", (("work", "decode"),))] == 0.25
+    assert not any(name == "pd_local_mode_demand" for name, _ in samples(Metrics().render(BackendStats(), 0)))

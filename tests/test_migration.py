@@ -5,6 +5,9 @@ whatever is aborted when."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -117,3 +120,32 @@ def test_what_cannot_migrate_is_refused_with_the_reason() -> None:
     a.end_migration(0, moved=False)  # the destination refused: it decodes on here
     run(a, got)
     assert got[0] == engine(model).generate([seq.prompt_ids], [GREEDY])[0][0] and all_free(a)
+
+
+@pytest.mark.slow
+def test_structured_output_migrates_with_its_grammar_where_it_was(smollm2_dir: Path) -> None:
+    """The destination's matcher replays the tokens already sampled: the JSON goes on with the
+    tokens one engine gives (seeded sampling, so the mask decides which tokens are possible)."""
+    from pd_local.engine.structured import GrammarTokenizer, json_grammar
+    from pd_local.model.weights import load_model
+    from pd_local.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(smollm2_dir)
+    model = load_model(smollm2_dir, torch.float32)[0]
+    prompt = tok.encode_chat([{"role": "user", "content": "Describe a city as JSON."}])
+    schema = {"type": "object", "required": ["city", "population"], "additionalProperties": False,
+              "properties": {"city": {"type": "string", "maxLength": 12}, "population": {"type": "integer"}}}
+    params = SamplingParams(temperature=0.9, seed=4, max_tokens=40, grammar=json_grammar(schema))
+
+    def eng() -> Engine:
+        return Engine(model, EngineConfig(kv_cache_gb=0.05), stop_token_ids=tok.stop_token_ids,
+                      grammar_tokenizer=GrammarTokenizer(tok))
+    want = eng().generate([prompt], [params])[0][0]
+    a, b, got = eng(), eng(), {}
+    a.add_request(0, prompt, params)
+    run(a, got, until=6)
+    move(a, b, 0, params)
+    run(b, got)
+    assert got[0] == want and len(want) > 6
+    assert set(json.loads(tok.decode(got[0]))) == {"city", "population"}
+    assert all_free(a, b)

@@ -85,6 +85,7 @@ class BackendStats:
     flip_seconds: dict[str, Observed] = field(default_factory=dict)  # by new mode: until in effect
     migration_seconds: Observed = field(default_factory=lambda: Observed(MIGRATION_BUCKETS))  # each stall
     mode_control: str = ""  # elastic: "policy" (cluster/modes.py) or "operator" (POST /v1/cluster/mode)
+    demand: dict[str, float] = field(default_factory=dict)  # elastic: busy ranks of prefill, of decode
 
 
 class Backend(Protocol):

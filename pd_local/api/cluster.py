@@ -62,6 +62,7 @@ def cluster_view(stats: BackendStats, meter: RateMeter, *, model: str, healthy: 
         "object": "cluster", "model": model, "status": "ok" if healthy else "unavailable",
         "detail": detail, "in_flight": in_flight, "ranks": ranks,
         **({"mode_control": stats.mode_control} if stats.mode_control else {}),
+        **({"demand": {k: round(v, 3) for k, v in stats.demand.items()}} if stats.demand else {}),
         "kv_transfer": {"bytes": stats.kv_bytes_transferred,
                         "seconds": round(stats.kv_transfer_seconds, 6), "count": stats.kv_transfers},
     }

@@ -75,6 +75,11 @@ class _SnapshotCollector(Collector):
             if r.mode:
                 g.add_metric([str(r.rank), r.mode], 1)
         yield g
+        g = GaugeMetricFamily("pd_local_mode_demand", "The work the mode policy measures, in busy "
+                              "ranks (prefill, decode; 5 s averages).", labels=["work"])
+        for work, v in sorted(s.demand.items()):
+            g.add_metric([work], v)
+        yield g
         c = CounterMetricFamily("pd_local_flips", "Elastic ranks' mode changes, by the new mode.",
                                 labels=["to"])
         for mode, n in sorted(s.flips.items()):

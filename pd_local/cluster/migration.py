@@ -57,6 +57,7 @@ class Mover:
         if self.busy[0].age(now) < self.busy[0].tau_s:  # measure a while first
             return
         prefill, decode = (rate.at(now) / 1000 for rate in self.busy)
+        r.kv.demand = {"prefill": prefill, "decode": decode}
         for f in self.policy.decide(now, prefill, decode, {x.rank: x.load.running for x in r.decode.values()}):
             self._apply(f, now)
 
@@ -119,7 +120,7 @@ class Mover:
         if not emptying and busy.load.running - idle.load.running < MIGRATE_GAP:
             return
         movable = [q for q in r.requests.values() if q.decode == busy.rank and not q.first_token
-                   and not q.awaits_prompt_lps and not q.sampling.grammar and q.migrating_from is None
+                   and not q.awaits_prompt_lps and q.migrating_from is None
                    and (emptying or "migrate_start" not in q.timeline.t)  # balancing: once (no ping-pong)
                    and q.sampling.max_tokens - q.generated >= MIGRATE_MIN_LEFT]
         if not movable:

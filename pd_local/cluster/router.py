@@ -106,9 +106,10 @@ class Router:
 
     def stats(self) -> BackendStats:
         ranks = [r.snapshot() for r in self.ranks.values()]
-        return dataclasses.replace(self.kv, ranks=ranks, flips=dict(self.kv.flips), migration_seconds=
-                                   self.kv.migration_seconds.copy(), flip_seconds={
-                                       k: v.copy() for k, v in self.kv.flip_seconds.items()})
+        kv = self.kv
+        return dataclasses.replace(kv, ranks=ranks, flips=dict(kv.flips), demand=dict(kv.demand),
+                                   migration_seconds=kv.migration_seconds.copy(),
+                                   flip_seconds={k: v.copy() for k, v in kv.flip_seconds.items()})
 
     def begin_stop(self, why: str) -> None:
         """From now on the server is unavailable (503, `why`); requests in flight go on."""

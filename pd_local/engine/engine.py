@@ -253,9 +253,6 @@ class Engine:
     def migrate_out(self, req_id: int) -> Sequence:
         """A decoding request leaves: it stops here, `read_kv` gives its KV of positions
         [0, num_tokens - 1), `end_migration` then frees its blocks (abort does too)."""
-        seq = self.scheduler.by_id.get(req_id)
-        if seq is not None and seq.params.grammar:
-            raise ValueError(f"request {req_id}: structured output does not migrate")
         return self.scheduler.migrate_out(req_id)
 
     def read_kv(self, req_id: int, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,6 +279,9 @@ class Engine:
         seq.output_ids = list(output_ids)
         if rng_state is not None and seq.generator is not None:
             seq.generator.set_state(rng_state)  # type: ignore[attr-defined]
+        if params.grammar:  # structured output: its matcher replays the tokens, as the old rank's
+            seq.matcher = m = self.grammar_tokenizer.matcher(params.grammar)  # type: ignore[union-attr]
+            m.consume_tokens(list(output_ids))
         return self.scheduler.try_reserve(seq)
 
     def resume(self, req_id: int) -> None:
