@@ -83,7 +83,7 @@ def run_one(name: str, a: argparse.Namespace, result: Path) -> dict[str, Any]:
                   "completed": v["completed"], "failed": v["failed"],
                   "ttft_p50_ms": v.get("median_ttft_ms"), "ttft_p90_ms": v.get("p90_ttft_ms"),
                   "tpot_p50_ms": v.get("median_tpot_ms"), "tpot_p90_ms": v.get("p90_tpot_ms")}
-              for k, v in r["per_kind"].items()}
+              for k, v in (r.get("per_kind") or {f"phase 1: {a.phases}": r}).items()}  # one phase: the run
     span = len(a.phases.split(",")) * a.phase_duration
     good = (r["slo_attainment"] or 0) * (r["completed"] + r["failed"])
     return {"goodput": good / span, "attainment": r["slo_attainment"], "completed": r["completed"],

@@ -212,14 +212,18 @@ class TimeoutConfig:
 @dataclass(frozen=True)
 class SloConfig:
     """The service levels elastic placement aims for (docs/architecture.md, Elastic workers):
-    time to first token, and time per output token after it."""
+    time to first token, and time per output token after it. tpot_budget: an elastic rank cuts
+    each step's prompt tokens to keep its decode steps within tpot_ms (off: measured, it cost
+    goodput; docs/benchmarks/elastic.md)."""
 
     ttft_ms: float = 2000.0
     tpot_ms: float = 100.0
+    tpot_budget: bool = False
 
     def __post_init__(self) -> None:
         _positive_float("slo.ttft_ms", self.ttft_ms)
         _positive_float("slo.tpot_ms", self.tpot_ms)
+        _bool("slo.tpot_budget", self.tpot_budget)
 
 
 @dataclass(frozen=True)

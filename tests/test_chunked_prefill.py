@@ -4,6 +4,7 @@ block accounting when a chunked prefill is aborted or preempted, and the chunk p
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -238,6 +239,19 @@ def test_the_prefill_budget_can_change_between_steps_and_each_step_is_measured()
     assert eng.cost.steps == 4 and eng.load().cost.known and eng.load().cost.token_ms > 0
     with pytest.raises(ValueError, match="prefill budget must be >= 1 token, got 0"):
         eng.set_prefill_budget(0)
+
+
+def test_the_prefill_backlog_says_how_long_its_oldest_prompt_has_waited() -> None:
+    """An elastic worker's TTFT term counts from the oldest queued prompt's arrival, not from now."""
+    eng = engine(tiny_model(), 64)
+    assert eng.prefill_backlog() == (0, 0, 0.0)
+    eng.add_request(0, random_prompts([130], seed=4)[0], GREEDY)
+    time.sleep(0.05)
+    eng.add_request(1, random_prompts([20], seed=5)[0], GREEDY)
+    n, tokens, waited = eng.prefill_backlog()
+    assert (n, tokens) == (2, 150) and 50 <= waited < 5000
+    eng.step()  # 64 tokens of the first: still queued, still the oldest
+    assert eng.prefill_backlog()[1] == 86 and eng.prefill_backlog()[2] >= waited
 
 
 def test_a_prefill_engine_refuses_what_it_cannot_send_and_frees_an_aborted_prompt() -> None:

@@ -152,6 +152,7 @@ def write(tmp_path: Path, text: str) -> Path:
     ("[engine]\ncuda_graphs = 1", "engine.cuda_graphs must be true or false, got 1"),
     ("kv_ipc = 'yes'", "kv_ipc must be true or false, got 'yes'"),
     ("model = = 1", "not valid TOML"),
+    ("[slo]\ntpot_budget = 1", "slo.tpot_budget must be true or false, got 1"),
     ("[modes]\nrate_tau_s = 0", "modes.rate_tau_s must be a finite number > 0, got 0"),
     ("[modes]\ndwell_s = -1", "modes.dwell_s must be a finite number >= 0, got -1"),
     ("[modes]\nconfirm = 1", r"unknown key 'modes.confirm' \(known: rate_tau_s, confirm_s, dwell_s\)"),

@@ -145,7 +145,7 @@ def wait_blocks_free(url: str, timeout: float = 20) -> dict[str, float]:
     ["--prefill", "1", "--decode", "2", "--transfer", "whole", "--routing", "round_robin"],
     ["--prefill", "2", "--decode", "1"],
     ["--elastic", "2", "--routing", "round_robin"],
-    ["--elastic", "2", "--set", "slo.tpot_ms=30"],
+    ["--elastic", "2", "--set", "slo.tpot_budget=true", "--set", "slo.tpot_ms=30"],
 ], ids=["colocated-1", "colocated-2", "1P1D-layerwise", "1P2D-whole-rr", "2P1D", "elastic-2-rr", "elastic-2"])
 def test_serve_matches_engine_frees_blocks_and_stops_cleanly(tiny_dir: Path,
                                                              flags: list[str]) -> None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
 
 import pytest
 import torch
 
-from pd_local.config import EngineConfig
+from pd_local.config import EngineConfig, ServeConfig
 from pd_local.engine.engine import Engine, TokenEvent
 from pd_local.engine.logprobs import Logprob, logprobs_of
 from pd_local.engine.sampling import SamplingParams
@@ -130,6 +131,7 @@ def test_router_holds_a_pd_requests_outputs_until_its_prompt_logprobs_come() -> 
     router = Router.__new__(Router)  # the routing state alone: no threads, no links
     router.colocated, router.elastic, router.decode, router.requests, router.kv = False, False, {2: RankState(2, "decode")}, {}, BackendStats()
     router._prefill_tokens = {}
+    router.ctx = types.SimpleNamespace(cfg=ServeConfig())  # Mover reads the [modes] times
     router.mover = Mover(router)
     got: list = []
     router._deliver = lambda req, out: got.append(out)  # type: ignore[method-assign]

@@ -3,6 +3,7 @@ snapshots of ranks (fixed topologies included: they are placements with fewer ch
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -69,6 +70,7 @@ def test_the_prefill_budget_shrinks_as_the_decode_batch_grows() -> None:
     for rows, b in zip((1, 8, 20), budgets[1:4]):
         assert COST.step_ms(rows, b) <= 100 < COST.step_ms(rows, b + 1)
     assert StepCost().prefill_budget(30, 100, 16, 512) == 512  # unknown cost: the configured cap
+    assert COST.prefill_budget(45, math.inf, 16, 512, recent_ms=900) == 512  # slo.tpot_budget off
 
 
 def test_the_tpot_share_applies_only_while_the_rows_recent_mean_step_is_over_target() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import threading
 import time
 from concurrent.futures import Future
@@ -42,7 +43,8 @@ class Router:
         links, topo = ctx.links, ctx.topology
         self.colocated, self.elastic = topo.colocated, topo.elastic
         self.policy = ctx.cfg.routing
-        self.slo = Slo(ctx.cfg.slo.ttft_ms, ctx.cfg.slo.tpot_ms)
+        slo = ctx.cfg.slo  # no TPOT budget: placement estimates prompts at full chunks
+        self.slo = Slo(slo.ttft_ms, slo.tpot_ms if slo.tpot_budget else math.inf)
         self.block_size = ctx.cfg.engine.block_size
         self.inbox = Inbox()
         self.to_worker = {w: Sender(link) for w, link in links.to_worker.items()}

@@ -266,11 +266,11 @@ class Worker:
 
         e = self.engine
         rows = e.num_running
-        if self.role is Role.ELASTIC:  # the decode rows' mean step within TPOT (docs/architecture.md)
-            cfg = self.ctx.cfg
+        if self.role is Role.ELASTIC and self.ctx.cfg.slo.tpot_budget:  # decode rows' mean step within TPOT
+            cfg, (_, queued, waited) = self.ctx.cfg, e.prefill_backlog()
             e.set_prefill_budget(e.cost.cost().prefill_budget(
                 rows, cfg.slo.tpot_ms, cfg.engine.block_size, cfg.engine.max_prefill_tokens,
-                e.prefill_backlog()[1], cfg.slo.ttft_ms, self.tpot_ms))
+                queued, cfg.slo.ttft_ms - waited, self.tpot_ms))
         events = e.step(on_plan)
         if rows:  # what its decode rows waited per token, lately (a moving average over ~8 steps)
             self.tpot_ms += (1000 * (time.monotonic() - t0) - self.tpot_ms) / 8
@@ -299,7 +299,7 @@ class Worker:
     def _load(self) -> Load:
         load = self.engine.load()
         if self.role is Role.PREFILL:  # its prompts queued or part-prefilled wait, none runs
-            prompts, tokens = self.engine.prefill_backlog()
+            prompts, tokens, _ = self.engine.prefill_backlog()
             return dataclasses.replace(load, running=0, waiting=prompts, queued_tokens=tokens)
         return dataclasses.replace(load, waiting=load.waiting + len(self.admission))
 

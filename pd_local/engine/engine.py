@@ -149,10 +149,10 @@ class Engine:
             raise ValueError(f"prefill budget must be >= 1 token, got {tokens}")
         self.scheduler.queue.budget = tokens
 
-    def prefill_backlog(self) -> tuple[int, int]:
-        """(prompts queued or part-prefilled, their prompt tokens still to compute)."""
-        jobs = self.scheduler.queue.jobs.values()
-        return len(jobs), sum(j.remaining for j in jobs)
+    def prefill_backlog(self) -> tuple[int, int, float]:
+        """(prompts queued or part-prefilled, their tokens to compute, the oldest's wait in ms)."""
+        jobs, now = self.scheduler.queue.jobs.values(), time.monotonic()
+        return len(jobs), sum(j.remaining for j in jobs), 1000 * (now - min((j.since for j in jobs), default=now))
 
     def awaits_kv(self, req_id: int) -> bool:
         """Decode rank: the request is reserved and its prompt's KV has not all landed."""

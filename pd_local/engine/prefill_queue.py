@@ -6,6 +6,7 @@ the plan there. Policies: "fcfs"; "srpf", shortest remaining first, where a job 
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 
@@ -20,6 +21,7 @@ class PrefillJob:
     admitted: bool = False  # admit() said yes (the caller holds its resources)
     arrival: int = 0  # order of arrival (set by the queue); smaller is older
     passed: int = 0  # tokens of younger jobs scheduled while this one waited (aging)
+    since: float = field(default_factory=time.monotonic)  # queued at (time.monotonic)
 
     @property
     def remaining(self) -> int:
