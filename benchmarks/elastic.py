@@ -10,6 +10,7 @@ phase; where elastic placed its requests (local or remote prefill, from /v1/clus
 
     python benchmarks/elastic.py                      # ~6 min on 2 CPU cores
     python benchmarks/elastic.py --phase-duration 10 --topologies elastic-2,1P1D   # quicker
+    python benchmarks/elastic.py --rate 0.5,1,1.5 --slo ttft=2000,tpot=100         # a sweep, ~18 min
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--topologies", default=",".join(TOPOLOGIES))
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--rate", type=float, default=0.5, help="requests/s in every phase (default 0.5)")
+    p.add_argument("--rate", default="0.5", help="requests/s in every phase (default 0.5); a list "
+                   "(0.5,1,1.5) runs each in turn, each rate's servers in the same run")
     p.add_argument("--phases", default="prefill,decode,mixed")
     p.add_argument("--phase-duration", type=float, default=30.0)
     p.add_argument("--long-input-len", type=int, default=400, help="prefill-heavy prompts (words)")
@@ -131,15 +133,22 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown topologies {unknown}; known: {', '.join(TOPOLOGIES)}")
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    runs = {}
-    for name in names:
-        say(f"{name}: serving, then {a.phases} x {a.phase_duration:g} s at {a.rate:g} req/s")
-        runs[name] = run_one(name, a, a.out.with_name(f"{a.out.stem}-{name}.json"))
-    rat = ratios(runs)
-    md = table(runs, rat)
-    print(md)
+    rates, out, by_rate = [float(r) for r in str(a.rate).split(",")], a.out, {}
+    for rate in rates:
+        a.rate = rate
+        a.out = out if len(rates) == 1 else out.with_name(f"{out.stem}-r{rate:g}.json")
+        runs = {}
+        for name in names:
+            say(f"{name}: serving, then {a.phases} x {a.phase_duration:g} s at {a.rate:g} req/s")
+            runs[name] = run_one(name, a, a.out.with_name(f"{a.out.stem}-{name}.json"))
+        rat = ratios(runs)
+        md = table(runs, rat)
+        print(f"{rate:g} req/s:\n{md}" if len(rates) > 1 else md)
+        by_rate[rate] = {"runs": runs, "elastic_over_better_static": rat, "table": md}
+    a.out = out
+    one = by_rate[rates[0]] if len(rates) == 1 else {"rates": {f"{r:g}": v for r, v in by_rate.items()}}
     a.out.write_text(json.dumps({"provenance": provenance(), "settings": {k: str(v) for k, v in vars(a).items()},
-                                 "runs": runs, "elastic_over_better_static": rat, "table": md}, indent=1))
+                                 **one}, indent=1))
     say(f"wrote {a.out}")
     return 0
 
