@@ -6,6 +6,7 @@ requests or schedulers.
 | `config.py` | `ModelConfig` from a HF `config.json`; refuses unsupported architectures | touch tensors |
 | `llama.py` | `LlamaForCausalLM` (Llama, Mistral, Qwen2, Qwen3) | know ranks, requests or schedulers |
 | `layers.py` | linear (and the packed weight copies its kernels read), RMSNorm, rotary embedding | |
+| `tp.py` | tensor parallelism from outside the model: `shard` keeps a rank's heads and FFN share, all-reduces after o/down; `check` refuses what does not split | change the model classes |
 | `native_linear.py` | the native CPU kernels (`native_linear.c`: the decode-row linear; `native_decode.c`: whole decoder layers; `native_simd.h`): built once per CPU with the C compiler, cached, loaded by ctypes | make a row depend on its batch |
 | `native_decode.py` | decode rows through `native_decode.c`, one call per layer; which models it can run | take prompt rows |
 | `attention.py` | `AttentionMetadata`; prefill-chunk attention over [cached prefix + chunk] in position-aligned query tiles (one-shot = no prefix), paged decode attention (Triton on CUDA), `write_kv` | allocate blocks |

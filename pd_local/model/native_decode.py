@@ -47,6 +47,8 @@ def why_not(model) -> str | None:
             return "projections not fused"
         if any(m.bias is not None or m.weight.dtype != dtype for m in linears):
             return "a projection with a bias or in another dtype"
+        if any(m._forward_hooks for m in linears):  # the kernel would skip them (tensor parallel's all-reduce)
+            return "a projection with a forward hook"
         if any(n.weight.dtype != dtype for n in (layer.input_layernorm, layer.post_attention_layernorm)):
             return "norm weights in another dtype"
     return None

@@ -1,0 +1,73 @@
+"""Tensor parallelism applied from outside the model (as gpt-fast's tp.py): `shard` keeps one
+rank's heads and FFN share in place and all-reduces after o_proj and down_proj; the model classes
+never mention ranks (docs/architecture.md, Tensor parallel)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pd_local.model.config import ModelConfig
+from pd_local.model.layers import Linear
+
+
+def check(cfg: ModelConfig, tp: int) -> None:
+    """ValueError, with the numbers, unless heads, KV heads and FFN split evenly over tp ranks."""
+    if not isinstance(tp, int) or tp < 1:
+        raise ValueError(f"tensor parallel size must be an integer >= 1, got {tp!r}")
+    for what, n in (("attention heads", cfg.num_heads), ("KV heads", cfg.num_kv_heads),
+                    ("FFN columns (intermediate_size)", cfg.intermediate_size)):
+        if n % tp:
+            raise ValueError(f"tensor parallel {tp}: the model's {n} {what} do not split over {tp} ranks")
+
+
+def _part(w: torch.Tensor, rank: int, tp: int, dim: int) -> torch.Tensor:
+    return w.chunk(tp, dim=dim)[rank]
+
+
+def _set(lin: Linear, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    lin.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias.contiguous(), requires_grad=False)
+
+
+def shard(model: nn.Module, rank: int, tp: int, group: dist.ProcessGroup | None = None) -> nn.Module:
+    """Keep rank's share of `model` (a fused LlamaForCausalLM with plain weights: shard before
+    packing), all-reducing o_proj's and down_proj's outputs over `group`. tp == 1: unchanged."""
+    cfg = model.config
+    check(cfg, tp)
+    if not 0 <= rank < tp:
+        raise ValueError(f"tensor parallel rank {rank} outside [0, {tp})")
+    if tp == 1:
+        return model
+    hq, hkv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+
+    def reduce(_: nn.Module, __: object, out: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(out, group=group)  # the partial sums of this rank's heads / FFN columns
+        return out
+
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if attn.qkv_proj is None or mlp.gate_up_proj is None:
+            raise ValueError("shard a model with fused projections (fuse_projections first)")
+        if attn.o_proj.bias is not None or mlp.down_proj.bias is not None:
+            raise ValueError("a row-parallel projection with a bias would add it tp times")
+        for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+            lin.unpack()
+        qkv, b = attn.qkv_proj.weight.detach(), attn.qkv_proj.bias
+        split = [hq, hkv, hkv]
+        _set(attn.qkv_proj, torch.cat([_part(w, rank, tp, 0) for w in qkv.split(split)]),
+             None if b is None else torch.cat([_part(x, rank, tp, 0) for x in b.detach().split(split)]))
+        gate_up = mlp.gate_up_proj.weight.detach()
+        _set(mlp.gate_up_proj, torch.cat([_part(w, rank, tp, 0) for w in gate_up.chunk(2)]))
+        _set(attn.o_proj, _part(attn.o_proj.weight.detach(), rank, tp, 1))
+        _set(mlp.down_proj, _part(mlp.down_proj.weight.detach(), rank, tp, 1))
+        attn.num_heads, attn.num_kv_heads = cfg.num_heads // tp, cfg.num_kv_heads // tp
+        attn.o_proj.register_forward_hook(reduce)
+        mlp.down_proj.register_forward_hook(reduce)
+    model.config = dataclasses.replace(cfg, num_heads=cfg.num_heads // tp, num_kv_heads=cfg.num_kv_heads // tp,
+                                       intermediate_size=cfg.intermediate_size // tp)
+    return model
