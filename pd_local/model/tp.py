@@ -46,8 +46,11 @@ def shard(model: nn.Module, rank: int, tp: int, group: dist.ProcessGroup | None 
     hq, hkv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
 
     def reduce(_: nn.Module, __: object, out: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(out, group=group)  # the partial sums of this rank's heads / FFN columns
-        return out
+        """The partial sums of this rank's heads / FFN columns, summed in fp32 (bf16 partials
+        summed in bf16 round once per rank: measured, 8 of 10 SmolLM2 greedy texts then differ)."""
+        total = out.float()
+        dist.all_reduce(total, group=group)
+        return total.to(out.dtype)
 
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp

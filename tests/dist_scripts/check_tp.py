@@ -1,7 +1,8 @@
 """Tensor parallel (model/tp.py) over torchrun + gloo: every rank builds the same tiny model,
 keeps its share, and runs (1) one prefill's logits, (2) greedy generation through an Engine,
 every rank in lockstep. Rank 0 compares with the whole model and prints
-'RESULT tp N: max_logit_diff X tokens_equal B kv_heads K'."""
+'RESULT tp N: max_logit_diff X tokens_equal B kv_heads K'. With `real DIR DTYPE`: the model in
+DIR, ten chat prompts, 'RESULT tp N: same_text S of 10 differ [i, ...]'."""
 
 from __future__ import annotations
 
@@ -19,11 +20,37 @@ from pd_local.model.tp import shard
 from tests.tiny_models import hf_tiny, ours_from_hf, random_prompts
 
 
+def real(model_dir: str, dtype: str) -> None:
+    """A real model: greedy text of ten chat prompts, TP vs the whole model."""
+    from pd_local.model.weights import load_model
+    from pd_local.tokenizer import Tokenizer
+
+    rank, tp = dist.get_rank(), dist.get_world_size()
+    dt = getattr(torch, dtype)
+    tok = Tokenizer.from_dir(model_dir)
+    topics = ["the sea", "a bicycle", "bread", "winter", "a library", "rain", "chess", "tea", "a bridge", "owls"]
+    prompts = [tok.encode_chat([{"role": "user", "content": f"Write two sentences about {t}."}]) for t in topics]
+    greedy = SamplingParams(temperature=0, max_tokens=32)
+    cfg = EngineConfig(kv_cache_gb=0.05, native_linear=False)
+    part = shard(load_model(model_dir, dt)[0], rank, tp)
+    mine = [ids for ids, _ in Engine(part, cfg, stop_token_ids=tok.stop_token_ids).generate(prompts, [greedy] * 10)]
+    if rank == 0:
+        whole = load_model(model_dir, dt)[0]
+        ref = [ids for ids, _ in Engine(whole, cfg, stop_token_ids=tok.stop_token_ids).generate(prompts, [greedy] * 10)]
+        differ = [i for i, (a, b) in enumerate(zip(mine, ref)) if tok.decode(a) != tok.decode(b)]
+        sys.stdout.write(f"RESULT tp {tp}: same_text {10 - len(differ)} of 10 differ {differ}\n")
+        sys.stdout.flush()
+
+
 def main() -> None:
-    heads, kv_heads = (int(x) for x in sys.argv[1:3])
     dist.init_process_group("gloo")
     rank, tp = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
+    if sys.argv[1] == "real":
+        real(sys.argv[2], sys.argv[3])
+        dist.destroy_process_group()
+        return
+    heads, kv_heads = (int(x) for x in sys.argv[1:3])
 
     def model() -> torch.nn.Module:
         return ours_from_hf(hf_tiny(num_attention_heads=heads, num_key_value_heads=kv_heads,
