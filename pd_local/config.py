@@ -211,10 +211,9 @@ class TimeoutConfig:
 
 @dataclass(frozen=True)
 class SloConfig:
-    """The service levels elastic placement aims for (docs/architecture.md, Elastic workers):
-    time to first token, and time per output token after it. tpot_budget: an elastic rank cuts
-    each step's prompt tokens to keep its decode steps within tpot_ms (off: measured, it cost
-    goodput; docs/benchmarks/elastic.md)."""
+    """What elastic placement aims for (docs/architecture.md, Elastic workers): time to first
+    token, time per output token; tpot_budget: cut prompt chunks to keep decode steps within
+    tpot_ms (off: it cost goodput, docs/benchmarks/elastic.md)."""
 
     ttft_ms: float = 2000.0
     tpot_ms: float = 100.0

@@ -6,6 +6,7 @@
 | `messages.py` | every typed cross-rank message, `pack` / `unpack` | pickle |
 | `codec.py` | the field-driven int64 wire codec: a dataclass's annotations say how each field travels | know message kinds |
 | `channel.py` | one control link over a 2-rank gloo group: `Sender`, `Receiver` thread -> `Inbox`, `Heartbeater` (a thread per link) | poll a gloo receive; heartbeat one link from another's thread |
+| `kv_slices.py` | which KV heads each (prefill TP rank, decode TP rank) pair moves between instances of different TP sizes | move bytes |
 | `transfer.py` | KV + hidden-state sender/receiver, header before payload; the header link read without pause | wait on data whose header has not arrived |
 | `ipc.py` | the KV transport per (prefill, decode) device pair; CUDA IPC handles as int64 tensors | pickle |
 | `ipc_transfer.py` | KV through a shared staging slot for a same-GPU pair (CUDA IPC; /dev/shm on CPU) | reuse a slot before the receiver's ack |
