@@ -21,7 +21,7 @@ def view(rank: int, queued: int = 0, running: int = 0, free: int = 100, cost: St
 
 
 def placer(policy: str) -> Placer:
-    return Placer(policy, SLO, 16, 512, 16)
+    return Placer(policy, SLO, 16, 512)
 
 
 ELASTIC = [view(1), view(2)]

@@ -94,16 +94,16 @@ class Placer:
     prefill for it in turn; `prefix` prefers the ranks holding the prompt's leading blocks within
     a load margin. Its only state is the round-robin turns."""
 
-    def __init__(self, policy: str, slo: Slo, floor: int, cap: int, block_size: int) -> None:
+    def __init__(self, policy: str, slo: Slo, block_size: int, cap: int) -> None:
         if policy not in ROUTING_POLICIES:
             raise ValueError(f"routing must be one of {', '.join(ROUTING_POLICIES)}; got {policy!r}")
-        self.policy, self.slo, self.floor, self.cap, self.block_size = policy, slo, floor, cap, block_size
+        self.policy, self.slo, self.block_size, self.cap = policy, slo, block_size, cap
         self._last_decode = -1
         self._last_prefill: dict[int, int] = {}  # decode rank -> the prefill rank it had last
 
     def place(self, prompt_tokens: int, blocks: int, ranks: Sequence[RankView]) -> Placement:
         if self.policy == "load":
-            return place(prompt_tokens, blocks, ranks, self.slo, self.floor, self.cap)
+            return place(prompt_tokens, blocks, ranks, self.slo, self.block_size, self.cap)
         decoders = [r for r in ranks if r.decodes]
         if not decoders:
             raise ValueError("no rank decodes")

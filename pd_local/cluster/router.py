@@ -55,7 +55,7 @@ class Router:
         self.decode = {d: self.ranks[d] for d in topo.decode_ranks}  # those that can decode
         self.prefill = {p: self.ranks[p] for p in topo.prefill_ranks}  # can prefill for others
         e = ctx.cfg.engine
-        self.placer = Placer(self.policy, self.slo, e.block_size, e.max_prefill_tokens, e.block_size)
+        self.placer = Placer(self.policy, self.slo, e.block_size, e.max_prefill_tokens)
         self.requests: dict[int, RequestState] = {}
         self.kv = BackendStats()
         self.mover = Mover(self)
