@@ -281,7 +281,7 @@ class Engine:
             seq.generator.set_state(rng_state)  # type: ignore[attr-defined]
         if params.grammar:  # structured output: its matcher replays the tokens, as the old rank's
             seq.matcher = m = self.grammar_tokenizer.matcher(params.grammar)  # type: ignore[union-attr]
-            m.consume_tokens(list(output_ids))
+            m.consume_tokens(seq.output_ids)
         return self.scheduler.try_reserve(seq)
 
     def resume(self, req_id: int) -> None:

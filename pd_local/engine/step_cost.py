@@ -27,7 +27,7 @@ class StepCost:
         """Prompt tokens a step beside `rows` decode rows may take within tpot_ms, or more where
         that would not end the `queued` prompt tokens within ttft_ms; in [floor, cap]. The cap
         while the rows' recent mean step (`recent_ms`) is within tpot_ms: TPOT is a mean."""
-        if rows == 0 or not self.known or recent_ms <= tpot_ms or math.isinf(tpot_ms):
+        if rows == 0 or not self.known or recent_ms <= tpot_ms:  # tpot_ms inf (no budget): always
             return cap
         tpot = int((tpot_ms - self.step_ms(rows, 0)) / self.token_ms)
         left = ttft_ms - self.token_ms * queued  # for the steps' fixed part
