@@ -49,6 +49,13 @@ def onednn_packing() -> bool:
     return _rows_invariant()
 
 
+def _onednn_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """oneDNN's packed inner product; one row padded to two (another kernel on some CPUs)."""
+    if x.shape[0] == 1:
+        return torch.ops.mkldnn._linear_pointwise(torch.cat([x, x]), w, bias, "none", [], "")[:1]
+    return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")  # [M, out]
+
+
 def _rows_invariant() -> bool:
     """Rows of a packed fp32 linear equal for M = 1..17 and 64, at two shapes of the small
     models this runs (576 <-> 1536), at 1 thread and at the process's thread count."""
@@ -60,9 +67,9 @@ def _rows_invariant() -> bool:
             for k, out in ((576, 1536), (1536, 576)):
                 w = torch.ops.mkldnn._reorder_linear_weight(torch.randn(out, k, generator=g) * 0.05, None)
                 x = torch.randn(64, k, generator=g)
-                full = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")  # [64, out]
+                full = _onednn_linear(x, w, None)  # [64, out]
                 for m in (*range(1, 18), 64):
-                    part = torch.ops.mkldnn._linear_pointwise(x[:m].clone(), w, None, "none", [], "")
+                    part = _onednn_linear(x[:m].clone(), w, None)
                     if not torch.equal(part, full[:m]):
                         return False
         finally:
@@ -131,12 +138,11 @@ def linear(
     Inside `decode_rows(n)`, the first n rows take the native kernel where the weight is plain
     (`panel` caches the weight packed for it)."""
     if weight.is_mkldnn:  # a packed Linear (Linear.pack): its only copy, M-invariant as below
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")  # [M, out]
+        return _onednn_linear(x, weight, bias)
     if not (invariant and x.device.type == "cpu"):
         return F.linear(x, weight, bias)
     if x.dtype == torch.float32 and weight.dtype == torch.float32 and onednn_packing():
-        w = (packed or PackedWeight()).get(weight)
-        return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")  # [M, out]
+        return _onednn_linear(x, (packed or PackedWeight()).get(weight), bias)
     n = _DECODE_ROWS.get()
     nk = native_linear.kernel() if n else None
     if nk is None or not nk.supports(x, weight):
