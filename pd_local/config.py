@@ -64,31 +64,51 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 @dataclass(frozen=True)
 class TopologyConfig:
     """One of: `prefill` + `decode` (disaggregated), `colocated` (N replicas) or `elastic` (N
-    workers, each prefilling and decoding for itself or the others, placed per request)."""
+    workers, each prefilling and decoding for itself or the others, placed per request). Each is
+    an instance of `tp` ranks (tensor parallel; prefill_tp / decode_tp: one role's, 0 = tp)."""
 
     prefill: int = 0
     decode: int = 0
     colocated: int = 0
     elastic: int = 0
+    tp: int = 1
+    prefill_tp: int = 0
+    decode_tp: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("prefill", "decode", "colocated", "elastic"):
+        for name in ("prefill", "decode", "colocated", "elastic", "prefill_tp", "decode_tp"):
             _int(f"topology.{name}", getattr(self, name), minimum=0)
-        got = (f"(got prefill={self.prefill}, decode={self.decode}, colocated={self.colocated}, "
-               f"elastic={self.elastic})")
+        _int("topology.tp", self.tp, minimum=1)
+        got = f"(got prefill={self.prefill}, decode={self.decode}, colocated={self.colocated}, elastic={self.elastic})"
         if bool(self.prefill or self.decode) + bool(self.colocated) + bool(self.elastic) > 1:
             raise ConfigError(f"topology: set one of prefill + decode, colocated or elastic {got}")
         if not (self.colocated or self.elastic) and (self.prefill < 1 or self.decode < 1):
             raise ConfigError(f"topology needs prefill >= 1 and decode >= 1, colocated >= 1 or "
                               f"elastic >= 1 {got}")
+        if (self.prefill_tp or self.decode_tp) and not self.prefill:
+            raise ConfigError(f"topology.prefill_tp / decode_tp size prefill and decode instances; "
+                              f"{self.label} takes topology.tp (got prefill_tp={self.prefill_tp}, "
+                              f"decode_tp={self.decode_tp})")
+        if max(self.tp_sizes) > 1 and not self.colocated:
+            raise ConfigError(f"tensor parallel is served by colocated instances so far, not {self.label}: "
+                              "their KV would travel by head slices, not built yet (docs/architecture.md)")
 
     @property
     def is_colocated(self) -> bool:
         return self.colocated > 0
 
     @property
-    def num_workers(self) -> int:
+    def tp_sizes(self) -> tuple[int, ...]:  # ranks per instance: (prefill's, decode's) or (tp,)
+        return (self.prefill_tp or self.tp, self.decode_tp or self.tp) if self.prefill else (self.tp,)
+
+    @property
+    def instances(self) -> int:  # prefill + decode, or colocated / elastic
         return self.colocated or self.elastic or self.prefill + self.decode
+
+    @property
+    def num_workers(self) -> int:
+        p, d = self.tp_sizes[0], self.tp_sizes[-1]
+        return self.prefill * p + self.decode * d if self.prefill else self.instances * self.tp
 
     @property
     def world_size(self) -> int:
@@ -97,16 +117,17 @@ class TopologyConfig:
 
     @property
     def label(self) -> str:
+        tp = "" if max(self.tp_sizes) == 1 else "-tp" + "/".join(map(str, dict.fromkeys(self.tp_sizes)))
         if self.colocated:
-            return f"colocated-{self.colocated}"
-        return f"elastic-{self.elastic}" if self.elastic else f"{self.prefill}P{self.decode}D"
+            return f"colocated-{self.colocated}{tp}"
+        return (f"elastic-{self.elastic}" if self.elastic else f"{self.prefill}P{self.decode}D") + tp
 
     @property
     def workers(self) -> str:
         """The worker ranks in words, for error messages."""
-        if self.colocated or self.elastic:
-            return f"{self.num_workers} {'colocated' if self.colocated else 'elastic'}"
-        return f"{self.prefill} prefill + {self.decode} decode"
+        pd = ((self.prefill, "prefill", self.tp_sizes[0]), (self.decode, "decode", self.tp_sizes[-1]))
+        return " + ".join(f"{n} {what}" + (f" instances of {k} ranks" if k > 1 else "") for n, what, k in (
+            pd if self.prefill else [(self.instances, "colocated" if self.colocated else "elastic", self.tp)]))
 
 
 @dataclass(frozen=True)
@@ -321,8 +342,8 @@ def build_config(raw: Mapping[str, Any]) -> ServeConfig:
     sections: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
         table = dict(raw.get(name, {}))
-        if name == "topology" and not table:
-            table = {"prefill": 1, "decode": 1}
+        if name == "topology" and not {"prefill", "decode", "colocated", "elastic"} & table.keys():
+            table = {"prefill": 1, "decode": 1} | table
         if name == "engine" and "kv_cache_gb" not in table and "gpu_memory_fraction" not in table:
             # The default depends on the device, so it is resolved here, not in the dataclass.
             if device == "cuda":
@@ -378,9 +399,9 @@ def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = N
 # --- start-up checks against the world torchrun made --------------------------------------------
 
 
-def check_world(cfg: ServeConfig, world_size: int, cuda_device_count: int) -> None:
+def check_world(cfg: ServeConfig, world_size: int, cuda_device_count: int, per_node: int | None = None) -> None:
     """Refuse a world that cannot run `cfg`, with the numbers in the message (every rank before
-    init_process_group, and `pd-local serve` before torchrun)."""
+    init_process_group, and `pd-local serve` before torchrun). per_node: ranks a host (all)."""
     topo = cfg.topology
     if world_size != topo.world_size:
         raise ConfigError(
@@ -391,9 +412,10 @@ def check_world(cfg: ServeConfig, world_size: int, cuda_device_count: int) -> No
         if cuda_device_count < 1:
             raise ConfigError("device = 'cuda' but no CUDA device is visible "
                               "(torch.cuda.device_count() == 0)")
-        if topo.num_workers > cuda_device_count and not cfg.share_device:
+        workers = min(topo.num_workers, per_node or world_size)  # on the busiest host
+        if workers > cuda_device_count and not cfg.share_device:
             raise ConfigError(
-                f"topology {topo.label} has {topo.num_workers} worker ranks but only "
+                f"topology {topo.label} has {workers} worker ranks on a host but only "
                 f"{cuda_device_count} CUDA device(s) are visible; NCCL refuses two ranks on one "
                 "GPU (set share_device = true to share GPUs and move KV through host memory)"
             )
@@ -411,6 +433,11 @@ def check_model_dir(cfg: ServeConfig) -> ModelConfig:
         model = ModelConfig.from_dir(path)
     except ModelConfigError as e:
         raise ConfigError(f"model {path}: {e}") from None
+    for tp in sorted(set(cfg.topology.tp_sizes) - {1}):
+        try:
+            model.check_tp(tp)
+        except ModelConfigError as e:
+            raise ConfigError(f"model {path}: {e} (topology {cfg.topology.label})") from None
     max_len = cfg.engine.max_model_len
     if max_len is not None and max_len > model.max_position_embeddings:
         raise ConfigError(

@@ -39,6 +39,10 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--colocated", type=int, default=None, help="N colocated replicas")
     parser.add_argument("--elastic", type=int, default=None,
                         help="N workers that each prefill and decode, placed per request")
+    parser.add_argument("--tp", type=int, default=None,
+                        help="ranks per instance, tensor parallel (topology.tp)")
+    parser.add_argument("--prefill-tp", type=int, default=None, help="ranks per prefill instance")
+    parser.add_argument("--decode-tp", type=int, default=None, help="ranks per decode instance")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per worker rank (engine.threads; 0: auto, each its "
                              "share of the usable cores)")
@@ -58,6 +62,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         "server.api_key": args.api_key or os.environ.get(API_KEY_ENV) or None,
     }
     overrides.update(_parse_set(item) for item in args.set)
+    tp = {k: v for k, v in (("tp", args.tp), ("prefill_tp", args.prefill_tp),
+                            ("decode_tp", args.decode_tp)) if v is not None}
     pd = args.prefill is not None or args.decode is not None
     if pd or args.colocated is not None or args.elastic is not None:
         if pd + (args.colocated is not None) + (args.elastic is not None) > 1:
@@ -69,7 +75,9 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
             {"colocated": args.colocated} if args.colocated is not None
             else {"elastic": args.elastic} if args.elastic is not None
             else {"prefill": args.prefill, "decode": args.decode}
-        )
+        ) | tp
+    else:
+        overrides.update((f"topology.{k}", v) for k, v in tp.items())
     return load_config(args.config, overrides)
 
 
@@ -81,10 +89,11 @@ def to_argv(cfg_path: str | Path | None, args: argparse.Namespace) -> list[str]:
     if cfg_path is not None:
         argv += ["--config", str(cfg_path)]
     for flag in ("model", "dtype", "device", "transfer", "routing",
-                 "prefill", "decode", "colocated", "elastic", "threads", "host", "port"):
+                 "prefill", "decode", "colocated", "elastic", "tp", "prefill_tp", "decode_tp",
+                 "threads", "host", "port"):
         value = getattr(args, flag)
         if value is not None:
-            argv += [f"--{flag}", str(value)]
+            argv += [f"--{flag.replace('_', '-')}", str(value)]
     for item in args.set:
         argv += ["--set", item]
     return argv

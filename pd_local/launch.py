@@ -68,14 +68,16 @@ def _main(argv: list[str]) -> None:
     cfg = config_from_args(parser.parse_args(argv))
     check_model_dir(cfg)  # every rank refuses alike, before any group exists
     rank = int(os.environ.get("RANK", "0"))
+    signals = WorkerSignals(rank, cfg.server.shutdown_grace_s + 2 * cfg.timeouts.group_s)
     if rank == 0:  # until the router's own stop logic takes over (frontend.serve)
         install(lambda sig: exit_now(f"rank 0: {signal.Signals(sig).name} before serving"))
     else:
-        install(WorkerSignals(rank, cfg.server.shutdown_grace_s + 2 * cfg.timeouts.group_s))
+        install(signals)
 
     from pd_local.cluster.dist import init_distributed  # torch import: after the cheap checks
 
     ctx = init_distributed(cfg)
+    ctx.signals = signals
     module = importlib.import_module(ROLE_MODULES[ctx.role.value])
     module.run(ctx)
     ctx.close()

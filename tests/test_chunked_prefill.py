@@ -321,7 +321,7 @@ def test_a_colocated_worker_reports_each_prefill_once_when_a_decoding_sequence_i
 
     worker = Worker.__new__(Worker)  # the step alone: no links
     worker.role, worker.kv_out, worker.started, worker.entries = Role.COLOCATED, {}, {}, []
-    worker.tpot_ms = 0.0
+    worker.tpot_ms, worker.lockstep = 0.0, None
     sent: list = []
     worker.to_router = type("R", (), {"send": lambda self, m: sent.append(m)})()
     worker.engine = eng = engine(tiny_model("llama"), 5, num_blocks=6, max_num_seqs=4)

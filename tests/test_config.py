@@ -189,7 +189,7 @@ def test_world_rank_count() -> None:
 def test_world_cuda_devices() -> None:
     cfg = load_config(CONFIGS / "gpu-2p2d.toml")
     check_world(cfg, 5, 4)
-    with pytest.raises(ConfigError, match="2P2D has 4 worker ranks but only 2 CUDA device"):
+    with pytest.raises(ConfigError, match="2P2D has 4 worker ranks on a host but only 2 CUDA device"):
         check_world(cfg, 5, 2)
     with pytest.raises(ConfigError, match="no CUDA device is visible"):
         check_world(cfg, 5, 0)

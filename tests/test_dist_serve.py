@@ -567,13 +567,14 @@ def test_clients_gone_while_queued_on_a_prefill_rank_leave_no_queued_work(tiny_d
         assert asyncio.run(complete_all(s.url)) == reference_texts(tiny_dir)
 
 
-def engine_texts(model_dir: Path, prompts: list[list[int]], params: list) -> list[str]:
+def engine_texts(model_dir: Path, prompts: list[list[int]], params: list,
+                 dtype: torch.dtype = torch.bfloat16) -> list[str]:
     from pd_local.config import EngineConfig
     from pd_local.engine.engine import Engine
     from pd_local.model.weights import load_model
     from pd_local.tokenizer import Tokenizer
 
-    model, _ = load_model(model_dir, torch.bfloat16)
+    model, _ = load_model(model_dir, dtype)
     tok = Tokenizer.from_dir(model_dir)
     engine = Engine(model, EngineConfig(kv_cache_gb=0.05), stop_token_ids=tok.stop_token_ids)
     return [tok.decode(ids) for ids, _ in engine.generate(prompts, params)]

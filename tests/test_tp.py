@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pd_local.model import native_decode
-from pd_local.model.tp import check, shard
+from pd_local.model.tp import shard
 from tests.dist_scripts.harness import torchrun
 from tests.tiny_models import hf_tiny, ours_from_hf, tiny_model
 
@@ -30,9 +30,9 @@ def test_a_model_that_does_not_split_is_refused_with_its_numbers(heads: int, kv_
                                                                   tp: int, why: str) -> None:
     cfg = tiny_model().config
     with pytest.raises(ValueError, match=why):
-        check(dataclasses.replace(cfg, num_heads=heads, num_kv_heads=kv_heads, intermediate_size=ffn), tp)
+        dataclasses.replace(cfg, num_heads=heads, num_kv_heads=kv_heads, intermediate_size=ffn).check_tp(tp)
     with pytest.raises(ValueError, match="tensor parallel size must be an integer >= 1, got 0"):
-        check(cfg, 0)
+        cfg.check_tp(0)
 
 
 def test_a_shard_keeps_its_heads_and_ffn_share_and_the_layer_kernel_stays_off() -> None:

@@ -28,14 +28,36 @@ def fetch_default_model(cfg: ServeConfig) -> None:
 
 
 def torchrun_command(cfg: ServeConfig, args: argparse.Namespace) -> list[str]:
-    """The torchrun command line for `cfg` (built from `args`)."""
-    return [
-        sys.executable, "-m", "torch.distributed.run",
-        "--standalone",  # a free rendezvous port on localhost
-        f"--nproc-per-node={cfg.topology.world_size}",
-        f"--max-restarts={args.max_restarts}",
-        "--module", "pd_local.launch", *to_argv(args.config, args),
-    ]
+    """torchrun's command line: one host (--standalone), or node R's ranks R*K .. R*K+K-1."""
+    if args.nnodes == 1:
+        where = ["--standalone", f"--nproc-per-node={cfg.topology.world_size}"]
+    else:
+        where = [f"--nnodes={args.nnodes}", f"--node-rank={args.node_rank}",
+                 f"--master-addr={args.master_addr}", f"--master-port={args.master_port}",
+                 f"--nproc-per-node={args.nproc_per_node}"]
+    return [sys.executable, "-m", "torch.distributed.run", *where, f"--max-restarts={args.max_restarts}",
+            "--module", "pd_local.launch", *to_argv(args.config, args)]
+
+
+def check_nodes(cfg: ServeConfig, args: argparse.Namespace) -> None:
+    """ConfigError unless --nnodes x --nproc-per-node (filled in) is the topology's world."""
+    world, n = cfg.topology.world_size, args.nnodes
+    if n < 1 or not 0 <= args.node_rank < n:
+        raise ConfigError(f"--node-rank {args.node_rank} is not one of the {n} nodes' 0..{n - 1}")
+    if n == 1:
+        return
+    if args.master_addr is None or args.master_port is None:
+        raise ConfigError(f"--nnodes {n}: give --master-addr and --master-port (node 0's address, "
+                          "the same on every node)")
+    if args.nproc_per_node is None:
+        if world % n:
+            raise ConfigError(f"topology {cfg.topology.label} has {world} ranks: they do not split evenly "
+                              f"over {n} nodes (every node runs the same number)")
+        args.nproc_per_node = world // n
+    if n * args.nproc_per_node != world:
+        raise ConfigError(f"topology {cfg.topology.label} needs {world} ranks, --nnodes {n} x "
+                          f"--nproc-per-node {args.nproc_per_node} = {n * args.nproc_per_node}: every "
+                          f"node must run {world / n:g} (the same on every node)")
 
 
 def _without_api_key(argv: list[str]) -> list[str]:
@@ -67,6 +89,14 @@ def main(argv: list[str]) -> int:
     add_config_args(parser)
     parser.add_argument("--max-restarts", type=int, default=0,
                         help="torchrun restarts of the whole world after a rank fails")
+    nodes = parser.add_argument_group("a world over several hosts (as torchrun's flags; the same on "
+                                      "every node but --node-rank; the HTTP server runs on node 0)")
+    nodes.add_argument("--nnodes", type=int, default=1)
+    nodes.add_argument("--node-rank", type=int, default=0)
+    nodes.add_argument("--master-addr", default=None, help="node 0's address, reachable from every node")
+    nodes.add_argument("--master-port", type=int, default=None)
+    nodes.add_argument("--nproc-per-node", type=int, default=None,
+                       help="ranks on each node (default: the topology's ranks / --nnodes)")
     parser.add_argument("--dry-run", action="store_true",
                         help="check everything, print the torchrun command, start nothing")
     args = parser.parse_args(argv)
@@ -80,13 +110,15 @@ def main(argv: list[str]) -> int:
             import torch
 
             cuda_count = torch.cuda.device_count()
-        check_world(cfg, cfg.topology.world_size, cuda_count)
+        check_nodes(cfg, args)
+        check_world(cfg, cfg.topology.world_size, cuda_count, args.nproc_per_node)
     except ConfigError as e:
         print(f"pd-local serve: {e}", file=sys.stderr)
         return 2
     cmd = torchrun_command(cfg, args)
+    node = f" (node {args.node_rank} of {args.nnodes})" if args.nnodes > 1 else ""
     print(f"pd-local serve: {cfg.topology.label} on {cfg.device}, {cfg.topology.world_size} "
-          f"ranks: {' '.join(cmd)}", file=sys.stderr)
+          f"ranks{node}: {' '.join(cmd)}", file=sys.stderr)
     if args.dry_run:
         return 0
     if cfg.server.api_key is not None:
@@ -119,16 +151,17 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def _rank0(torchrun_pid: int) -> int | None:
-    """Rank 0's pid: the child of torchrun's agent whose environment says RANK=0."""
+def _ranks(torchrun_pid: int) -> dict[int, int]:
+    """rank -> pid of this host's ranks: the children of torchrun's agent, by their RANK=."""
+    out = {}
     for pid in children(torchrun_pid):
         try:
             with open(f"/proc/{pid}/environ", "rb") as f:
-                if b"RANK=0" in f.read().split(b"\0"):
-                    return pid
+                env = f.read().split(b"\0")
         except OSError:
             continue
-    return None
+        out.update((int(v[5:]), pid) for v in env if v.startswith(b"RANK=") and v[5:].isdigit())
+    return out
 
 
 def _die_with_parent() -> None:
@@ -144,7 +177,8 @@ def _die_with_parent() -> None:
 
 def supervise(cmd: list[str]) -> int:
     """Run torchrun in its own session; SIGINT, SIGTERM and SIGHUP become one SIGTERM to rank 0
-    (which drains every rank), a second signal kills the tree. Returns torchrun's exit code."""
+    (which drains every rank) or, on another host, to its ranks; a second signal kills the tree.
+    Returns torchrun's exit code."""
     proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent)
     received: list[int] = []
 
@@ -160,11 +194,13 @@ def supervise(cmd: list[str]) -> int:
                 except ProcessLookupError:
                     pass
             return
-        rank0 = _rank0(proc.pid)
+        ranks = _ranks(proc.pid)
         print(f"pd-local serve: {name}: stopping (Ctrl-C again to kill at once)",
               file=sys.stderr, flush=True)
-        # Before the ranks exist, torchrun's agent is the one to stop.
-        os.kill(rank0 if rank0 is not None else proc.pid, signal.SIGTERM)
+        # Rank 0 drains every rank; another host's ranks ask it to (StopAsked). Before the ranks
+        # exist, torchrun's agent is the one to stop.
+        for pid in [ranks[0]] if 0 in ranks else ranks.values() or [proc.pid]:
+            os.kill(pid, signal.SIGTERM)
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, on_signal)

@@ -18,6 +18,7 @@
 | `router_state.py` | what the router keeps per request and per rank | talk to a rank |
 | `frontend.py` | rank 0's entry point: the router, then the HTTP app under uvicorn until stopped | |
 | `worker.py` | every other rank's loop over one `Engine`, its role data: prefill (each layer's KV streamed to the decode rank), decode (reserve, land KV, decode), colocated (both) | keep KV past a prompt's last chunk on a prefill rank |
+| `lockstep.py` | one plan for a TP instance's ranks: the leader shares each turn's messages (seeded) and checks its followers did not diverge | let a follower act on a message its leader has not shared |
 | `local.py` | `LocalWorld`: the router and one colocated worker in one process, in-memory links (the tests' in-process server) | run PD (KV links need ranks) |
 | `shutdown.py` | how ranks stop: rank 0's drain on a signal, workers' signal policy, 503 after a failure | stop a worker on its own signal |
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from pd_local.cluster.lockstep import Lockstep
+from pd_local.cluster.shutdown import WorkerSignals
 from pd_local.config import ServeConfig, TopologyConfig, check_world
 from pd_local.engine import threads as cpu_threads
 
@@ -32,32 +34,44 @@ class Role(enum.Enum):
 
 @dataclass(frozen=True)
 class Topology:
-    """Which global rank plays which role: `prefill_ranks` prefill for others, `decode_ranks`
-    decode (colocated replicas are listed there; elastic workers in both)."""
+    """Instance leaders (the router's targets): `prefill_ranks` prefill for others, `decode_ranks`
+    decode (colocated: there; elastic: both). `instances`: every instance's ranks, leader first."""
 
     prefill_ranks: tuple[int, ...]
     decode_ranks: tuple[int, ...]
     colocated: bool
     elastic: bool = False
+    instances: tuple[tuple[int, ...], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.instances:  # one rank each
+            object.__setattr__(self, "instances", tuple((r,) for r in self.worker_ranks))
 
     @classmethod
     def from_config(cls, topo: TopologyConfig) -> Topology:
+        sizes = [topo.tp_sizes[0]] * topo.prefill + [topo.tp_sizes[-1]] * topo.decode or [topo.tp] * topo.instances
+        starts = [1 + sum(sizes[:i]) for i in range(len(sizes))]
+        instances = tuple(tuple(range(a, a + k)) for a, k in zip(starts, sizes))
         if topo.is_colocated:
-            return cls((), tuple(range(1, 1 + topo.colocated)), True)
+            return cls((), tuple(starts), True, False, instances)
         if topo.elastic:
-            workers = tuple(range(1, 1 + topo.elastic))
-            return cls(workers, workers, False, True)
-        prefill = tuple(range(1, 1 + topo.prefill))
-        decode = tuple(range(1 + topo.prefill, 1 + topo.prefill + topo.decode))
-        return cls(prefill, decode, False)
+            return cls(tuple(starts), tuple(starts), False, True, instances)
+        return cls(tuple(starts[:topo.prefill]), tuple(starts[topo.prefill:]), False, False, instances)
 
     @property
     def world_size(self) -> int:
-        return 1 + len(self.worker_ranks)
+        return 1 + sum(map(len, self.instances))
 
     @property
     def worker_ranks(self) -> tuple[int, ...]:
+        """The instance leaders."""
         return tuple(sorted({*self.prefill_ranks, *self.decode_ranks}))
+
+    def instance(self, rank: int) -> tuple[int, ...]:
+        for ranks in self.instances:
+            if rank in ranks:
+                return ranks
+        raise ValueError(f"rank {rank} is outside topology of {self.world_size} ranks")
 
     @property
     def kv_pairs(self) -> tuple[tuple[int, int], ...]:
@@ -67,21 +81,23 @@ class Topology:
     def role(self, rank: int) -> Role:
         if rank == 0:
             return Role.FRONTEND
-        if rank in self.prefill_ranks:
+        leader = self.instance(rank)[0]
+        if leader in self.prefill_ranks:
             return Role.ELASTIC if self.elastic else Role.PREFILL
-        if rank in self.decode_ranks:
-            return Role.COLOCATED if self.colocated else Role.DECODE
-        raise ValueError(f"rank {rank} is outside topology of {self.world_size} ranks")
+        return Role.COLOCATED if self.colocated else Role.DECODE
 
 
-def device_for_rank(rank: int, device: str, cuda_device_count: int) -> torch.device:
-    """Rank 0 is always CPU; worker i (rank i + 1) gets cuda:(i % count) on CUDA.
-
-    Wrapping round only happens with share_device (check_world refuses it otherwise).
-    """
+def device_for_rank(rank: int, device: str, cuda_device_count: int, per_node: int = 0) -> torch.device:
+    """Rank 0 is always CPU; worker slot i of its host gets cuda:(i % count) on CUDA (wrapping
+    round only with share_device: check_world refuses it otherwise)."""
     if rank == 0 or device == "cpu":
         return torch.device("cpu")
-    return torch.device("cuda", (rank - 1) % cuda_device_count)
+    return torch.device("cuda", worker_slot(rank, per_node) % cuda_device_count)
+
+
+def worker_slot(rank: int, per_node: int = 0) -> int:
+    """A worker's index among its host's workers (rank 0, the front-end, is on the first host)."""
+    return rank - 1 if not per_node or rank < per_node else rank % per_node
 
 
 @dataclass(frozen=True)
@@ -125,7 +141,8 @@ class KVLink:
 
 @dataclass(frozen=True)
 class Links:
-    """Control links router <-> each worker, keyed by the worker's rank, and the KV pairs."""
+    """Control links router <-> each worker, keyed by the worker's rank (a TP follower's only
+    goes to the router), and the KV pairs."""
 
     to_worker: Mapping[int, Link]
     from_worker: Mapping[int, Link]
@@ -148,6 +165,13 @@ class DistContext:
     role: Role
     device: torch.device
     links: Links
+    lockstep: Lockstep | None = None  # a rank of a TP instance: the instance's turns
+    tp_group: dist.ProcessGroup | None = None  # ... and its all-reduces' group
+    signals: WorkerSignals | None = None  # a worker's stop-signal policy (launch.py)
+
+    @property
+    def instance(self) -> tuple[int, ...]:
+        return self.topology.instance(self.rank)
 
     def close(self) -> None:
         """Barrier, then destroy all groups. Only after the Shutdown exchange, no receive
@@ -180,16 +204,18 @@ def init_distributed(cfg: ServeConfig, env: Mapping[str, str] | None = None) -> 
     env = os.environ if env is None else env
     rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
     cuda_count = torch.cuda.device_count() if cfg.device == "cuda" else 0
-    check_world(cfg, world_size, cuda_count)
+    check_world(cfg, world_size, cuda_count, int(env.get("LOCAL_WORLD_SIZE", world_size)))
     topo = Topology.from_config(cfg.topology)
     role = topo.role(rank)
-    device = device_for_rank(rank, cfg.device, cuda_count)
+    per_node = int(env.get("LOCAL_WORLD_SIZE", world_size))
+    device = device_for_rank(rank, cfg.device, cuda_count, per_node)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL binds each rank's communicators to this device
     # Before any group exists, so every thread started from here on inherits the binding.
     cores = cpu_threads.usable_cores()
-    plan = cpu_threads.plan_world(cores, len(topo.worker_ranks), cfg.engine.threads,
-                                  cfg.device)[rank]
+    here = per_node - (rank < per_node)  # the workers on this host
+    plan = cpu_threads.plan_world(cores, max(here, 1), cfg.engine.threads,
+                                  cfg.device)[0 if rank == 0 else 1 + worker_slot(rank, per_node)]
     threads, cpus = cpu_threads.apply(plan)
     log.info("rank %d (%s): %d threads on CPUs %s (%s)", rank, role.value, threads, cpus, plan.why)
 
@@ -199,8 +225,15 @@ def init_distributed(cfg: ServeConfig, env: Mapping[str, str] | None = None) -> 
     # start-up barrier.
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
                             timeout=timeout)
-    links = _create_links(cfg, topo, rank, cuda_count, timeout)
+    links = _create_links(cfg, topo, rank, cuda_count, timeout, per_node)
     ctx = DistContext(cfg, rank, topo, role, device, links)
+    for ranks in topo.instances:  # every rank creates every group, in one order
+        if len(ranks) > 1:
+            control = dist.new_group(list(ranks), timeout=timeout, backend="gloo")
+            nccl = device.type == "cuda" and not cfg.share_device
+            data = dist.new_group(list(ranks), timeout=timeout, backend="nccl") if nccl else control
+            if rank in ranks:
+                ctx.lockstep, ctx.tp_group = Lockstep(ranks, rank, control, cfg.timeouts.heartbeat_s), data
     _warm_up_data_links(ctx)
     dist.barrier()
     log.info("rank %d/%d: %s on %s, %d links", rank, world_size, role.value, device,
@@ -209,7 +242,7 @@ def init_distributed(cfg: ServeConfig, env: Mapping[str, str] | None = None) -> 
 
 
 def _create_links(cfg: ServeConfig, topo: Topology, rank: int, cuda_count: int,
-                  timeout: datetime.timedelta) -> Links:
+                  timeout: datetime.timedelta, per_node: int) -> Links:
     """Create every group in one fixed order (all ranks call new_group for all of them) and
     keep the links this rank is an end of."""
 
@@ -230,15 +263,15 @@ def _create_links(cfg: ServeConfig, topo: Topology, rank: int, cuda_count: int,
 
     for w in topo.worker_ranks:
         keep(to_worker, w, make(0, w, "gloo", cpu))
-    for w in topo.worker_ranks:
+    for w in range(1, topo.world_size):  # TP followers too: heartbeats, Fatal (liveness)
         keep(from_worker, w, make(w, 0, "gloo", cpu))
     for p, d in topo.kv_pairs:
         header = make(p, d, "gloo", cpu)
-        dev_p = device_for_rank(p, cfg.device, cuda_count)
-        dev_d = device_for_rank(d, cfg.device, cuda_count)
+        dev_p = device_for_rank(p, cfg.device, cuda_count, per_node)
+        dev_d = device_for_rank(d, cfg.device, cuda_count, per_node)
         # NCCL needs the two ends on different GPUs (module docstring); a same-GPU pair
         # (share_device) and every CPU pair use gloo, with the tensors in host memory.
-        on_gpus = dev_p.type == "cuda" and dev_p != dev_d
+        on_gpus = dev_p.type == "cuda" and (dev_p != dev_d or p // per_node != d // per_node)
         backend = "nccl" if on_gpus else "gloo"
         data_device = (dev_p if rank == p else dev_d) if on_gpus else cpu
         data = make(p, d, backend, data_device)

@@ -27,6 +27,8 @@ def serve(ctx: DistContext) -> None:
     router = Router(ctx)
     stopper = Stopper(router, cfg.server.shutdown_grace_s)
     install(stopper.on_signal)
+    # A worker's signal (another host's `pd-local serve`): one drain, however many ranks ask.
+    router.on_stop_asked = lambda sig: None if stopper.requested.is_set() else stopper.on_signal(sig)
     tokenizer = Tokenizer.from_dir(cfg.model)
     log.info("waiting for %d workers to load %s", len(ctx.topology.worker_ranks), cfg.model)
     while not router.ready.wait(timeout=0.2) and not stopper.requested.is_set():

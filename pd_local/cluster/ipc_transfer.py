@@ -240,7 +240,7 @@ def kv_sender(ctx: DistContext, pair: KVLink, shape: KVShape, mode: TransferMode
     """The prefill end for `pair`: through CUDA IPC where both ranks share a GPU (and
     cfg.kv_ipc), else KVSender over the data link."""
     prefill_dev, decode_dev = _pair_devices(ctx, pair)
-    if pair_transport(prefill_dev, decode_dev, ctx.cfg.kv_ipc) is KVTransport.CUDA_IPC:
+    if pair.data.backend != "nccl" and pair_transport(prefill_dev, decode_dev, ctx.cfg.kv_ipc) is KVTransport.CUDA_IPC:
         return IpcKVSender(pair, Sender(pair.header), shape, mode, prefill_dev)
     return KVSender(pair, Sender(pair.header), shape, mode)
 
@@ -249,6 +249,6 @@ def kv_receiver(ctx: DistContext, pair: KVLink, inbox: Inbox, shape: KVShape
                 ) -> KVReceiver | IpcKVReceiver:
     """The decode end for `pair`, matching kv_sender's choice on the prefill rank."""
     prefill_dev, decode_dev = _pair_devices(ctx, pair)
-    if pair_transport(prefill_dev, decode_dev, ctx.cfg.kv_ipc) is KVTransport.CUDA_IPC:
+    if pair.data.backend != "nccl" and pair_transport(prefill_dev, decode_dev, ctx.cfg.kv_ipc) is KVTransport.CUDA_IPC:
         return IpcKVReceiver(pair, inbox, shape, decode_dev)
     return KVReceiver(pair, inbox, shape, out_device=ctx.device)

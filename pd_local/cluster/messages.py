@@ -40,6 +40,7 @@ class Kind(enum.IntEnum):
     SEND_KV = 17
     STAY = 18
     MIGRATED = 19
+    STOP_ASKED = 20
 
 
 class RejectReason(enum.IntEnum):
@@ -294,6 +295,15 @@ class Stats:
 
 
 @dataclass(frozen=True)
+class StopAsked:
+    """Worker -> router: a stop signal reached this rank; drain and stop, as on rank 0's."""
+
+    KIND: ClassVar[Kind] = Kind.STOP_ASKED
+    rank: int
+    signum: int
+
+
+@dataclass(frozen=True)
 class Fatal:
     """Worker -> router just before the worker exits on an error, so rank 0 can say why."""
 
@@ -329,7 +339,7 @@ class Shutdown:
 
 Message = Union[Reserve, Prefill, Abort, KVHeader, Tokens, Reserved, Rejected, PrefillDone,
                 Stats, Fatal, Ready, Heartbeat, Shutdown, PromptLogprobs, MigrateOut, Paused, SendKV,
-                Stay, Migrated]
+                Stay, Migrated, StopAsked]
 MESSAGE_TYPES: dict[Kind, type] = {cls.KIND: cls for cls in typing.get_args(Message)}
 
 

@@ -12,6 +12,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 
 from pd_local.api.backend import BackendStats, RequestOutput
@@ -19,7 +20,7 @@ from pd_local.cluster.dist import DistContext
 from pd_local.cluster.channel import Heartbeater, Inbox, LinkDown, Receiver, Sender
 from pd_local.cluster.messages import (Abort, Fatal, Migrated, Paused, Prefill, PrefillDone,
                                        PromptLogprobs, Ready, Rejected, Reserve,
-                                       Reserved, SendKV, Shutdown, Stats, TokenEntry, Tokens)
+                                       Reserved, SendKV, Shutdown, Stats, StopAsked, TokenEntry, Tokens)
 from pd_local.cluster.migration import Mover
 from pd_local.cluster.modes import Mode
 from pd_local.cluster.placement import Placer, RankView, Slo
@@ -68,6 +69,7 @@ class Router:
         self.stopping: str | None = None  # why new requests are refused while stopping
         self.clean_shutdown = False
         self.on_fatal = lambda: None  # set by serve(): stop the HTTP server
+        self.on_stop_asked: Callable[[int], None] = lambda sig: None  # serve(): drain, as on a signal
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._run, name="router", daemon=True)
         self._thread.start()
@@ -281,6 +283,8 @@ class Router:
                 self.mover.migrated(msg)
             case Fatal():
                 raise RuntimeError(f"rank {msg.rank} failed: {msg.text}")
+            case StopAsked():
+                self.on_stop_asked(msg.signum)
             case Shutdown():
                 raise LinkDown(f"rank {peer} shut down unasked")
             case _:

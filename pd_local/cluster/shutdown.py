@@ -42,14 +42,17 @@ class WorkerSignals:
     def __init__(self, rank: int, fallback_s: float) -> None:
         self.rank, self.fallback_s = rank, fallback_s
         self.received = 0
+        self.ask: Callable[[int], None] | None = None  # asks rank 0 to stop (set once it can)
 
     def __call__(self, sig: int) -> None:
         name = signal.Signals(sig).name
         self.received += 1
         if self.received > 1:
             exit_now(f"rank {self.rank}: {name} again")
-        log.warning("%s: waiting for rank 0 to stop this rank (or exiting by itself in %.0f s)",
+        log.warning("%s: asking rank 0 to stop the server (or exiting by itself in %.0f s)",
                     name, self.fallback_s)
+        if self.ask is not None:  # a thread: the main thread may hold the link's lock
+            threading.Thread(target=self.ask, args=(sig,), name="ask stop", daemon=True).start()
         timer = threading.Timer(self.fallback_s, exit_now,
                                 args=(f"rank {self.rank}: rank 0 never stopped this rank",))
         timer.daemon = True

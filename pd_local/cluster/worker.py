@@ -19,7 +19,7 @@ from pd_local.cluster.dist import DistContext, Role
 from pd_local.cluster.ipc_transfer import kv_receiver, kv_sender
 from pd_local.cluster.messages import (Abort, Fatal, KVEntry, MigrateOut, Migrated, Paused, Prefill,
                                        PrefillDone, PromptLogprobs, ProtocolError, Ready, RejectReason,
-                                       Rejected, Reserve, Reserved, SendKV, Shutdown, Stats, Stay,
+                                       Rejected, Reserve, Reserved, SendKV, Shutdown, Stats, Stay, StopAsked,
                                        TokenEntry, Tokens, TransferMode, TransferRecord)
 from pd_local.cluster.transfer import KVShape, LayerKV, PromptHidden, StagingDone
 from pd_local.config import EngineConfig
@@ -32,6 +32,7 @@ from pd_local.engine.structured import GrammarTokenizer
 from pd_local.model.config import ModelConfig
 from pd_local.model.dtype import resolve_dtype
 from pd_local.model.llama import LayerKVHook, LlamaForCausalLM
+from pd_local.model.tp import shard
 from pd_local.model.weights import load_model
 from pd_local.tokenizer import Tokenizer
 
@@ -53,6 +54,14 @@ class Worker:
         self.ctx, self.shape, self.role = ctx, shape, ctx.role
         me, links = ctx.rank, ctx.links
         self.inbox = Inbox()
+        self.lockstep = ctx.lockstep  # a TP instance's rank: its turns are its leader's
+        if me not in links.to_worker:  # a TP follower: the router talks to its leader
+            up = Sender(links.from_worker[me])
+            self.to_router: Sender | Muted = Muted(up)
+            self.kv_out, self.kv_in = {}, []
+            self.heartbeat = Heartbeater([up], ctx.cfg.timeouts.heartbeat_s, self.inbox)
+            self._state()
+            return
         self.receiver = Receiver(links.to_worker[me], self.inbox)
         self.to_router = Sender(links.from_worker[me])
         mode = TransferMode[ctx.cfg.transfer.upper()]
@@ -61,6 +70,11 @@ class Worker:
         self.kv_in = [kv_receiver(ctx, pair, self.inbox, shape) for (p, _), pair in links.kv.items() if p != me]
         self.heartbeat = Heartbeater([self.to_router, *(s.header for s in self.kv_out.values())],
                                      ctx.cfg.timeouts.heartbeat_s, self.inbox)
+        self._state()
+
+    def _state(self) -> None:
+        if self.ctx.signals is not None:  # a stop signal to this rank stops the server (rank 0 drains)
+            self.ctx.signals.ask = lambda sig: self.to_router.send(StopAsked(self.ctx.rank, sig))
         self.engine: Engine  # built by run()
         self.admission: deque[Reserve] = deque()
         self.aborted_followers: set[int] = set()  # choices aborted while their Reserve queued
@@ -79,14 +93,11 @@ class Worker:
             self.to_router.send(Ready(0 if self.role is Role.PREFILL else e.max_model_len,
                                       e.num_total_blocks, *cpu_threads.in_effect()))
             while True:
-                # Block only when there is nothing to step: then only a message can change that.
-                item = self.inbox.get(timeout=0 if e.has_work() else None)
-                while item is not None:
-                    if isinstance(item[1], Shutdown):
+                for msg in self._messages():
+                    if isinstance(msg, Shutdown):
                         self._shutdown()
                         return
-                    self._handle(item[1])
-                    item = self.inbox.poll()
+                    self._handle(msg)
                 self._admit()
                 if self.entries:
                     # first tokens from arrived hidden states: now, not a step later (TTFT)
@@ -104,6 +115,17 @@ class Worker:
             raise
 
     # -- messages ----------------------------------------------------------------------------
+
+    def _messages(self) -> list[object]:
+        """This turn's messages; blocks only with nothing to step (a TP leader: idle_s at most)."""
+        ls, msgs = self.lockstep, []
+        if ls is not None and not ls.is_leader:
+            return ls.share([])
+        item = self.inbox.get(timeout=0 if self.engine.has_work() else ls and ls.idle_s)
+        while item is not None:
+            msgs.append(item[1])
+            item = None if isinstance(item[1], Shutdown) else self.inbox.poll()
+        return msgs if ls is None else ls.share(msgs)
 
     def _handle(self, msg: object) -> None:
         e = self.engine
@@ -284,6 +306,8 @@ class Worker:
             if t_start is not None and ev.first:  # a recompute after preemption is no new prefill
                 self.to_router.send(PrefillDone(ev.req_id, t_start, t_computed, ev.cached_tokens))
         self.entries += [token_entry(ev) for ev in events]
+        for ev in events if self.lockstep else ():
+            self.lockstep.record(ev.req_id, ev.token_id)
         for p in e.prompts_done:  # before the hidden states
             if p.prompt_logprobs is not None:
                 self.to_router.send(PromptLogprobs(p.req_id, p.prompt_logprobs))
@@ -325,8 +349,23 @@ class Worker:
             r.thread.join(timeout=self.ctx.cfg.timeouts.group_s)
             if r.thread.is_alive():
                 raise RuntimeError(f"kv link {r.pair.data.name} was not closed by its prefill rank")
-        log.info("%s rank %d: shut down (%d transfers received)", self.role.value, self.ctx.rank,
-                 sum(len(r.stats) for r in self.kv_in))
+        log.info("%s rank %d: shut down (%d transfers received; KV blocks free %d of %d)", self.role.value,
+                 self.ctx.rank, sum(len(r.stats) for r in self.kv_in), self.engine.num_free_blocks,
+                 self.engine.num_total_blocks)
+
+
+class Muted:
+    """A TP follower's link to the router: heartbeats, Fatal, StopAsked, Shutdown; no reports."""
+
+    def __init__(self, sender: Sender) -> None:
+        self.sender = sender
+
+    def send(self, msg: object) -> None:
+        if isinstance(msg, (Fatal, StopAsked)):
+            self.sender.send(msg)
+
+    def close(self) -> None:
+        self.sender.close()
 
 
 def rows_of(k: torch.Tensor, v: torch.Tensor, ranges: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -361,10 +400,16 @@ def run(ctx: DistContext) -> None:
 
     def make_engine() -> Engine:
         model, _ = load_model(cfg.model, dtype, ctx.device)
+        if ctx.lockstep is not None:  # this rank's share of a TP instance
+            model = shard(model, ctx.instance.index(ctx.rank), len(ctx.instance), ctx.tp_group)
         if ctx.role is Role.PREFILL:
             return prefill_engine(model, cfg.engine, ctx.device)
         tokenizer = Tokenizer.from_dir(cfg.model)
-        return Engine(model, cfg.engine, stop_token_ids=tokenizer.stop_token_ids,
-                      device=ctx.device, grammar_tokenizer=GrammarTokenizer(tokenizer))
+        e = Engine(model, dataclasses.replace(cfg.engine, cuda_graphs=cfg.engine.cuda_graphs and not ctx.lockstep),
+                   stop_token_ids=tokenizer.stop_token_ids,
+                   device=ctx.device, grammar_tokenizer=GrammarTokenizer(tokenizer))
+        if ctx.lockstep is not None:
+            ctx.lockstep.agree("KV blocks, context", (e.num_total_blocks, e.max_model_len))
+        return e
 
     worker.run(make_engine)

@@ -67,6 +67,15 @@ class ModelConfig:
                 f"num_key_value_heads ({self.num_kv_heads})"
             )
 
+    def check_tp(self, tp: int) -> None:
+        """ModelConfigError, with the numbers, unless heads, KV heads and FFN split over tp ranks."""
+        if not isinstance(tp, int) or tp < 1:
+            raise ModelConfigError(f"tensor parallel size must be an integer >= 1, got {tp!r}")
+        for what, n in (("attention heads", self.num_heads), ("KV heads", self.num_kv_heads),
+                        ("FFN columns (intermediate_size)", self.intermediate_size)):
+            if n % tp:
+                raise ModelConfigError(f"tensor parallel {tp}: the model's {n} {what} do not split over {tp} ranks")
+
     @property
     def kv_bytes_per_token(self) -> int:
         """Bytes of K+V per token across all layers, per byte of element size (multiply by dtype size)."""

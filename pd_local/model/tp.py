@@ -10,18 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pd_local.model.config import ModelConfig
 from pd_local.model.layers import Linear
-
-
-def check(cfg: ModelConfig, tp: int) -> None:
-    """ValueError, with the numbers, unless heads, KV heads and FFN split evenly over tp ranks."""
-    if not isinstance(tp, int) or tp < 1:
-        raise ValueError(f"tensor parallel size must be an integer >= 1, got {tp!r}")
-    for what, n in (("attention heads", cfg.num_heads), ("KV heads", cfg.num_kv_heads),
-                    ("FFN columns (intermediate_size)", cfg.intermediate_size)):
-        if n % tp:
-            raise ValueError(f"tensor parallel {tp}: the model's {n} {what} do not split over {tp} ranks")
 
 
 def _part(w: torch.Tensor, rank: int, tp: int, dim: int) -> torch.Tensor:
@@ -38,7 +27,7 @@ def shard(model: nn.Module, rank: int, tp: int, group: dist.ProcessGroup | None 
     """Keep rank's share of `model` (a fused LlamaForCausalLM with plain weights: shard before
     packing), all-reducing o_proj's and down_proj's outputs over `group`. tp == 1: unchanged."""
     cfg = model.config
-    check(cfg, tp)
+    cfg.check_tp(tp)
     if not 0 <= rank < tp:
         raise ValueError(f"tensor parallel rank {rank} outside [0, {tp})")
     if tp == 1:
