@@ -89,9 +89,9 @@ class TopologyConfig:
             raise ConfigError(f"topology.prefill_tp / decode_tp size prefill and decode instances; "
                               f"{self.label} takes topology.tp (got prefill_tp={self.prefill_tp}, "
                               f"decode_tp={self.decode_tp})")
-        if max(self.tp_sizes) > 1 and not self.colocated:
-            raise ConfigError(f"tensor parallel is served by colocated instances so far, not {self.label}: "
-                              "their KV would travel by head slices, not built yet (docs/architecture.md)")
+        if max(self.tp_sizes) > 1 and self.elastic:
+            raise ConfigError(f"tensor parallel is served by colocated and prefill/decode instances so far, "
+                              f"not {self.label}: migration between TP instances is not built yet")
 
     @property
     def is_colocated(self) -> bool:

@@ -107,7 +107,7 @@ def test_a_decode_rank_aborting_a_queued_request_keeps_its_other_choices() -> No
 
     loop = Worker.__new__(Worker)  # the admission queue alone: no links, no engine
     loop.admission, loop.aborted_followers, loop.engine, loop.role = deque(), set(), None, Role.DECODE
-    loop.paused, loop.migrating_in = {}, set()
+    loop.paused, loop.migrating_in, loop.hiddens, loop.lockstep = {}, set(), {}, None
     sampling = SamplingParams(seed=40)
     loop.admission.extend([Reserve(1, (5, 6), sampling, (2, 3, 4)), Reserve(9, (7,), SamplingParams())])
     loop._handle(Abort(3))

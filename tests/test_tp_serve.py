@@ -17,7 +17,7 @@ import httpx
 import pytest
 import torch
 
-from tests.server_utils import serving
+from tests.server_utils import metric_values, serving
 from tests.test_dist_serve import (complete_all_bodies, disconnect_mid_stream, engine_texts,
                                    first_non_200_health, reference_texts, run_cli, wait_blocks_free)
 
@@ -66,17 +66,62 @@ def test_tp_instances_give_the_engine_texts_and_every_rank_frees_every_block(
         assert s.leftover() == []
 
 
-def test_smollm2_colocated_tp3_gives_one_engines_greedy_text(smollm2_f32_dir: Path) -> None:
-    """SmolLM2 (9 heads, 3 KV heads: one KV head a rank), float32, ten chat prompts at once: the
-    same text as one in-process engine on >= 9 of 10 (the sums' order differs between 1 and 3
-    ranks; test_tp.py measured 10 of 10)."""
+# (flags, prefill instance ranks, decode instance ranks): the tiny model's 2 KV heads over each
+PD_TP = [(["--decode-tp", "2"], [1], [2, 3]), (["--prefill-tp", "2"], [1, 2], [3]),
+         (["--tp", "2"], [1, 2], [3, 4])]
+
+
+@pytest.mark.parametrize("flags, prefill, decode", PD_TP, ids=["P1-D2", "P2-D1", "P2-D2"])
+def test_prefill_and_decode_instances_of_any_tp_give_the_engine_texts_moving_the_heads_owned(
+        tiny_dir: Path, flags: list[str], prefill: list[int], decode: list[int]) -> None:
+    """1P1D whose instances have TP 1 or 2 in every combination: one engine's texts (fp32); the KV
+    bytes moved are the prompts' KV once (each decode rank got exactly its heads) plus one hidden
+    state per (prefill, decode) pair sharing heads; after a client left mid-stream every rank
+    of both instances frees every block."""
+    want = reference_texts(tiny_dir, torch.float32)
+    with serving(tiny_dir, "--prefill", "1", "--decode", "1", *flags, "--dtype", "float32") as s:
+        responses = asyncio.run(complete_all_bodies(s.url))
+        assert [r["choices"][0]["text"] for r in responses] == want
+        assert {(r["pd_local"]["prefill_rank"], r["pd_local"]["decode_rank"]) for r in responses} == {
+            (prefill[0], decode[0])}
+        per_token = 2 * 3 * 2 * 16 * 4  # K and V, 3 layers, 2 KV heads of 16, fp32
+        pairs = max(len(prefill), len(decode))  # P1-D2: 2 pairs, P2-D1: 2, P2-D2: 2 (one head each)
+        want_bytes = sum((r["usage"]["prompt_tokens"] - r["usage"]["prompt_tokens_details"]["cached_tokens"])
+                         * per_token + pairs * 64 * 4 for r in responses)
+        assert sum(metric_values(s.url, "pd_local_kv_transfer_bytes_total").values()) == want_bytes
+        asyncio.run(disconnect_mid_stream(s.url))
+        blocks = wait_blocks_free(s.url)
+        assert blocks and all(free == total for free, total in blocks.values()), blocks
+        os.kill(s.rank_pid(0), signal.SIGINT)
+        rc, out = s.wait(timeout=60)
+        assert rc == 0, out[-4000:]
+    logged = {int(r): int(n) for r, n in re.findall(r"rank (\d+): shut down \((\d+) transfers received", out)}
+    freed = shutdown_lines(out)
+    assert sorted(freed) == prefill + decode, out[-4000:]
+    assert all(free == total > 0 for r, (free, total) in freed.items() if r in decode), freed
+    assert all(logged[r] > 0 for r in decode), logged  # every decode rank got its heads (batch by batch)
+
+
+@pytest.mark.parametrize("flags", [["--decode-tp", "3"], ["--prefill-tp", "3"]], ids=["P1-D3", "P3-D1"])
+def test_smollm2_between_tp_1_and_tp_3_gives_one_engines_greedy_text(smollm2_f32_dir: Path,
+                                                                      flags: list[str]) -> None:
+    """SmolLM2's 3 KV heads, one a TP rank: decode TP 3 fed by prefill TP 1, and prefill TP 3
+    feeding decode TP 1. Ten chat prompts at once, float32: one in-process engine's greedy text
+    on >= 9 of 10 (the sums' order differs between 1 and 3 ranks)."""
+    want, got = smollm2_texts(smollm2_f32_dir, "--prefill", "1", "--decode", "1", *flags)
+    same = sum(a == b for a, b in zip(got, want))
+    assert same >= 9, [(a, b) for a, b in zip(got, want) if a != b]
+
+
+def smollm2_texts(model: Path, *flags: str) -> tuple[list[str], list[str]]:
+    """(one engine's greedy texts, the server's) for ten chat prompts, float32."""
     from pd_local.engine.sampling import SamplingParams
     from pd_local.tokenizer import Tokenizer
 
-    tok = Tokenizer.from_dir(smollm2_f32_dir)
+    tok = Tokenizer.from_dir(model)
     topics = ["the sea", "a bicycle", "bread", "winter", "a library", "rain", "chess", "tea", "a bridge", "owls"]
     messages = [[{"role": "user", "content": f"Write two sentences about {t}."}] for t in topics]
-    want = engine_texts(smollm2_f32_dir, [tok.encode_chat(m) for m in messages],
+    want = engine_texts(model, [tok.encode_chat(m) for m in messages],
                         [SamplingParams(temperature=0, max_tokens=20)] * 10, torch.float32)
 
     async def ask(url: str) -> list[str]:
@@ -85,9 +130,15 @@ def test_smollm2_colocated_tp3_gives_one_engines_greedy_text(smollm2_f32_dir: Pa
                 "messages": m, "max_tokens": 20, "temperature": 0}) for m in messages])
         return [r.json()["choices"][0]["message"]["content"] for r in rs]
 
-    with serving(smollm2_f32_dir, "--colocated", "1", "--tp", "3", "--dtype", "float32",
-                 "--set", "engine.max_model_len=2048") as s:
-        got = asyncio.run(ask(s.url))
+    with serving(model, *flags, "--dtype", "float32", "--set", "engine.max_model_len=2048") as s:
+        return want, asyncio.run(ask(s.url))
+
+
+def test_smollm2_colocated_tp3_gives_one_engines_greedy_text(smollm2_f32_dir: Path) -> None:
+    """SmolLM2 (9 heads, 3 KV heads: one KV head a rank), float32, ten chat prompts at once: the
+    same text as one in-process engine on >= 9 of 10 (the sums' order differs between 1 and 3
+    ranks; test_tp.py measured 10 of 10)."""
+    want, got = smollm2_texts(smollm2_f32_dir, "--colocated", "1", "--tp", "3")
     same = sum(a == b for a, b in zip(got, want))
     assert same >= 9, [(a, b) for a, b in zip(got, want) if a != b]
 
@@ -108,8 +159,11 @@ def test_tp_refusals_name_the_numbers(tiny_dir: Path, smollm2_dir: Path) -> None
     r = run_cli("--model", str(smollm2_dir), "--colocated", "1", "--tp", "2", "--dry-run")
     assert r.returncode == 2, r.stderr
     assert "tensor parallel 2: the model's 9 attention heads do not split over 2 ranks" in r.stderr
-    r = run_cli("--model", str(tiny_dir), "--set", "engine.max_model_len=512", "--tp", "2", "--dry-run")
-    assert r.returncode == 2 and "tensor parallel is served by colocated instances so far, not 1P1D-tp2" in r.stderr
+    r = run_cli("--model", str(tiny_dir), "--set", "engine.max_model_len=512", "--elastic", "2", "--tp", "2",
+                "--dry-run")
+    assert r.returncode == 2 and "not elastic-2-tp2: migration between TP instances is not built yet" in r.stderr
+    r = run_cli("--model", str(smollm2_dir), "--decode-tp", "9", "--dry-run")
+    assert r.returncode == 2 and "tensor parallel 9: the model's 3 KV heads do not split over 9 ranks" in r.stderr
     r = run_cli("--model", str(tiny_dir), "--set", "engine.max_model_len=512", "--colocated", "2",
                 "--tp", "2", "--dry-run")
     assert r.returncode == 0 and "--nproc-per-node=5" in r.stderr

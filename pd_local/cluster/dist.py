@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import enum
+import functools
 import logging
 import os
 import queue
@@ -16,10 +17,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from pd_local.cluster.kv_slices import HeadSlice, plan
 from pd_local.cluster.lockstep import Lockstep
 from pd_local.cluster.shutdown import WorkerSignals
 from pd_local.config import ServeConfig, TopologyConfig, check_world
 from pd_local.engine import threads as cpu_threads
+from pd_local.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +45,14 @@ class Topology:
     colocated: bool
     elastic: bool = False
     instances: tuple[tuple[int, ...], ...] = ()
+    kv_heads: int = 0  # the model's: TP pairs move head slices of them (kv_slices.plan)
 
     def __post_init__(self) -> None:
         if not self.instances:  # one rank each
             object.__setattr__(self, "instances", tuple((r,) for r in self.worker_ranks))
 
     @classmethod
-    def from_config(cls, topo: TopologyConfig) -> Topology:
+    def from_config(cls, topo: TopologyConfig, kv_heads: int = 0) -> Topology:
         sizes = [topo.tp_sizes[0]] * topo.prefill + [topo.tp_sizes[-1]] * topo.decode or [topo.tp] * topo.instances
         starts = [1 + sum(sizes[:i]) for i in range(len(sizes))]
         instances = tuple(tuple(range(a, a + k)) for a, k in zip(starts, sizes))
@@ -56,7 +60,7 @@ class Topology:
             return cls((), tuple(starts), True, False, instances)
         if topo.elastic:
             return cls(tuple(starts), tuple(starts), False, True, instances)
-        return cls(tuple(starts[:topo.prefill]), tuple(starts[topo.prefill:]), False, False, instances)
+        return cls(tuple(starts[:topo.prefill]), tuple(starts[topo.prefill:]), False, False, instances, kv_heads)
 
     @property
     def world_size(self) -> int:
@@ -76,7 +80,26 @@ class Topology:
     @property
     def kv_pairs(self) -> tuple[tuple[int, int], ...]:
         """Every (prefill rank, decode rank) pair of two ranks, in the one order all ranks use."""
+        if self.slices:
+            return tuple(self.slices)
         return tuple((p, d) for p in self.prefill_ranks for d in self.decode_ranks if p != d)
+
+    @functools.cached_property
+    def slices(self) -> dict[tuple[int, int], HeadSlice]:
+        """Prefill and decode instances with TP: each pair of their ranks that shares KV heads."""
+        out: dict[tuple[int, int], HeadSlice] = {}
+        if self.elastic or self.colocated or all(len(i) == 1 for i in self.instances):
+            return out
+        for p in self.prefill_ranks:
+            for d in self.decode_ranks:
+                ps, ds = self.instance(p), self.instance(d)
+                out.update(((ps[s.prefill], ds[s.decode]), s) for s in plan(self.kv_heads, len(ps), len(ds)))
+        return out
+
+    def senders(self, rank: int) -> int:
+        """The prefill ranks whose KV a decode rank's prompt needs (TP: those sharing its heads)."""
+        first = self.instance(self.prefill_ranks[0]) if self.prefill_ranks else ()
+        return sum(1 for p, d in self.slices if d == rank and p in first) or 1
 
     def role(self, rank: int) -> Role:
         if rank == 0:
@@ -205,7 +228,7 @@ def init_distributed(cfg: ServeConfig, env: Mapping[str, str] | None = None) -> 
     rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
     cuda_count = torch.cuda.device_count() if cfg.device == "cuda" else 0
     check_world(cfg, world_size, cuda_count, int(env.get("LOCAL_WORLD_SIZE", world_size)))
-    topo = Topology.from_config(cfg.topology)
+    topo = Topology.from_config(cfg.topology, ModelConfig.from_dir(cfg.model).num_kv_heads)
     role = topo.role(rank)
     per_node = int(env.get("LOCAL_WORLD_SIZE", world_size))
     device = device_for_rank(rank, cfg.device, cuda_count, per_node)

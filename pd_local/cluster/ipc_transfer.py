@@ -5,6 +5,7 @@ acks, which `finish()` awaits before the slot is reused."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -19,7 +20,7 @@ from pd_local.cluster.channel import Inbox, Sender
 from pd_local.cluster.dist import DistContext, KVLink, device_for_rank
 from pd_local.cluster.ipc import KVTransport, SharedTensor, pack_bytes, pair_transport, unpack_bytes
 from pd_local.cluster.messages import KVEntry, KVHeader, TransferMode
-from pd_local.cluster.transfer import (KVReceiver, KVSender, KVShape, StagingDone, TransferStat,
+from pd_local.cluster.transfer import (Fanout, KVReceiver, KVSender, KVShape, StagingDone, TransferStat,
                                        hand_over_hidden, hand_over_layer)
 
 log = logging.getLogger(__name__)
@@ -245,10 +246,36 @@ def kv_sender(ctx: DistContext, pair: KVLink, shape: KVShape, mode: TransferMode
     return KVSender(pair, Sender(pair.header), shape, mode)
 
 
-def kv_receiver(ctx: DistContext, pair: KVLink, inbox: Inbox, shape: KVShape
+def kv_receiver(ctx: DistContext, pair: KVLink, inbox: Inbox, shape: KVShape, heads: range | None = None
                 ) -> KVReceiver | IpcKVReceiver:
     """The decode end for `pair`, matching kv_sender's choice on the prefill rank."""
     prefill_dev, decode_dev = _pair_devices(ctx, pair)
     if pair.data.backend != "nccl" and pair_transport(prefill_dev, decode_dev, ctx.cfg.kv_ipc) is KVTransport.CUDA_IPC:
         return IpcKVReceiver(pair, inbox, shape, decode_dev)
-    return KVReceiver(pair, inbox, shape, out_device=ctx.device)
+    return KVReceiver(pair, inbox, shape, out_device=ctx.device, heads=heads)
+
+
+def kv_ends(ctx: DistContext, shape: KVShape, inbox: Inbox, mode: TransferMode
+            ) -> tuple[dict[int, KVSender | IpcKVSender | Fanout], list[KVReceiver], list[KVSender]]:
+    """This rank's KV ends: senders by decode target (a decode instance's leader; with TP a
+    Fanout to the ranks sharing heads with this one), receivers, and every sender, flat."""
+    me, topo = ctx.rank, ctx.topology
+    slices = topo.slices
+
+    def cut(p: int, d: int) -> KVShape:
+        return dataclasses.replace(shape, num_kv_heads=len(slices[(p, d)].heads)) if slices else shape
+
+    out: dict[int, KVSender | IpcKVSender | Fanout] = {}
+    parts: dict[int, list[tuple[KVSender, range]]] = {}
+    flat: list[KVSender] = []
+    for (p, d), pair in ctx.links.kv.items():
+        if p == me:
+            flat.append(sender := kv_sender(ctx, pair, cut(p, d), mode))
+            if slices:
+                parts.setdefault(topo.instance(d)[0], []).append((sender, slices[(p, d)].src))
+            else:
+                out[d] = sender
+    out.update((d, Fanout(ps)) for d, ps in parts.items())
+    ins = [kv_receiver(ctx, pair, inbox, cut(p, d), slices[(p, d)].dst if slices else None)
+           for (p, d), pair in ctx.links.kv.items() if p != me]
+    return out, ins, flat

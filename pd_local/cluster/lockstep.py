@@ -5,10 +5,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from dataclasses import dataclass
 
 import torch.distributed as dist
 
 from pd_local.cluster.messages import Reserve
+
+
+@dataclass(frozen=True)
+class Landed:
+    """A TP decode leader's word, in its turn's order: every rank adds this prompt (its KV landed)."""
+
+    req_id: int
 
 
 class Diverged(RuntimeError):
@@ -30,10 +38,11 @@ class Lockstep:
     def __init__(self, ranks: tuple[int, ...], rank: int, group: dist.ProcessGroup, idle_s: float) -> None:
         self.ranks, self.group, self.idle_s = ranks, group, idle_s
         self.is_leader = rank == ranks[0]
-        self.digest = 0  # what this rank's engine produced so far, folded (leader's = followers')
+        self.digest = (0, 0)  # (tokens this rank's engine produced so far, their hash): the leader's
 
     def record(self, req_id: int, token_id: int) -> None:
-        self.digest = (self.digest * 1_000_003 + req_id * 131 + token_id) % (1 << 61)
+        n, h = self.digest
+        self.digest = (n + 1, (h * 1_000_003 + req_id * 131 + token_id) % (1 << 61))
 
     def agree(self, what: str, value: object) -> None:
         """Diverged, with every rank's value, unless all ranks of the instance hold the same."""
@@ -51,5 +60,5 @@ class Lockstep:
         shared, digest = box[0]  # type: ignore[misc]
         if digest != self.digest:
             raise Diverged(f"TP rank of instance {list(self.ranks)}: its tokens differ from its leader's "
-                           "(a sampling or kernel difference between ranks)")
+                           f"({self.digest[0]} vs {digest[0]} so far: a sampling or kernel difference)")
         return shared

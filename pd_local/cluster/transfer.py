@@ -189,15 +189,16 @@ class LayerKV:
     k: torch.Tensor  # [num_tokens, kv_heads, head_dim], a view into the transfer's staging
     v: torch.Tensor  # [num_tokens, kv_heads, head_dim]
     start: int = 0
+    heads: range | None = None  # TP: which of the decode rank's KV heads these are (None: all)
 
 
 def hand_over_layer(inbox: Inbox, peer: int, h: KVHeader, layer: int, k: torch.Tensor,
-                    v: torch.Tensor) -> None:
+                    v: torch.Tensor, heads: range | None = None) -> None:
     """One landed layer of a transfer as LayerKV items, one per entry: k, v [T, kv_heads, head_dim]."""
     a = 0
     for e in h.entries:
         b = a + e.num_tokens
-        inbox.put(peer, LayerKV(e.req_id, layer, k[a:b], v[a:b], e.start))
+        inbox.put(peer, LayerKV(e.req_id, layer, k[a:b], v[a:b], e.start, heads))
         a = b
 
 
@@ -243,10 +244,10 @@ class KVReceiver:
     POOL = 2
 
     def __init__(self, pair: KVLink, inbox: Inbox, shape: KVShape,
-                 out_device: torch.device | None = None) -> None:
+                 out_device: torch.device | None = None, heads: range | None = None) -> None:
         if pair.header.is_sender:
             raise ValueError(f"pair {pair.header.name}: rank {pair.header.rank} is the sender")
-        self.pair, self.inbox, self.shape = pair, inbox, shape
+        self.pair, self.inbox, self.shape, self.heads = pair, inbox, shape, heads
         self.out_device = out_device or pair.data.device
         self.stats: list[TransferStat] = []
         self._pool: list[torch.Tensor] = []
@@ -329,7 +330,7 @@ class KVReceiver:
             elif layer == 0:
                 _wait_all([whole_work], dev)
             k, v = self._out(kv[layer, 0]), self._out(kv[layer, 1])  # [T, kv_heads, head_dim]
-            hand_over_layer(self.inbox, peer, h, layer, k, v)
+            hand_over_layer(self.inbox, peer, h, layer, k, v, self.heads)
         _wait_all(hidden_works, dev)
         seconds, t_end = time.perf_counter() - t0, time.monotonic()
         hand_over_hidden(self.inbox, peer, h, s, self._out(hidden), seconds, t_end)
@@ -337,3 +338,42 @@ class KVReceiver:
         self.stats.append(TransferStat(tuple(e.req_id for e in h.entries),
                                        total * s.bytes_per_token + n_req * s.hidden_size * s.dtype.itemsize,
                                        seconds, 0.0, t_end))
+
+
+class Fanout:
+    """A prefill TP rank's KV for one decode instance: KVSender's calls, to each decode rank it
+    shares KV heads with, each layer cut to their heads (`parts`: (sender, its heads here))."""
+
+    def __init__(self, parts: Sequence[tuple[KVSender, range]]) -> None:
+        self.parts = list(parts)
+
+    def start(self, entries: Sequence[KVEntry]) -> None:
+        for s, _ in self.parts:
+            s.start(entries)
+
+    def layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        for s, r in self.parts:
+            s.layer(layer, k[:, r.start:r.stop], v[:, r.start:r.stop])
+
+    def hidden(self, hidden: torch.Tensor) -> None:
+        for s, _ in self.parts:
+            s.hidden(hidden)
+
+    def finish(self) -> None:
+        for s, _ in self.parts:
+            s.finish()
+
+
+def rows_of(k: torch.Tensor, v: torch.Tensor, ranges: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows [a, b) of each range, in order: a view when they are adjacent (the common case:
+    nothing cached, or one request per destination), else a copy."""
+    merged: list[tuple[int, int]] = []
+    for a, b in ranges:
+        if merged and merged[-1][1] == a:
+            merged[-1] = (merged[-1][0], b)
+        else:
+            merged.append((a, b))
+    if len(merged) == 1:
+        a, b = merged[0]
+        return k[a:b], v[a:b]
+    return (torch.cat([k[a:b] for a, b in merged]), torch.cat([v[a:b] for a, b in merged]))

@@ -16,12 +16,13 @@ import torch
 
 from pd_local.cluster.channel import Heartbeater, Inbox, Receiver, Sender
 from pd_local.cluster.dist import DistContext, Role
-from pd_local.cluster.ipc_transfer import kv_receiver, kv_sender
+from pd_local.cluster.ipc_transfer import kv_ends
+from pd_local.cluster.lockstep import Landed
 from pd_local.cluster.messages import (Abort, Fatal, KVEntry, MigrateOut, Migrated, Paused, Prefill,
                                        PrefillDone, PromptLogprobs, ProtocolError, Ready, RejectReason,
                                        Rejected, Reserve, Reserved, SendKV, Shutdown, Stats, Stay, StopAsked,
                                        TokenEntry, Tokens, TransferMode, TransferRecord)
-from pd_local.cluster.transfer import KVShape, LayerKV, PromptHidden, StagingDone
+from pd_local.cluster.transfer import KVShape, LayerKV, PromptHidden, StagingDone, rows_of
 from pd_local.config import EngineConfig
 from pd_local.engine import threads as cpu_threads
 from pd_local.engine.engine import Engine
@@ -55,26 +56,22 @@ class Worker:
         me, links = ctx.rank, ctx.links
         self.inbox = Inbox()
         self.lockstep = ctx.lockstep  # a TP instance's rank: its turns are its leader's
-        if me not in links.to_worker:  # a TP follower: the router talks to its leader
-            up = Sender(links.from_worker[me])
-            self.to_router: Sender | Muted = Muted(up)
-            self.kv_out, self.kv_in = {}, []
-            self.heartbeat = Heartbeater([up], ctx.cfg.timeouts.heartbeat_s, self.inbox)
-            self._state()
-            return
-        self.receiver = Receiver(links.to_worker[me], self.inbox)
-        self.to_router = Sender(links.from_worker[me])
-        mode = TransferMode[ctx.cfg.transfer.upper()]
+        up = Sender(links.from_worker[me])
+        if me in links.to_worker:
+            self.receiver = Receiver(links.to_worker[me], self.inbox)
+            self.to_router: Sender | Muted = up
+        else:  # a TP follower: the router talks to its leader
+            self.to_router = Muted(up)
         # KV links: it sends on those it is the prefill end of (CUDA IPC for a same-GPU pair)
-        self.kv_out = {d: kv_sender(ctx, pair, shape, mode) for (p, d), pair in links.kv.items() if p == me}
-        self.kv_in = [kv_receiver(ctx, pair, self.inbox, shape) for (p, _), pair in links.kv.items() if p != me]
-        self.heartbeat = Heartbeater([self.to_router, *(s.header for s in self.kv_out.values())],
-                                     ctx.cfg.timeouts.heartbeat_s, self.inbox)
-        self._state()
-
-    def _state(self) -> None:
+        self.kv_out, self.kv_in, self.kv_senders = kv_ends(ctx, shape, self.inbox, TransferMode[ctx.cfg.transfer.upper()])
+        self.senders = ctx.topology.senders(me)  # the prefill ranks a prompt's KV comes from
+        self.heartbeat = Heartbeater([up, *(s.header for s in self.kv_senders)], ctx.cfg.timeouts.heartbeat_s, self.inbox)
         if self.ctx.signals is not None:  # a stop signal to this rank stops the server (rank 0 drains)
             self.ctx.signals.ask = lambda sig: self.to_router.send(StopAsked(self.ctx.rank, sig))
+        self.hiddens: dict[int, list[PromptHidden]] = {}  # TP: a prompt's, one per sender so far
+        self.early: dict[int, list[LayerKV | PromptHidden]] = {}  # a TP follower's, before it reserved
+        self.gone: set[int] = set()  # requests a TP follower aborted: their late KV is dropped
+        self.landed: list[Landed] = []  # a TP leader's completed prompts, for its next share
         self.engine: Engine  # built by run()
         self.admission: deque[Reserve] = deque()
         self.aborted_followers: set[int] = set()  # choices aborted while their Reserve queued
@@ -123,7 +120,12 @@ class Worker:
             return ls.share([])
         item = self.inbox.get(timeout=0 if self.engine.has_work() else ls and ls.idle_s)
         while item is not None:
-            msgs.append(item[1])
+            if ls is not None and isinstance(item[1], (LayerKV, PromptHidden, StagingDone)):
+                self._handle(item[1])  # this rank's own KV; a prompt it completes is shared as Landed
+                msgs += self.landed
+                self.landed = []
+            else:
+                msgs.append(item[1])
             item = None if isinstance(item[1], Shutdown) else self.inbox.poll()
         return msgs if ls is None else ls.share(msgs)
 
@@ -131,16 +133,20 @@ class Worker:
         e = self.engine
         match msg:
             case LayerKV() if e.awaits_kv(msg.req_id):
-                e.write_prompt_kv(msg.req_id, msg.layer, msg.k, msg.v, start=msg.start)
+                e.write_prompt_kv(msg.req_id, msg.layer, msg.k, msg.v, start=msg.start, heads=msg.heads)
             case PromptHidden() if msg.req_id in self.migrating_in and e.awaits_kv(msg.req_id):
                 self._resume(msg.req_id, msg.record.num_bytes)
             case PromptHidden() if e.awaits_kv(msg.req_id):
-                # the receiver counts a prompt's positions [0, end); its cached prefix never came
-                cached = e.held_tokens(msg.req_id) * self.shape.bytes_per_token
-                self.entries += [token_entry(ev, msg.cached_tokens)
-                                 for ev in e.add_prefilled(msg.req_id, msg.hidden)]
-                self.transfers.append(dataclasses.replace(msg.record, num_bytes=msg.record.num_bytes - cached))
-            case LayerKV() | PromptHidden():
+                got = self.hiddens.setdefault(msg.req_id, [])  # a copy: StagingDone frees the staging
+                got.append(dataclasses.replace(msg, hidden=msg.hidden.clone()))
+                if len(got) == self.senders and self.lockstep is None:
+                    self._land(msg.req_id)
+                elif len(got) == self.senders and self.lockstep.is_leader:  # type: ignore[union-attr]
+                    self.landed.append(Landed(msg.req_id))  # shared first, then landed on every rank
+            case Landed() if e.awaits_kv(msg.req_id):
+                self._await_kv(msg.req_id)
+                self._land(msg.req_id)
+            case LayerKV() | PromptHidden() | Landed():
                 pass  # its request is gone (aborted): the blocks were freed then
             case StagingDone():
                 msg.release()  # every item of that transfer was consumed (copied) above, in order
@@ -171,6 +177,33 @@ class Worker:
             case _:
                 raise ProtocolError(f"{self.role.value} rank {self.ctx.rank}: unexpected {msg!r}")
 
+    def _await_kv(self, req_id: int) -> None:
+        """A TP follower at its leader's Landed: its own KV of the prompt, from its own links.
+        Another prompt's item waits (a copy) unless this rank reserved that prompt already: the
+        leader may have reserved it in a turn this rank has not reached."""
+        for msg in self.early.pop(req_id, []):
+            self._handle(msg)
+        while len(self.hiddens.get(req_id, ())) < self.senders:
+            item = self.inbox.get(timeout=self.ctx.cfg.timeouts.group_s)
+            if item is None:
+                raise RuntimeError(f"rank {self.ctx.rank}: request {req_id}'s KV did not land")
+            msg, r = item[1], getattr(item[1], "req_id", req_id)
+            if r == req_id or self.engine.awaits_kv(r) or isinstance(msg, StagingDone):
+                self._handle(msg)
+            elif r not in self.gone and isinstance(msg, LayerKV):
+                self.early.setdefault(r, []).append(dataclasses.replace(msg, k=msg.k.clone(), v=msg.v.clone()))
+            elif r not in self.gone and isinstance(msg, PromptHidden):
+                self.early.setdefault(r, []).append(dataclasses.replace(msg, hidden=msg.hidden.clone()))
+
+    def _land(self, req_id: int) -> None:
+        """Every sender's KV of the prompt is here: decode it. The receivers count a prompt's
+        positions [0, end), the cached prefix never came; a TP rank's share times its instance."""
+        got, e = self.hiddens.pop(req_id), self.engine
+        cached = e.held_tokens(req_id) * self.shape.bytes_per_token
+        self.entries += [token_entry(ev, got[0].cached_tokens) for ev in e.add_prefilled(req_id, got[0].hidden)]
+        moved = sum(m.record.num_bytes for m in got) * len(self.ctx.instance) - cached
+        self.transfers.append(dataclasses.replace(got[0].record, num_bytes=moved))
+
     def _abort(self, req_id: int) -> None:
         queued = next((r for r in self.admission if req_id in (r.req_id, *r.followers)), None)
         if queued is not None and queued.req_id == req_id:
@@ -187,7 +220,11 @@ class Worker:
         elif self.engine.abort(req_id):  # False when it already finished: nothing to free
             self.started.pop(req_id, None)
         self.paused.pop(req_id, None)
+        self.hiddens.pop(req_id, None)
         self.migrating_in.discard(req_id)
+        if self.lockstep is not None and not self.lockstep.is_leader:
+            self.early.pop(req_id, None)
+            self.gone.add(req_id)
 
     def _reject(self, req_id: int, e: Exception) -> None:
         log.warning("request %d rejected: %s", req_id, e)
@@ -342,7 +379,7 @@ class Worker:
         """Close the KV links it sends on, answer the router, wait until every prefill rank has
         closed its KV link to us (they stop first): no receive is pending when the groups go."""
         self.heartbeat.stop()
-        for s in self.kv_out.values():
+        for s in self.kv_senders:
             s.header.close()
         self.to_router.close()
         for r in self.kv_in:
@@ -366,21 +403,6 @@ class Muted:
 
     def close(self) -> None:
         self.sender.close()
-
-
-def rows_of(k: torch.Tensor, v: torch.Tensor, ranges: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows [a, b) of each range, in order: a view when they are adjacent (the common case:
-    nothing cached, or one request per destination), else a copy."""
-    merged: list[tuple[int, int]] = []
-    for a, b in ranges:
-        if merged and merged[-1][1] == a:
-            merged[-1] = (merged[-1][0], b)
-        else:
-            merged.append((a, b))
-    if len(merged) == 1:
-        a, b = merged[0]
-        return k[a:b], v[a:b]
-    return (torch.cat([k[a:b] for a, b in merged]), torch.cat([v[a:b] for a, b in merged]))
 
 
 def prefill_engine(model: LlamaForCausalLM, e: EngineConfig, device: torch.device | str) -> Engine:

@@ -233,7 +233,7 @@ class Engine:
         return self.scheduler.reserved[req_id].num_cached
 
     def write_prompt_kv(
-        self, req_id: int, layer: int, k: torch.Tensor, v: torch.Tensor, start: int = 0
+        self, req_id: int, layer: int, k: torch.Tensor, v: torch.Tensor, start: int = 0, heads: range | None = None
     ) -> None:
         """Land one layer of a reserved request's prompt KV for positions [start, start + T):
         k, v [T, kv_heads, head_dim]. Chunks may land in any order; add_prefilled trusts that
@@ -246,7 +246,7 @@ class Engine:
         slots = host_to_device(slots_for(seq.block_ids, start, start + k.shape[0], self.cfg.block_size),
                                self.device)
         write_kv(self.kv_cache.k[layer], self.kv_cache.v[layer],
-                 k.to(self.device, self.dtype), v.to(self.device, self.dtype), slots)
+                 k.to(self.device, self.dtype), v.to(self.device, self.dtype), slots, heads)
 
     # -- live migration (docs/architecture.md, Elastic workers) ---------------------------------
 

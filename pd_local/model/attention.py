@@ -146,12 +146,15 @@ class AttentionMetadata:
 
 
 def write_kv(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
+    heads: range | None = None,
 ) -> None:
-    """Scatter k, v [T, kv_heads, head_dim] into caches [num_blocks, block_size, kv_heads, head_dim]."""
+    """Scatter k, v [T, kv_heads, head_dim] into caches [num_blocks, block_size, kv_heads, head_dim]
+    (`heads`: into those of the cache's heads only)."""
     nb, bs, h, d = k_cache.shape
-    k_cache.view(nb * bs, h, d).index_copy_(0, slots, k)
-    v_cache.view(nb * bs, h, d).index_copy_(0, slots, v)
+    cut = slice(None) if heads is None else slice(heads.start, heads.stop)
+    k_cache.view(nb * bs, h, d)[:, cut].index_copy_(0, slots, k)
+    v_cache.view(nb * bs, h, d)[:, cut].index_copy_(0, slots, v)
 
 
 # Query tiles aligned to absolute positions, each over keys [0, (t+1)*QUERY_TILE): a row's shapes
