@@ -70,6 +70,26 @@ def test_two_nodes_serve_the_engine_texts_and_stop_on_sigterm_to_either(tiny_dir
                 n.communicate()
 
 
+def test_hosts_started_with_different_topologies_are_refused_by_every_rank(tiny_dir: Path) -> None:
+    """Both worlds have 4 ranks, 2 a host, so torchrun forms one world: the ranks compare their
+    configs and every host exits non-zero naming both, instead of building different groups."""
+    tag, master = new_tag(), free_port()
+    flags = node_flags(tiny_dir, free_port(), master)
+    other = [*flags[:flags.index("--prefill")], "--colocated", "3", *flags[flags.index("--nnodes"):]]
+    nodes = [subprocess.Popen([sys.executable, "-m", "pd_local", "serve", *f, "--node-rank", str(r)],
+                              cwd=REPO, env=env_for(tag), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True) for r, f in ((0, flags), (1, other))]
+    try:
+        outs = [n.communicate(timeout=120)[0] for n in nodes]
+        assert all(n.returncode != 0 for n in nodes), [n.returncode for n in nodes]
+        assert "runs another config (colocated-3" in outs[0] and "than this rank (1P2D" in outs[0], outs[0][-3000:]
+        assert "runs another config (1P2D" in outs[1], outs[1][-3000:]
+        time.sleep(0.2)
+        assert tagged_pids(tag) == []
+    finally:
+        kill_tagged(tag)
+
+
 def test_multinode_refusals_name_the_numbers(tiny_dir: Path) -> None:
     base = ["--model", str(tiny_dir), "--set", "engine.max_model_len=512", "--dry-run"]
     r = run_cli(*base, "--prefill", "1", "--decode", "2", "--nnodes", "2", "--master-addr", "127.0.0.1",

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from pd_local.cluster.kv_slices import HeadSlice, plan
 from pd_local.cluster.lockstep import Lockstep
 from pd_local.cluster.shutdown import WorkerSignals
-from pd_local.config import ServeConfig, TopologyConfig, check_world
+from pd_local.config import ConfigError, ServeConfig, TopologyConfig, check_world
 from pd_local.engine import threads as cpu_threads
 from pd_local.model.config import ModelConfig
 
@@ -248,6 +248,7 @@ def init_distributed(cfg: ServeConfig, env: Mapping[str, str] | None = None) -> 
     # start-up barrier.
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
                             timeout=timeout)
+    _check_alike(cfg, per_node)
     links = _create_links(cfg, topo, rank, cuda_count, timeout, per_node)
     ctx = DistContext(cfg, rank, topo, role, device, links)
     for ranks in topo.instances:  # every rank creates every group, in one order
@@ -262,6 +263,22 @@ def init_distributed(cfg: ServeConfig, env: Mapping[str, str] | None = None) -> 
     log.info("rank %d/%d: %s on %s, %d links", rank, world_size, role.value, device,
              len(links.all()))
     return ctx
+
+
+def _check_alike(cfg: ServeConfig, per_node: int) -> None:
+    """ConfigError unless every rank (every host) runs rank 0's config and ranks per host."""
+    mine = (per_node, cfg.topology, cfg.model, cfg.dtype, cfg.device, cfg.transfer, cfg.engine)
+    seen: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, mine)
+    for r, theirs in enumerate(seen):
+        k, topo, *rest = theirs  # type: ignore[misc]
+        if k != per_node:
+            raise ConfigError(f"rank {r}'s host runs {k} ranks (--nproc-per-node), this rank's {per_node}: "
+                              "every host must run the same number")
+        if (topo, *rest) != mine[1:]:
+            raise ConfigError(f"rank {r} runs another config ({topo.label}, model {rest[0]}) than this rank "
+                              f"({cfg.topology.label}, model {cfg.model}): every host must run the same "
+                              "`pd-local serve` flags but --node-rank")
 
 
 def _create_links(cfg: ServeConfig, topo: Topology, rank: int, cuda_count: int,
