@@ -17,7 +17,7 @@ import httpx
 import pytest
 import torch
 
-from tests.server_utils import metric_values, serving
+from tests.server_utils import Served, metric_values, serving
 from tests.test_dist_serve import (complete_all_bodies, disconnect_mid_stream, engine_texts,
                                    first_non_200_health, reference_texts, run_cli, wait_blocks_free)
 
@@ -37,6 +37,17 @@ def shutdown_lines(out: str) -> dict[int, tuple[int, int]]:
     return {int(r): (int(free), int(total)) for r, free, total in found}
 
 
+def leave_then_stop(s: Served) -> str:
+    """A client gone mid-stream, every block free again, then SIGINT: the server's output (exit 0)."""
+    asyncio.run(disconnect_mid_stream(s.url))
+    blocks = wait_blocks_free(s.url)
+    assert blocks and all(free == total for free, total in blocks.values()), blocks
+    os.kill(s.rank_pid(0), signal.SIGINT)
+    rc, out = s.wait(timeout=60)
+    assert rc == 0, out[-4000:]
+    return out
+
+
 @pytest.mark.parametrize("flags, ranks", [
     (["--colocated", "1", "--tp", "2"], [1, 2]),
     (["--colocated", "2", "--tp", "2"], [1, 2, 3, 4]),
@@ -54,12 +65,7 @@ def test_tp_instances_give_the_engine_texts_and_every_rank_frees_every_block(
         leaders = ranks[::2]
         assert [r["rank"] for r in cluster["ranks"]] == leaders
         assert {r["pd_local"]["decode_rank"] for r in responses} <= set(leaders)
-        asyncio.run(disconnect_mid_stream(s.url))
-        blocks = wait_blocks_free(s.url)
-        assert blocks and all(free == total for free, total in blocks.values()), blocks
-        os.kill(s.rank_pid(0), signal.SIGINT)
-        rc, out = s.wait(timeout=60)
-        assert rc == 0, out[-4000:]
+        out = leave_then_stop(s)
         freed = shutdown_lines(out)
         assert sorted(freed) == ranks, out[-4000:]
         assert all(free == total > 0 for free, total in freed.values()), freed
@@ -89,12 +95,7 @@ def test_prefill_and_decode_instances_of_any_tp_give_the_engine_texts_moving_the
         want_bytes = sum((r["usage"]["prompt_tokens"] - r["usage"]["prompt_tokens_details"]["cached_tokens"])
                          * per_token + pairs * 64 * 4 for r in responses)
         assert sum(metric_values(s.url, "pd_local_kv_transfer_bytes_total").values()) == want_bytes
-        asyncio.run(disconnect_mid_stream(s.url))
-        blocks = wait_blocks_free(s.url)
-        assert blocks and all(free == total for free, total in blocks.values()), blocks
-        os.kill(s.rank_pid(0), signal.SIGINT)
-        rc, out = s.wait(timeout=60)
-        assert rc == 0, out[-4000:]
+        out = leave_then_stop(s)
     logged = {int(r): int(n) for r, n in re.findall(r"rank (\d+): shut down \((\d+) transfers received", out)}
     freed = shutdown_lines(out)
     assert sorted(freed) == prefill + decode, out[-4000:]
