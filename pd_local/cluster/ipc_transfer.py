@@ -236,22 +236,29 @@ def _pair_devices(ctx: DistContext, pair: KVLink) -> tuple[torch.device, torch.d
             device_for_rank(pair.decode, ctx.cfg.device, count))
 
 
+def _ipc_devices(ctx: DistContext, pair: KVLink) -> tuple[torch.device, torch.device] | None:
+    """(prefill, decode) devices where the pair moves KV through CUDA IPC (one GPU, cfg.kv_ipc;
+    never an NCCL pair, e.g. two hosts' GPUs of one index), else None."""
+    devs = _pair_devices(ctx, pair)
+    if pair.data.backend != "nccl" and pair_transport(*devs, ctx.cfg.kv_ipc) is KVTransport.CUDA_IPC:
+        return devs
+    return None
+
+
 def kv_sender(ctx: DistContext, pair: KVLink, shape: KVShape, mode: TransferMode
               ) -> KVSender | IpcKVSender:
     """The prefill end for `pair`: through CUDA IPC where both ranks share a GPU (and
     cfg.kv_ipc), else KVSender over the data link."""
-    prefill_dev, decode_dev = _pair_devices(ctx, pair)
-    if pair.data.backend != "nccl" and pair_transport(prefill_dev, decode_dev, ctx.cfg.kv_ipc) is KVTransport.CUDA_IPC:
-        return IpcKVSender(pair, Sender(pair.header), shape, mode, prefill_dev)
+    if (devs := _ipc_devices(ctx, pair)) is not None:
+        return IpcKVSender(pair, Sender(pair.header), shape, mode, devs[0])
     return KVSender(pair, Sender(pair.header), shape, mode)
 
 
 def kv_receiver(ctx: DistContext, pair: KVLink, inbox: Inbox, shape: KVShape, heads: range | None = None
                 ) -> KVReceiver | IpcKVReceiver:
     """The decode end for `pair`, matching kv_sender's choice on the prefill rank."""
-    prefill_dev, decode_dev = _pair_devices(ctx, pair)
-    if pair.data.backend != "nccl" and pair_transport(prefill_dev, decode_dev, ctx.cfg.kv_ipc) is KVTransport.CUDA_IPC:
-        return IpcKVReceiver(pair, inbox, shape, decode_dev)
+    if (devs := _ipc_devices(ctx, pair)) is not None:
+        return IpcKVReceiver(pair, inbox, shape, devs[1])
     return KVReceiver(pair, inbox, shape, out_device=ctx.device, heads=heads)
 
 
